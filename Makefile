@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# Both create (or reuse) the virtual environment $(VENV), install torch and mu_fast into it, then run.
+VENV        ?= .venv
+PYTHON      ?= python3
+PY          := $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.13.0
+DATA_DIR    ?= $(abspath ../shared/data)
+STAMP       := $(VENV)/.mu_fast-installed
+
+export MU_FAST_DATA_DIR ?= $(DATA_DIR)
+
+.PHONY: install demo test bench bench-table clean
+
+$(STAMP): setup.py requirements.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
+	MU_FAST_BUILD_EXT=$${MU_FAST_BUILD_EXT:-1} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import mu_fast; print(mu_fast.backends())"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mu-fast demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(PY) benchmarks/print_tables.py
+
+bench-table: $(STAMP)
+	$(PY) benchmarks/print_tables.py
+
+clean:
+	rm -rf build *.egg-info mu_fast/_C*.so .pytest_cache

@@ -1,0 +1,1 @@
+"""Triton kernels of mu_fast, installed as ``mu_fast.kernels`` (one kernel per file, launcher beside it)."""

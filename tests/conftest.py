@@ -1,0 +1,36 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET must be set before any @triton.jit decorator runs (reference/aesthetics.md §7), so it is
+set here, at collection time, whenever no CUDA GPU is present: Triton kernels then run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MU_FAST_DATA_DIR", str(REPO.parent / "shared" / "data"))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A fresh, seeded generator per test (fresh random data, reproducible failures)."""
+    seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("MU_FAST_RANDOM_SEED") == "1" else 1234
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["MU_FAST_DATA_DIR"])
+    if not path.is_dir():
+        pytest.fail(f"data directory {path} missing: put ../shared/data beside the repo or set MU_FAST_DATA_DIR")
+    return path
