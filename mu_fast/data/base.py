@@ -118,7 +118,8 @@ class TokenizedPrompts:
 
     input_ids: N unpadded lists. answer_ids / edit_ids: ``[N]`` int64 label token ids. choice_ids: ``[C]``
     int64 or None. answer_choice / edit_choice: ``[N]`` int64 index into choices (or None). subject_last:
-    ``[N]`` int64 index of the subject's last token in each prompt (or None without subjects).
+    ``[N]`` int64 index of the subject's last token in each prompt (or None without subjects); subject_first:
+    ``[N]`` int64 index of its first token (subject tokens are ``subject_first..subject_last`` inclusive).
     """
 
     input_ids: list[list[int]]
@@ -129,6 +130,7 @@ class TokenizedPrompts:
     edit_choice: torch.Tensor | None
     subject_last: torch.Tensor | None
     source: PromptSet
+    subject_first: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -148,6 +150,7 @@ class TokenizedPrompts:
             take(self.edit_choice),
             take(self.subject_last),
             self.source.subset(idx.tolist()),
+            take(self.subject_first),
         )
 
 
@@ -184,32 +187,37 @@ def tokenize_prompts(tokenizer: Any, prompts: PromptSet) -> TokenizedPrompts:
         answer_choice = torch.tensor([choices.index(a) for a in prompts.answers], dtype=torch.int64)
         if prompts.edit_answers is not None and all(a in choices for a in prompts.edit_answers):
             edit_choice = torch.tensor([choices.index(a) for a in prompts.edit_answers], dtype=torch.int64)
-    subject_last = None
+    subject_first = subject_last = None
     if prompts.subjects is not None:
-        subject_last = torch.tensor(
-            [
-                _subject_last_token(p, s, offs)
-                for p, s, offs in zip(prompts.prompts, prompts.subjects, enc["offset_mapping"], strict=True)
-            ],
-            dtype=torch.int64,
-        )
+        spans = [
+            _subject_token_span(p, s, offs)
+            for p, s, offs in zip(prompts.prompts, prompts.subjects, enc["offset_mapping"], strict=True)
+        ]
+        subject_first = torch.tensor([a for a, _ in spans], dtype=torch.int64)
+        subject_last = torch.tensor([b for _, b in spans], dtype=torch.int64)
     return TokenizedPrompts(
-        [list(ids) for ids in enc["input_ids"]], answer_ids, edit_ids, choice_ids, answer_choice, edit_choice, subject_last, prompts
+        [list(ids) for ids in enc["input_ids"]],
+        answer_ids,
+        edit_ids,
+        choice_ids,
+        answer_choice,
+        edit_choice,
+        subject_last,
+        prompts,
+        subject_first,
     )
 
 
-def _subject_last_token(prompt: str, subject: str, offsets: Sequence[tuple[int, int]]) -> int:
+def _subject_token_span(prompt: str, subject: str, offsets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Indices of the first and last token overlapping the subject's last occurrence in the prompt."""
     start = prompt.rfind(subject)
     if start < 0:
         raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
     end = start + len(subject)
-    last = None
-    for i, (a, b) in enumerate(offsets):
-        if b > a and a < end:
-            last = i
-    if last is None:
+    covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not covering:
         raise ValueError(f"no token of the prompt {prompt!r} covers the subject {subject!r}")
-    return last
+    return covering[0], covering[-1]
 
 
 # ------------------------------------------------------------------- batches
