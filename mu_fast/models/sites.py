@@ -43,6 +43,8 @@ class ArchSpec:
         ("down", "down_proj"),
     )
     qkv_bias: bool = False
+    # The norm whose *input* is the residual stream between attention and MLP ("resid_mid").
+    mlp_input_norm: str = "post_attention_layernorm"
     # Gemma multiplies token embeddings by sqrt(d) inside the model; recorded for users of raw embeddings.
     embed_scaled: bool = False
 
@@ -52,7 +54,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec("mistral"),
     "qwen2": ArchSpec("qwen2", qkv_bias=True),
     "gemma": ArchSpec("gemma", embed_scaled=True),
-    "gemma2": ArchSpec("gemma2", embed_scaled=True),
+    "gemma2": ArchSpec("gemma2", embed_scaled=True, mlp_input_norm="pre_feedforward_layernorm"),
 }
 
 
@@ -155,6 +157,10 @@ class SiteTable:
 
     def mlp_path(self, layer: int) -> str:
         return f"{self.layer_path(layer)}.{self.spec.mlp}"
+
+    def resid_mid_path(self, layer: int) -> str:
+        """Module whose input is the residual stream after attention and before the MLP of ``layer``."""
+        return f"{self.layer_path(layer)}.{self.spec.mlp_input_norm}"
 
     # ---------------------------------------------------------------- shapes
     def matrix_shape(self, matrix: str) -> tuple[int, int]:
