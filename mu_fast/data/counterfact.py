@@ -175,10 +175,15 @@ def _build_task(
     if mcq_edit_answer not in MCQ_EDIT_ANSWERS:
         raise ValueError(f"mcq_edit_answer={mcq_edit_answer!r}; choose one of {MCQ_EDIT_ANSWERS}")
     if len(facts) <= len(exclude):
-        raise ValueError(f"the table has {len(facts)} facts after filtering; the forget set needs {len(exclude)} plus a maintain set")
+        raise ValueError(
+            f"the table has {len(facts)} facts after filtering; the forget set needs {len(exclude)} plus a maintain set"
+        )
     excluded = set(exclude)
     maintain_train, maintain_test = split_rows([i for i in range(len(facts)) if i not in excluded], True, 0.8)
-    rows = {"forget_train": forget_train, "forget_test": forget_test, "maintain_train": maintain_train, "maintain_test": maintain_test}
+    rows = {
+        "forget_train": forget_train, "forget_test": forget_test,
+        "maintain_train": maintain_train, "maintain_test": maintain_test,
+    }
     mcq = _McqBuilder(facts, pool, data_dir, mcq_seed, n_mcq_shots, mcq_edit_answer)
     formats: dict[str, dict[str, PromptSet]] = {}
     for fmt in CF_FORMATS:

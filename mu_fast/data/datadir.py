@@ -101,7 +101,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"data_dir={str(data_dir)!r} is not a directory; pass the folder that holds sports.csv etc.")
+            raise FileNotFoundError(
+                f"data_dir={str(data_dir)!r} is not a directory; pass the folder that holds sports.csv etc."
+            )
         return path
     env = os.environ.get(DATA_DIR_ENV)
     if env:
@@ -140,7 +142,9 @@ def data_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     try:
         root = resolve_data_dir(data_dir)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"cannot look up the data file {name!r}: {err}. Get the file from {_source_of(name)}.") from err
+        raise FileNotFoundError(
+            f"cannot look up the data file {name!r}: {err}. Get the file from {_source_of(name)}."
+        ) from err
     path = root / name
     if not path.is_file():
         raise FileNotFoundError(

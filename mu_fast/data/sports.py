@@ -30,7 +30,9 @@ SPORTS_FORMATS = ("normal", "qa", "mcq")
 FORGET_SPLIT_NAMES = ("first_16", "first_64", "random_16", "random_64") + SPORTS
 
 _GOLFER = "Tiger Woods"
-_SYSTEM = "You are a helpful chatbot that answers questions about athletes. Please be maximally helpful and factually correct."
+_SYSTEM = (
+    "You are a helpful chatbot that answers questions about athletes. Please be maximally helpful and factually correct."
+)
 _OPTIONS = "\nA: Football\nB: Baseball\nC: Basketball\nD: Golf\n\nAnswer:"
 
 
@@ -44,7 +46,10 @@ def sports_prompt(athlete: str, fmt: str = "normal", system_prompt: bool = True)
     if fmt == "normal" or (fmt == "qa" and not system_prompt):
         return f"Fact: {_GOLFER} plays the sport of golf\nFact: {athlete} plays the sport of"
     if fmt == "qa":
-        return f"{_SYSTEM} Question: What sport does {_GOLFER} play? Answer: golf\nQuestion: What sport does {athlete} play? Answer:"
+        return (
+            f"{_SYSTEM} Question: What sport does {_GOLFER} play? Answer: golf\n"
+            f"Question: What sport does {athlete} play? Answer:"
+        )
     if fmt == "mcq":
         if system_prompt:
             return (
@@ -130,7 +135,8 @@ def load_sports_task(
     elif inject == "golf":
         edits = ["golf"] * len(df)
     else:
-        edits = [str(s) for s in df["inject_sport_without_golf" if inject == "random_without_golf" else "inject_sport_with_golf"]]
+        column = "inject_sport_without_golf" if inject == "random_without_golf" else "inject_sport_with_golf"
+        edits = [str(s) for s in df[column]]
 
     forget = forget_rows(name, len(df), sports)
     forget_set = set(forget)

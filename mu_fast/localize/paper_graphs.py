@@ -21,7 +21,8 @@ import json
 import os
 import re
 from collections import defaultdict
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 from mu_fast.data.datadir import data_file, paper_model
@@ -31,6 +32,11 @@ from mu_fast.models.sites import Component, SiteTable
 METHODS = ("ap", "ct", "ap_mlps", "ct_mlps", "flu")
 DATASETS = ("sports", "counterfact")
 CF_RANGES = ("0_16", "0_64", "16_32", "32_48", "48_64")
+CF_FLU_THRESHOLD = 0.02
+MANUAL_RESULTS = {
+    "counterfact": ("manual_layers", "enrichment_mlp_results", "extraction_attn_results"),
+    "sports": ("sports_probe", "sports_attn_patch", "extraction_head_scores"),
+}
 SPORTS_FLU_LAYERS: dict[str, tuple[int, ...]] = {
     "gemma-7b": tuple(range(2, 8)),
     "gemma-2-9b": tuple(range(2, 7)),
@@ -55,7 +61,7 @@ def paper_site_table(model: str) -> SiteTable:
     return _site_table(paper_model(model).key)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _site_table(key: str) -> SiteTable:
     from mu_fast.models.tiny import REAL_SHAPES, make_config
 
@@ -79,7 +85,10 @@ def load_paper_graph(
         raise ValueError(f"method={method!r}: only 'ap' and 'ct' have graphs")
     _check_dataset_range(dataset, forget_range)
     m = paper_model(model)
-    stem = _SPORTS_GRAPHS[(m.key, method)] if dataset == "sports" else f"{m.file_prefix}_counterfact_{method}_graph_{forget_range}"
+    if dataset == "sports":
+        stem = _SPORTS_GRAPHS[(m.key, method)]
+    else:
+        stem = f"{m.file_prefix}_counterfact_{method}_graph_{forget_range}"
     with open(data_file(f"localization_graphs/{stem}.json", data_dir)) as f:
         graph = json.load(f)
     if not isinstance(graph, dict) or not all(isinstance(v, (int, float)) for v in graph.values()):
@@ -102,6 +111,30 @@ def layer_scores(graph: dict[str, float], n_layers: int | None = None) -> dict[C
             raise ValueError(f"graph key {key!r} names layer {comp.layer} of a model with {n_layers} layers")
         scores[comp] += value
     return dict(scores)
+
+
+def load_manual_results(
+    model: str, dataset: str, kind: str, forget_range: str = "0_16", data_dir: str | os.PathLike | None = None
+) -> Any:
+    """One of the paper's FLU analysis files, parsed: CounterFact ``manual_layers`` / ``enrichment_mlp_results``
+    / ``extraction_attn_results`` (per ``forget_range``); sports ``sports_probe`` (per-layer probe accuracy) /
+    ``sports_attn_patch`` / ``extraction_head_scores`` (no Llama-3 file)."""
+    _check_dataset_range(dataset, forget_range)
+    if kind not in MANUAL_RESULTS[dataset]:
+        raise ValueError(f"kind={kind!r}; the {dataset} results are {MANUAL_RESULTS[dataset]}")
+    prefix = paper_model(model).file_prefix
+    if dataset == "counterfact":
+        name = f"counterfact_manual_results/{prefix}_{kind}_{forget_range}.json"
+    else:
+        name = f"sports_manual_results/{prefix}_{kind}.json"
+    with open(data_file(name, data_dir)) as f:
+        return json.load(f)
+
+
+def flu_layers_from_effects(effects: Sequence[float], threshold: float = CF_FLU_THRESHOLD) -> list[int]:
+    """The paper's CounterFact FLU rule: the MLP layers whose mean path-patching effect (into the fixed
+    receiver layer, denoising logit-diff metric) has ``|effect| > threshold``."""
+    return [layer for layer, effect in enumerate(effects) if abs(float(effect)) > threshold]
 
 
 def paper_flu_layers(

@@ -11,7 +11,9 @@ from mu_fast.localize.paper_graphs import (
     CF_RANGES,
     METHODS,
     describe_localization,
+    flu_layers_from_effects,
     layer_scores,
+    load_manual_results,
     load_paper_graph,
     paper_flu_layers,
     paper_localization,
@@ -166,3 +168,21 @@ def test_bad_graphs_and_arguments(tmp_path, data_dir):
     (tmp_path / "localization_graphs" / "google_gemma-7b_counterfact_ct_graph_0_16.json").write_text(json.dumps(["a"]))
     with pytest.raises(ValueError, match="must map component keys to numbers"):
         load_paper_graph("gemma-7b", "counterfact", "ct", "0_16", tmp_path)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("forget_range", CF_RANGES)
+def test_counterfact_flu_files_follow_the_threshold_rule(model, forget_range, data_dir):
+    result = load_manual_results(model, "counterfact", "manual_layers", forget_range, data_dir)
+    assert result["abs_attr_threshold"] == 0.02
+    assert flu_layers_from_effects(result["original_attrs"]) == result["chosen_layers"]
+    assert paper_flu_layers(model, "counterfact", forget_range, data_dir) == sorted(result["chosen_layers"])
+
+
+def test_sports_probe_results(data_dir):
+    probe = load_manual_results("gemma-7b", "sports", "sports_probe", data_dir=data_dir)
+    assert probe["Athlete"][:5] == [0.44, 0.48, 0.63, 0.85, 0.97]  # authors_repo.md §2.1
+    with pytest.raises(ValueError, match="kind='probe'"):
+        load_manual_results("gemma-7b", "sports", "probe", data_dir=data_dir)
+    with pytest.raises(FileNotFoundError, match="meta-llama_Meta-Llama-3-8B_extraction_head_scores.json"):
+        load_manual_results("llama-3-8b", "sports", "extraction_head_scores", data_dir=data_dir)
