@@ -1,0 +1,444 @@
+// Masked AdamW on the CPU: OpenMP over tiles, vectorized (-O3 -mavx2 -mfma) inner loops over contiguous runs.
+//
+// Semantics, table layouts and the per-element math are those of mu_fast/optim/masked_adamw.py and
+// masked_adamw_common.h. A strided tile is walked run by run: inside a run the parameter, gradient and state are
+// all contiguous, so the loop is a plain `omp simd` stream. Indexed tiles (arbitrary boolean masks) gather and
+// scatter element by element. bf16 conversions are done on the raw bits (round to nearest even, NaN kept) so the
+// compiler vectorizes them; results are bit-identical to torch's float->bf16 cast.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "masked_adamw_common.h"
+
+namespace mu_fast {
+namespace {
+
+inline float load_f(const float* x, int64_t i) { return x[i]; }
+inline float load_f(const c10::Half* x, int64_t i) { return static_cast<float>(x[i]); }
+inline float load_f(const c10::BFloat16* x, int64_t i) {
+  uint16_t bits;
+  std::memcpy(&bits, x + i, 2);
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void store_f(float* x, int64_t i, float v) { x[i] = v; }
+inline void store_f(c10::Half* x, int64_t i, float v) { x[i] = static_cast<c10::Half>(v); }
+inline void store_f(c10::BFloat16* x, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  uint16_t bits = (v != v) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(u >> 16);
+  std::memcpy(x + i, &bits, 2);
+}
+
+struct Tile {
+  int64_t slot, group, kind, base, run_len, stride, k0, count, state0;
+  explicit Tile(const int64_t* row)
+      : slot(row[kSlot]), group(row[kGroup]), kind(row[kKind]), base(row[kBase]), run_len(row[kRunLen]),
+        stride(row[kRunStride]), k0(row[kK0]), count(row[kCount]), state0(row[kState0]) {}
+};
+
+// Calls f(flat_offset, state_offset, length) for each contiguous run of a strided tile.
+template <typename F>
+inline void for_each_run(const Tile& t, F&& f) {
+  int64_t k = t.k0;
+  const int64_t end = t.k0 + t.count;
+  while (k < end) {
+    const int64_t r = k / t.run_len;
+    const int64_t c = k - r * t.run_len;
+    const int64_t len = std::min(t.run_len - c, end - k);
+    f(t.base + r * t.stride + c, t.state0 + k, len);
+    k += len;
+  }
+}
+
+// Flat offsets of elements [from, from + n) of a tile (either kind), into out[0, n).
+inline void flat_offsets(const Tile& t, const int32_t* index, int64_t from, int64_t n, int64_t* out) {
+  if (t.kind == kIndexed) {
+    for (int64_t e = 0; e < n; ++e) out[e] = index[t.base + from + e];
+    return;
+  }
+  int64_t r = from / t.run_len, c = from - r * t.run_len;
+  for (int64_t e = 0; e < n; ++e) {
+    out[e] = t.base + r * t.stride + c;
+    if (++c == t.run_len) c = 0, ++r;
+  }
+}
+
+void check_common(const at::Tensor& tiles, const at::Tensor& index) {
+  TORCH_CHECK(tiles.device().is_cpu() && tiles.scalar_type() == at::kLong && tiles.is_contiguous() &&
+                  tiles.dim() == 2 && tiles.size(1) == kTileFields,
+              "tiles must be a contiguous CPU int64 tensor [n_tiles, ", kTileFields, "]; got ", tiles.scalar_type(),
+              " ", tiles.sizes(), " on ", tiles.device());
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kInt && index.is_contiguous(),
+              "index must be a contiguous CPU int32 tensor; got ", index.scalar_type(), " on ", index.device());
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous CPU float32 tensor; got ", t.scalar_type(), " on ", t.device());
+}
+
+// Per-slot raw pointers, validated once per call.
+template <typename T>
+struct Slots {
+  std::vector<T*> param;
+  std::vector<const T*> grad;
+};
+
+template <typename T>
+Slots<T> gather_slots(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads, bool compact) {
+  Slots<T> s;
+  TORCH_CHECK(compact || grads.size() == params.size(), "grads must hold one entry per parameter (",
+              params.size(), "); got ", grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == params[0].scalar_type(),
+                "params[", i, "] must be a contiguous CPU tensor of dtype ", params[0].scalar_type(), "; got ",
+                p.scalar_type(), " on ", p.device());
+    s.param.push_back(p.data_ptr<T>());
+    const T* g = nullptr;
+    if (!compact) {
+      std::optional<at::Tensor> gi = grads[i];
+      if (gi.has_value() && gi->defined()) {
+        TORCH_CHECK(gi->sizes() == p.sizes() && gi->scalar_type() == p.scalar_type() && gi->is_contiguous() &&
+                        gi->device().is_cpu(),
+                    "grads[", i, "] must be a contiguous CPU tensor shaped and typed like params[", i, "]");
+        g = gi->data_ptr<T>();
+      }
+    }
+    s.grad.push_back(g);
+  }
+  return s;
+}
+
+template <typename T>
+void grad_sumsq_impl(const std::vector<const T*>& grad, const float* cgrad, const at::Tensor& tiles,
+                     const int32_t* index, float* partial) {
+  const int64_t n_tiles = tiles.size(0);
+  const int64_t* rows = tiles.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+    const Tile t(rows + ti * kTileFields);
+    double acc = 0.0;
+    const T* g = cgrad ? nullptr : grad[t.slot];
+    if (cgrad) {
+      const float* src = cgrad + t.state0 + t.k0;
+      float part = 0.f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t e = 0; e < t.count; ++e) part += src[e] * src[e];
+      acc = part;
+    } else if (g != nullptr && t.kind == kIndexed) {
+      for (int64_t e = 0; e < t.count; ++e) {
+        const float x = load_f(g, index[t.base + t.k0 + e]);
+        acc += static_cast<double>(x) * x;
+      }
+    } else if (g != nullptr) {
+      for_each_run(t, [&](int64_t flat, int64_t, int64_t len) {
+        float part = 0.f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t e = 0; e < len; ++e) {
+          const float x = load_f(g, flat + e);
+          part += x * x;
+        }
+        acc += part;
+      });
+    }
+    partial[ti] = static_cast<float>(acc);
+  }
+}
+
+void masked_adamw_grad_sumsq_cpu(const c10::List<std::optional<at::Tensor>>& grads,
+                                 const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
+                                 const at::Tensor& index, at::Tensor& partial) {
+  check_common(tiles, index);
+  check_f32(partial, "partial");
+  TORCH_CHECK(partial.numel() >= tiles.size(0), "partial needs one entry per tile (", tiles.size(0), "); got ",
+              partial.numel());
+  const bool compact = compact_grad.has_value() && compact_grad->defined();
+  if (compact) check_f32(*compact_grad, "compact_grad");
+  partial.zero_();
+  if (tiles.size(0) == 0) return;
+  at::ScalarType dtype = at::kFloat;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    std::optional<at::Tensor> g = grads[i];
+    if (g.has_value() && g->defined()) dtype = g->scalar_type();
+  }
+  MU_FAST_DISPATCH_PARAM_TYPES(dtype, "masked_adamw_grad_sumsq_cpu", [&] {
+    std::vector<const scalar_t*> ptrs;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      std::optional<at::Tensor> g = grads[i];
+      if (g.has_value() && g->defined())
+        TORCH_CHECK(g->is_contiguous() && g->device().is_cpu() && g->scalar_type() == dtype,
+                    "grads[", i, "] must be a contiguous CPU tensor of dtype ", dtype);
+      ptrs.push_back(g.has_value() && g->defined() ? g->data_ptr<scalar_t>() : nullptr);
+    }
+    grad_sumsq_impl<scalar_t>(ptrs, compact ? compact_grad->data_ptr<float>() : nullptr, tiles,
+                              index.data_ptr<int32_t>(), partial.data_ptr<float>());
+  });
+}
+
+void masked_adamw_scalars_cpu(const at::Tensor& hyper, at::Tensor& step, const at::Tensor& partial, at::Tensor& coef,
+                              at::Tensor& control, bool has_stats, bool check_finite) {
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.is_contiguous() && hyper.dim() == 2 &&
+                  hyper.size(1) == kHyperFields,
+              "hyper must be a contiguous float64 tensor [G, ", kHyperFields, "]; got ", hyper.scalar_type(), " ",
+              hyper.sizes());
+  TORCH_CHECK(step.scalar_type() == at::kDouble && step.numel() == 1, "step must be a float64 tensor [1]");
+  check_f32(partial, "partial");
+  check_f32(coef, "coef");
+  check_f32(control, "control");
+  const int64_t groups = hyper.size(0);
+  TORCH_CHECK(coef.numel() >= groups * kCoefFields && control.numel() >= kControlFields,
+              "coef must hold [G, ", kCoefFields, "] and control [", kControlFields, "] values");
+  const double* h = hyper.data_ptr<double>();
+  double total = 0.0;
+  if (has_stats) {
+    const float* part = partial.data_ptr<float>();
+    float acc = 0.f;  // fp32 in a fixed order, like the GPU kernels
+    for (int64_t i = 0; i < partial.numel(); ++i) acc += part[i];
+    total = acc;
+  }
+  const float norm = std::sqrt(static_cast<float>(total));
+  const bool finite = std::isfinite(static_cast<float>(total));
+  const float skip = (check_finite && !finite) ? 1.f : 0.f;
+  const float max_norm = static_cast<float>(h[kHMaxNorm]);
+  const float clip = (has_stats && max_norm > 0) ? std::min(max_norm / (norm + 1e-6f), 1.0f) : 1.0f;
+  float* k = control.data_ptr<float>();
+  k[kKSkip] = skip;
+  k[kKClip] = clip;
+  k[kKNorm] = norm;
+  double* s = step.data_ptr<double>();
+  const double t = s[0] + 1.0;
+  float* c = coef.data_ptr<float>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const double* hg = h + g * kHyperFields;
+    const double bc1 = 1.0 - std::pow(hg[kHBeta1], t);
+    const double bc2 = 1.0 - std::pow(hg[kHBeta2], t);
+    float* cg = c + g * kCoefFields;
+    cg[kCBeta1] = static_cast<float>(hg[kHBeta1]);
+    cg[kCBeta2] = static_cast<float>(hg[kHBeta2]);
+    cg[kCEps] = static_cast<float>(hg[kHEps]);
+    cg[kCDecay] = static_cast<float>(1.0 - hg[kHLr] * hg[kHWd]);
+    cg[kCStepSize] = static_cast<float>(hg[kHLr] / bc1);
+    cg[kCInvSqrtBc2] = static_cast<float>(1.0 / std::sqrt(bc2));
+    // 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
+    cg[kCOneMinusBeta1] = static_cast<float>(1.0 - hg[kHBeta1]);
+    cg[kCOneMinusBeta2] = static_cast<float>(1.0 - hg[kHBeta2]);
+  }
+  s[0] += 1.0 - skip;
+}
+
+// grad source per element: 0 none, 1 dense param-typed, 2 compact fp32.
+template <typename T, bool MASTER>
+inline void update_run(T* p, const T* g, const float* cg, int grad_kind, float* m, float* v, float* master,
+                       int64_t len, const AdamCoef& c, float clip) {
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    const float gv = (grad_kind == 2 ? cg[e] : (grad_kind == 1 ? load_f(g, e) : 0.f)) * clip;
+    float pv = MASTER ? master[e] : load_f(p, e);
+    float mv = m[e], vv = v[e];
+    adamw_element(pv, mv, vv, gv, c);
+    m[e] = mv;
+    v[e] = vv;
+    if (MASTER) master[e] = pv;
+    store_f(p, e, pv);
+  }
+}
+
+template <typename T>
+void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& tiles, const int32_t* index,
+                 float* m, float* v, float* master, const float* coef, float clip) {
+  const int64_t n_tiles = tiles.size(0);
+  const int64_t* rows = tiles.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+    const Tile t(rows + ti * kTileFields);
+    const AdamCoef c = load_coef(coef, t.group);
+    T* p = slots.param[t.slot];
+    const T* g = cgrad ? nullptr : slots.grad[t.slot];
+    const int grad_kind = cgrad ? 2 : (g ? 1 : 0);
+    if (t.kind == kIndexed) {
+      for (int64_t e = 0; e < t.count; ++e) {
+        const int64_t flat = index[t.base + t.k0 + e], st = t.state0 + t.k0 + e;
+        const float gv = (grad_kind == 2 ? cgrad[st] : (grad_kind == 1 ? load_f(g, flat) : 0.f)) * clip;
+        float pv = master ? master[st] : load_f(p, flat);
+        adamw_element(pv, m[st], v[st], gv, c);
+        if (master) master[st] = pv;
+        store_f(p, flat, pv);
+      }
+      continue;
+    }
+    for_each_run(t, [&](int64_t flat, int64_t st, int64_t len) {
+      if (master)
+        update_run<T, true>(p + flat, g ? g + flat : nullptr, cgrad ? cgrad + st : nullptr, grad_kind, m + st,
+                            v + st, master + st, len, c, clip);
+      else
+        update_run<T, false>(p + flat, g ? g + flat : nullptr, cgrad ? cgrad + st : nullptr, grad_kind, m + st,
+                             v + st, nullptr, len, c, clip);
+    });
+  }
+}
+
+void masked_adamw_update_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                             const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
+                             const at::Tensor& index, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                             const std::optional<at::Tensor>& master, const at::Tensor& coef,
+                             const at::Tensor& control) {
+  check_common(tiles, index);
+  check_f32(exp_avg, "exp_avg");
+  check_f32(exp_avg_sq, "exp_avg_sq");
+  check_f32(coef, "coef");
+  check_f32(control, "control");
+  const bool compact = compact_grad.has_value() && compact_grad->defined();
+  const bool has_master = master.has_value() && master->defined();
+  if (compact) check_f32(*compact_grad, "compact_grad");
+  if (has_master) check_f32(*master, "master");
+  if (params.empty() || tiles.size(0) == 0) return;
+  const float* k = control.data_ptr<float>();
+  if (k[kKSkip] != 0.f) return;  // a skipped step touches nothing
+  MU_FAST_DISPATCH_PARAM_TYPES(params[0].scalar_type(), "masked_adamw_update_cpu", [&] {
+    const Slots<scalar_t> slots = gather_slots<scalar_t>(params, grads, compact);
+    update_impl<scalar_t>(slots, compact ? compact_grad->data_ptr<float>() : nullptr, tiles,
+                          index.data_ptr<int32_t>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
+                          has_master ? master->data_ptr<float>() : nullptr, coef.data_ptr<float>(), k[kKClip]);
+  });
+}
+
+template <typename T>
+void update8_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& tiles, const int32_t* index,
+                  uint8_t* cm, uint8_t* cv, float* am, float* av, const float* qm, const float* qv,
+                  const float* mids_m, const float* mids_v, float* master, const float* coef, float clip) {
+  const int64_t n_tiles = tiles.size(0);
+  const int64_t* rows = tiles.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+    const Tile t(rows + ti * kTileFields);
+    const AdamCoef c = load_coef(coef, t.group);
+    T* p = slots.param[t.slot];
+    const T* g = cgrad ? nullptr : slots.grad[t.slot];
+    int64_t flat[kQBlock];
+    float pv[kQBlock], mv[kQBlock], vv[kQBlock];
+    for (int64_t from = 0; from < t.count; from += kQBlock) {
+      const int64_t n = std::min<int64_t>(kQBlock, t.count - from);
+      const int64_t s0 = t.state0 + t.k0 + from;  // block-aligned (segments.py aligns segments to 256)
+      const int64_t blk = s0 / kQBlock;
+      flat_offsets(t, index, t.k0 + from, n, flat);
+      float new_am = 0.f, new_av = 0.f;
+      for (int64_t e = 0; e < n; ++e) {
+        const float gv = (cgrad ? cgrad[s0 + e] : (g ? load_f(g, flat[e]) : 0.f)) * clip;
+        pv[e] = master ? master[s0 + e] : load_f(p, flat[e]);
+        mv[e] = qm[cm[s0 + e]] * am[blk];
+        vv[e] = qv[cv[s0 + e]] * av[blk];
+        adamw_element(pv[e], mv[e], vv[e], gv, c);
+        new_am = std::max(new_am, std::fabs(mv[e]));
+        new_av = std::max(new_av, vv[e]);
+      }
+      const float safe_m = new_am > 0 ? new_am : 1.f, safe_v = new_av > 0 ? new_av : 1.f;
+      for (int64_t e = 0; e < n; ++e) {
+        cm[s0 + e] = static_cast<uint8_t>(quantize_code(mv[e] / safe_m, mids_m));
+        cv[s0 + e] = static_cast<uint8_t>(quantize_code(vv[e] / safe_v, mids_v));
+        if (master) master[s0 + e] = pv[e];
+        store_f(p, flat[e], pv[e]);
+      }
+      am[blk] = new_am;
+      av[blk] = new_av;
+    }
+  }
+}
+
+void masked_adamw8bit_update_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                                 const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
+                                 const at::Tensor& index, at::Tensor& codes_m, at::Tensor& codes_v,
+                                 at::Tensor& absmax_m, at::Tensor& absmax_v, const at::Tensor& qmap_m,
+                                 const at::Tensor& qmap_v, const at::Tensor& mids_m, const at::Tensor& mids_v,
+                                 const std::optional<at::Tensor>& master, const at::Tensor& coef,
+                                 const at::Tensor& control) {
+  check_common(tiles, index);
+  for (const at::Tensor* t : {&codes_m, &codes_v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous(),
+                "8-bit codes must be contiguous CPU uint8 tensors; got ", t->scalar_type());
+  check_f32(absmax_m, "absmax_m");
+  check_f32(absmax_v, "absmax_v");
+  for (const at::Tensor* t : {&qmap_m, &qmap_v, &mids_m, &mids_v}) {
+    check_f32(*t, "qmap/midpoints");
+    TORCH_CHECK(t->numel() == 256, "quantization maps and midpoint tables hold 256 values; got ", t->numel());
+  }
+  check_f32(coef, "coef");
+  check_f32(control, "control");
+  const bool compact = compact_grad.has_value() && compact_grad->defined();
+  const bool has_master = master.has_value() && master->defined();
+  if (compact) check_f32(*compact_grad, "compact_grad");
+  if (has_master) check_f32(*master, "master");
+  if (params.empty() || tiles.size(0) == 0) return;
+  const float* k = control.data_ptr<float>();
+  if (k[kKSkip] != 0.f) return;
+  MU_FAST_DISPATCH_PARAM_TYPES(params[0].scalar_type(), "masked_adamw8bit_update_cpu",
+                                  [&] {
+    const Slots<scalar_t> slots = gather_slots<scalar_t>(params, grads, compact);
+    update8_impl<scalar_t>(slots, compact ? compact_grad->data_ptr<float>() : nullptr, tiles,
+                           index.data_ptr<int32_t>(), codes_m.data_ptr<uint8_t>(), codes_v.data_ptr<uint8_t>(),
+                           absmax_m.data_ptr<float>(), absmax_v.data_ptr<float>(), qmap_m.data_ptr<float>(),
+                           qmap_v.data_ptr<float>(), mids_m.data_ptr<float>(), mids_v.data_ptr<float>(),
+                           has_master ? master->data_ptr<float>() : nullptr, coef.data_ptr<float>(), k[kKClip]);
+  });
+}
+
+template <typename T>
+void gather_impl(const T* g, const at::Tensor& tiles, const int32_t* idx, int64_t tile_begin, int64_t tile_end,
+                 float* out, bool accumulate) {
+  const int64_t* rows = tiles.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t ti = tile_begin; ti < tile_end; ++ti) {
+    const Tile t(rows + ti * kTileFields);
+    if (t.kind == kIndexed) {
+      for (int64_t e = 0; e < t.count; ++e) {
+        const int64_t st = t.state0 + t.k0 + e;
+        const float x = load_f(g, idx[t.base + t.k0 + e]);
+        out[st] = accumulate ? out[st] + x : x;
+      }
+      continue;
+    }
+    for_each_run(t, [&](int64_t flat, int64_t st, int64_t len) {
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) {
+        const float x = load_f(g, flat + e);
+        out[st + e] = accumulate ? out[st + e] + x : x;
+      }
+    });
+  }
+}
+
+void masked_gather_grad_cpu(const at::Tensor& grad, const at::Tensor& tiles, const at::Tensor& index,
+                            int64_t tile_begin, int64_t tile_end, at::Tensor& compact_grad, bool accumulate) {
+  check_common(tiles, index);
+  check_f32(compact_grad, "compact_grad");
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous(), "grad must be a contiguous CPU tensor");
+  TORCH_CHECK(0 <= tile_begin && tile_begin <= tile_end && tile_end <= tiles.size(0), "tile range [", tile_begin,
+              ", ", tile_end, ") is outside the table's ", tiles.size(0), " tiles");
+  MU_FAST_DISPATCH_PARAM_TYPES(grad.scalar_type(), "masked_gather_grad_cpu", [&] {
+    gather_impl<scalar_t>(grad.data_ptr<scalar_t>(), tiles, index.data_ptr<int32_t>(), tile_begin, tile_end,
+                          compact_grad.data_ptr<float>(), accumulate);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mu_fast, CPU, m) {
+  m.impl("masked_adamw_grad_sumsq", &masked_adamw_grad_sumsq_cpu);
+  m.impl("masked_adamw_scalars", &masked_adamw_scalars_cpu);
+  m.impl("masked_adamw_update", &masked_adamw_update_cpu);
+  m.impl("masked_adamw8bit_update", &masked_adamw8bit_update_cpu);
+  m.impl("masked_gather_grad", &masked_gather_grad_cpu);
+}
+
+}  // namespace mu_fast

@@ -1,0 +1,252 @@
+"""Fused sparse-masked AdamW in Triton: one launch updates the active elements of every tensor of a dtype.
+
+Math per active element (fp32; t = step + 1; AdamW with decoupled decay, dense semantics on the active set):
+    g = grad · clip
+    p = p · (1 − lr·wd)
+    m = β1·m + (1 − β1)·g ;  v = β2·v + (1 − β2)·g²
+    p = p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
+Work is cut into tiles (mu_fast/optim/segments.py): one program per tile; a tile's row gives the parameter
+slot, its segment geometry and its state offset. Parameter and gradient base addresses come from an int64
+table ``addr[slot] = (param address, grad address or 0)`` built by the caller, so any number of tensors is
+covered by one launch without kernel-argument limits. With compact gradients the gradient is read from the
+fp32 compact buffer at the state offset instead.
+
+Bytes per active element (bf16 p/g, fp32 m/v): read p 2, g 2, m 4, v 4; write p 2, m 4, v 4 = 22 B; with an
+fp32 master copy, p is not read and the master is read and written (+8 B: 28 B); compact grads are fp32
+(+2 B). The optional statistics pass (sum of squares for clipping and the non-finite check) reads g once
+more. Limit: column selections of row-major weights are strided runs (one element per row for a single
+neuron column), so such tiles move one 32-byte sector per element; row and head selections are contiguous.
+
+Launches per step: ``grad_sumsq`` (optional), ``adamw_scalars`` (one program), ``masked_adamw_update``. The
+learning rate, bias corrections, clip factor and skip flag are device values: no host sync, graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile row fields; keep in sync with mu_fast/optim/segments.py.
+_SLOT, _GROUP, _KIND, _BASE, _RUN_LEN, _RUN_STRIDE, _K0, _COUNT, _STATE0 = range(9)
+_TILE_FIELDS = 9
+# Coefficient table columns (per param group) and control vector entries, written by _adamw_scalars_kernel.
+C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2 = range(8)
+COEF_FIELDS = 8
+K_SKIP, K_CLIP, K_NORM = range(3)
+CONTROL_FIELDS = 4
+H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM = range(6)
+HYPER_FIELDS = 6
+# A 4096-element tile moves ~90 KB (bf16 p/g, fp32 m/v): long enough to hide the per-tile header loads.
+SCALARS_BLOCK = 1024
+
+
+@triton.jit
+def _tile_elements(tiles_ptr, index_ptr, t, j):
+    """Slot, group, flat offsets into the parameter, state offsets and validity of tile ``t``'s elements ``j``.
+
+    ``j``: int32 positions inside the tile, any shape (``tl.arange(0, TILE)``, or [blocks, 256] for 8-bit state).
+    """
+    row = tiles_ptr + t * _TILE_FIELDS
+    slot = tl.load(row + _SLOT)
+    group = tl.load(row + _GROUP)
+    kind = tl.load(row + _KIND)
+    base = tl.load(row + _BASE)
+    run_len = tl.load(row + _RUN_LEN)
+    stride = tl.load(row + _RUN_STRIDE)
+    k0 = tl.load(row + _K0)
+    count = tl.load(row + _COUNT)
+    state0 = tl.load(row + _STATE0)
+    valid = j < count
+    # Position inside the run in int32 (segments are < 2**31 elements): one scalar int64 division per tile.
+    r0 = k0 // run_len
+    local = (k0 - r0 * run_len).to(tl.int32) + j
+    run_len32 = run_len.to(tl.int32)
+    r = local // run_len32
+    c = local - r * run_len32
+    strided = base + (r0 + r.to(tl.int64)) * stride + c.to(tl.int64)
+    idx = tl.load(index_ptr + base + k0 + j, mask=tl.where(kind == 1, valid, False), other=0).to(tl.int64)
+    flat = tl.where(kind == 1, idx, strided)
+    state = state0 + k0 + j
+    return slot, group, flat, state, valid
+
+
+@triton.jit
+def _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD: tl.constexpr):
+    if COMPACT_GRAD:
+        g = tl.load(cgrad_ptr + state, mask=valid, other=0.0)
+    else:
+        g_addr = tl.load(addr_ptr + 2 * slot + 1)
+        g_ptr = g_addr.to(like_ptr.dtype)
+        # A parameter without .grad (address 0) counts as a zero gradient.
+        g = tl.load(g_ptr + flat, mask=tl.where(g_addr != 0, valid, False), other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _grad_sumsq_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, partial_ptr, TILE: tl.constexpr,
+                       COMPACT_GRAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, tl.arange(0, TILE))
+    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD)
+    tl.store(partial_ptr + t, tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _adamw_scalars_kernel(hyper_ptr, step_ptr, partial_ptr, n_partial, coef_ptr, control_ptr, n_groups,
+                          HAS_STATS: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: reduce the per-tile sums of squares in a fixed order (deterministic), then derive every
+    # per-step scalar from the device step count and the per-group hyperparameters (fp64).
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_STATS:
+        for start in range(0, n_partial, BLOCK):
+            acc += tl.load(partial_ptr + start + offs, mask=start + offs < n_partial, other=0.0)
+    total = tl.sum(acc, axis=0)
+    norm = tl.sqrt_rn(total)
+    finite = (total == total) & (total < float("inf"))
+    skip = 0.0
+    if CHECK_FINITE:
+        skip = tl.where(finite, 0.0, 1.0)
+    max_norm = tl.load(hyper_ptr + H_MAX_NORM).to(tl.float32)
+    clip = 1.0
+    if HAS_STATS:
+        clip = tl.where(max_norm > 0, tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0), 1.0)
+    tl.store(control_ptr + K_SKIP, skip)
+    tl.store(control_ptr + K_CLIP, clip)
+    tl.store(control_ptr + K_NORM, norm)
+    step = tl.load(step_ptr)
+    t = step + 1.0
+    for gi in range(0, n_groups):
+        h = hyper_ptr + gi * HYPER_FIELDS
+        lr = tl.load(h + H_LR)
+        beta1 = tl.load(h + H_BETA1)
+        beta2 = tl.load(h + H_BETA2)
+        bc1 = 1.0 - tl.exp(t * tl.log(beta1))
+        bc2 = 1.0 - tl.exp(t * tl.log(beta2))
+        c = coef_ptr + gi * COEF_FIELDS
+        tl.store(c + C_BETA1, beta1.to(tl.float32))
+        tl.store(c + C_BETA2, beta2.to(tl.float32))
+        tl.store(c + C_EPS, tl.load(h + H_EPS).to(tl.float32))
+        tl.store(c + C_DECAY, (1.0 - lr * tl.load(h + H_WD)).to(tl.float32))
+        tl.store(c + C_STEP_SIZE, (lr / bc1).to(tl.float32))
+        tl.store(c + C_INV_SQRT_BC2, (1.0 / tl.sqrt(bc2)).to(tl.float32))
+        # 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
+        tl.store(c + C_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32))
+        tl.store(c + C_ONE_MINUS_BETA2, (1.0 - beta2).to(tl.float32))
+    tl.store(step_ptr, step + (1.0 - skip).to(tl.float64))
+
+
+@triton.jit
+def _masked_adamw_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, m_ptr, v_ptr, master_ptr, coef_ptr,
+                         control_ptr, TILE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr):
+    t = tl.program_id(0)
+    slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, tl.arange(0, TILE))
+    # A skipped step (non-finite gradient) masks every access: nothing is read-modify-written.
+    valid = tl.where(tl.load(control_ptr + K_SKIP) == 0.0, valid, False)
+    clip = tl.load(control_ptr + K_CLIP)
+    c = coef_ptr + group * COEF_FIELDS
+    beta1 = tl.load(c + C_BETA1)
+    beta2 = tl.load(c + C_BETA2)
+    eps = tl.load(c + C_EPS)
+    decay = tl.load(c + C_DECAY)
+    step_size = tl.load(c + C_STEP_SIZE)
+    inv_sqrt_bc2 = tl.load(c + C_INV_SQRT_BC2)
+    one_minus_beta1 = tl.load(c + C_ONE_MINUS_BETA1)
+    one_minus_beta2 = tl.load(c + C_ONE_MINUS_BETA2)
+
+    p_ptr = tl.load(addr_ptr + 2 * slot).to(like_ptr.dtype)
+    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD) * clip
+    if HAS_MASTER:
+        p = tl.load(master_ptr + state, mask=valid, other=0.0)
+    else:
+        p = tl.load(p_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + state, mask=valid, other=0.0)
+    v = tl.load(v_ptr + state, mask=valid, other=0.0)
+
+    p = p * decay
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    p = p - step_size * tl.div_rn(m, denom)
+
+    tl.store(m_ptr + state, m, mask=valid)
+    tl.store(v_ptr + state, v, mask=valid)
+    if HAS_MASTER:
+        tl.store(master_ptr + state, p, mask=valid)
+    tl.store(p_ptr + flat, p.to(like_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _gather_grad_kernel(tiles_ptr, index_ptr, grad_ptr, cgrad_ptr, tile_begin, TILE: tl.constexpr,
+                        ACCUMULATE: tl.constexpr):
+    t = tile_begin + tl.program_id(0)
+    slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, tl.arange(0, TILE))
+    g = tl.load(grad_ptr + flat, mask=valid, other=0.0).to(tl.float32)
+    if ACCUMULATE:
+        g += tl.load(cgrad_ptr + state, mask=valid, other=0.0)
+    tl.store(cgrad_ptr + state, g, mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _check(name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if tensor.dtype != dtype or tensor.device != device or not tensor.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {dtype} tensor on {device}; got {tensor.dtype} on {tensor.device}"
+            f"{'' if tensor.is_contiguous() else ' (non-contiguous)'}"
+        )
+
+
+def grad_sumsq_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tensor, compact_grad: torch.Tensor | None,
+                      like: torch.Tensor, partial: torch.Tensor, tile: int) -> None:
+    """Write each tile's sum of squared (fp32) gradients into ``partial[n_tiles]`` (fp32)."""
+    n_tiles = tiles.shape[0]
+    _check("partial", partial, torch.float32, tiles.device)
+    if n_tiles == 0:
+        return
+    cgrad = compact_grad if compact_grad is not None else partial
+    _grad_sumsq_kernel[(n_tiles,)](tiles, index, addr, cgrad, like, partial, TILE=tile,
+                                   COMPACT_GRAD=compact_grad is not None)
+
+
+def adamw_scalars_triton(hyper: torch.Tensor, step: torch.Tensor, partial: torch.Tensor, coef: torch.Tensor,
+                         control: torch.Tensor, has_stats: bool, check_finite: bool) -> None:
+    """Per-step scalars: ``coef[G, COEF_FIELDS]`` and ``control[CONTROL_FIELDS]`` (fp32); advances ``step`` (fp64 [1])
+    unless the step is skipped. ``hyper`` is fp64 ``[G, HYPER_FIELDS]``; ``partial`` fp32 per-tile sums of squares."""
+    device = hyper.device
+    _check("hyper", hyper, torch.float64, device)
+    _check("step", step, torch.float64, device)
+    _check("coef", coef, torch.float32, device)
+    _check("control", control, torch.float32, device)
+    _adamw_scalars_kernel[(1,)](hyper, step, partial, partial.numel(), coef, control, hyper.shape[0],
+                                HAS_STATS=has_stats, CHECK_FINITE=check_finite, BLOCK=SCALARS_BLOCK)
+
+
+def masked_adamw_update_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tensor,
+                               compact_grad: torch.Tensor | None, like: torch.Tensor, exp_avg: torch.Tensor,
+                               exp_avg_sq: torch.Tensor, master: torch.Tensor | None, coef: torch.Tensor,
+                               control: torch.Tensor, tile: int) -> None:
+    """Update every tile in place: parameters (through ``addr``), fp32 ``exp_avg``/``exp_avg_sq``/``master`` ``[S]``."""
+    device = tiles.device
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("coef", coef), ("control", control)):
+        _check(name, t, torch.float32, device)
+    if master is not None:
+        _check("master", master, torch.float32, device)
+    if tiles.shape[0] == 0:
+        return
+    cgrad = compact_grad if compact_grad is not None else exp_avg
+    _masked_adamw_kernel[(tiles.shape[0],)](
+        tiles, index, addr, cgrad, like, exp_avg, exp_avg_sq, master if master is not None else exp_avg, coef,
+        control, TILE=tile, COMPACT_GRAD=compact_grad is not None, HAS_MASTER=master is not None,
+    )
+
+
+def gather_grad_triton(tiles: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, compact_grad: torch.Tensor,
+                       tile_begin: int, tile_end: int, tile: int, accumulate: bool) -> None:
+    """``compact_grad[state] (+)= grad.flat[flat]`` for the tiles ``[tile_begin, tile_end)`` of one parameter."""
+    _check("compact_grad", compact_grad, torch.float32, tiles.device)
+    if not grad.is_contiguous():
+        raise ValueError(f"grad must be contiguous; got strides {grad.stride()} for shape {tuple(grad.shape)}")
+    if tile_end > tile_begin:
+        _gather_grad_kernel[(tile_end - tile_begin,)](tiles, index, grad, compact_grad, tile_begin, TILE=tile,
+                                                      ACCUMULATE=accumulate)

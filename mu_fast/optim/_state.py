@@ -1,0 +1,125 @@
+"""State movement for ``MaskedAdamW``: migration between masks and ``load_state_dict``.
+
+Kept apart from optimizer.py because it works element by element through ``SegmentTable.indices`` (8 B per
+active element and index, materialized on the device): fine for a mask change or a checkpoint load, never
+used inside ``step()``.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mu_fast.optim import quantize8
+
+if TYPE_CHECKING:
+    from mu_fast.optim.masked_adamw import CompactBucket
+    from mu_fast.optim.optimizer import MaskedAdamW
+
+
+def read_slot(bucket: CompactBucket, slot: int) -> dict[str, torch.Tensor]:
+    """fp32 ``[n_active]`` moments (and master) of one slot, in state order, dequantized if 8-bit."""
+    flat, state = bucket.table.indices(slot, bucket.device)
+    out = {"flat": flat}
+    if bucket.state_bits == 8:
+        info, qb = bucket.table.slots[slot], quantize8.QBLOCK
+        lo, hi = info.state_begin, info.state_end
+        for key, codes, absmax, qmap in (("exp_avg", bucket.exp_avg, bucket.absmax_m, bucket.qmap_m),
+                                         ("exp_avg_sq", bucket.exp_avg_sq, bucket.absmax_v, bucket.qmap_v)):
+            out[key] = quantize8.dequantize_blockwise(codes[lo:hi], absmax[lo // qb : hi // qb], qmap)[state - lo]
+    else:
+        out["exp_avg"], out["exp_avg_sq"] = bucket.exp_avg[state].clone(), bucket.exp_avg_sq[state].clone()
+    if bucket.master is not None:
+        out["master"] = bucket.master[state].clone()
+    return out
+
+
+def write_slot(bucket: CompactBucket, slot: int, values: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``read_slot`` (values in the slot's state order; 8-bit state is re-quantized)."""
+    flat, state = bucket.table.indices(slot, bucket.device)
+    if bucket.state_bits == 8:
+        info, qb = bucket.table.slots[slot], quantize8.QBLOCK
+        lo, hi = info.state_begin, info.state_end
+        for key, codes, absmax, qmap in (("exp_avg", bucket.exp_avg, bucket.absmax_m, bucket.qmap_m),
+                                         ("exp_avg_sq", bucket.exp_avg_sq, bucket.absmax_v, bucket.qmap_v)):
+            dense = torch.zeros(hi - lo, dtype=torch.float32, device=bucket.device)
+            dense[state - lo] = values[key]
+            codes[lo:hi], absmax[lo // qb : hi // qb] = quantize8.quantize_blockwise(dense, qmap)
+    else:
+        bucket.exp_avg[state], bucket.exp_avg_sq[state] = values["exp_avg"], values["exp_avg_sq"]
+    if bucket.master is not None:
+        bucket.master[state] = values["master"]
+
+
+def export_state(opt: MaskedAdamW) -> dict[int, dict[str, torch.Tensor]]:
+    """Every parameter's state keyed by ``id(param)``, with the flat offsets it belongs to."""
+    return {id(p): read_slot(b, slot) for b in opt._buckets for slot, p in enumerate(b.params)}
+
+
+def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Fill the (fresh, zero) buckets of ``opt`` from ``export_state`` output: matching elements keep their
+    state, others start at zero moments; masters start from the parameter where no old master exists."""
+    for bi, bucket in enumerate(opt._buckets):
+        for slot, p in enumerate(bucket.params):
+            flat, _ = bucket.table.indices(slot, bucket.device)
+            new = {"exp_avg": torch.zeros(flat.numel(), dtype=torch.float32, device=bucket.device)}
+            new["exp_avg_sq"] = torch.zeros_like(new["exp_avg"])
+            new["master"] = p.detach().reshape(-1)[flat].float()
+            old = saved.get(id(p))
+            if old is not None:
+                order = torch.argsort(old["flat"])
+                sorted_flat = old["flat"][order]
+                pos = torch.searchsorted(sorted_flat, flat).clamp(max=max(sorted_flat.numel() - 1, 0))
+                hit = sorted_flat[pos] == flat if sorted_flat.numel() else torch.zeros_like(flat, dtype=torch.bool)
+                src = order[pos[hit]]
+                for key in ("exp_avg", "exp_avg_sq", "master"):
+                    if key in old:
+                        new[key][hit] = old[key][src]
+            write_slot(bucket, slot, new)
+        opt._master_ready[bi] = True
+
+
+def load_masked_state(opt: MaskedAdamW, state_dict: dict[str, Any]) -> None:
+    """``MaskedAdamW.load_state_dict``: copy saved state into the compact buffers (no dtype casts)."""
+    groups, saved_groups = opt.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError(
+            f"state_dict has param groups of sizes {[len(s['params']) for s in saved_groups]}; this optimizer has "
+            f"{[len(g['params']) for g in groups]}: load it into a MaskedAdamW built over the same parameters"
+        )
+    id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
+    loaded_master: set[int] = set()
+    step = None
+    for pid, saved in state_dict["state"].items():
+        p = id_map.get(pid)
+        ours = opt.state.get(p) if p is not None else None
+        if ours is None:
+            raise ValueError(f"state_dict holds state for parameter #{pid}, which this optimizer does not train")
+        name = opt._buckets[opt._where[id(p)][0]].table.slots[opt._where[id(p)][1]].name
+        if saved.get("mask_key") != ours["mask_key"]:
+            raise ValueError(f"state for {name!r} was saved with a different mask (or shape); rebuild the optimizer with that mask")
+        for key, view in ours.items():
+            if key in ("step", "mask_key"):
+                continue
+            if key not in saved:
+                if key == "master":
+                    continue
+                raise ValueError(f"state for {name!r} lacks {key!r}: saved with state_bits={'8' if 'exp_avg_codes' in saved else '32'}?")
+            src = torch.as_tensor(saved[key])
+            if src.shape != view.shape or src.dtype != view.dtype:
+                raise ValueError(f"state {key!r} of {name!r} is {src.dtype} {tuple(src.shape)}; expected {view.dtype} {tuple(view.shape)}")
+            view.copy_(src)
+            if key == "master":
+                loaded_master.add(opt._where[id(p)][0])
+        step = saved.get("step", step)
+    if step is not None:
+        opt._step.copy_(torch.as_tensor(step, dtype=torch.float64).reshape(1))
+    for bi, bucket in enumerate(opt._buckets):
+        opt._master_ready[bi] = bucket.master is None or bi in loaded_master
+    for group, saved in zip(groups, saved_groups):
+        for key, value in saved.items():
+            if key not in ("params", "param_names"):
+                group[key] = value
+    opt._hyper_key = ()
