@@ -1,0 +1,26 @@
+"""Evaluation: forget/maintain accuracy in every format, the relearning attack, latent-knowledge probes.
+
+Importing this package is cheap (torch only); peft is imported when the relearning attack runs.
+"""
+
+from mu_fast.evaluate.formats import evaluate_task, task_prompt_sets, tokenize_task, tokenized_set
+from mu_fast.evaluate.metrics import PromptScores, prompt_scores, set_accuracy
+from mu_fast.evaluate.probes import LinearProbes, collect_hidden, latent_probes, stratified_split, train_probes
+from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
+
+__all__ = [
+    "LinearProbes",
+    "PromptScores",
+    "collect_hidden",
+    "evaluate_task",
+    "latent_probes",
+    "prompt_scores",
+    "relearn_attack",
+    "relearn_halves",
+    "set_accuracy",
+    "stratified_split",
+    "task_prompt_sets",
+    "tokenize_task",
+    "tokenized_set",
+    "train_probes",
+]

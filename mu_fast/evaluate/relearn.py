@@ -1,0 +1,264 @@
+"""The relearning attack (authors_repo.md §4.5, after Deeb & Roger): can a few LoRA steps on half of the
+forgotten facts bring back the other, held-out half?
+
+Protocol, as the paper's code: LoRA (peft, ``target_modules="all-linear"``) of rank 512, α=32, dropout
+0.05; AdamW lr 2e-4, weight decay 0; cosine schedule with T_max = steps; 20 steps. Every step trains on the
+relearn half (true labels, cross-entropy over the full vocabulary at the last prompt token), the maintain
+set (true labels) and generic LM text (next-token CE over ≤ 100 tokens, 2 texts per step), each term with
+coefficient 1. The held-out half is evaluated in the training format and in MCQ (when the task has it)
+before training and after the steps in ``eval_at``.
+
+Differences from the paper's code, on purpose:
+* Packed batches: relearn and maintain examples share one forward per step (the paper ran 8 micro-batches
+  of 4 for each); the examples drawn per step are the same (``batch_size`` of each, from reshuffled passes).
+* CounterFact relearns toward ``target_true``. The paper's code built the CF relearning tasks from the
+  injection class and so trained relearn *and* maintain toward ``target_false`` (its "CF is too hard to
+  relearn" result is that bug); ``cf_target_false_bug=True`` reproduces it and the result records the mode.
+* LoRA rank is capped at the smallest dimension of the adapted matrices (tiny models are narrower than 512);
+  α stays as given, so peft's scale is α / effective rank. The result records both ranks.
+* The caller's model is not copied: the adapters are injected in place and unloaded afterwards, so a 9B
+  model needs no second copy. Its parameters, ``requires_grad`` flags and train/eval mode are restored
+  exactly (the base weights are never written; only the adapters train).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mu_fast.data.base import FactTask, PromptSet, pad_batch, pad_id_of, tokenize_prompts
+from mu_fast.evaluate.formats import tokenized_set
+from mu_fast.evaluate.metrics import model_device, prompt_scores, set_accuracy
+from mu_fast.models.forward import gathered_logits, lm_loss_backward
+
+MODE_TRUE = "target_true"
+MODE_FALSE_BUG = "target_false (paper bug)"
+
+
+def is_counterfact(task: FactTask) -> bool:
+    """True for CounterFact tasks (``task.meta["dataset"]``, else the task name)."""
+    dataset = str(task.meta.get("dataset", "")).lower()
+    return dataset.startswith("counterfact") or (not dataset and task.name.lower().startswith("counterfact"))
+
+
+def same_facts(a: PromptSet, b: PromptSet) -> bool:
+    return list(a.prompts) == list(b.prompts) and list(a.answers) == list(b.answers)
+
+
+def relearn_halves(task: FactTask) -> tuple[list[int] | None, PromptSet, PromptSet]:
+    """``(held_out_indices, relearn_set, held_out_set)``.
+
+    Unsplit tasks (forget_train and forget_test hold the same facts) are halved in order: the first
+    ``n // 2`` facts relearn, the rest are held out, and ``held_out_indices`` index ``task.forget_test``.
+    Split tasks relearn on forget_train and hold out forget_test (indices None: all of it).
+    """
+    if same_facts(task.forget_train, task.forget_test):
+        n = len(task.forget_test)
+        if n < 2:
+            raise ValueError(
+                f"task {task.name!r} has {n} forget fact(s); the relearning attack needs >= 2 to split in halves"
+            )
+        held = list(range(n // 2, n))
+        return (
+            held,
+            task.forget_test.subset(slice(0, n // 2), name="relearn"),
+            task.forget_test.subset(held, name="held_out"),
+        )
+    return None, task.forget_train, task.forget_test
+
+
+def held_out_format_set(task: FactTask, fmt: str, held: list[int] | None) -> PromptSet | None:
+    """The held-out facts in another format (``task.formats[fmt]["forget"]``, which holds the forget_test
+    facts), selected by fact ids when both sets carry them, else by position. None when absent."""
+    prompt_set = task.formats.get(fmt, {}).get("forget")
+    if prompt_set is None or held is None:
+        return prompt_set
+    base = task.forget_test
+    if prompt_set.fact_ids is not None and base.fact_ids is not None:
+        wanted = {base.fact_ids[i] for i in held}
+        return prompt_set.subset([i for i, f in enumerate(prompt_set.fact_ids) if f in wanted], name=f"{fmt}_held_out")
+    if len(prompt_set) != len(base):
+        raise ValueError(
+            f"task {task.name!r}: formats[{fmt!r}]['forget'] has {len(prompt_set)} prompts for {len(base)} forget "
+            "facts and no fact_ids; give both sets fact_ids so the held-out half can be selected"
+        )
+    return prompt_set.subset(held, name=f"{fmt}_held_out")
+
+
+def training_labels(prompt_set: PromptSet, tokenized: Any, toward_false: bool, what: str) -> torch.Tensor:
+    """Label ids ``[N]`` a relearning step trains toward: the true answers, or the edit answers (the CF bug)."""
+    if not toward_false:
+        return tokenized.answer_ids
+    if tokenized.edit_ids is None:
+        raise ValueError(
+            f"cf_target_false_bug=True trains the {what} set toward its edit answers, but {prompt_set.name!r} has none"
+        )
+    return tokenized.edit_ids
+
+
+def _tokenized(tokenizer: Any, task: FactTask, prompt_set: PromptSet) -> Any:
+    """Sets the task owns come from its tokenization cache; the halves built here are tokenized afresh."""
+    owned = [task.forget_train, task.forget_test, task.maintain_train, task.maintain_test]
+    if any(prompt_set is s for s in owned):
+        return tokenized_set(tokenizer, task, prompt_set)
+    return tokenize_prompts(tokenizer, prompt_set)
+
+
+def effective_lora_rank(model: Any, lora_rank: int) -> int:
+    """``lora_rank`` capped at the smallest dimension of the linear layers LoRA adapts ("all-linear": every
+    ``nn.Linear`` but the output head)."""
+    head = model.get_output_embeddings()
+    dims = [
+        min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+    if not dims:
+        raise ValueError(f"{type(model).__name__} has no linear layers for LoRA to adapt")
+    return max(1, min(lora_rank, min(dims)))
+
+
+class _Cycle:
+    """Index stream over ``n`` items in reshuffled passes (a DataLoader with shuffle that restarts)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.gen, self.order = n, generator, []
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if not self.order:
+                self.order = torch.randperm(self.n, generator=self.gen).tolist()
+            out.append(self.order.pop())
+        return out
+
+
+def relearn_attack(
+    model: Any,
+    tokenizer: Any,
+    task: FactTask,
+    steps: int = 20,
+    lr: float = 2e-4,
+    lora_rank: int = 512,
+    lora_alpha: float = 32,
+    lora_dropout: float = 0.05,
+    batch_size: int = 32,
+    cf_target_false_bug: bool = False,
+    eval_at: tuple[int, ...] = (0, 10, 20),
+    seed: int = 0,
+    progress: bool = False,
+    lm_batch_size: int = 2,
+    lm_max_tokens: int = 100,
+    eval_batch_size: int = 64,
+) -> dict[str, Any]:
+    """Run the relearning attack on ``model`` (left unchanged) and return the held-out accuracies.
+
+    Returns ``{"mode", "dataset_is_counterfact", "steps", "lora_rank", "requested_lora_rank", "n_relearn",
+    "n_held_out", "halves" ("unsplit: first/second half" or "split: forget_train/forget_test"),
+    "evals": {step: {"normal": set_accuracy, "mcq": set_accuracy (if present), "maintain": set_accuracy}},
+    "final": evals at the last evaluated step, "losses": [{"relearn", "maintain", "lm"} per step]}``.
+    Step 0 is before any update. ``set_accuracy`` reports the true answer's accuracy (``acc``, ``argmax_acc``)
+    and the edit answer's (``edit_acc``, ...), whichever mode trained.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}")
+    bad = [s for s in eval_at if not 0 <= s <= steps]
+    if bad:
+        raise ValueError(f"eval_at steps {bad} are outside 0..steps={steps}")
+    cf = is_counterfact(task)
+    if cf_target_false_bug and not cf:
+        raise ValueError(
+            f"cf_target_false_bug reproduces a bug of the paper's CounterFact relearning; task {task.name!r} is not "
+            "CounterFact (set task.meta['dataset'] = 'counterfact' if it is)"
+        )
+    held, relearn_set, held_set = relearn_halves(task)
+    eval_sets = {"normal": held_set, "maintain": task.maintain_test}
+    mcq = held_out_format_set(task, "mcq", held)
+    if mcq is not None and len(mcq):
+        eval_sets["mcq"] = mcq
+    eval_tok = {k: _tokenized(tokenizer, task, v) for k, v in eval_sets.items()}
+    relearn_tok = _tokenized(tokenizer, task, relearn_set)
+    maintain_tok = _tokenized(tokenizer, task, task.maintain_train.require_nonempty("maintain"))
+    relearn_labels = training_labels(relearn_set, relearn_tok, cf_target_false_bug, "relearn")
+    maintain_labels = training_labels(task.maintain_train, maintain_tok, cf_target_false_bug, "maintain")
+    pad_id = pad_id_of(tokenizer)
+    lm_ids = (
+        [ids[:lm_max_tokens] for ids in tokenizer(list(task.lm_texts), add_special_tokens=True)["input_ids"]]
+        if task.lm_texts
+        else []
+    )
+    lm_ids = [ids for ids in lm_ids if len(ids) >= 2]
+    device = model_device(model)
+
+    def evaluate() -> dict[str, Any]:
+        return {k: set_accuracy(prompt_scores(model, t, batch_size=eval_batch_size)) for k, t in eval_tok.items()}
+
+    rank = effective_lora_rank(model, lora_rank)
+    was_training = bool(model.training)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    evals: dict[int, dict[str, Any]] = {}
+    losses: list[dict[str, float]] = []
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
+        peft_model = get_peft_model(model, config)
+        try:
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+            gen = torch.Generator().manual_seed(seed)
+            draws = {"relearn": _Cycle(len(relearn_tok), gen), "maintain": _Cycle(len(maintain_tok), gen)}
+            lm_draw = _Cycle(len(lm_ids), gen) if lm_ids else None
+            bar = range(1, steps + 1)
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(bar, desc="relearn", leave=False)
+            if 0 in eval_at:
+                evals[0] = evaluate()
+            for step in bar:
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                r_idx, m_idx = draws["relearn"].take(batch_size), draws["maintain"].take(batch_size)
+                seqs = [relearn_tok.input_ids[i] for i in r_idx] + [maintain_tok.input_ids[i] for i in m_idx]
+                targets = torch.cat([relearn_labels[r_idx], maintain_labels[m_idx]]).to(device)
+                batch = pad_batch(seqs, pad_id, side="right").to(device)
+                ce = F.cross_entropy(gathered_logits(model, batch), targets, reduction="none")
+                relearn_loss, maintain_loss = ce[: len(r_idx)].mean(), ce[len(r_idx) :].mean()
+                (relearn_loss + maintain_loss).backward()
+                lm = float("nan")
+                if lm_draw is not None:
+                    lm_batch = pad_batch([lm_ids[i] for i in lm_draw.take(lm_batch_size)], pad_id, side="right")
+                    lm = lm_loss_backward(model, lm_batch.to(device))
+                optimizer.step()
+                schedule.step()
+                losses.append(
+                    {"relearn": float(relearn_loss.detach()), "maintain": float(maintain_loss.detach()), "lm": lm}
+                )
+                if step in eval_at:
+                    evals[step] = evaluate()
+        finally:
+            restored = peft_model.unload()
+            assert restored is model
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
+            model.train(was_training)
+    last = max(evals) if evals else None
+    return {
+        "mode": MODE_FALSE_BUG if cf_target_false_bug else MODE_TRUE,
+        "dataset_is_counterfact": cf,
+        "steps": steps,
+        "lr": lr,
+        "lora_rank": rank,
+        "requested_lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "n_relearn": len(relearn_set),
+        "n_held_out": len(held_set),
+        "halves": "unsplit: first/second half" if held is not None else "split: forget_train/forget_test",
+        "evals": evals,
+        "final": None if last is None else evals[last],
+        "losses": losses,
+    }
