@@ -1,0 +1,52 @@
+"""The segment table covers exactly the active elements, once each, with disjoint aligned state ranges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mu_fast.optim.segments import INDEXED, TILE_COUNT, TILE_FIELDS, TILE_SLOT, SegmentTable
+from tests.optim._oracle import DENSITIES, STRUCTURES, make_mask, make_params
+
+
+@pytest.mark.parametrize("align", [1, 256])
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"density={d}")
+def test_table_covers_the_mask_exactly(structure, density, align, rng):
+    params = make_params(torch.float32, rng)
+    mask = make_mask(params, structure, density, rng)
+    tile = 256 if align == 256 else 7  # an odd tile size splits runs mid-row
+    table = SegmentTable([(n, params[n].shape, mask[n], 0) for n in mask], tile=tile, align=align)
+    assert table.tiles.shape[1] == TILE_FIELDS and bool((table.tiles[:, TILE_COUNT] <= tile).all())
+    assert bool((table.tiles[:, TILE_COUNT] > 0).all())
+    assert table.n_active == mask.param_count()
+    used = torch.zeros(table.state_numel, dtype=torch.int64)
+    for slot, info in enumerate(table.slots):
+        flat, state = table.indices(slot)
+        expected = torch.nonzero(mask.dense(info.name).reshape(-1)).flatten()
+        assert torch.equal(torch.sort(flat).values, expected), info.name
+        assert bool((state >= info.state_begin).all() and (state < info.state_end).all())
+        assert info.state_begin % 64 == 0 and info.state_end % align == 0
+        assert all(seg.state0 % align == 0 for seg in info.segments)
+        tiles = table.tiles[info.tile_begin : info.tile_end]
+        assert bool((tiles[:, TILE_SLOT] == slot).all()) and int(tiles[:, TILE_COUNT].sum()) == info.n_active
+        used[state] += 1
+    assert int(used.max()) == 1  # every state element belongs to one active element at most
+
+
+def test_structured_selections_become_few_segments(rng):
+    params = make_params(torch.float32, rng)
+    shape = params["w_q"].shape
+    rows = SegmentTable([("w_q", shape, make_mask({"w_q": params["w_q"]}, "heads", 0.3, rng)["w_q"], 0)])
+    assert all(seg.kind != INDEXED and seg.n_runs == 1 for seg in rows.slots[0].segments)  # contiguous row blocks
+    from mu_fast.masks import Mask
+
+    cols = Mask().add("w_o", (24, 40), "cols", list(range(8, 24)))
+    table = SegmentTable([("w_o", (24, 40), cols["w_o"], 0)])
+    (seg,) = table.slots[0].segments  # one run of 16 columns per row
+    assert (seg.run_len, seg.n_runs, seg.run_stride, seg.base) == (16, 24, 40, 8)
+
+
+def test_bad_tile_is_refused():
+    with pytest.raises(ValueError, match="multiple of align"):
+        SegmentTable([], tile=100, align=256)
