@@ -200,7 +200,9 @@ def relearn_attack(
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     evals: dict[int, dict[str, Any]] = {}
     losses: list[dict[str, float]] = []
-    fork_devices = [device] if device.type == "cuda" else []
+    fork_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")

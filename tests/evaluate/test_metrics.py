@@ -155,3 +155,20 @@ def test_mismatched_tokenizer_raises(tokenizer, make_model, build_tokenizer):
     tok = tokenize_prompts(bigger, ps)
     with pytest.raises(ValueError, match="tokenizer that belongs to this model"):
         prompt_scores(model, tok)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", ["normal", "mcq"])
+def test_scores_on_cuda_match_cpu(tokenizer, make_model, make_task, fmt):
+    """Same weights on the GPU: fp32 scores equal the CPU's up to fp32 summation-order noise (TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("gemma2", seed=3)
+    tok = tokenize_prompts(tokenizer, make_task(n_athletes=30, n_forget=9, seed=1).formats[fmt]["forget"])
+    cpu = prompt_scores(model, tok, batch_size=4)
+    gpu = prompt_scores(copy.deepcopy(model).cuda(), tok, batch_size=4)
+    assert gpu.p_true.device.type == "cpu"
+    for key in ("p_true", "p_edit", "logprob_true"):
+        torch.testing.assert_close(getattr(gpu, key), getattr(cpu, key), atol=FP32_TOL, rtol=FP32_TOL)

@@ -197,3 +197,22 @@ def test_linear_probes_dataclass_roundtrip():
     probes = LinearProbes(torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2))
     assert probes.n_layers == 2
     assert probes.predict_proba(torch.randn(2, 5, 3)).sum(-1).allclose(torch.ones(2, 5))
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
+
+
+@requires_cuda
+def test_collect_hidden_and_probes_on_cuda_match_cpu(tokenizer, make_model, make_task, rng):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("llama", seed=4, num_hidden_layers=3)
+    tok = tokenize_prompts(tokenizer, make_task(n_athletes=20, n_forget=7, seed=3).formats["paraphrase"]["forget"])
+    cpu = collect_hidden(model, tok, position="subject_last", batch_size=3)
+    gpu = collect_hidden(model.cuda(), tok, position="subject_last", batch_size=3)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+    x, y = planted(3, 300, 8, 3, {1}, rng)
+    probes_cpu = train_probes(x, y, 3, tolerance=1e-10)
+    probes_gpu = train_probes(x.cuda(), y.cuda(), 3, tolerance=1e-10)
+    # Both stop within ~1e-8 of the same optimum (see the Newton test); reduction orders differ.
+    torch.testing.assert_close(probes_gpu.predict_proba(x.cuda()).cpu(), probes_cpu.predict_proba(x), atol=1e-6, rtol=0)

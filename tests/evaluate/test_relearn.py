@@ -67,8 +67,9 @@ def test_held_out_format_selection_by_fact_ids(make_task):
     assert set(para.fact_ids) == set(held_set.fact_ids)
 
 
-def test_relearning_recovers_held_out_facts_and_leaves_model_unchanged(tokenizer, make_model, make_task):
-    model = make_model("llama", seed=1, **INIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_relearning_recovers_held_out_facts_and_leaves_model_unchanged(tokenizer, make_model, make_task, dtype):
+    model = make_model("llama", seed=1, dtype=dtype, **INIT)
     model.model.embed_tokens.weight.requires_grad_(False)  # a caller's own flags must come back as they were
     before = snapshot(model)
     task = make_task(n_athletes=60, n_forget=16, seed=21)
@@ -138,3 +139,22 @@ def test_deterministic_for_a_seed(tokenizer, make_model, make_task):
     c = relearn_attack(model, tokenizer, task, seed=8, **args)
     assert a["losses"] == b["losses"] and a["final"] == b["final"]
     assert a["losses"] != c["losses"]
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_relearning_on_cuda(tokenizer, make_model, make_task, dtype):
+    """On the GPU (bf16 base weights: peft keeps the adapters in fp32) the attack learns and the caller's model
+    is bit-identical afterwards; the CUDA RNG state is restored too."""
+    model = make_model("llama", seed=1, dtype=dtype, **INIT).cuda()
+    before = snapshot(model)
+    rng_state = torch.cuda.get_rng_state()
+    task = make_task(n_athletes=60, n_forget=16, seed=21)
+    result = relearn_attack(model, tokenizer, task, seed=3, **FAST)
+    assert_unchanged(model, before)
+    assert torch.equal(torch.cuda.get_rng_state(), rng_state)
+    first, last = result["evals"][0]["normal"], result["final"]["normal"]
+    assert last["acc"] > first["acc"] + 0.2, (first, last)
