@@ -1,0 +1,499 @@
+// Masked AdamW on CUDA: one thread block per tile of the segment table, one launch for all tensors of a dtype.
+//
+// Semantics, table layouts and the per-element math are those of mu_fast/optim/masked_adamw.py and
+// masked_adamw_common.h. Parameter and gradient addresses travel in the kernel's by-value argument (SlotPtrs, up
+// to kMaxSlots tensors per launch; more slots take one launch per chunk, each skipping the tiles of other chunks),
+// so the step holds no host-side state and is CUDA-graph capturable. Learning rate, bias corrections, clip factor
+// and the skip flag are read from device memory (coef, control). Reductions (per-tile sums of squares, 8-bit block
+// absmax) use a fixed order, so results do not depend on scheduling.
+//
+// Limit: element addressing inside a strided run is 32-bit (segments.py keeps runs below 2^30 elements).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "masked_adamw_common.h"
+
+namespace mu_fast {
+namespace {
+
+constexpr int kThreads = 256;  // == kQBlock: one 8-bit block per pass of a thread block
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kMaxSlots = 900;  // 14.4 KB of pointers: CUDA >= 12.1 allows 32 KB of kernel parameters
+#else
+constexpr int kMaxSlots = 200;  // within the classic 4 KB parameter limit
+#endif
+
+template <typename T>
+struct SlotPtrs {
+  T* param[kMaxSlots];
+  const T* grad[kMaxSlots];
+  int64_t slot_begin;
+  int64_t slot_end;
+};
+
+struct TileInfo {
+  int64_t slot, group, kind, base, run_len, stride, k0, count, state0, r0;
+  int c0;
+};
+
+__device__ __forceinline__ TileInfo load_tile(const int64_t* __restrict__ tiles, int64_t t) {
+  const int64_t* row = tiles + t * kTileFields;
+  TileInfo info;
+  info.slot = row[kSlot];
+  info.group = row[kGroup];
+  info.kind = row[kKind];
+  info.base = row[kBase];
+  info.run_len = row[kRunLen];
+  info.stride = row[kRunStride];
+  info.k0 = row[kK0];
+  info.count = row[kCount];
+  info.state0 = row[kState0];
+  info.r0 = info.k0 / info.run_len;
+  info.c0 = static_cast<int>(info.k0 - info.r0 * info.run_len);
+  return info;
+}
+
+__device__ __forceinline__ int64_t flat_of(const TileInfo& t, int j, const int32_t* __restrict__ index) {
+  if (t.kind == kIndexed) return index[t.base + t.k0 + j];
+  const unsigned local = static_cast<unsigned>(t.c0 + j), run = static_cast<unsigned>(t.run_len);
+  const unsigned r = local / run;
+  return t.base + (t.r0 + r) * t.stride + (local - r * run);
+}
+
+// Fixed-order block reductions (warp shuffles, then one warp over the warp results).
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float x, Op op) {
+  __shared__ float warp_vals[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(0xffffffffu, x, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_vals[warp] = x;
+  __syncthreads();
+  x = threadIdx.x < kThreads / 32 ? warp_vals[threadIdx.x] : 0.f;
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(0xffffffffu, x, o));
+  __syncthreads();  // warp_vals is reused by the next call
+  return x;         // valid in thread 0
+}
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename T, bool COMPACT>
+__device__ __forceinline__ float load_grad(const T* g, const float* cgrad, int64_t flat, int64_t st) {
+  if (COMPACT) return cgrad[st];
+  return g != nullptr ? static_cast<float>(g[flat]) : 0.f;
+}
+
+template <typename T, bool COMPACT>
+__global__ void __launch_bounds__(kThreads)
+    grad_sumsq_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
+                      const float* __restrict__ cgrad, float* __restrict__ partial) {
+  const TileInfo t = load_tile(tiles, blockIdx.x);
+  if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;  // another chunk's tile (uniform per block)
+  const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
+  float acc = 0.f;
+  for (int j = threadIdx.x; j < t.count; j += kThreads) {
+    const float x = load_grad<T, COMPACT>(g, cgrad, COMPACT ? 0 : flat_of(t, j, index), t.state0 + t.k0 + j);
+    acc += x * x;
+  }
+  acc = block_reduce(acc, Add());
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    scalars_kernel(const double* __restrict__ hyper, double* __restrict__ step, const float* __restrict__ partial,
+                   int64_t n_partial, float* __restrict__ coef, float* __restrict__ control, int64_t groups,
+                   bool has_stats, bool check_finite) {
+  float acc = 0.f;
+  if (has_stats)
+    for (int64_t i = threadIdx.x; i < n_partial; i += kThreads) acc += partial[i];
+  const float total = block_reduce(acc, Add());
+  if (threadIdx.x != 0) return;
+  const float norm = sqrtf(total);
+  const bool finite = isfinite(total);
+  const float skip = (check_finite && !finite) ? 1.f : 0.f;
+  const float max_norm = static_cast<float>(hyper[kHMaxNorm]);
+  control[kKSkip] = skip;
+  control[kKClip] = (has_stats && max_norm > 0.f) ? fminf(max_norm / (norm + 1e-6f), 1.f) : 1.f;
+  control[kKNorm] = norm;
+  const double t = step[0] + 1.0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const double* h = hyper + g * kHyperFields;
+    const double bc1 = 1.0 - pow(h[kHBeta1], t), bc2 = 1.0 - pow(h[kHBeta2], t);
+    float* c = coef + g * kCoefFields;
+    c[kCBeta1] = static_cast<float>(h[kHBeta1]);
+    c[kCBeta2] = static_cast<float>(h[kHBeta2]);
+    c[kCEps] = static_cast<float>(h[kHEps]);
+    c[kCDecay] = static_cast<float>(1.0 - h[kHLr] * h[kHWd]);
+    c[kCStepSize] = static_cast<float>(h[kHLr] / bc1);
+    c[kCInvSqrtBc2] = static_cast<float>(1.0 / sqrt(bc2));
+    c[kCOneMinusBeta1] = static_cast<float>(1.0 - h[kHBeta1]);
+    c[kCOneMinusBeta2] = static_cast<float>(1.0 - h[kHBeta2]);
+  }
+  step[0] += 1.0 - skip;
+}
+
+template <typename T, bool COMPACT, bool MASTER>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
+                  const float* __restrict__ cgrad, float* __restrict__ m, float* __restrict__ v,
+                  float* __restrict__ master, const float* __restrict__ coef, const float* __restrict__ control) {
+  if (control[kKSkip] != 0.f) return;  // a skipped step touches nothing
+  const TileInfo t = load_tile(tiles, blockIdx.x);
+  if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;
+  const AdamCoef c = load_coef(coef, t.group);
+  const float clip = control[kKClip];
+  T* p = ptrs.param[t.slot - ptrs.slot_begin];
+  const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
+  for (int j = threadIdx.x; j < t.count; j += kThreads) {
+    const int64_t flat = flat_of(t, j, index), st = t.state0 + t.k0 + j;
+    const float gv = load_grad<T, COMPACT>(g, cgrad, flat, st) * clip;
+    float pv = MASTER ? master[st] : static_cast<float>(p[flat]);
+    float mv = m[st], vv = v[st];
+    adamw_element(pv, mv, vv, gv, c);
+    m[st] = mv;
+    v[st] = vv;
+    if (MASTER) master[st] = pv;
+    p[flat] = static_cast<T>(pv);
+  }
+}
+
+template <typename T, bool COMPACT, bool MASTER>
+__global__ void __launch_bounds__(kThreads)
+    update8_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
+                   const float* __restrict__ cgrad, uint8_t* __restrict__ cm, uint8_t* __restrict__ cv,
+                   float* __restrict__ am, float* __restrict__ av, const float* __restrict__ qmap_m,
+                   const float* __restrict__ qmap_v, const float* __restrict__ mids_m,
+                   const float* __restrict__ mids_v, float* __restrict__ master, const float* __restrict__ coef,
+                   const float* __restrict__ control) {
+  __shared__ float s_qm[kQBlock], s_qv[kQBlock], s_mm[kQBlock], s_mv[kQBlock];
+  __shared__ float s_absmax[2];
+  if (control[kKSkip] != 0.f) return;
+  const TileInfo t = load_tile(tiles, blockIdx.x);
+  if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;
+  s_qm[threadIdx.x] = qmap_m[threadIdx.x];
+  s_qv[threadIdx.x] = qmap_v[threadIdx.x];
+  s_mm[threadIdx.x] = mids_m[threadIdx.x];
+  s_mv[threadIdx.x] = mids_v[threadIdx.x];
+  __syncthreads();
+  const AdamCoef c = load_coef(coef, t.group);
+  const float clip = control[kKClip];
+  T* p = ptrs.param[t.slot - ptrs.slot_begin];
+  const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
+  for (int from = 0; from < t.count; from += kQBlock) {  // block-aligned: segments.py aligns segments to 256
+    const int j = from + threadIdx.x;
+    const bool valid = j < t.count;
+    const int64_t st = t.state0 + t.k0 + j, blk = (t.state0 + t.k0 + from) / kQBlock;
+    int64_t flat = 0;
+    float pv = 0.f, mv = 0.f, vv = 0.f;
+    if (valid) {
+      flat = flat_of(t, j, index);
+      const float gv = load_grad<T, COMPACT>(g, cgrad, flat, st) * clip;
+      pv = MASTER ? master[st] : static_cast<float>(p[flat]);
+      mv = s_qm[cm[st]] * am[blk];
+      vv = s_qv[cv[st]] * av[blk];
+      adamw_element(pv, mv, vv, gv, c);
+    }
+    const float new_am = block_reduce(valid ? fabsf(mv) : 0.f, Max());
+    const float new_av = block_reduce(valid ? vv : 0.f, Max());
+    if (threadIdx.x == 0) s_absmax[0] = new_am, s_absmax[1] = new_av;
+    __syncthreads();
+    const float block_am = s_absmax[0], block_av = s_absmax[1];
+    if (valid) {
+      cm[st] = static_cast<uint8_t>(quantize_code(mv / (block_am > 0.f ? block_am : 1.f), s_mm));
+      cv[st] = static_cast<uint8_t>(quantize_code(vv / (block_av > 0.f ? block_av : 1.f), s_mv));
+      if (MASTER) master[st] = pv;
+      p[flat] = static_cast<T>(pv);
+    }
+    if (threadIdx.x == 0) am[blk] = block_am, av[blk] = block_av;
+    __syncthreads();  // s_absmax and the absmax of this block are reused by the next pass
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const T* __restrict__ grad,
+                  float* __restrict__ out, int64_t tile_begin, bool accumulate) {
+  const TileInfo t = load_tile(tiles, tile_begin + blockIdx.x);
+  for (int j = threadIdx.x; j < t.count; j += kThreads) {
+    const int64_t st = t.state0 + t.k0 + j;
+    const float x = static_cast<float>(grad[flat_of(t, j, index)]);
+    out[st] = accumulate ? out[st] + x : x;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- host
+void check_cuda(const at::Tensor& t, at::ScalarType dtype, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device && t.scalar_type() == dtype && t.is_contiguous(), name, " must be a contiguous ",
+              dtype, " tensor on ", device, "; got ", t.scalar_type(), " on ", t.device(),
+              t.is_contiguous() ? "" : " (non-contiguous)");
+}
+
+bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Raw pointers per chunk of at most kMaxSlots parameters.
+template <typename T>
+std::vector<SlotPtrs<T>> slot_chunks(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                                     bool compact, const at::Device& device) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(compact || static_cast<int64_t>(grads.size()) == n, "grads must hold one entry per parameter (", n,
+              "); got ", grads.size());
+  std::vector<SlotPtrs<T>> chunks;
+  for (int64_t begin = 0; begin < n; begin += kMaxSlots) {
+    SlotPtrs<T> s{};
+    s.slot_begin = begin;
+    s.slot_end = std::min<int64_t>(n, begin + kMaxSlots);
+    for (int64_t i = begin; i < s.slot_end; ++i) {
+      check_cuda(params[i], params[0].scalar_type(), "every parameter", device);
+      s.param[i - begin] = params[i].data_ptr<T>();
+      s.grad[i - begin] = nullptr;
+      if (!compact) {
+        const std::optional<at::Tensor> gi = grads[i];
+        if (defined(gi)) {
+          check_cuda(*gi, params[i].scalar_type(), "every gradient", device);
+          TORCH_CHECK(gi->sizes() == params[i].sizes(), "grads[", i, "] has shape ", gi->sizes(),
+                      " but params[", i, "] has ", params[i].sizes());
+          s.grad[i - begin] = gi->data_ptr<T>();
+        }
+      }
+    }
+    chunks.push_back(s);
+  }
+  return chunks;
+}
+
+// Gradient pointers only (the statistics pass reads no parameter); compact gradients need no pointers.
+template <typename T>
+std::vector<SlotPtrs<T>> grad_chunks(const c10::List<std::optional<at::Tensor>>& grads, bool compact,
+                                     at::ScalarType dtype, const at::Device& device) {
+  std::vector<SlotPtrs<T>> chunks;
+  const int64_t n = static_cast<int64_t>(grads.size());
+  if (compact) {
+    SlotPtrs<T> s{};
+    s.slot_begin = 0;
+    s.slot_end = INT64_MAX;
+    chunks.push_back(s);
+    return chunks;
+  }
+  for (int64_t begin = 0; begin < n; begin += kMaxSlots) {
+    SlotPtrs<T> s{};
+    s.slot_begin = begin;
+    s.slot_end = std::min<int64_t>(n, begin + kMaxSlots);
+    for (int64_t i = begin; i < s.slot_end; ++i) {
+      const std::optional<at::Tensor> gi = grads[i];
+      s.param[i - begin] = nullptr;
+      s.grad[i - begin] = nullptr;
+      if (defined(gi)) {
+        check_cuda(*gi, dtype, "every gradient", device);
+        s.grad[i - begin] = gi->data_ptr<T>();
+      }
+    }
+    chunks.push_back(s);
+  }
+  return chunks;
+}
+
+template <typename T>
+void launch_sumsq(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, const at::Tensor& tiles,
+                  const at::Tensor& index, const float* cgrad, float* partial, cudaStream_t stream) {
+  for (const auto& s : chunks) {
+    if (cgrad)
+      grad_sumsq_kernel<T, true><<<n_tiles, kThreads, 0, stream>>>(tiles.data_ptr<int64_t>(),
+                                                                   index.data_ptr<int32_t>(), s, cgrad, partial);
+    else
+      grad_sumsq_kernel<T, false><<<n_tiles, kThreads, 0, stream>>>(tiles.data_ptr<int64_t>(),
+                                                                    index.data_ptr<int32_t>(), s, cgrad, partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void check_table(const at::Tensor& tiles, const at::Tensor& index, const at::Device& device) {
+  check_cuda(tiles, at::kLong, "tiles", device);
+  TORCH_CHECK(tiles.dim() == 2 && tiles.size(1) == kTileFields, "tiles must be [n_tiles, ", kTileFields, "]; got ",
+              tiles.sizes());
+  check_cuda(index, at::kInt, "index", device);
+}
+
+void masked_adamw_grad_sumsq_cuda(const c10::List<std::optional<at::Tensor>>& grads,
+                                  const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
+                                  const at::Tensor& index, at::Tensor& partial) {
+  const at::Device device = tiles.device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_table(tiles, index, device);
+  check_cuda(partial, at::kFloat, "partial", device);
+  TORCH_CHECK(partial.numel() >= tiles.size(0), "partial needs one entry per tile (", tiles.size(0), ")");
+  const int64_t n_tiles = tiles.size(0);
+  if (n_tiles == 0) return;
+  const bool compact = defined(compact_grad);
+  if (compact) check_cuda(*compact_grad, at::kFloat, "compact_grad", device);
+  at::ScalarType dtype = at::kFloat;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const std::optional<at::Tensor> g = grads[i];
+    if (defined(g)) dtype = g->scalar_type();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MU_FAST_DISPATCH_PARAM_TYPES(dtype, "masked_adamw_grad_sumsq_cuda", [&] {
+    launch_sumsq<scalar_t>(grad_chunks<scalar_t>(grads, compact, dtype, device), n_tiles, tiles, index,
+                           compact ? compact_grad->data_ptr<float>() : nullptr, partial.data_ptr<float>(), stream);
+  });
+}
+
+void masked_adamw_scalars_cuda(const at::Tensor& hyper, at::Tensor& step, const at::Tensor& partial, at::Tensor& coef,
+                               at::Tensor& control, bool has_stats, bool check_finite) {
+  const at::Device device = hyper.device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(hyper, at::kDouble, "hyper", device);
+  TORCH_CHECK(hyper.dim() == 2 && hyper.size(1) == kHyperFields, "hyper must be [G, ", kHyperFields, "]");
+  check_cuda(step, at::kDouble, "step", device);
+  check_cuda(partial, at::kFloat, "partial", device);
+  check_cuda(coef, at::kFloat, "coef", device);
+  check_cuda(control, at::kFloat, "control", device);
+  TORCH_CHECK(coef.numel() >= hyper.size(0) * kCoefFields && control.numel() >= kControlFields,
+              "coef must hold [G, ", kCoefFields, "] and control [", kControlFields, "] values");
+  scalars_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      hyper.data_ptr<double>(), step.data_ptr<double>(), partial.data_ptr<float>(), partial.numel(),
+      coef.data_ptr<float>(), control.data_ptr<float>(), hyper.size(0), has_stats, check_finite);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_update(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, const at::Tensor& tiles,
+                   const at::Tensor& index, const float* cgrad, float* m, float* v, float* master, const float* coef,
+                   const float* control, cudaStream_t stream) {
+  for (const auto& s : chunks) {
+#define MU_FAST_LAUNCH(COMPACT, MASTER)                                                                       \
+  update_kernel<T, COMPACT, MASTER><<<n_tiles, kThreads, 0, stream>>>(tiles.data_ptr<int64_t>(),             \
+                                                                       index.data_ptr<int32_t>(), s, cgrad, m, v, \
+                                                                       master, coef, control)
+    if (cgrad && master) MU_FAST_LAUNCH(true, true);
+    else if (cgrad) MU_FAST_LAUNCH(true, false);
+    else if (master) MU_FAST_LAUNCH(false, true);
+    else MU_FAST_LAUNCH(false, false);
+#undef MU_FAST_LAUNCH
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void masked_adamw_update_cuda(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                              const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
+                              const at::Tensor& index, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                              const std::optional<at::Tensor>& master, const at::Tensor& coef,
+                              const at::Tensor& control) {
+  const at::Device device = tiles.device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_table(tiles, index, device);
+  check_cuda(exp_avg, at::kFloat, "exp_avg", device);
+  check_cuda(exp_avg_sq, at::kFloat, "exp_avg_sq", device);
+  check_cuda(coef, at::kFloat, "coef", device);
+  check_cuda(control, at::kFloat, "control", device);
+  const bool compact = defined(compact_grad), has_master = defined(master);
+  if (compact) check_cuda(*compact_grad, at::kFloat, "compact_grad", device);
+  if (has_master) check_cuda(*master, at::kFloat, "master", device);
+  if (params.empty() || tiles.size(0) == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MU_FAST_DISPATCH_PARAM_TYPES(params[0].scalar_type(), "masked_adamw_update_cuda", [&] {
+    launch_update<scalar_t>(slot_chunks<scalar_t>(params, grads, compact, device), tiles.size(0), tiles, index,
+                            compact ? compact_grad->data_ptr<float>() : nullptr, exp_avg.data_ptr<float>(),
+                            exp_avg_sq.data_ptr<float>(), has_master ? master->data_ptr<float>() : nullptr,
+                            coef.data_ptr<float>(), control.data_ptr<float>(), stream);
+  });
+}
+
+template <typename T>
+void launch_update8(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, const at::Tensor& tiles,
+                    const at::Tensor& index, const float* cgrad, uint8_t* cm, uint8_t* cv, float* am, float* av,
+                    const float* qm, const float* qv, const float* mm, const float* mv, float* master,
+                    const float* coef, const float* control, cudaStream_t stream) {
+  for (const auto& s : chunks) {
+#define MU_FAST_LAUNCH(COMPACT, MASTER)                                                                        \
+  update8_kernel<T, COMPACT, MASTER><<<n_tiles, kThreads, 0, stream>>>(                                        \
+      tiles.data_ptr<int64_t>(), index.data_ptr<int32_t>(), s, cgrad, cm, cv, am, av, qm, qv, mm, mv, master, \
+      coef, control)
+    if (cgrad && master) MU_FAST_LAUNCH(true, true);
+    else if (cgrad) MU_FAST_LAUNCH(true, false);
+    else if (master) MU_FAST_LAUNCH(false, true);
+    else MU_FAST_LAUNCH(false, false);
+#undef MU_FAST_LAUNCH
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void masked_adamw8bit_update_cuda(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                                  const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
+                                  const at::Tensor& index, at::Tensor& codes_m, at::Tensor& codes_v,
+                                  at::Tensor& absmax_m, at::Tensor& absmax_v, const at::Tensor& qmap_m,
+                                  const at::Tensor& qmap_v, const at::Tensor& mids_m, const at::Tensor& mids_v,
+                                  const std::optional<at::Tensor>& master, const at::Tensor& coef,
+                                  const at::Tensor& control) {
+  const at::Device device = tiles.device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_table(tiles, index, device);
+  check_cuda(codes_m, at::kByte, "codes_m", device);
+  check_cuda(codes_v, at::kByte, "codes_v", device);
+  check_cuda(absmax_m, at::kFloat, "absmax_m", device);
+  check_cuda(absmax_v, at::kFloat, "absmax_v", device);
+  for (const at::Tensor* t : {&qmap_m, &qmap_v, &mids_m, &mids_v}) {
+    check_cuda(*t, at::kFloat, "quantization map / midpoints", device);
+    TORCH_CHECK(t->numel() == kQBlock, "quantization maps and midpoint tables hold 256 values; got ", t->numel());
+  }
+  check_cuda(coef, at::kFloat, "coef", device);
+  check_cuda(control, at::kFloat, "control", device);
+  const bool compact = defined(compact_grad), has_master = defined(master);
+  if (compact) check_cuda(*compact_grad, at::kFloat, "compact_grad", device);
+  if (has_master) check_cuda(*master, at::kFloat, "master", device);
+  if (params.empty() || tiles.size(0) == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MU_FAST_DISPATCH_PARAM_TYPES(params[0].scalar_type(), "masked_adamw8bit_update_cuda", [&] {
+    launch_update8<scalar_t>(slot_chunks<scalar_t>(params, grads, compact, device), tiles.size(0), tiles, index,
+                             compact ? compact_grad->data_ptr<float>() : nullptr, codes_m.data_ptr<uint8_t>(),
+                             codes_v.data_ptr<uint8_t>(), absmax_m.data_ptr<float>(), absmax_v.data_ptr<float>(),
+                             qmap_m.data_ptr<float>(), qmap_v.data_ptr<float>(), mids_m.data_ptr<float>(),
+                             mids_v.data_ptr<float>(), has_master ? master->data_ptr<float>() : nullptr,
+                             coef.data_ptr<float>(), control.data_ptr<float>(), stream);
+  });
+}
+
+template <typename T>
+void launch_gather(const at::Tensor& grad, const at::Tensor& tiles, const at::Tensor& index, int64_t tile_begin,
+                   int64_t n, float* out, bool accumulate, cudaStream_t stream) {
+  gather_kernel<T><<<n, kThreads, 0, stream>>>(tiles.data_ptr<int64_t>(), index.data_ptr<int32_t>(),
+                                               grad.data_ptr<T>(), out, tile_begin, accumulate);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void masked_gather_grad_cuda(const at::Tensor& grad, const at::Tensor& tiles, const at::Tensor& index,
+                             int64_t tile_begin, int64_t tile_end, at::Tensor& compact_grad, bool accumulate) {
+  const at::Device device = tiles.device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_table(tiles, index, device);
+  check_cuda(compact_grad, at::kFloat, "compact_grad", device);
+  check_cuda(grad, grad.scalar_type(), "grad", device);
+  TORCH_CHECK(0 <= tile_begin && tile_begin <= tile_end && tile_end <= tiles.size(0), "tile range [", tile_begin,
+              ", ", tile_end, ") is outside the table's ", tiles.size(0), " tiles");
+  if (tile_end == tile_begin) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MU_FAST_DISPATCH_PARAM_TYPES(grad.scalar_type(), "masked_gather_grad_cuda", [&] {
+    launch_gather<scalar_t>(grad, tiles, index, tile_begin, tile_end - tile_begin, compact_grad.data_ptr<float>(),
+                            accumulate, stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mu_fast, CUDA, m) {
+  m.impl("masked_adamw_grad_sumsq", &masked_adamw_grad_sumsq_cuda);
+  m.impl("masked_adamw_scalars", &masked_adamw_scalars_cuda);
+  m.impl("masked_adamw_update", &masked_adamw_update_cuda);
+  m.impl("masked_adamw8bit_update", &masked_adamw8bit_update_cuda);
+  m.impl("masked_gather_grad", &masked_gather_grad_cuda);
+}
+
+}  // namespace mu_fast
