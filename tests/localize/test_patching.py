@@ -128,3 +128,25 @@ def test_verify_exact_result_is_perfect_and_atp_ranks_well(rng):
     atp = attribute(linear, clean, corrupt, metric, sites=("head", "neuron", "mlp"))
     report = atp.verify(k=10, n_random=20)
     assert report.spearman > 0.95 and report.topk_recall >= 0.8 and report.sign_agreement >= 0.9
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_prefix_reuse_equals_full_forwards(arch, rng):
+    from mu_fast.localize.patching import capture_sites, patched_metric_values
+    from mu_fast.localize.sites_hooks import resolve_sites
+
+    model = tiny(arch)
+    table = SiteTable(model)
+    clean, corrupt, correct, wrong = make_pair(rng)
+    side = "right" if arch == "gemma2" else "left"  # fp64 + eager + left padding gives NaN in transformers 5
+    base, other = pad_batch(clean, 0, side=side), pad_batch(corrupt, 0, side=side)
+    sites = resolve_sites(table, ("head", "mlp", "layer"))
+    acts, _ = capture_sites(model, other, sites)
+    variants = [[], [("layer", 1, 0)], [("head", 1, 2), ("mlp", 0, 0)], [("head", 0, 1)], [], [("mlp", 1, 0)]]
+    noise = torch.randn(3, base.input_ids.shape[1], table.d_model, generator=rng, dtype=torch.float64) * 0.1
+    metric = logprob(correct)
+    kw = dict(rows=torch.arange(3), pos_mask=other.attention_mask.bool(), embed_fn=lambda e: e + noise, max_rows=6)
+    full = patched_metric_values(model, table, base, acts, variants, metric, reuse_prefix=False, **kw)
+    reuse = patched_metric_values(model, table, base, acts, variants, metric, reuse_prefix=True, **kw)
+    torch.testing.assert_close(reuse, full, rtol=1e-9, atol=1e-11)
+    assert not torch.allclose(full[1], full[0])
