@@ -108,18 +108,6 @@ def residual_features(
     return {k: torch.stack([torch.cat(chunks) for chunks in v]) for k, v in store.items()}
 
 
-def _stratified_split(labels: torch.Tensor, test_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        n_test = max(1, int(round(test_frac * idx.numel()))) if idx.numel() > 1 else 0
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return torch.cat(train), torch.cat(test)
-
-
 def flu_localize(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -135,7 +123,7 @@ def flu_localize(
     task: a FactTask (its forget and maintain facts are pooled) or a PromptSet with ``subjects``; answers are the
     class labels (``classes``, default ``task.classes``).
     """
-    from mu_fast.evaluate.probes import train_probes
+    from mu_fast.evaluate.probes import stratified_split, train_probes
 
     if isinstance(task, FactTask):
         classes = classes or task.classes
@@ -152,7 +140,7 @@ def flu_localize(
     labels = torch.tensor([list(classes).index(a) for a in pooled.answers], dtype=torch.int64)
     tokenized = tokenize_prompts(tokenizer, pooled)
     feats = residual_features(model, tokenized, pad_id_of(tokenizer), "subject_last", batch_size)
-    train, test = _stratified_split(labels, 0.2, seed)
+    train, test = stratified_split(labels, 0.2, seed)
     L = feats["pre"].shape[0]
     stacked = torch.cat([feats["pre"], feats["mid"], feats["post"]])  # [3L, N, d]
     probes = train_probes(stacked[:, train], labels[train], len(classes))
