@@ -80,7 +80,7 @@ def test_cache_is_per_tokenizer(tokenizer, build_tokenizer, make_task):
 def test_format_selection_and_errors(tokenizer, make_model, make_task):
     model = make_model("llama")
     task = make_task(n_athletes=24, n_forget=6, seed=10)
-    result = evaluate_task(model, tokenizer, task, formats=["paraphrase"])
+    result = evaluate_task(model, tokenizer, task, formats=["paraphrase"], progress=True)
     assert set(result) == {"paraphrase"}
     with pytest.raises(ValueError, match="not in task"):
         evaluate_task(model, tokenizer, task, formats=["mmlu"])

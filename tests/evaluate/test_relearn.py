@@ -135,7 +135,7 @@ def test_deterministic_for_a_seed(tokenizer, make_model, make_task):
     model = make_model("llama", seed=4)
     args = dict(steps=3, lr=1e-2, eval_at=(3,), batch_size=8)
     a = relearn_attack(model, tokenizer, task, seed=7, **args)
-    b = relearn_attack(model, tokenizer, task, seed=7, **args)
+    b = relearn_attack(model, tokenizer, task, seed=7, progress=True, **args)
     c = relearn_attack(model, tokenizer, task, seed=8, **args)
     assert a["losses"] == b["losses"] and a["final"] == b["final"]
     assert a["losses"] != c["losses"]
