@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mu_fast.data.base import FactTask, PromptSet, pad_batch, pad_id_of, tokenize_prompts
 from mu_fast.evaluate.formats import tokenized_set
-from mu_fast.evaluate.metrics import model_device, prompt_scores, set_accuracy
+from mu_fast.evaluate.metrics import check_token_ids, model_device, prompt_scores, set_accuracy
 from mu_fast.models.forward import gathered_logits, lm_loss_backward
 
 MODE_TRUE = "target_true"
@@ -181,6 +181,8 @@ def relearn_attack(
     eval_tok = {k: _tokenized(tokenizer, task, v) for k, v in eval_sets.items()}
     relearn_tok = _tokenized(tokenizer, task, relearn_set)
     maintain_tok = _tokenized(tokenizer, task, task.maintain_train.require_nonempty("maintain"))
+    for what, tokenized in {"relearn prompts": relearn_tok, "maintain prompts": maintain_tok, **eval_tok}.items():
+        check_token_ids(model, tokenized, what)
     relearn_labels = training_labels(relearn_set, relearn_tok, cf_target_false_bug, "relearn")
     maintain_labels = training_labels(task.maintain_train, maintain_tok, cf_target_false_bug, "maintain")
     pad_id = pad_id_of(tokenizer)

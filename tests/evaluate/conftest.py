@@ -46,7 +46,7 @@ def tokenizer():
 
 
 def make_model(tokenizer, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    return make_tiny_model(arch, seed=seed, dtype=dtype, vocab_size=len(tokenizer), **overrides)
+    return make_tiny_model(arch, seed=seed, dtype=dtype, **{"vocab_size": len(tokenizer), **overrides})
 
 
 def athletes(n: int, seed: int) -> list[tuple[str, int]]:

@@ -125,6 +125,9 @@ def test_errors(tokenizer, make_model, make_task):
         relearn_attack(model, tokenizer, make_task(dataset="sports"), cf_target_false_bug=True, steps=1, eval_at=(0,))
     with pytest.raises(ValueError, match="eval_at"):
         relearn_attack(model, tokenizer, make_task(), steps=5, eval_at=(0, 10))
+    small = make_model("llama", vocab_size=40)  # the toy tokenizer's ids reach 54
+    with pytest.raises(ValueError, match="tokenizer that belongs to this model"):
+        relearn_attack(small, tokenizer, make_task(), steps=1, eval_at=(0,))
     one = make_task(n_athletes=20, n_forget=1)
     with pytest.raises(ValueError, match=">= 2"):
         relearn_attack(model, tokenizer, one, steps=1, eval_at=(0,))
