@@ -1,4 +1,6 @@
-// Masked AdamW on the CPU: OpenMP over tiles, vectorized (-O3 -mavx2 -mfma) inner loops over contiguous runs.
+// Masked AdamW on the CPU: tiles spread over torch's intra-op thread pool (at::parallel_for: one OpenMP runtime
+// with torch, since a second libgomp next to torch's spins against it), vectorized (-O3 -mavx2 -mfma) inner loops
+// over contiguous runs.
 //
 // Semantics, table layouts and the per-element math are those of mu_fast/optim/masked_adamw.py and
 // masked_adamw_common.h. A strided tile is walked run by run: inside a run the parameter, gradient and state are
@@ -7,6 +9,7 @@
 // compiler vectorizes them; results are bit-identical to torch's float->bf16 cast.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -126,8 +129,8 @@ void grad_sumsq_impl(const std::vector<const T*>& grad, const float* cgrad, cons
                      const int32_t* index, float* partial) {
   const int64_t n_tiles = tiles.size(0);
   const int64_t* rows = tiles.data_ptr<int64_t>();
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_from, int64_t tile_to) {
+  for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
     double acc = 0.0;
     const T* g = cgrad ? nullptr : grad[t.slot];
@@ -155,6 +158,7 @@ void grad_sumsq_impl(const std::vector<const T*>& grad, const float* cgrad, cons
     }
     partial[ti] = static_cast<float>(acc);
   }
+  });
 }
 
 void masked_adamw_grad_sumsq_cpu(const c10::List<std::optional<at::Tensor>>& grads,
@@ -238,13 +242,16 @@ void masked_adamw_scalars_cpu(const at::Tensor& hyper, at::Tensor& step, const a
   s[0] += 1.0 - skip;
 }
 
-// grad source per element: 0 none, 1 dense param-typed, 2 compact fp32.
-template <typename T, bool MASTER>
-inline void update_run(T* p, const T* g, const float* cg, int grad_kind, float* m, float* v, float* master,
-                       int64_t len, const AdamCoef& c, float clip) {
+// Gradient source, a template parameter so each loop is branch-free: none (zero), dense param-typed, compact fp32.
+enum GradKind { kNoGrad = 0, kDenseGrad = 1, kCompactGrad = 2 };
+
+template <typename T, bool MASTER, int GRAD>
+inline void update_run(T* __restrict__ p, const T* __restrict__ g, const float* __restrict__ cg,
+                       float* __restrict__ m, float* __restrict__ v, float* __restrict__ master, int64_t len,
+                       const AdamCoef& c, float clip) {
 #pragma omp simd
   for (int64_t e = 0; e < len; ++e) {
-    const float gv = (grad_kind == 2 ? cg[e] : (grad_kind == 1 ? load_f(g, e) : 0.f)) * clip;
+    const float gv = (GRAD == kCompactGrad ? cg[e] : (GRAD == kDenseGrad ? load_f(g, e) : 0.f)) * clip;
     float pv = MASTER ? master[e] : load_f(p, e);
     float mv = m[e], vv = v[e];
     adamw_element(pv, mv, vv, gv, c);
@@ -260,17 +267,17 @@ void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& ti
                  float* m, float* v, float* master, const float* coef, float clip) {
   const int64_t n_tiles = tiles.size(0);
   const int64_t* rows = tiles.data_ptr<int64_t>();
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_from, int64_t tile_to) {
+  for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
     const AdamCoef c = load_coef(coef, t.group);
     T* p = slots.param[t.slot];
     const T* g = cgrad ? nullptr : slots.grad[t.slot];
-    const int grad_kind = cgrad ? 2 : (g ? 1 : 0);
+    const int grad_kind = cgrad ? kCompactGrad : (g ? kDenseGrad : kNoGrad);
     if (t.kind == kIndexed) {
       for (int64_t e = 0; e < t.count; ++e) {
         const int64_t flat = index[t.base + t.k0 + e], st = t.state0 + t.k0 + e;
-        const float gv = (grad_kind == 2 ? cgrad[st] : (grad_kind == 1 ? load_f(g, flat) : 0.f)) * clip;
+        const float gv = (grad_kind == kCompactGrad ? cgrad[st] : (grad_kind == kDenseGrad ? load_f(g, flat) : 0.f)) * clip;
         float pv = master ? master[st] : load_f(p, flat);
         adamw_element(pv, m[st], v[st], gv, c);
         if (master) master[st] = pv;
@@ -279,14 +286,24 @@ void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& ti
       continue;
     }
     for_each_run(t, [&](int64_t flat, int64_t st, int64_t len) {
-      if (master)
-        update_run<T, true>(p + flat, g ? g + flat : nullptr, cgrad ? cgrad + st : nullptr, grad_kind, m + st,
-                            v + st, master + st, len, c, clip);
-      else
-        update_run<T, false>(p + flat, g ? g + flat : nullptr, cgrad ? cgrad + st : nullptr, grad_kind, m + st,
-                             v + st, nullptr, len, c, clip);
+      T* pp = p + flat;
+      const T* gp = g ? g + flat : nullptr;
+      const float* cp = cgrad ? cgrad + st : nullptr;
+      float* mp = master ? master + st : nullptr;
+#define MU_FAST_RUN(MASTER, GRAD) update_run<T, MASTER, GRAD>(pp, gp, cp, m + st, v + st, mp, len, c, clip)
+      if (master) {
+        if (grad_kind == kCompactGrad) MU_FAST_RUN(true, kCompactGrad);
+        else if (grad_kind == kDenseGrad) MU_FAST_RUN(true, kDenseGrad);
+        else MU_FAST_RUN(true, kNoGrad);
+      } else {
+        if (grad_kind == kCompactGrad) MU_FAST_RUN(false, kCompactGrad);
+        else if (grad_kind == kDenseGrad) MU_FAST_RUN(false, kDenseGrad);
+        else MU_FAST_RUN(false, kNoGrad);
+      }
+#undef MU_FAST_RUN
     });
   }
+  });
 }
 
 void masked_adamw_update_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
@@ -320,33 +337,48 @@ void update8_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& t
                   const float* mids_m, const float* mids_v, float* master, const float* coef, float clip) {
   const int64_t n_tiles = tiles.size(0);
   const int64_t* rows = tiles.data_ptr<int64_t>();
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_from, int64_t tile_to) {
+  for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
     const AdamCoef c = load_coef(coef, t.group);
     T* p = slots.param[t.slot];
     const T* g = cgrad ? nullptr : slots.grad[t.slot];
     int64_t flat[kQBlock];
-    float pv[kQBlock], mv[kQBlock], vv[kQBlock];
+    float gv[kQBlock], pv[kQBlock], mv[kQBlock], vv[kQBlock];
+    int32_t code_m[kQBlock], code_v[kQBlock];
     for (int64_t from = 0; from < t.count; from += kQBlock) {
       const int64_t n = std::min<int64_t>(kQBlock, t.count - from);
       const int64_t s0 = t.state0 + t.k0 + from;  // block-aligned (segments.py aligns segments to 256)
       const int64_t blk = s0 / kQBlock;
       flat_offsets(t, index, t.k0 + from, n, flat);
-      float new_am = 0.f, new_av = 0.f;
+      // Gathers first (scalar), then branch-free loops over the block's arrays the compiler vectorizes.
       for (int64_t e = 0; e < n; ++e) {
-        const float gv = (cgrad ? cgrad[s0 + e] : (g ? load_f(g, flat[e]) : 0.f)) * clip;
+        gv[e] = cgrad ? cgrad[s0 + e] : (g ? load_f(g, flat[e]) : 0.f);
         pv[e] = master ? master[s0 + e] : load_f(p, flat[e]);
-        mv[e] = qm[cm[s0 + e]] * am[blk];
-        vv[e] = qv[cv[s0 + e]] * av[blk];
-        adamw_element(pv[e], mv[e], vv[e], gv, c);
-        new_am = std::max(new_am, std::fabs(mv[e]));
-        new_av = std::max(new_av, vv[e]);
+        code_m[e] = cm[s0 + e];
+        code_v[e] = cv[s0 + e];
+      }
+      const float am_old = am[blk], av_old = av[blk];
+      float new_am = 0.f, new_av = 0.f;
+#pragma omp simd reduction(max : new_am, new_av)
+      for (int64_t e = 0; e < n; ++e) {
+        float p_e = pv[e], m_e = qm[code_m[e]] * am_old, v_e = qv[code_v[e]] * av_old;
+        adamw_element(p_e, m_e, v_e, gv[e] * clip, c);
+        pv[e] = p_e;
+        mv[e] = m_e;
+        vv[e] = v_e;
+        new_am = std::max(new_am, std::fabs(m_e));
+        new_av = std::max(new_av, v_e);
       }
       const float safe_m = new_am > 0 ? new_am : 1.f, safe_v = new_av > 0 ? new_av : 1.f;
+#pragma omp simd
       for (int64_t e = 0; e < n; ++e) {
-        cm[s0 + e] = static_cast<uint8_t>(quantize_code(mv[e] / safe_m, mids_m));
-        cv[s0 + e] = static_cast<uint8_t>(quantize_code(vv[e] / safe_v, mids_v));
+        code_m[e] = quantize_code(mv[e] / safe_m, mids_m);
+        code_v[e] = quantize_code(vv[e] / safe_v, mids_v);
+      }
+      for (int64_t e = 0; e < n; ++e) {
+        cm[s0 + e] = static_cast<uint8_t>(code_m[e]);
+        cv[s0 + e] = static_cast<uint8_t>(code_v[e]);
         if (master) master[s0 + e] = pv[e];
         store_f(p, flat[e], pv[e]);
       }
@@ -354,6 +386,7 @@ void update8_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& t
       av[blk] = new_av;
     }
   }
+  });
 }
 
 void masked_adamw8bit_update_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
@@ -397,8 +430,8 @@ template <typename T>
 void gather_impl(const T* g, const at::Tensor& tiles, const int32_t* idx, int64_t tile_begin, int64_t tile_end,
                  float* out, bool accumulate) {
   const int64_t* rows = tiles.data_ptr<int64_t>();
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t ti = tile_begin; ti < tile_end; ++ti) {
+  at::parallel_for(tile_begin, tile_end, 1, [&](int64_t tile_from, int64_t tile_to) {
+  for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
     if (t.kind == kIndexed) {
       for (int64_t e = 0; e < t.count; ++e) {
@@ -416,6 +449,7 @@ void gather_impl(const T* g, const at::Tensor& tiles, const int32_t* idx, int64_
       }
     });
   }
+  });
 }
 
 void masked_gather_grad_cpu(const at::Tensor& grad, const at::Tensor& tiles, const at::Tensor& index,
