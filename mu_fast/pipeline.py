@@ -130,7 +130,8 @@ def compare_localizations(
         evals = evaluate_task(edited, tokenizer, task, batch_size=options.eval_batch_size)
         relearn = (
             relearn_attack(edited, tokenizer, task, steps=options.relearn_steps, lr=options.relearn_lr,
-                           lora_rank=options.relearn_rank, seed=options.seed)
+                           lora_rank=options.relearn_rank, seed=options.seed,
+                           eval_at=tuple(sorted({0, options.relearn_steps // 2, options.relearn_steps})))
             if options.relearn else None
         )
         probes = latent_probes(edited, tokenizer, task) if options.probes and task.classes else None

@@ -1,0 +1,61 @@
+"""End-to-end pipeline on a tiny random model and a hand-made task: every stage runs and writes its report."""
+
+import json
+
+import pytest
+
+from mu_fast.edit import EditConfig
+from mu_fast.localize import localize
+from mu_fast.models.sites import Component, SiteTable
+from mu_fast.models.tiny import make_tiny_model
+from mu_fast.pipeline import RunOptions, compare_localizations
+from tests._tiny_task import tiny_task, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = word_tokenizer()
+    model = make_tiny_model("llama", vocab_size=len(tok), num_hidden_layers=3, initializer_range=0.3)
+    return model, tok, tiny_task()
+
+
+def test_localize_methods_respect_the_budget_rule(setup):
+    model, tok, task = setup
+    table = SiteTable(model)
+    flu = localize("flu", model, tok, task)
+    budget = flu.budget
+    assert budget == len(flu.components) * table.component_size(Component("mlp", 0))
+    for method in ("atp", "random", "random_mlps", "all_mlps", "nonlocalized"):
+        loc = localize(method, model, tok, task, budget=budget if method != "random_mlps" else None)
+        n = loc.mask.param_count()
+        if method in ("atp", "random"):
+            # budget matching overshoots by at most one component (largest: a whole MLP)
+            assert budget <= n < budget + table.component_size(Component("mlp", 0)) + table.component_size(Component("attn", 0))
+        if method == "random_mlps":
+            assert len(loc.components) == len(flu.components)
+        if method == "nonlocalized":
+            assert n == sum(table.component_size(Component(k, L)) for L in range(3) for k in ("attn", "mlp"))
+    with pytest.raises(ValueError, match="unknown localization method"):
+        localize("magic", model, tok, task)
+
+
+def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
+    model, tok, task = setup
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    configs = {m: EditConfig(steps=2, lr=1e-2, lm_batch=4, maintain_batch=8) for m in ("flu", "atp", "all_mlps")}
+    options = RunOptions(relearn=True, relearn_steps=2, relearn_rank=8, probes=True)
+    results = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False)
+    for name, p in model.named_parameters():
+        assert p.equal(before[name]), f"compare_localizations modified the caller's model ({name})"
+    for method in configs:
+        saved = json.loads((tmp_path / f"{method}.json").read_text())
+        summary = saved["summary"]
+        assert 0.0 <= summary["forget_err"] <= 1.0 and "relearn_acc" in summary and "probe_true_acc" in summary
+        assert summary["trainable_params"] == results["methods"][method]["localization"]["trainable_params"] > 0
+    for plot in ("probe_accuracy.png", "localization_map.png", "robustness.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+    # A rerun with the same settings reuses every finished method instead of recomputing it.
+    stamp = (tmp_path / "atp.json").stat().st_mtime_ns
+    again = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False)
+    assert (tmp_path / "atp.json").stat().st_mtime_ns == stamp
+    assert again["summary"]["atp"] == results["summary"]["atp"]
