@@ -27,6 +27,7 @@ enum TileField : int64_t {
 };
 constexpr int64_t kStrided = 0;
 constexpr int64_t kIndexed = 1;
+constexpr int64_t kColumns = 2;
 
 // hyper (fp64 [G, kHyperFields]), coef (fp32 [G, kCoefFields]), control (fp32 [kControlFields]).
 enum HyperField : int64_t { kHLr = 0, kHBeta1, kHBeta2, kHEps, kHWd, kHMaxNorm, kHyperFields };

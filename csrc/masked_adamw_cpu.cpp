@@ -4,8 +4,8 @@
 //
 // Semantics, table layouts and the per-element math are those of mu_fast/optim/masked_adamw.py and
 // masked_adamw_common.h. A strided tile is walked run by run: inside a run the parameter, gradient and state are
-// all contiguous, so the loop is a plain `omp simd` stream. Indexed tiles (arbitrary boolean masks) gather and
-// scatter element by element. bf16 conversions are done on the raw bits (round to nearest even, NaN kept) so the
+// all contiguous, so the loop is a plain `omp simd` stream. Column tiles (scattered columns, walked row by row)
+// and indexed tiles (arbitrary boolean masks) gather and scatter element by element. bf16 conversions are done on the raw bits (round to nearest even, NaN kept) so the
 // compiler vectorizes them; results are bit-identical to torch's float->bf16 cast.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -64,7 +64,7 @@ inline void for_each_run(const Tile& t, F&& f) {
   }
 }
 
-// Flat offsets of elements [from, from + n) of a tile (either kind), into out[0, n).
+// Flat offsets of elements [from, from + n) of a tile (any kind), into out[0, n).
 inline void flat_offsets(const Tile& t, const int32_t* index, int64_t from, int64_t n, int64_t* out) {
   if (t.kind == kIndexed) {
     for (int64_t e = 0; e < n; ++e) out[e] = index[t.base + from + e];
@@ -72,8 +72,21 @@ inline void flat_offsets(const Tile& t, const int32_t* index, int64_t from, int6
   }
   int64_t r = from / t.run_len, c = from - r * t.run_len;
   for (int64_t e = 0; e < n; ++e) {
-    out[e] = t.base + r * t.stride + c;
+    out[e] = t.kind == kColumns ? r * t.stride + index[t.base + c] : t.base + r * t.stride + c;
     if (++c == t.run_len) c = 0, ++r;
+  }
+}
+
+constexpr int64_t kChunk = 256;  // elements per batch of gathered offsets (indexed and column tiles)
+
+// Calls f(flat_offsets, state_offset, n) for batches of a gathered (indexed or column) tile.
+template <typename F>
+inline void for_each_gathered(const Tile& t, const int32_t* index, F&& f) {
+  int64_t flat[kChunk];
+  for (int64_t from = 0; from < t.count; from += kChunk) {
+    const int64_t n = std::min(kChunk, t.count - from);
+    flat_offsets(t, index, t.k0 + from, n, flat);
+    f(static_cast<const int64_t*>(flat), t.state0 + t.k0 + from, n);
   }
 }
 
@@ -140,11 +153,15 @@ void grad_sumsq_impl(const std::vector<const T*>& grad, const float* cgrad, cons
 #pragma omp simd reduction(+ : part)
       for (int64_t e = 0; e < t.count; ++e) part += src[e] * src[e];
       acc = part;
-    } else if (g != nullptr && t.kind == kIndexed) {
-      for (int64_t e = 0; e < t.count; ++e) {
-        const float x = load_f(g, index[t.base + t.k0 + e]);
-        acc += static_cast<double>(x) * x;
-      }
+    } else if (g != nullptr && t.kind != kStrided) {
+      for_each_gathered(t, index, [&](const int64_t* flat, int64_t, int64_t n) {
+        float part = 0.f;
+        for (int64_t e = 0; e < n; ++e) {
+          const float x = load_f(g, flat[e]);
+          part += x * x;
+        }
+        acc += part;
+      });
     } else if (g != nullptr) {
       for_each_run(t, [&](int64_t flat, int64_t, int64_t len) {
         float part = 0.f;
@@ -274,15 +291,18 @@ void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& ti
     T* p = slots.param[t.slot];
     const T* g = cgrad ? nullptr : slots.grad[t.slot];
     const int grad_kind = cgrad ? kCompactGrad : (g ? kDenseGrad : kNoGrad);
-    if (t.kind == kIndexed) {
-      for (int64_t e = 0; e < t.count; ++e) {
-        const int64_t flat = index[t.base + t.k0 + e], st = t.state0 + t.k0 + e;
-        const float gv = (grad_kind == kCompactGrad ? cgrad[st] : (grad_kind == kDenseGrad ? load_f(g, flat) : 0.f)) * clip;
-        float pv = master ? master[st] : load_f(p, flat);
-        adamw_element(pv, m[st], v[st], gv, c);
-        if (master) master[st] = pv;
-        store_f(p, flat, pv);
-      }
+    if (t.kind != kStrided) {
+      for_each_gathered(t, index, [&](const int64_t* flat, int64_t s0, int64_t n) {
+        for (int64_t e = 0; e < n; ++e) {
+          const int64_t st = s0 + e;
+          const float gv =
+              (grad_kind == kCompactGrad ? cgrad[st] : (grad_kind == kDenseGrad ? load_f(g, flat[e]) : 0.f)) * clip;
+          float pv = master ? master[st] : load_f(p, flat[e]);
+          adamw_element(pv, m[st], v[st], gv, c);
+          if (master) master[st] = pv;
+          store_f(p, flat[e], pv);
+        }
+      });
       continue;
     }
     for_each_run(t, [&](int64_t flat, int64_t st, int64_t len) {
@@ -433,12 +453,10 @@ void gather_impl(const T* g, const at::Tensor& tiles, const int32_t* idx, int64_
   at::parallel_for(tile_begin, tile_end, 1, [&](int64_t tile_from, int64_t tile_to) {
   for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
-    if (t.kind == kIndexed) {
-      for (int64_t e = 0; e < t.count; ++e) {
-        const int64_t st = t.state0 + t.k0 + e;
-        const float x = load_f(g, idx[t.base + t.k0 + e]);
-        out[st] = accumulate ? out[st] + x : x;
-      }
+    if (t.kind != kStrided) {
+      for_each_gathered(t, idx, [&](const int64_t* flat, int64_t s0, int64_t n) {
+        for (int64_t e = 0; e < n; ++e) out[s0 + e] = accumulate ? out[s0 + e] + load_f(g, flat[e]) : load_f(g, flat[e]);
+      });
       continue;
     }
     for_each_run(t, [&](int64_t flat, int64_t st, int64_t len) {

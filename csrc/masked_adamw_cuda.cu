@@ -61,8 +61,9 @@ __device__ __forceinline__ TileInfo load_tile(const int64_t* __restrict__ tiles,
 __device__ __forceinline__ int64_t flat_of(const TileInfo& t, int j, const int32_t* __restrict__ index) {
   if (t.kind == kIndexed) return index[t.base + t.k0 + j];
   const unsigned local = static_cast<unsigned>(t.c0 + j), run = static_cast<unsigned>(t.run_len);
-  const unsigned r = local / run;
-  return t.base + (t.r0 + r) * t.stride + (local - r * run);
+  const unsigned r = local / run, c = local - r * run;
+  if (t.kind == kColumns) return (t.r0 + r) * t.stride + index[t.base + c];
+  return t.base + (t.r0 + r) * t.stride + c;
 }
 
 // Fixed-order block reductions (warp shuffles, then one warp over the warp results).

@@ -64,9 +64,11 @@ def _tile_elements(tiles_ptr, index_ptr, t, j):
     run_len32 = run_len.to(tl.int32)
     r = local // run_len32
     c = local - r * run_len32
-    strided = base + (r0 + r.to(tl.int64)) * stride + c.to(tl.int64)
-    idx = tl.load(index_ptr + base + k0 + j, mask=tl.where(kind == 1, valid, False), other=0).to(tl.int64)
-    flat = tl.where(kind == 1, idx, strided)
+    rows = (r0 + r.to(tl.int64)) * stride
+    # kind 0 strided runs, 1 indexed elements (index[base + k]), 2 gathered columns (row + index[base + column]).
+    idx_at = tl.where(kind == 1, base + k0 + j, base + c)
+    idx = tl.load(index_ptr + idx_at, mask=tl.where(kind != 0, valid, False), other=0).to(tl.int64)
+    flat = tl.where(kind == 0, base + rows + c.to(tl.int64), tl.where(kind == 1, idx, rows + idx))
     state = state0 + k0 + j
     return slot, group, flat, state, valid
 

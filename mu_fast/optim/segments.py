@@ -6,6 +6,10 @@ Every parameter's active elements are described by *segments*. A segment is eith
   offset ``base`` of the (contiguous) parameter. Element ``k`` (0 ≤ k < run_len·n_runs, the order the state
   uses) sits at ``base + (k // run_len)·run_stride + k % run_len``. A whole tensor is one run; a block of
   consecutive rows is one run; a block of consecutive columns is one run per row (``n_runs`` = rows).
+* **columns**: scattered columns (single neurons of ``down_proj``), walked row by row: ``run_len`` selected
+  column offsets ``index[base : base + run_len]`` repeated over ``n_runs`` rows ``run_stride`` apart; element ``k``
+  sits at ``(k // run_len)·run_stride + index[base + k % run_len]``. Row-major traversal keeps the hardware
+  prefetcher (CPU) and sector reuse (GPU) working where a walk down each single column would not.
 * **indexed**: the fallback for arbitrary boolean masks; element ``k`` sits at ``index[base + k]`` (int32
   flat offsets into the parameter, stored once in ``SegmentTable.index``).
 
@@ -31,12 +35,14 @@ import torch
 
 from mu_fast.masks import Selection
 
-STRIDED, INDEXED = 0, 1
+STRIDED, INDEXED, COLUMNS = 0, 1, 2
 # Tile row layout (int64). Keep in sync with csrc/masked_adamw_common.h and kernels/masked_adamw.py.
 TILE_SLOT, TILE_GROUP, TILE_KIND, TILE_BASE, TILE_RUN_LEN, TILE_RUN_STRIDE, TILE_K0, TILE_COUNT, TILE_STATE0 = range(9)
 TILE_FIELDS = 9
 PARAM_ALIGN = 64
 DEFAULT_TILE = 4096
+MAX_RUN = 2**30  # longest run; element offsets inside a run are 32-bit in the kernels
+MIN_COLUMN_RUN = 16  # column selections whose runs average fewer columns are walked row by row (COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -140,16 +146,24 @@ class SegmentTable:
     def _describe(name: str, shape: tuple[int, ...], sel: Selection, index_offset: int):
         """Yield (kind, base, run_len, n_runs, stride, index_tensor_or_None) for one parameter."""
         numel = math.prod(shape)
-        if sel.kind == "whole":
-            yield STRIDED, 0, numel, 1, numel, None
-        elif sel.kind == "rows":
-            inner = math.prod(shape[1:])
-            for r0, r1 in _runs(sel.index):
-                yield STRIDED, r0 * inner, (r1 - r0) * inner, 1, numel, None
+        inner = math.prod(shape[1:])
+        if sel.kind in ("whole", "rows"):
+            for r0, r1 in _runs(sel.index) if sel.kind == "rows" else [(0, shape[0] if shape else 1)]:
+                if (r1 - r0) * inner < MAX_RUN:
+                    yield STRIDED, r0 * inner, (r1 - r0) * inner, 1, numel, None
+                else:  # kernels address inside a run with 32-bit offsets: one run per row instead
+                    yield STRIDED, r0 * inner, inner, r1 - r0, inner, None
         elif sel.kind == "cols":
             unit = math.prod(shape[2:])
-            for c0, c1 in _runs(sel.index):
-                yield STRIDED, c0 * unit, (c1 - c0) * unit, shape[0], shape[1] * unit, None
+            if shape[1] * unit >= MAX_RUN:
+                raise ValueError(f"rows of {name!r} ({shape[1] * unit} elements) exceed the 2**30-element run limit")
+            runs = _runs(sel.index)
+            if len(runs) * MIN_COLUMN_RUN <= sel.index.numel():
+                for c0, c1 in runs:
+                    yield STRIDED, c0 * unit, (c1 - c0) * unit, shape[0], shape[1] * unit, None
+            else:
+                offsets = (sel.index[:, None] * unit + torch.arange(unit)).flatten().to(torch.int32)
+                yield COLUMNS, index_offset, offsets.numel(), shape[0], shape[1] * unit, offsets
         elif sel.kind == "elements":
             if numel >= 2**31:
                 raise ValueError(
@@ -206,6 +220,9 @@ class SegmentTable:
                 k = torch.arange(s.numel, dtype=torch.int64)
                 if s.kind == INDEXED:
                     flats.append(index[s.base : s.base + s.numel])
+                elif s.kind == COLUMNS:
+                    r = k // s.run_len
+                    flats.append(r * s.run_stride + index[s.base + (k - r * s.run_len)])
                 else:
                     r = k // s.run_len
                     flats.append(s.base + r * s.run_stride + (k - r * s.run_len))
@@ -221,8 +238,9 @@ class SegmentTable:
         s = self.slots[slot]
         h = hashlib.sha1(repr((s.shape, [(x.kind, x.base if x.kind == STRIDED else 0, x.run_len, x.n_runs, x.run_stride) for x in s.segments])).encode())
         for x in s.segments:
-            if x.kind == INDEXED:
-                h.update(self.index[x.base : x.base + x.numel].cpu().numpy().tobytes())
+            if x.kind != STRIDED:
+                length = x.numel if x.kind == INDEXED else x.run_len
+                h.update(self.index[x.base : x.base + length].cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:

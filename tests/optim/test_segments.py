@@ -50,3 +50,24 @@ def test_structured_selections_become_few_segments(rng):
 def test_bad_tile_is_refused():
     with pytest.raises(ValueError, match="multiple of align"):
         SegmentTable([], tile=100, align=256)
+
+
+def test_runs_longer_than_2_pow_30_are_cut_per_row():
+    from mu_fast.masks import Selection
+
+    table = SegmentTable([("embed", (2**15, 2**16), Selection("whole"), 0)], tile=4096)
+    (seg,) = table.slots[0].segments
+    assert (seg.run_len, seg.n_runs, seg.run_stride) == (2**16, 2**15, 2**16)
+    assert table.n_active == 2**31 and table.n_tiles == 2**31 // 4096
+
+
+def test_scattered_columns_are_walked_row_by_row():
+    from mu_fast.masks import Mask
+    from mu_fast.optim.segments import COLUMNS
+
+    cols = Mask().add("down", (24, 40), "cols", [1, 5, 6, 30])
+    table = SegmentTable([("down", (24, 40), cols["down"], 0)], tile=10)
+    (seg,) = table.slots[0].segments
+    assert (seg.kind, seg.run_len, seg.n_runs, seg.run_stride) == (COLUMNS, 4, 24, 40)
+    flat, _ = table.indices(0)
+    assert flat[:6].tolist() == [1, 5, 6, 30, 41, 45]  # row-major over the selected columns
