@@ -51,8 +51,7 @@ def forward_prob(model, batch, answers, embed_add=None, hook=None):
     return torch.softmax(logits, -1)[torch.arange(len(answers)), answers]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
-@pytest.mark.parametrize("noise", ["3sigma", "sqrt3sigma"])
+@pytest.mark.parametrize("arch,noise", [("llama", "3sigma"), ("gemma2", "sqrt3sigma")])
 def test_causal_trace_equals_one_restoration_at_a_time(arch, noise, rng):
     model = tiny(arch)
     table = SiteTable(model)
