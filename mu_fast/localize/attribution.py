@@ -154,7 +154,7 @@ def _atp_fused(
     """Δ-only attribution: returns ``({site: [B, G] raw scores}, m_base [B], m_other [B])``; ``steps`` > 1 is
     EAP-IG over input-embedding interpolation (gradients averaged over k = 1..steps)."""
     B = base.input_ids.shape[0]
-    valid = base.attention_mask.bool()
+    valid = base.attention_mask.to(torch.int8)  # the kernels' mask format, converted once for all sites
     embeds: dict[str, torch.Tensor] = {}
 
     def keep_embed(name: str) -> Callable[[torch.Tensor], None]:
