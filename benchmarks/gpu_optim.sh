@@ -24,8 +24,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   if ! MU_FAST_BUILD_EXT=1 MU_FAST_CUDA_ARCHS=$ARCH MAX_JOBS=${MAX_JOBS:-16} \
       $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"
-    stamp "BUILD FAILED (log in $OUT/build.log); continuing with the triton and torch backends"
+    stamp "editable install failed (log in $OUT/build.log); trying build_ext --inplace"
+    MU_FAST_BUILD_EXT=1 MU_FAST_CUDA_ARCHS=$ARCH $PY setup.py build_ext --inplace > "$OUT/build_inplace.log" 2>&1 \
+      || { tail -40 "$OUT/build_inplace.log"; stamp "BUILD FAILED; continuing with the triton and torch backends"; }
+    # Without the editable install, mu_fast.kernels (package_dir kernels/) needs a link on this throwaway copy.
+    [ -e mu_fast/kernels ] || ln -s ../kernels mu_fast/kernels
   fi
+fi
+# Optional peers carried as wheels (see the report): bitsandbytes, torchao.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 $PY -c "import mu_fast; print(mu_fast.backends())" 2>&1 | tee "$OUT/backends.txt"
 

@@ -41,6 +41,11 @@ HYPER_FIELDS = 6
 SCALARS_BLOCK = 1024
 
 
+def num_warps_for(tile: int) -> int:
+    """Warps per program: about 512 elements per warp keeps each thread's ~10 live fp32 vectors in registers."""
+    return min(16, max(4, tile // 512))
+
+
 @triton.jit
 def _tile_elements(tiles_ptr, index_ptr, t, j):
     """Slot, group, flat offsets into the parameter, state offsets and validity of tile ``t``'s elements ``j``.
@@ -208,7 +213,7 @@ def grad_sumsq_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tens
         return
     cgrad = compact_grad if compact_grad is not None else partial
     _grad_sumsq_kernel[(n_tiles,)](tiles, index, addr, cgrad, like, partial, TILE=tile,
-                                   COMPACT_GRAD=compact_grad is not None)
+                                   COMPACT_GRAD=compact_grad is not None, num_warps=num_warps_for(tile))
 
 
 def adamw_scalars_triton(hyper: torch.Tensor, step: torch.Tensor, partial: torch.Tensor, coef: torch.Tensor,
@@ -240,6 +245,7 @@ def masked_adamw_update_triton(tiles: torch.Tensor, index: torch.Tensor, addr: t
     _masked_adamw_kernel[(tiles.shape[0],)](
         tiles, index, addr, cgrad, like, exp_avg, exp_avg_sq, master if master is not None else exp_avg, coef,
         control, TILE=tile, COMPACT_GRAD=compact_grad is not None, HAS_MASTER=master is not None,
+        num_warps=num_warps_for(tile),
     )
 
 
@@ -251,4 +257,4 @@ def gather_grad_triton(tiles: torch.Tensor, index: torch.Tensor, grad: torch.Ten
         raise ValueError(f"grad must be contiguous; got strides {grad.stride()} for shape {tuple(grad.shape)}")
     if tile_end > tile_begin:
         _gather_grad_kernel[(tile_end - tile_begin,)](tiles, index, grad, compact_grad, tile_begin, TILE=tile,
-                                                      ACCUMULATE=accumulate)
+                                                      ACCUMULATE=accumulate, num_warps=num_warps_for(tile))

@@ -31,6 +31,7 @@ from mu_fast.kernels.masked_adamw import (
     K_SKIP,
     _check,
     _load_grad,
+    num_warps_for,
     _tile_elements,
 )
 
@@ -129,4 +130,5 @@ def masked_adamw8bit_update_triton(tiles: torch.Tensor, index: torch.Tensor, add
         tiles, index, addr, cgrad, like, codes_m, codes_v, absmax_m, absmax_v, qmap_m, qmap_v, mids_m, mids_v,
         master if master is not None else absmax_m, coef, control,
         BLOCKS=tile // QBLOCK, COMPACT_GRAD=compact_grad is not None, HAS_MASTER=master is not None,
+        num_warps=num_warps_for(tile),
     )

@@ -50,7 +50,7 @@ def test_edit_loop_calls(compact_grads, rng):
             torch.nn.utils.clip_grad_norm_([p for _, p in mask.trainable_parameters(model)], 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     _check_only_masked_moved(model, before, mask)
 
