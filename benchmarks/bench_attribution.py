@@ -65,6 +65,8 @@ def _model(name: str, copy: int = 0) -> Any:
     arch = shape.pop("arch")
     # Eager attention where soft-capping needs it (Gemma-2); SDPA elsewhere, as a user would run them.
     impl = "eager" if arch == "gemma2" else "sdpa"
+    if arch == "gemma2":
+        shape.setdefault("sliding_window", 4096)  # Gemma-2-9B's window (make_config's tiny default is 16)
     config = make_config(arch, attn_implementation=impl, max_position_embeddings=1024, **shape)
     dtype = torch.bfloat16 if GPU else torch.float32
     previous = torch.get_default_dtype()
