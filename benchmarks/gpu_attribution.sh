@@ -51,5 +51,5 @@ for b in data["benchmarks"]:
           f"{i.get('act_peak_vs_fwd_bwd', float('nan')):>6.2f} {i.get('est_max_batch', 0):>7} {i['spearman_vs_reference']:>6.3f}")
 if data["benchmarks"]:
     i = data["benchmarks"][0]["extra_info"]
-    print(f"device {i.get('device')}, torch {i.get('torch')}, triton {i.get('triton')}, measured GEMM peak {i.get('peak_tflops_measured', 0):.0f} TFLOP/s")
+    print(f"device {i.get('device')}, torch {i.get('torch')}, triton {i.get('triton')}, measured GEMM peak {i.get('peak_tflops_measured', 0):.3g} TFLOP/s")
 PYEOF
