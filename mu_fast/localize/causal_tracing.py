@@ -55,7 +55,9 @@ def causal_trace(
 
     prompts: ``TokenizedPrompts`` with subjects (answer ids and subject spans are read from it) or a
     ``Batch`` with ``answer_ids [B]`` and ``subject_first/subject_last [B]`` (inclusive real-token indices).
-    embedding_std: σ of the noise rule (default: std of this call's subject-token embeddings, as ROME
+    samples: noise draws per prompt, averaged (ROME uses 10; 1 keeps the organism-sized call near 2 s of
+    one CPU core). positions: where a restoration copies the clean activation (``all`` real tokens, the
+    ``subject_last`` token, or the ``last`` token). embedding_std: σ of the noise rule (default: std of this call's subject-token embeddings, as ROME
     computes it over the data). Returns an AttributionResult (method ``causal_tracing``, direction
     ``denoise``) whose ``heads [L, H]``, ``mlp [L]`` ... are mean normalised indirect effects;
     ``clean_metric`` / ``corrupt_metric`` are p_clean and p_corrupt ``[B]`` (averaged over noise samples).

@@ -97,6 +97,20 @@ def test_restoring_a_layer_output_everywhere_restores_clean(rng):
     torch.testing.assert_close(res.per_prompt["layer"], torch.ones(3, model.config.num_hidden_layers, dtype=torch.float64), rtol=0, atol=1e-7)
 
 
+def test_restoration_positions(rng):
+    model = tiny("llama")
+    ids, first, last, answers = prompts(rng)
+    kw = dict(sites=("layer",), answer_ids=answers, subject_first=first, subject_last=last, seed=2)
+    at_last = causal_trace(model, pad_batch(ids, 0), positions="last", **kw)
+    at_subject = causal_trace(model, pad_batch(ids, 0), positions="subject_last", **kw)
+    # The final layer's output at the answer position is all the logits read: restoring it restores p_clean.
+    torch.testing.assert_close(at_last.per_prompt["layer"][:, -1], torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-7)
+    # Earlier layers restored at one position leave the other noised subject tokens in place.
+    assert not torch.allclose(at_subject.per_prompt["layer"][:, 0], torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="positions"):
+        causal_trace(model, pad_batch(ids, 0), positions="first", **kw)
+
+
 def test_chunking_seed_and_tokenized_prompts(rng):
     model = tiny("mistral")
     ids, first, last, answers = prompts(rng)
