@@ -79,23 +79,37 @@ inline void flat_offsets(const Tile& t, const int32_t* index, int64_t from, int6
 
 constexpr int64_t kChunk = 256;  // elements per batch of gathered offsets (indexed and column tiles)
 
+// Prefetches the cache lines of x[flat[0..n)]: the whole span when it is dense enough (a sequential stream, which
+// the hardware keeps up with), else line by line.
+template <typename X>
+inline void prefetch_span(const X* x, const int64_t* flat, int64_t n, int rw) {
+  if (x == nullptr || n == 0) return;
+  const int64_t lo = flat[0], hi = flat[n - 1];
+  constexpr int64_t kLine = 64 / sizeof(X);
+  if (hi >= lo && hi - lo < 16 * kLine * n) {
+    for (int64_t i = lo; i <= hi; i += kLine) rw ? __builtin_prefetch(x + i, 1, 2) : __builtin_prefetch(x + i, 0, 2);
+  } else {
+    for (int64_t e = 0; e < n; ++e) rw ? __builtin_prefetch(x + flat[e], 1, 2) : __builtin_prefetch(x + flat[e], 0, 2);
+  }
+}
+
 // Calls f(flat_offsets, state_offset, n) for batches of a gathered (indexed or column) tile. The offsets of the
-// next batch are computed one batch ahead and their cache lines in a and b (when given) prefetched: scattered
-// columns defeat the hardware prefetcher, and the gathers are otherwise bound by DRAM latency.
+// next batch are computed one batch ahead and their cache lines in a (read) and b (written) prefetched:
+// scattered columns defeat the hardware prefetcher, and the gathers are otherwise bound by DRAM latency.
 template <typename A, typename B, typename F>
 inline void for_each_gathered(const Tile& t, const int32_t* index, const A* a, const B* b, F&& f) {
   int64_t flat[2][kChunk];
   int64_t n_next = std::min(kChunk, t.count);
   flat_offsets(t, index, t.k0, n_next, flat[0]);
+  prefetch_span(a, flat[0], n_next, 0);
+  prefetch_span(b, flat[0], n_next, 1);
   for (int64_t from = 0, i = 0; from < t.count; from += kChunk, i ^= 1) {
     const int64_t n = n_next;
     n_next = std::min(kChunk, t.count - from - n);
     if (n_next > 0) {
       flat_offsets(t, index, t.k0 + from + n, n_next, flat[i ^ 1]);
-      for (int64_t e = 0; e < n_next; ++e) {
-        if (a) __builtin_prefetch(a + flat[i ^ 1][e], 0, 1);
-        if (b) __builtin_prefetch(b + flat[i ^ 1][e], 1, 1);
-      }
+      prefetch_span(a, flat[i ^ 1], n_next, 0);
+      prefetch_span(b, flat[i ^ 1], n_next, 1);
     }
     f(static_cast<const int64_t*>(flat[i]), t.state0 + t.k0 + from, n);
   }

@@ -112,11 +112,11 @@ def _adamw_scalars_kernel(hyper_ptr, step_ptr, partial_ptr, n_partial, coef_ptr,
     total = tl.sum(acc, axis=0)
     norm = tl.sqrt_rn(total)
     finite = (total == total) & (total < float("inf"))
-    skip = 0.0
+    skip = tl.full([], 0.0, tl.float32)
     if CHECK_FINITE:
         skip = tl.where(finite, 0.0, 1.0)
     max_norm = tl.load(hyper_ptr + H_MAX_NORM).to(tl.float32)
-    clip = 1.0
+    clip = tl.full([], 1.0, tl.float32)
     if HAS_STATS:
         clip = tl.where(max_norm > 0, tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0), 1.0)
     tl.store(control_ptr + K_SKIP, skip)

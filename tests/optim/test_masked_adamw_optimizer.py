@@ -266,3 +266,26 @@ def test_state_is_compact(rng):
     assert opt32.state_bytes() <= 12 * (active + 64 * len(mask))  # m, v, master fp32 + per-param alignment
     assert opt8.state_bytes() <= (2 + 8 / 256) * (active + 256 * 3 * len(mask))  # + block padding per segment
     assert opt32.state_bytes() < 12 * sum(p.numel() for p in params.values()) / 4
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_nonfinite_ignore_skips_the_check_and_matches_skip_on_finite_grads(backend, rng):
+    params, mask, _ = _setup(rng)
+    twin = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    opts = [MaskedAdamW([(n, ps[n]) for n in mask], mask=mask, lr=1e-2, nonfinite=policy, backend=backend, tile=1024)
+            for ps, policy in ((params, "skip"), (twin, "ignore"))]
+    for _ in range(2):
+        grads = fresh_grads(params, mask, rng)
+        for ps, opt in zip((params, twin), opts):
+            _apply(ps, mask, grads)
+            opt.step()
+    for n in mask:
+        assert torch.equal(params[n].detach(), twin[n].detach()), n
+    grads = fresh_grads(params, mask, rng)
+    name = next(iter(mask))
+    grads[name][mask.dense(name)] = float("nan")
+    _apply(twin, mask, grads)
+    opts[1].step()  # "ignore": the NaN reaches the active elements, like torch's AdamW; inactive ones stay intact
+    active = mask.dense(name)
+    assert bool(torch.isnan(twin[name].detach()[active]).all())
+    assert torch.equal(twin[name].detach()[~active], params[name].detach()[~active])
