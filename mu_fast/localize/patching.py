@@ -54,6 +54,7 @@ def sites_for_units(table: SiteTable, units: Sequence[Unit]) -> dict[tuple[str, 
     return out
 
 
+@torch.no_grad()
 def patched_metric_values(
     model: Any,
     table: SiteTable,
