@@ -19,10 +19,15 @@ import torch
 
 from mu_fast.localize.attribution import AttributionResult, attribute
 from mu_fast.localize.causal_tracing import causal_trace
+from mu_fast.localize.corrupt import replace_subject_tokens
+from mu_fast.localize.metrics import logit_diff, logprob, prob
 from mu_fast.masks import Mask, budget_match, paper_budget
 from mu_fast.models.sites import Component, SiteTable
 
-__all__ = ["METHODS", "AttributionResult", "Localization", "attribute", "causal_trace", "localize"]
+__all__ = [
+    "METHODS", "AttributionResult", "Localization", "attribute", "causal_trace", "localize", "logit_diff", "logprob",
+    "prob", "replace_subject_tokens",
+]
 
 METHODS = ("flu", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized", "manual")
 
