@@ -100,7 +100,7 @@ def _extension_and_cmdclass():
                     raise
                 _log(f"building mu_fast._C failed ({err}); installing without it. Set MU_FAST_BUILD_EXT=1 to see the failure.")
 
-    return [ext], {"build_ext": BuildExt.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extension_and_cmdclass()
