@@ -28,8 +28,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Runs both suites on this machine, writes benchmarks/results/<device>/bench_*.json, then prints the ratio tables.
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	@slug=$$($(PY) -c "from benchmarks.common import device_slug; print(device_slug())"); \
+	mkdir -p benchmarks/results/$$slug; \
+	for suite in optim attribution; do \
+	  $(PY) -m pytest -q benchmarks/bench_$$suite.py --benchmark-only -p no:cacheprovider \
+	    --benchmark-json benchmarks/results/$$slug/bench_$$suite.json || exit 1; \
+	done
 	$(PY) benchmarks/print_tables.py
 
 bench-table: $(STAMP)
