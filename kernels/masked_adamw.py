@@ -27,16 +27,20 @@ import torch
 import triton
 import triton.language as tl
 
+# Module constants read inside @triton.jit code must be tl.constexpr objects: a compiled (GPU) kernel may not read
+# plain Python globals (the CPU interpreter allows it; tests/optim/test_triton_compile.py lowers every kernel to
+# TTIR on the CPU to catch that).
+_c = tl.constexpr
 # Tile row fields; keep in sync with mu_fast/optim/segments.py.
-_SLOT, _GROUP, _KIND, _BASE, _RUN_LEN, _RUN_STRIDE, _K0, _COUNT, _STATE0 = range(9)
-_TILE_FIELDS = 9
+_SLOT, _GROUP, _KIND, _BASE, _RUN_LEN, _RUN_STRIDE, _K0, _COUNT, _STATE0 = (_c(i) for i in range(9))
+_TILE_FIELDS = _c(9)
 # Coefficient table columns (per param group) and control vector entries, written by _adamw_scalars_kernel.
-C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2 = range(8)
-COEF_FIELDS = 8
-K_SKIP, K_CLIP, K_NORM = range(3)
-CONTROL_FIELDS = 4
-H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM = range(6)
-HYPER_FIELDS = 6
+C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2 = (_c(i) for i in range(8))
+COEF_FIELDS = _c(8)
+K_SKIP, K_CLIP, K_NORM = (_c(i) for i in range(3))
+CONTROL_FIELDS = _c(4)
+H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM = (_c(i) for i in range(6))
+HYPER_FIELDS = _c(6)
 # A 4096-element tile moves ~90 KB (bf16 p/g, fp32 m/v): long enough to hide the per-tile header loads.
 SCALARS_BLOCK = 1024
 

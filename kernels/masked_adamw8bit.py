@@ -35,7 +35,8 @@ from mu_fast.kernels.masked_adamw import (
     _tile_elements,
 )
 
-QBLOCK = 256
+QBLOCK = 256  # Python-side value
+_QB = tl.constexpr(QBLOCK)  # the same inside @triton.jit code (see kernels/masked_adamw.py)
 
 
 @triton.jit
@@ -57,11 +58,11 @@ def _masked_adamw8bit_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr
                              BLOCKS: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr):
     t = tl.program_id(0)
     b = tl.arange(0, BLOCKS)
-    e = tl.arange(0, QBLOCK)
-    j = b[:, None] * QBLOCK + e[None, :]  # [BLOCKS, QBLOCK] positions inside the tile
+    e = tl.arange(0, _QB)
+    j = b[:, None] * _QB + e[None, :]  # [BLOCKS, _QB] positions inside the tile
     slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, j)
     valid = tl.where(tl.load(control_ptr + K_SKIP) == 0.0, valid, False)
-    block_id = tl.min(state, axis=1) // QBLOCK  # the tile starts on a block boundary
+    block_id = tl.min(state, axis=1) // _QB  # the tile starts on a block boundary
     block_valid = tl.max(valid.to(tl.int32), axis=1) > 0
     clip = tl.load(control_ptr + K_CLIP)
     c = coef_ptr + group * COEF_FIELDS
