@@ -7,6 +7,11 @@
 // and the skip flag are read from device memory (coef, control). Reductions (per-tile sums of squares, 8-bit block
 // absmax) use a fixed order, so results do not depend on scheduling.
 //
+// Memory access: tiles of contiguous, 8-aligned strided runs (whole tensors, row blocks, head blocks, runs of >= 8
+// adjacent columns; see vectorizable()) move 8 elements per access (16 B of bf16, 2 x 16 B of fp32 state) with
+// two vectors in flight per thread; the fp32 state uses streaming (evict-first) accesses. Other tiles (scattered
+// columns, element masks, unaligned shapes or views) take the scalar path, four elements in flight per thread.
+//
 // Limit: element addressing inside a strided run is 32-bit (segments.py keeps runs below 2^30 elements).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -93,6 +98,81 @@ __device__ __forceinline__ float load_grad(const T* g, const float* cgrad, int64
   return g != nullptr ? static_cast<float>(g[flat]) : 0.f;
 }
 
+// ------------------------------------------------------------------------------------------ vector accesses
+// A tile is vectorizable when it is strided, every aligned group of kVec elements lies inside one run and is
+// 16-byte aligned in the parameter, the gradient and the state (segments.py aligns the state of such segments),
+// and the tensors' base addresses are 16-byte aligned. Such tiles move 16 B per bf16 access instead of 2 B.
+constexpr int kVec = 8;           // elements per vector: 16 B of bf16/fp16 (one access), 32 B of fp32 (two)
+constexpr int kVecPerThread = 2;  // vectors in flight per thread (4096-element tiles: one pass of 256 threads)
+constexpr int kUnroll = 4;        // scalar path: elements in flight per thread
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+__device__ __forceinline__ bool vectorizable(const TileInfo& t, const void* p, const void* g) {
+  const bool one_run = t.k0 + t.count <= t.run_len;  // the stride is never used inside the first run
+  return t.kind == kStrided && ((t.base | t.run_len | t.k0 | t.count | t.state0) & (kVec - 1)) == 0 &&
+         (one_run || (t.stride & (kVec - 1)) == 0) && aligned16(p) && aligned16(g);
+}
+
+// Flat offset of vector vi (elements k0 + kVec*vi ...) of a vectorizable tile: one 32-bit division per vector.
+__device__ __forceinline__ int64_t vec_flat(const TileInfo& t, int vi) {
+  const unsigned local = static_cast<unsigned>(t.c0 + vi * kVec), run = static_cast<unsigned>(t.run_len);
+  const unsigned r = local / run, c = local - r * run;
+  return t.base + (t.r0 + r) * t.stride + c;
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* src, float (&x)[kVec]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) x[i] = static_cast<float>(h[i]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float (&x)[kVec]) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(x[4], x[5], x[6], x[7]);
+  } else {
+    uint4 raw;
+    T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) h[i] = static_cast<T>(x[i]);
+    *reinterpret_cast<uint4*>(dst) = raw;
+  }
+}
+
+// fp32 state touched once per step: streaming (evict-first) accesses keep L2 for the gradients, which the
+// statistics pass has just read and the update reads again.
+__device__ __forceinline__ void load8_stream(const float* src, float (&x)[kVec]) {
+  const float4 a = __ldcs(reinterpret_cast<const float4*>(src)), b = __ldcs(reinterpret_cast<const float4*>(src) + 1);
+  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+
+__device__ __forceinline__ void store8_stream(float* dst, const float (&x)[kVec]) {
+  __stcs(reinterpret_cast<float4*>(dst), make_float4(x[0], x[1], x[2], x[3]));
+  __stcs(reinterpret_cast<float4*>(dst) + 1, make_float4(x[4], x[5], x[6], x[7]));
+}
+
+template <typename T, bool COMPACT>
+__device__ __forceinline__ void load8_grad(const T* g, const float* cgrad, int64_t flat, int64_t st,
+                                           float (&x)[kVec]) {
+  if (COMPACT) {
+    load8<float>(cgrad + st, x);
+  } else if (g != nullptr) {
+    load8<T>(g + flat, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) x[i] = 0.f;
+  }
+}
+
 template <typename T, bool COMPACT>
 __global__ void __launch_bounds__(kThreads)
     grad_sumsq_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
@@ -101,9 +181,41 @@ __global__ void __launch_bounds__(kThreads)
   if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;  // another chunk's tile (uniform per block)
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
   float acc = 0.f;
-  for (int j = threadIdx.x; j < t.count; j += kThreads) {
-    const float x = load_grad<T, COMPACT>(g, cgrad, COMPACT ? 0 : flat_of(t, j, index), t.state0 + t.k0 + j);
-    acc += x * x;
+  if (!COMPACT && g == nullptr) {
+    // a parameter without .grad: zero gradient, nothing to read
+  } else if (COMPACT ? ((t.k0 | t.count | t.state0) & (kVec - 1)) == 0 && aligned16(cgrad) : vectorizable(t, g, g)) {
+    // Compact gradients are contiguous in state order whatever the tile's kind: only the state alignment matters.
+    const int nvec = static_cast<int>(t.count / kVec);
+    for (int v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kVecPerThread) {
+      float x[kVecPerThread][kVec];
+#pragma unroll
+      for (int u = 0; u < kVecPerThread; ++u) {
+        const int vi = v0 + u * kThreads;
+        if (vi < nvec) {
+          const int64_t st = t.state0 + t.k0 + static_cast<int64_t>(vi) * kVec;
+          load8_grad<T, COMPACT>(g, cgrad, COMPACT ? 0 : vec_flat(t, vi), st, x[u]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) x[u][i] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kVecPerThread; ++u)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc += x[u][i] * x[u][i];
+    }
+  } else {
+    for (int j0 = threadIdx.x; j0 < t.count; j0 += kThreads * kUnroll) {
+      float x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * kThreads;
+        x[u] = j < t.count ? load_grad<T, COMPACT>(g, cgrad, COMPACT ? 0 : flat_of(t, j, index), t.state0 + t.k0 + j)
+                           : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) acc += x[u] * x[u];
+    }
   }
   acc = block_reduce(acc, Add());
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
@@ -143,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, bool COMPACT, bool MASTER>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (768 threads) per SM
     update_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
                   const float* __restrict__ cgrad, float* __restrict__ m, float* __restrict__ v,
                   float* __restrict__ master, const float* __restrict__ coef, const float* __restrict__ control) {
@@ -154,16 +266,66 @@ __global__ void __launch_bounds__(kThreads)
   const float clip = control[kKClip];
   T* p = ptrs.param[t.slot - ptrs.slot_begin];
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
-  for (int j = threadIdx.x; j < t.count; j += kThreads) {
-    const int64_t flat = flat_of(t, j, index), st = t.state0 + t.k0 + j;
-    const float gv = load_grad<T, COMPACT>(g, cgrad, flat, st) * clip;
-    float pv = MASTER ? master[st] : static_cast<float>(p[flat]);
-    float mv = m[st], vv = v[st];
-    adamw_element(pv, mv, vv, gv, c);
-    m[st] = mv;
-    v[st] = vv;
-    if (MASTER) master[st] = pv;
-    p[flat] = static_cast<T>(pv);
+  const uintptr_t state_bases = reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v) |
+                                (MASTER ? reinterpret_cast<uintptr_t>(master) : 0) |
+                                (COMPACT ? reinterpret_cast<uintptr_t>(cgrad) : 0);
+  if ((state_bases & 15u) == 0 && vectorizable(t, p, COMPACT ? p : (g != nullptr ? g : p))) {
+    const int nvec = static_cast<int>(t.count / kVec);
+    for (int v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kVecPerThread) {
+      float pv[kVecPerThread][kVec], gv[kVecPerThread][kVec], mv[kVecPerThread][kVec], vv[kVecPerThread][kVec];
+      int64_t flat[kVecPerThread], st[kVecPerThread];
+#pragma unroll
+      for (int u = 0; u < kVecPerThread; ++u) {  // every load of the batch first: 80 B in flight per vector
+        const int vi = v0 + u * kThreads;
+        if (vi >= nvec) continue;
+        flat[u] = vec_flat(t, vi);
+        st[u] = t.state0 + t.k0 + static_cast<int64_t>(vi) * kVec;
+        load8_grad<T, COMPACT>(g, cgrad, flat[u], st[u], gv[u]);
+        if (MASTER) load8_stream(master + st[u], pv[u]);
+        else load8<T>(p + flat[u], pv[u]);
+        load8_stream(m + st[u], mv[u]);
+        load8_stream(v + st[u], vv[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kVecPerThread; ++u) {
+        if (v0 + u * kThreads >= nvec) continue;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) adamw_element(pv[u][i], mv[u][i], vv[u][i], gv[u][i] * clip, c);
+        store8_stream(m + st[u], mv[u]);
+        store8_stream(v + st[u], vv[u]);
+        if (MASTER) store8_stream(master + st[u], pv[u]);
+        store8<T>(p + flat[u], pv[u]);
+      }
+    }
+    return;
+  }
+  for (int j0 = threadIdx.x; j0 < t.count; j0 += kThreads * kUnroll) {
+    float pv[kUnroll], gv[kUnroll], mv[kUnroll], vv[kUnroll];
+    int64_t flat[kUnroll], st[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * kThreads;
+      if (j >= t.count) continue;
+      flat[u] = flat_of(t, j, index);
+      st[u] = t.state0 + t.k0 + j;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (j0 + u * kThreads >= t.count) continue;
+      gv[u] = load_grad<T, COMPACT>(g, cgrad, flat[u], st[u]);
+      pv[u] = MASTER ? master[st[u]] : static_cast<float>(p[flat[u]]);
+      mv[u] = m[st[u]];
+      vv[u] = v[st[u]];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (j0 + u * kThreads >= t.count) continue;
+      adamw_element(pv[u], mv[u], vv[u], gv[u] * clip, c);
+      m[st[u]] = mv[u];
+      v[st[u]] = vv[u];
+      if (MASTER) master[st[u]] = pv[u];
+      p[flat[u]] = static_cast<T>(pv[u]);
+    }
   }
 }
 

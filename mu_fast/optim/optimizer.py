@@ -278,10 +278,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         check_grads(bucket, grads)
         return grads
 
-    def _compute_stats(self) -> None:
+    def _compute_stats(self, grads: list[list[torch.Tensor | None]] | None = None) -> None:
         for bi, bucket in enumerate(self._buckets):
             part = self._partial[self._partial_at[bi] : self._partial_at[bi + 1]]
-            self._impls[bi].grad_sumsq(bucket, self._grads(bucket), part)
+            self._impls[bi].grad_sumsq(bucket, grads[bi] if grads is not None else self._grads(bucket), part)
         self._stats_ready = True
 
     @torch.no_grad()
@@ -313,15 +313,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._write_hyper()
         clip = self._pending_clip is not None or self.max_grad_norm is not None
         has_stats = self.nonfinite != "ignore" or clip
+        grads = [self._grads(b) for b in self._buckets]  # validated once per step, not per pass (host time)
         if has_stats and not self._stats_ready:
-            self._compute_stats()
+            self._compute_stats(grads)
         impl = self._impls[0]
         impl.scalars(self._hyper, self._step, self._partial, self._coef, self._control, has_stats, self.nonfinite != "ignore")
         self._stats_ready, self._pending_clip = False, None
         if self.nonfinite == "raise" and bool(self._control[K_SKIP].item()):
             raise FloatingPointError(f"non-finite active gradient in {self._nonfinite_names()}; nothing was updated")
         for bi, bucket in enumerate(self._buckets):
-            self._impls[bi].update(bucket, self._grads(bucket), self._coef, self._control)
+            self._impls[bi].update(bucket, grads[bi], self._coef, self._control)
         return loss
 
     def _nonfinite_names(self) -> list[str]:

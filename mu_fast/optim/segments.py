@@ -21,6 +21,9 @@ one launch covers all tensors of a dtype.
 
 Alignment: each parameter's state starts at a multiple of ``PARAM_ALIGN`` elements (256 B of fp32), and with
 8-bit state every segment starts at a multiple of the quantization block (256), so a tile holds whole blocks.
+A strided segment whose base, run length and run stride are multiples of ``STATE_VEC`` (8) starts its state at
+a multiple of 8 as well: then every aligned group of 8 elements of a tile (k0 a multiple of 8) is contiguous and
+16-byte aligned in the parameter, the gradient and the state, and the CUDA kernels move it with vector accesses.
 Padding elements are never read or written by the kernels; they stay zero.
 """
 
@@ -42,6 +45,7 @@ TILE_FIELDS = 9
 PARAM_ALIGN = 64
 DEFAULT_TILE = 4096
 MAX_RUN = 2**30  # longest run; element offsets inside a run are 32-bit in the kernels
+STATE_VEC = 8  # strided segments whose runs are 8-aligned start their state 8-aligned too (CUDA vector accesses)
 MIN_COLUMN_RUN = 16  # column selections whose runs average fewer columns are walked row by row (COLUMNS)
 
 
@@ -125,7 +129,8 @@ class SegmentTable:
             begin = cursor
             segments = []
             for kind, base, run_len, n_runs, stride, extra in self._describe(name, shape, sel, n_index):
-                cursor = _round_up(cursor, self.align)
+                vectorizable = kind == STRIDED and (base | run_len | (stride if n_runs > 1 else 0)) % STATE_VEC == 0
+                cursor = _round_up(cursor, max(self.align, STATE_VEC) if vectorizable else self.align)
                 segments.append(Segment(kind, base, run_len, n_runs, stride, cursor))
                 cursor += run_len * n_runs
                 if extra is not None:

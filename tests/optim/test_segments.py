@@ -71,3 +71,29 @@ def test_scattered_columns_are_walked_row_by_row():
     assert (seg.kind, seg.run_len, seg.n_runs, seg.run_stride) == (COLUMNS, 4, 24, 40)
     flat, _ = table.indices(0)
     assert flat[:6].tolist() == [1, 5, 6, 30, 41, 45]  # row-major over the selected columns
+
+
+@pytest.mark.parametrize("tile", [4096, 64, 7])
+def test_vectorizable_strided_segments_start_their_state_8_aligned(tile, rng):
+    """Aligned groups of 8 elements of such tiles are contiguous and 8-aligned in the parameter and the state."""
+    from mu_fast.masks import Mask
+    from mu_fast.optim.segments import STATE_VEC, STRIDED
+
+    mask = Mask().add("q", (64, 40), "rows", [0, 1, 2, 9, 10]).add("o", (40, 64), "cols", list(range(8, 24)))
+    mask.add("odd", (13, 24), "rows", [3, 5, 6]).add("w", (5, 16))
+    mask.add("pad", (20, 12), "rows", [1, 6, 7])  # a 12-element run, then an aligned 24-element one: padded
+    table = SegmentTable([(n, mask.shape(n), mask[n], 0) for n in mask], tile=tile)
+    n_vec = 0
+    for slot, info in enumerate(table.slots):
+        flat, state = table.indices(slot)
+        for seg in info.segments:
+            vec = seg.kind == STRIDED and (seg.base | seg.run_len | (seg.run_stride if seg.n_runs > 1 else 0)) % STATE_VEC == 0
+            if not vec:
+                continue
+            n_vec += 1
+            assert seg.state0 % STATE_VEC == 0, (info.name, seg)
+            at = (state >= seg.state0) & (state < seg.state0 + seg.numel)
+            f, s = flat[at].reshape(-1, STATE_VEC), state[at].reshape(-1, STATE_VEC)
+            assert bool((f[:, 0] % STATE_VEC == 0).all() and (s[:, 0] % STATE_VEC == 0).all())
+            assert bool((f.diff(dim=1) == 1).all() and (s.diff(dim=1) == 1).all())
+    assert n_vec == 7  # q and odd: two row blocks each; o: 16 columns × 40 rows; the whole w; rows 6-7 of pad
