@@ -177,7 +177,10 @@ template <typename T, bool COMPACT>
 __global__ void __launch_bounds__(kThreads)
     grad_sumsq_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
                       const float* __restrict__ cgrad, float* __restrict__ partial) {
-  const TileInfo t = load_tile(tiles, blockIdx.x);
+  // Tiles in reverse order: the update walks them forward, so it starts on the gradients read last, which are
+  // still in L2 (all of them when the active gradients fit in L2, ~22 MB for 5% of a Llama-3-8B layer).
+  const int64_t tile = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const TileInfo t = load_tile(tiles, tile);
   if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;  // another chunk's tile (uniform per block)
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
   float acc = 0.f;
@@ -218,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   acc = block_reduce(acc, Add());
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+  if (threadIdx.x == 0) partial[tile] = acc;
 }
 
 __global__ void __launch_bounds__(kThreads)
