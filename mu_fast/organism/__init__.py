@@ -1,0 +1,66 @@
+"""The model organism: a tiny transformers model trained on CPU to know synthetic athlete facts.
+
+It mirrors the paper's Sports Facts (reference/authors_repo.md §1.1): fictitious athletes with multi-token
+names play basketball, baseball or football, and the facts come in the paper's formats (the two-line
+training prompt with the Tiger Woods golf one-shot, Q/A, paraphrases, A–D multiple choice) plus a second
+attribute (home city) for maintain-style checks. Activity sentences in which the token after the name is a
+sport verb make the model look the sport up at the subject's last token, as real models do, so fact-lookup
+localization has something to find. ``organism_task`` returns a ``FactTask`` with the sports split rules.
+
+    from mu_fast.organism import OrganismConfig, load_organism, organism_task
+    org = load_organism(OrganismConfig.demo())          # trains once (minutes on CPU), then cached
+    task = organism_task(org, "first_16_unsplit", "random_without_golf")
+
+Measured (CPU, torch 2.13; the full numbers and conditions are in each checkpoint's report.json): see the
+final report of the organism work in the repository notes.
+
+Importing this package imports no transformers; training and loading import it on use.
+"""
+
+from __future__ import annotations
+
+from mu_fast.organism.config import DEFAULT_MIX, ORGANISM_FORMAT, OrganismConfig
+from mu_fast.organism.facts import (
+    CITIES,
+    FORMATS,
+    SPORT_CHOICES,
+    SPORTS,
+    Athlete,
+    OrganismFacts,
+    make_facts,
+)
+from mu_fast.organism.metrics import (
+    activity_accuracy,
+    format_prompt_set,
+    organism_accuracy,
+    subject_hidden_states,
+    subject_probe_accuracy,
+)
+from mu_fast.organism.organism import Organism, cache_root, checkpoint_dir, load_organism, organism_facts
+from mu_fast.organism.task import organism_task
+from mu_fast.organism.tokenizer import build_tokenizer
+
+__all__ = [
+    "CITIES",
+    "DEFAULT_MIX",
+    "FORMATS",
+    "ORGANISM_FORMAT",
+    "SPORTS",
+    "SPORT_CHOICES",
+    "Athlete",
+    "Organism",
+    "OrganismConfig",
+    "OrganismFacts",
+    "activity_accuracy",
+    "build_tokenizer",
+    "cache_root",
+    "checkpoint_dir",
+    "format_prompt_set",
+    "load_organism",
+    "make_facts",
+    "organism_accuracy",
+    "organism_facts",
+    "organism_task",
+    "subject_hidden_states",
+    "subject_probe_accuracy",
+]

@@ -1,0 +1,159 @@
+"""Build, cache and load the organism.
+
+``load_organism(config)`` returns the trained organism, training it on first use. A checkpoint lives in
+``<cache root>/<config_hash>/`` (root: the ``cache_dir`` argument, else ``$MU_FAST_CACHE_DIR/organism``,
+else ``~/.cache/mu_fast/organism``) and holds the model and tokenizer (``save_pretrained``), the organism
+settings (``organism.json``, with a digest of the generated facts) and the accuracy report
+(``report.json``). It is written into a temporary sibling directory and renamed into place, so a crash
+never leaves a half checkpoint; loading checks that the stored settings hash to the directory's name and
+that the facts regenerate identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mu_fast.organism.config import ORGANISM_FORMAT, OrganismConfig
+from mu_fast.organism.facts import FORMATS, OrganismFacts, make_facts
+
+CACHE_ENV = "MU_FAST_CACHE_DIR"
+SETTINGS_FILE = "organism.json"
+REPORT_FILE = "report.json"
+_REQUIRED = (SETTINGS_FILE, REPORT_FILE, "config.json", "tokenizer.json")
+
+
+@dataclass
+class Organism:
+    """A trained organism: ``model`` (HF CausalLM, float32, eval mode), ``tokenizer``
+    (``PreTrainedTokenizerFast``), ``config``, ``facts`` and the ``report`` written at training time
+    (``accuracy`` per format, ``subject_probe`` per layer, ``random_init_probe``, ``train`` timings).
+    ``path``: the checkpoint directory."""
+
+    model: Any
+    tokenizer: Any
+    config: OrganismConfig
+    facts: OrganismFacts
+    report: dict[str, Any]
+    path: Path
+
+
+def organism_facts(config: OrganismConfig) -> OrganismFacts:
+    """The facts of ``config`` (deterministic in its seed)."""
+    return make_facts(config.n_athletes, config.n_cities, config.seed)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where checkpoints live: ``cache_dir``, else ``$MU_FAST_CACHE_DIR/organism``, else ``~/.cache/mu_fast/organism``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser() / "organism"
+    return Path.home() / ".cache" / "mu_fast" / "organism"
+
+
+def checkpoint_dir(config: OrganismConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    return cache_root(cache_dir) / config.config_hash()
+
+
+def facts_digest(facts: OrganismFacts) -> str:
+    """sha256 prefix of every athlete record and filler text (detects changed fact generation)."""
+    payload = json.dumps([[list(vars(a).values()) for a in facts.athletes], list(facts.filler)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_organism(
+    config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Organism:
+    """The trained organism for ``config`` (default ``OrganismConfig.demo()``): loaded from the cache, or
+    trained (a few minutes on CPU for the demo preset), evaluated and cached first."""
+    config = OrganismConfig.demo() if config is None else config
+    if not isinstance(config, OrganismConfig):
+        raise TypeError(f"config must be an OrganismConfig (e.g. OrganismConfig.demo()); got {type(config).__name__}")
+    path = checkpoint_dir(config, cache_dir)
+    if not path.exists():
+        _build(config, path, progress)
+    return _load(config, path)
+
+
+def _build(config: OrganismConfig, path: Path, progress: bool) -> None:
+    from mu_fast.organism.metrics import organism_accuracy, subject_probe_accuracy
+    from mu_fast.organism.tokenizer import build_tokenizer
+    from mu_fast.organism.train import make_model, torch_threads, train_model
+
+    facts = organism_facts(config)
+    tokenizer = build_tokenizer(facts)
+    model, log = train_model(config, facts, tokenizer, progress=progress)
+    with torch_threads(config.threads):
+        report = {
+            "config_hash": config.config_hash(),
+            "accuracy": organism_accuracy(model, tokenizer, facts, (*FORMATS, "activity")),
+            "subject_probe": subject_probe_accuracy(model, tokenizer, facts),
+            # The same probe on an untrained model of the same shape: chance unless the probe reads the tokens.
+            "random_init_probe": subject_probe_accuracy(make_model(config, len(tokenizer)).eval(), tokenizer, facts),
+            "train": log,
+            "versions": _versions(),
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        settings = {"format": ORGANISM_FORMAT, "config": config.to_dict(), "config_hash": config.config_hash(),
+                    "facts_digest": facts_digest(facts)}
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not path.exists():  # a concurrent build that finished first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(config: OrganismConfig, path: Path) -> Organism:
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from mu_fast.organism.train import attn_implementation
+
+    missing = [f for f in _REQUIRED if not (path / f).exists()]
+    if missing:
+        raise ValueError(f"organism checkpoint {path} lacks {missing}; delete the directory to retrain it")
+    settings = json.loads((path / SETTINGS_FILE).read_text())
+    stored = OrganismConfig.from_dict(settings["config"])
+    if settings.get("format") != ORGANISM_FORMAT or stored.config_hash() != path.name:
+        raise ValueError(
+            f"organism checkpoint {path} holds settings hashing to {stored.config_hash()} (format "
+            f"{settings.get('format')}), not to its name; delete the directory to retrain it"
+        )
+    if path.name != config.config_hash():
+        raise ValueError(f"organism checkpoint {path} is not the one for {config}; load it with its own settings")
+    facts = organism_facts(config)
+    if settings.get("facts_digest") != facts_digest(facts):
+        raise ValueError(
+            f"the facts of the organism in {path} differ from the ones this mu_fast generates for the same settings; "
+            "fact generation changed without a bump of ORGANISM_FORMAT. Delete the directory to retrain it"
+        )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation(config)
+    )
+    report = json.loads((path / REPORT_FILE).read_text())
+    return Organism(model.eval(), tokenizer, config, facts, report, path)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
