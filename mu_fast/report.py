@@ -74,7 +74,10 @@ def results_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_f
 def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results") -> None:
     from rich.console import Console
 
-    Console().print(results_table(summaries, title))
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
+        console = Console(width=180)
+    console.print(results_table(summaries, title))
 
 
 def _plt():
