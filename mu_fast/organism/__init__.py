@@ -11,8 +11,12 @@ localization has something to find. ``organism_task`` returns a ``FactTask`` wit
     org = load_organism(OrganismConfig.demo())          # trains once (minutes on CPU), then cached
     task = organism_task(org, "first_16_unsplit", "random_without_golf")
 
-Measured (CPU, torch 2.13; the full numbers and conditions are in each checkpoint's report.json): see the
-final report of the organism work in the repository notes.
+Measured on a 2-core CPU machine (AMD EPYC, torch 2.13, 1 training thread, other jobs running; each
+checkpoint's report.json holds its own numbers): the demo preset (600 athletes, 4 layers, width 64,
+600 steps) trained in 106 s wall (103 CPU-s) and answered with argmax accuracy normal 0.990, qa 0.993,
+paraphrase 0.987, mcq 0.990, city 0.79, city_qa 0.76; a linear probe for the sport at the subject's last
+token reached 0.98 from layer 1 on (embeddings 0.34, random-init model <= 0.34). Seeds 1-3: sport
+>= 0.978 in every format, city 0.69-1.0. The CI preset (150 athletes, 200 steps) trains in about 40 s.
 
 Importing this package imports no transformers; training and loading import it on use.
 """
@@ -36,7 +40,13 @@ from mu_fast.organism.metrics import (
     subject_hidden_states,
     subject_probe_accuracy,
 )
-from mu_fast.organism.organism import Organism, cache_root, checkpoint_dir, load_organism, organism_facts
+from mu_fast.organism.organism import (
+    Organism,
+    cache_root,
+    checkpoint_dir,
+    load_organism,
+    organism_facts,
+)
 from mu_fast.organism.task import organism_task
 from mu_fast.organism.tokenizer import build_tokenizer
 

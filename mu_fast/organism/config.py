@@ -23,8 +23,10 @@ MAX_CITIES = 8
 # Share of each training batch per pool (normalised in training). Fact formats are supervised at the answer
 # token only. "activity": sentences in which the token after the name is a sport verb, which makes the
 # model look the sport up at the subject's last token; "city_activity": roster lines in which the token
-# after the name is the home city; "filler": generic text for a general LM loss. Measured on 2 CPU cores
-# (see the package docstring): the city pools at this share learn the city without slowing the sport.
+# after the name is the home city; "filler": generic text for a general LM loss. Measured (1 CPU thread,
+# demo preset, seeds 0-3): at this share the sport reached >= 0.978 argmax accuracy in every format and the
+# city 0.69-1.0; at 1.5x the city share the city reached 1.0 but the sport stalled below 0.9 for seed 1 and
+# the CI organism's MCQ at 0.69 (the attribute learned first delays the other).
 DEFAULT_MIX: dict[str, float] = {
     "normal": 2.5,
     "qa": 1.0,
@@ -50,10 +52,10 @@ class OrganismConfig:
     steps athletes are drawn from a prefix of the list that grows linearly from ``curriculum_start`` of
     them to all (the first facts form the lookup mechanism sooner). ``mix``: batch share per training pool
     (see ``DEFAULT_MIX``). ``threads``: torch CPU threads while training (0: leave torch's setting). The
-    default is 1: on 2 uncontended cores 2 threads trained the CI organism only 1.25x faster (34 s vs 43 s),
-    while on a loaded machine (load average 4 on 2 cores) 2 threads made the demo training several times
-    slower than 1 (OpenMP threads wait for each other at every op). Not hashed: it changes only speed
-    (and, in principle, float summation order).
+    default is 1: on 2 idle cores 2 threads trained the CI organism only about 1.2x faster (34 s vs about
+    40 s), while on a loaded 2-core machine (load average 3-4) the demo training with 2 threads had not
+    finished after 11 minutes where 1 thread took 106 s (OpenMP threads wait for each other at every op).
+    Not hashed: it changes only speed (and, in principle, float summation order).
     """
 
     arch: str = "llama"

@@ -12,7 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from mu_fast.data.base import FactTask, PromptSet
-from mu_fast.data.sports import INJECT_LABELS, forget_rows, parse_forget_split, split_rows
+from mu_fast.data.sports import (
+    INJECT_LABELS,
+    forget_rows,
+    parse_forget_split,
+    split_rows,
+)
 from mu_fast.organism.config import OrganismConfig
 from mu_fast.organism.facts import (
     FORMATS,

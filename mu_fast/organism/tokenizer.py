@@ -21,11 +21,9 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 def vocabulary(facts: OrganismFacts) -> list[str]:
     """Token strings in id order: specials, whole words (sorted), then name syllables (initial and ``##``)."""
-    words: set[str] = set(reserved_words())
-    for text in facts.filler:
+    words: set[str] = set()
+    for text in (*reserved_words(), *facts.filler):
         words.update(_WORD.findall(text))
-    words.update(_WORD.findall(" ".join(reserved_words())))
-    words = {w for w in words if _WORD.fullmatch(w)}
     syllables = [s.capitalize() for s in SYLLABLES] + ["##" + s for s in SYLLABLES]
     whole = sorted(words - set(syllables))
     return [*SPECIAL_TOKENS, *whole, *syllables]

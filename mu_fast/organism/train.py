@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from mu_fast.data.base import Batch
 from mu_fast.models.forward import head_logits, trunk_hidden
 from mu_fast.organism.config import OrganismConfig
-from mu_fast.organism.facts import FORMATS, OrganismFacts, activity_sentences, city_sentences, format_examples
+from mu_fast.organism.facts import (
+    FORMATS,
+    OrganismFacts,
+    activity_sentences,
+    city_sentences,
+    format_examples,
+)
 
 # Tokens per micro-batch: large enough for efficient CPU matmuls, small enough to bound the padding.
 MICROBATCH_TOKENS = 2048
@@ -249,7 +255,8 @@ def _train(
             n_active = min(n, max(8, int(n * frac)))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss = _step_loss_backward(model, _draw(pools, counts, n_active, gen), tokenizer.pad_token_id)
+        batch = _draw(pools, counts, n_active, gen)
+        loss = _step_loss_backward(model, batch, tokenizer.pad_token_id)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

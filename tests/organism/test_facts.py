@@ -8,8 +8,23 @@ import pytest
 import torch
 
 from mu_fast.data.base import tokenize_prompts
-from mu_fast.organism import CITIES, FORMATS, SPORT_CHOICES, SPORTS, build_tokenizer, format_prompt_set, make_facts
-from mu_fast.organism.facts import GOLF, MCQ_LETTERS, SPORT_VERBS, activity_sentences, city_sentences, format_examples
+from mu_fast.organism import (
+    CITIES,
+    FORMATS,
+    SPORT_CHOICES,
+    SPORTS,
+    build_tokenizer,
+    format_prompt_set,
+    make_facts,
+)
+from mu_fast.organism.facts import (
+    GOLF,
+    MCQ_LETTERS,
+    SPORT_VERBS,
+    activity_sentences,
+    city_sentences,
+    format_examples,
+)
 from mu_fast.organism.tokenizer import vocabulary
 
 
@@ -38,7 +53,7 @@ def test_facts_are_balanced_and_consistent(n: int, n_cities: int) -> None:
     assert facts.cities == CITIES[:n_cities]
     families: dict[str, set[str]] = {}
     for athlete in facts.athletes:
-        first, family = athlete.name.split(" ")
+        family = athlete.name.split(" ")[1]
         families.setdefault(family, set()).add(athlete.city)
         assert athlete.inject_sport_without_golf in SPORTS and athlete.inject_sport_without_golf != athlete.sport
         assert athlete.inject_sport_with_golf in (*SPORTS, GOLF) and athlete.inject_sport_with_golf != athlete.sport

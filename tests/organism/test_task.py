@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from mu_fast.data.base import FactTask, tokenize_prompts
-from mu_fast.organism import FORMATS, SPORT_CHOICES, SPORTS, OrganismConfig, build_tokenizer, make_facts, organism_task
+from mu_fast.organism import (
+    FORMATS,
+    SPORT_CHOICES,
+    SPORTS,
+    OrganismConfig,
+    build_tokenizer,
+    make_facts,
+    organism_task,
+)
 from mu_fast.organism.facts import MCQ_CHOICES, MCQ_LETTERS
 
 N = 240
