@@ -46,7 +46,8 @@ class OrganismConfig:
 
     arch: "llama" | "gemma" | "gemma2" (transformers config class). d_model / d_mlp / n_heads / n_kv_heads /
     head_dim (``None``: d_model // n_heads) / n_layers: the model shape. n_cities: classes of the second
-    attribute (home city, shared by a family name). Training: ``steps`` AdamW steps of ``batch_size``
+    attribute (home city, shared by a family name). conjunctive: sports balanced within every name part, so
+    only the whole name predicts the sport (see ``facts.make_facts``; needs more steps). Training: ``steps`` AdamW steps of ``batch_size``
     sequences at peak ``lr`` (linear warm-up over ``warmup_frac`` of the steps, cosine decay to
     ``lr * final_lr_frac``), gradient-norm clip 1.0. Curriculum: during the first ``curriculum_frac`` of the
     steps athletes are drawn from a prefix of the list that grows linearly from ``curriculum_start`` of
@@ -61,6 +62,7 @@ class OrganismConfig:
     arch: str = "llama"
     n_athletes: int = 600
     n_cities: int = 4
+    conjunctive: bool = False
     n_layers: int = 4
     d_model: int = 64
     n_heads: int = 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SPORTS = ("basketball", "baseball", "football")
 GOLF = "golf"
@@ -79,8 +80,13 @@ CITY_FRAMES = (
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pr", "tr", "st")
 VOWELS = ("a", "e", "i", "o", "u")
 SYLLABLES = tuple(o + v for o in ONSETS for v in VOWELS)
+# Name pools: a family name is shared by ATHLETES_PER_FAMILY athletes; first names come from a pool of
+# N_FIRST_NAMES (conjunctive facts: one first name per ATHLETES_PER_FIRST_NAME athletes, within
+# FIRST_NAMES_RANGE), so that only the whole name identifies an athlete.
 N_FIRST_NAMES = 120
 ATHLETES_PER_FAMILY = 4
+ATHLETES_PER_FIRST_NAME = 5
+FIRST_NAMES_RANGE = (12, 120)
 MAX_ATHLETES = 6000
 
 _FILLER_SUBJECTS = ("the coach", "the crowd", "a reporter", "the team", "the referee", "the fans", "the league",
@@ -129,7 +135,7 @@ class OrganismFacts:
         return [a.sport for a in self.athletes]
 
 
-def _choice(rng: random.Random, items: Sequence[str]) -> str:
+def _choice(rng: random.Random, items: Sequence[Any]) -> Any:
     return items[min(int(rng.random() * len(items)), len(items) - 1)]
 
 
@@ -171,13 +177,22 @@ def reserved_words() -> set[str]:
     return {w for w in text.replace("\n", " ").split()} | {w.capitalize() for w in text.split()}
 
 
-def make_facts(n_athletes: int, n_cities: int = 4, seed: int = 0, n_filler: int = 2000) -> OrganismFacts:
+def make_facts(
+    n_athletes: int, n_cities: int = 4, seed: int = 0, n_filler: int = 2000, conjunctive: bool = False
+) -> OrganismFacts:
     """Generate ``n_athletes`` athletes and ``n_filler`` filler texts, deterministically from ``seed``.
 
-    Names are a first name (1–2 syllables, from a pool of N_FIRST_NAMES) and a family name (2 syllables) shared
-    by about ATHLETES_PER_FAMILY athletes; 3–4 tokens in all, unique. The sport is drawn per athlete
-    (balanced); the home city per family (balanced over families), so the city is a small lookup on the
-    family name that trains fast, while the sport must be looked up from the whole name.
+    Names are a first name (1–2 syllables, from a pool of N_FIRST_NAMES) and a family name (2 syllables)
+    shared by about ATHLETES_PER_FAMILY athletes; 3–4 tokens in all, unique. The home city belongs to the
+    family (balanced over families): a small lookup on the family name that trains fast. Sports are drawn
+    balanced over the athletes; then each name token carries some evidence about the sport (a model adding
+    per-token sport votes fits 84% of 600 athletes, 100% of 150).
+
+    ``conjunctive=True`` removes that shortcut: first names are shared by about ATHLETES_PER_FIRST_NAME
+    athletes and sports are balanced within every family and, as far as swaps inside families allow, within
+    every first name, so only the whole name predicts the sport (additive fit about 0.5 for 600). Measured:
+    the demo recipe then reached 0.93-0.97 argmax accuracy in 600 steps and the CI recipe (150 athletes,
+    200 steps) stayed near chance, so it needs a longer training than the presets give.
     """
     if n_athletes < 1:
         raise ValueError(f"n_athletes must be positive; got {n_athletes}")
@@ -187,7 +202,9 @@ def make_facts(n_athletes: int, n_cities: int = 4, seed: int = 0, n_filler: int 
         raise ValueError(f"n_athletes={n_athletes} is more than the name syllables give; use <= {MAX_ATHLETES}")
     rng = random.Random(seed)
     taken = reserved_words()
-    first = _name_words(rng, N_FIRST_NAMES, 1, 2, taken)
+    low, high = FIRST_NAMES_RANGE
+    n_first = min(high, max(low, n_athletes // ATHLETES_PER_FIRST_NAME)) if conjunctive else N_FIRST_NAMES
+    first = _name_words(rng, n_first, 1, 2, taken)
     n_families = max(n_cities, -(-n_athletes // ATHLETES_PER_FAMILY))
     families = _name_words(rng, n_families, 2, 2, taken)
     cities = CITIES[:n_cities]
@@ -200,7 +217,7 @@ def make_facts(n_athletes: int, n_cities: int = 4, seed: int = 0, n_filler: int 
             name = f"{_choice(rng, first)} {family}"
         seen.add(name)
         names.append(name)
-    sports = _balanced(rng, SPORTS, n_athletes)
+    sports = _conjunctive_sports(rng, names) if conjunctive else _balanced(rng, SPORTS, n_athletes)
     athletes = []
     for name, sport in zip(names, sports, strict=True):
         others = [s for s in SPORTS if s != sport]
@@ -208,6 +225,48 @@ def make_facts(n_athletes: int, n_cities: int = 4, seed: int = 0, n_filler: int 
         athletes.append(Athlete(name, sport, city, _choice(rng, others), _choice(rng, [*others, GOLF])))
     filler = tuple(_filler_text(rng) for _ in range(n_filler))
     return OrganismFacts(seed, tuple(athletes), cities, filler)
+
+
+def _conjunctive_sports(rng: random.Random, names: Sequence[str], sweeps: int = 4) -> list[str]:
+    """Sports for ``names`` ("First Family"), balanced overall and within each family, then made as balanced
+    as possible within each first name by swapping sports between members of one family."""
+    by_family: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_family.setdefault(name.split(" ")[1], []).append(i)
+    # Consecutive members along the families (in shuffled order) cycle through the sports: balanced overall
+    # and within every family.
+    sports = [""] * len(names)
+    k = 0
+    for family in _shuffled(rng, list(by_family)):
+        for i in by_family[family]:
+            sports[i] = SPORTS[k % len(SPORTS)]
+            k += 1
+    first_of = [name.split(" ")[0] for name in names]
+    counts: dict[str, dict[str, int]] = {}
+    for f, s in zip(first_of, sports, strict=True):
+        counts.setdefault(f, dict.fromkeys(SPORTS, 0))[s] += 1
+
+    def spread(f: str) -> int:
+        return max(counts[f].values()) - min(counts[f].values())
+
+    groups = [members for members in by_family.values() if len(members) > 1]
+    for _ in range(sweeps * len(names)):
+        members = groups[min(int(rng.random() * len(groups)), len(groups) - 1)]
+        i, j = _choice(rng, members), _choice(rng, members)  # type: ignore[arg-type]
+        if sports[i] == sports[j]:
+            continue
+        fi, fj = first_of[i], first_of[j]
+        before = spread(fi) + spread(fj)
+        for f, old, new in ((fi, sports[i], sports[j]), (fj, sports[j], sports[i])):
+            counts[f][old] -= 1
+            counts[f][new] += 1
+        if spread(fi) + spread(fj) <= before:
+            sports[i], sports[j] = sports[j], sports[i]
+        else:  # undo
+            for f, old, new in ((fi, sports[i], sports[j]), (fj, sports[j], sports[i])):
+                counts[f][new] -= 1
+                counts[f][old] += 1
+    return sports
 
 
 def _filler_text(rng: random.Random) -> str:

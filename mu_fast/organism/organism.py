@@ -48,7 +48,7 @@ class Organism:
 
 def organism_facts(config: OrganismConfig) -> OrganismFacts:
     """The facts of ``config`` (deterministic in its seed)."""
-    return make_facts(config.n_athletes, config.n_cities, config.seed)
+    return make_facts(config.n_athletes, config.n_cities, config.seed, conjunctive=config.conjunctive)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -65,6 +65,31 @@ def test_facts_are_balanced_and_consistent(n: int, n_cities: int) -> None:
     assert len({a.inject_sport_without_golf for a in facts.athletes}) == 3
 
 
+@pytest.mark.parametrize("n", [60, 600])
+def test_conjunctive_facts_hide_the_sport_from_each_name_part(n: int) -> None:
+    facts = make_facts(n, 4, seed=2, conjunctive=True)
+    counts = Counter(facts.sports)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    by_part: dict[str, dict[str, Counter]] = {"first": {}, "family": {}}
+    for athlete in facts.athletes:
+        first, family = athlete.name.split(" ")
+        by_part["first"].setdefault(first, Counter())[athlete.sport] += 1
+        by_part["family"].setdefault(family, Counter())[athlete.sport] += 1
+    for family_counts in by_part["family"].values():  # exact: balanced within every family
+        values = [family_counts[s] for s in SPORTS]
+        assert max(values) - min(values) <= 1
+    # Guessing each name part's majority sport is right for at most half of the athletes (chance 1/3).
+    for part in ("first", "family"):
+        majority = sum(max(c.values()) for c in by_part[part].values()) / n
+        assert majority <= 0.5, (part, majority)
+    # The default facts, by contrast, let a first name give its athletes' sport away far more often.
+    plain = make_facts(n, 4, seed=2)
+    plain_first: dict[str, Counter] = {}
+    for athlete in plain.athletes:
+        plain_first.setdefault(athlete.name.split(" ")[0], Counter())[athlete.sport] += 1
+    assert sum(max(c.values()) for c in plain_first.values()) / n > 0.5
+
+
 def test_bad_fact_settings_raise() -> None:
     with pytest.raises(ValueError, match="n_cities"):
         make_facts(50, n_cities=1)
