@@ -54,15 +54,17 @@ def _console():
 @app.command()
 def demo(
     out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots)"),
-    preset: str = typer.Option("demo", help="organism preset: demo (≈1k athletes) or ci (small, fast)"),
+    preset: str = typer.Option("demo", help="organism preset: demo (600 athletes, about 2 minutes to train) or ci (150 athletes, under a minute)"),
     forget_split: str = typer.Option("first_64_unsplit", help="forget split, as in the paper"),
     methods: str = typer.Option(",".join(("flu", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")), help="comma-separated localization methods"),
     relearn: bool = typer.Option(True, help="run the relearning attack"),
     fresh: bool = typer.Option(False, help="recompute every method even if its result exists"),
 ) -> None:
     """Train (or load) the model organism, then localize / edit / evaluate it with every method and compare."""
+    from dataclasses import replace
+
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
-    from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, RunOptions, compare_localizations, group_configs
+    from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, ORGANISM_RUN_OPTIONS, compare_localizations, group_configs
 
     t0 = time.perf_counter()
     console = _console()
@@ -76,7 +78,7 @@ def demo(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     results = compare_localizations(
         org.model, org.tokenizer, task, method_list, group_configs(method_list, ORGANISM_EDIT_GROUPS),
-        RunOptions(relearn=relearn, relearn_rank=64), out_dir=out, resume=not fresh,
+        ORGANISM_RUN_OPTIONS if relearn else replace(ORGANISM_RUN_OPTIONS, relearn=False), out_dir=out, resume=not fresh,
         title=f"organism ({preset}), {forget_split}, edit to a random other sport",
     )
     console.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")

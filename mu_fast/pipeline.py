@@ -27,12 +27,17 @@ METHOD_GROUP = {
     "all_mlps": "broad", "nonlocalized": "broad", "manual": "lookup",
 }
 DEMO_METHODS = ("flu", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")
-# Per-group edit settings for the organism (tuned on it; see the note in the README). The organism's LM retain
-# texts are short, so a smaller LM batch keeps steps cheap.
+# Per-group edit settings for the organism, tuned on the demo organism (first_64_unsplit, inject a random other
+# sport) by a small partial sweep (lr 3e-4 / 1e-3 / 3e-3 at 50 steps and maintain_coef 1; lr 1e-3 / 3e-3 / 1e-2 at
+# maintain_coef 5 with 50 and 100 steps), picking per group the lr with the highest forget error at maintain
+# accuracy >= 0.8. The organism stores 600 facts in 4 layers of
+# width 64, so an edit of 64 of them pulls hard on its neighbours: maintain_coef 5 and 100 steps were needed to
+# reach high forget error without collapsing maintain (at the paper's coefficient 1 and 50 steps, maintain fell to
+# 0.6-0.7 before forget error passed 0.7). The organism's LM retain texts are short, so a smaller LM batch.
 ORGANISM_EDIT_GROUPS = {
-    "lookup": EditConfig(steps=50, lr=2e-3, forget_coef=1.0, maintain_batch=64, lm_batch=16),
-    "tracing": EditConfig(steps=50, lr=2e-3, forget_coef=1.0, maintain_batch=64, lm_batch=16),
-    "broad": EditConfig(steps=50, lr=5e-4, forget_coef=1.0, maintain_batch=64, lm_batch=16),
+    "lookup": EditConfig(steps=100, lr=1e-2, forget_coef=1.0, maintain_coef=5.0, maintain_batch=64, lm_batch=16),
+    "tracing": EditConfig(steps=100, lr=3e-3, forget_coef=1.0, maintain_coef=5.0, maintain_batch=64, lm_batch=16),
+    "broad": EditConfig(steps=100, lr=3e-3, forget_coef=1.0, maintain_coef=5.0, maintain_batch=64, lm_batch=16),
 }
 
 
@@ -47,6 +52,13 @@ class RunOptions:
     probes: bool = True
     eval_batch_size: int = 64
     seed: int = 0
+
+
+# The organism's relearning attack: at the paper's lr 2e-4 (tuned for 7-9B models) 20 LoRA steps moved held-out
+# forget accuracy by at most 0.05 for every method on the demo organism, so the attack told them apart only at a
+# higher lr (1e-3: flu 0.17 -> 0.64, nonlocalized 0.02 -> 0.40). d_model is 64, so rank 16 is already a quarter
+# of full rank (64 gave the same accuracies within 0.02).
+ORGANISM_RUN_OPTIONS = RunOptions(relearn_lr=1e-3, relearn_rank=16)
 
 
 def summarize(loc_summary: Mapping[str, Any], evals: Mapping[str, Any], relearn: Mapping[str, Any] | None,
@@ -68,6 +80,9 @@ def summarize(loc_summary: Mapping[str, Any], evals: Mapping[str, Any], relearn:
     out["mcq_edit_acc"] = get("mcq", "forget", "edit_acc")
     out["paraphrase_edit_acc"] = get("paraphrase", "forget", "edit_acc")
     out["neighborhood_edit_err"] = get("neighborhood", "forget", "edit_error")
+    # A second attribute of the same (edited) subjects, where the task has one (the organism's home city):
+    # collateral damage the sport metrics cannot see.
+    out["other_attr_acc"] = get("city", "forget", "acc")
     if relearn:
         out["relearn_acc"] = float(relearn["final"]["normal"]["acc"])
         if "mcq" in relearn["final"]:
@@ -155,6 +170,7 @@ def compare_localizations(
     results["seconds"] = time.perf_counter() - start
     summaries = {m: r["summary"] for m, r in results["methods"].items()}
     results["summary"] = summaries
+    results["notes"] = same_selection_notes(results["methods"])
     if out is not None:
         write_json(out / "results.json", results)
         plot_probe_accuracy(
@@ -165,8 +181,31 @@ def compare_localizations(
                               out / "localization_map.png")
         plot_robustness(summaries, out / "robustness.png")
     if progress:
-        print_table(summaries, title or f"{task.name}: localized editing compared")
+        before_row = {BEFORE_ROW: summarize({"trainable_params": 0}, baseline, None, None, 0.0)}
+        print_table({**before_row, **summaries}, title or f"{task.name}: localized editing compared")
+        for note in results["notes"]:
+            print(f"note: {note}")
     return results
+
+
+BEFORE_ROW = "(before edit)"
+
+
+def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Say which methods chose exactly the same components as an earlier one (their rows then repeat it),
+    e.g. random-MLPs drawing FLU's layer on a 4-layer model: a coincidence the reader should not mistake for
+    two methods agreeing independently."""
+    notes, seen = [], {}
+    for method, record in methods.items():
+        comps = tuple(sorted(record.get("localization", {}).get("components", [])))
+        if not comps:
+            continue
+        if comps in seen:
+            notes.append(f"{method} selected the same components as {seen[comps]} ({', '.join(comps)}); "
+                         f"its row repeats that edit")
+        else:
+            seen[comps] = method
+    return notes
 
 
 def group_configs(methods: Sequence[str], groups: Mapping[str, EditConfig]) -> dict[str, EditConfig]:

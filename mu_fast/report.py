@@ -26,6 +26,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mcq_forget_err", "MCQ forget err ↑", "{:.2f}"),
     ("mcq_edit_acc", "MCQ edit ↑", "{:.2f}"),
     ("paraphrase_edit_acc", "para edit ↑", "{:.2f}"),
+    ("other_attr_acc", "other attr ↑", "{:.2f}"),
     ("relearn_acc", "relearned ↓", "{:.2f}"),
     ("probe_true_acc", "latent probe ↓", "{:.2f}"),
     ("seconds", "time s", "{:.1f}"),
@@ -100,6 +101,9 @@ def plot_probe_accuracy(curves: Mapping[str, Sequence[float]], path: str | os.Pa
         ax.axvspan(layer - 0.4, layer + 0.4, color="tab:green", alpha=0.15)
     if chance is not None:
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+    n = max((len(v) for v in curves.values()), default=0)
+    if n:
+        ax.set_xticks(range(0, n, max(1, n // 16)))  # whole layers only
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out probe accuracy")
     ax.set_ylim(0, 1.05)

@@ -59,3 +59,19 @@ def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
     again = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False)
     assert (tmp_path / "atp.json").stat().st_mtime_ns == stamp
     assert again["summary"]["atp"] == results["summary"]["atp"]
+
+
+def test_same_selection_notes_flag_repeated_rows():
+    from mu_fast.pipeline import same_selection_notes
+
+    methods = {
+        "flu": {"localization": {"components": ["m0"]}},
+        "atp": {"localization": {"components": ["a1.h0", "m2"]}},
+        "random_mlps": {"localization": {"components": ["m0"]}},
+        "ct": {"localization": {"components": ["m2", "a1.h0"]}},
+    }
+    notes = same_selection_notes(methods)
+    assert len(notes) == 2
+    assert notes[0].startswith("random_mlps selected the same components as flu")
+    assert notes[1].startswith("ct selected the same components as atp")
+    assert same_selection_notes({"flu": methods["flu"], "atp": methods["atp"]}) == []
