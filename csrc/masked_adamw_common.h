@@ -57,6 +57,22 @@ MU_FAST_HD void adamw_element(float& p, float& m, float& v, float g, const AdamC
   p = p - c.step_size * (m / denom);
 }
 
+#ifdef __CUDACC__
+// The same step with every operation IEEE round-to-nearest and none contracted into an FMA, whatever
+// --use_fast_math says: the arithmetic of the torch reference. The 8-bit kernel needs it because block
+// quantization feeds rounding back into the state: a 1-2 ulp difference in m / absmax flips a code at a tie
+// (bf16 gradients put many normalized values exactly on midpoints), the flipped code changes the next step's m,
+// and where m nearly cancels the exponentially dense map turns that into several codes. (Emulated on the CPU:
+// +-2 ulp of noise on m / absmax gave up to 45 codes of difference after 3 bf16 steps, none in fp32 state.)
+__device__ __forceinline__ void adamw_element_ieee(float& p, float& m, float& v, float g, const AdamCoef& c) {
+  p = __fmul_rn(p, c.decay);
+  m = __fadd_rn(__fmul_rn(c.beta1, m), __fmul_rn(c.one_minus_beta1, g));
+  v = __fadd_rn(__fmul_rn(c.beta2, v), __fmul_rn(__fmul_rn(c.one_minus_beta2, g), g));
+  const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(v), c.inv_sqrt_bc2), c.eps);
+  p = __fsub_rn(p, __fmul_rn(c.step_size, __fdiv_rn(m, denom)));
+}
+#endif
+
 // Nearest code of x in a sorted 256-entry map, from its midpoints (255 values then +inf): the number of
 // midpoints strictly below x (ties go to the lower code), by an 8-step branch-free binary search.
 // Written out (no inner loop) so CPU compilers vectorize a loop of calls with gathers.

@@ -362,11 +362,11 @@ __global__ void __launch_bounds__(kThreads)
     float pv = 0.f, mv = 0.f, vv = 0.f;
     if (valid) {
       flat = flat_of(t, j, index);
-      const float gv = load_grad<T, COMPACT>(g, cgrad, flat, st) * clip;
+      const float gv = __fmul_rn(load_grad<T, COMPACT>(g, cgrad, flat, st), clip);
       pv = MASTER ? master[st] : static_cast<float>(p[flat]);
-      mv = s_qm[cm[st]] * am[blk];
-      vv = s_qv[cv[st]] * av[blk];
-      adamw_element(pv, mv, vv, gv, c);
+      mv = __fmul_rn(s_qm[cm[st]], am[blk]);
+      vv = __fmul_rn(s_qv[cv[st]], av[blk]);
+      adamw_element_ieee(pv, mv, vv, gv, c);  // IEEE ops: see masked_adamw_common.h
     }
     const float new_am = block_reduce(valid ? fabsf(mv) : 0.f, Max());
     const float new_av = block_reduce(valid ? vv : 0.f, Max());
@@ -374,8 +374,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const float block_am = s_absmax[0], block_av = s_absmax[1];
     if (valid) {
-      cm[st] = static_cast<uint8_t>(quantize_code(mv / (block_am > 0.f ? block_am : 1.f), s_mm));
-      cv[st] = static_cast<uint8_t>(quantize_code(vv / (block_av > 0.f ? block_av : 1.f), s_mv));
+      cm[st] = static_cast<uint8_t>(quantize_code(__fdiv_rn(mv, block_am > 0.f ? block_am : 1.f), s_mm));
+      cv[st] = static_cast<uint8_t>(quantize_code(__fdiv_rn(vv, block_av > 0.f ? block_av : 1.f), s_mv));
       if (MASTER) master[st] = pv;
       p[flat] = static_cast<T>(pv);
     }
