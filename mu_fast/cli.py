@@ -64,7 +64,12 @@ def demo(
     from dataclasses import replace
 
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
-    from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, ORGANISM_RUN_OPTIONS, compare_localizations, group_configs
+    from mu_fast.pipeline import (
+        ORGANISM_EDIT_GROUPS,
+        ORGANISM_RUN_OPTIONS,
+        compare_localizations,
+        group_configs,
+    )
 
     t0 = time.perf_counter()
     console = _console()

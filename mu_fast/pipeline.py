@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from mu_fast.edit.loop import EditConfig, edit
-from mu_fast.report import plot_localization_map, plot_probe_accuracy, plot_robustness, print_table, write_json
+from mu_fast.report import (
+    plot_localization_map,
+    plot_probe_accuracy,
+    plot_robustness,
+    print_table,
+    write_json,
+)
 
 # The paper tunes lr / forget coefficient per group of methods (authors_repo.md §3.4): fact-lookup-sized MLP
 # selections, output-tracing and random selections, and the broad selections. Values below are for the organism.

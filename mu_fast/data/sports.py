@@ -89,6 +89,17 @@ def forget_rows(name: str, n_rows: int, sports: Sequence[str] | None = None) -> 
     return [i for i, s in enumerate(sports) if s == name]
 
 
+def check_split_args(inject_label: str | None, maintain_split: str) -> str:
+    """Validate the edit target and maintain split of a sports-style task; return the inject label as a string
+    (``"None"`` for unlearning)."""
+    inject = "None" if inject_label is None else str(inject_label)
+    if inject not in INJECT_LABELS:
+        raise ValueError(f"inject_label={inject_label!r} is not one of {INJECT_LABELS}")
+    if maintain_split not in ("split", "unsplit"):
+        raise ValueError(f"maintain_split={maintain_split!r}; choose 'split' (80/20, the paper) or 'unsplit'")
+    return inject
+
+
 def split_rows(rows: Sequence[int], split: bool, fraction: float) -> tuple[list[int], list[int]]:
     """(train, test): the first ``int(fraction * n)`` rows and the rest, or both = all rows when unsplit."""
     rows = list(rows)
@@ -117,11 +128,7 @@ def load_sports_task(
     Training-format prompt sets go in forget_/maintain_ train/test; ``formats[fmt]["forget"|"maintain"]``
     hold the forget-test and maintain-test facts in each of ``normal``, ``qa``, ``mcq``.
     """
-    inject = "None" if inject_label is None else str(inject_label)
-    if inject not in INJECT_LABELS:
-        raise ValueError(f"inject_label={inject_label!r} is not one of {INJECT_LABELS}")
-    if maintain_split not in ("split", "unsplit"):
-        raise ValueError(f"maintain_split={maintain_split!r}; choose 'split' (80/20, the paper) or 'unsplit'")
+    inject = check_split_args(inject_label, maintain_split)
     name, split = parse_forget_split(forget_split)
     df = read_table("sports.csv", data_dir)
     _check_columns(df, ("athlete", "sport", "inject_sport_with_golf", "inject_sport_without_golf"), "sports.csv")

@@ -13,7 +13,7 @@ from typing import Any
 
 from mu_fast.data.base import FactTask, PromptSet
 from mu_fast.data.sports import (
-    INJECT_LABELS,
+    check_split_args,
     forget_rows,
     parse_forget_split,
     split_rows,
@@ -51,11 +51,7 @@ def organism_task(
     ``lm_texts``: the filler text; ``classes``: the four sport answers (golf last).
     """
     facts = _facts_of(config_or_facts)
-    inject = "None" if inject_label is None else str(inject_label)
-    if inject not in INJECT_LABELS:
-        raise ValueError(f"inject_label={inject_label!r} is not one of {INJECT_LABELS}")
-    if maintain_split not in ("split", "unsplit"):
-        raise ValueError(f"maintain_split={maintain_split!r}; choose 'split' (80/20, the paper) or 'unsplit'")
+    inject = check_split_args(inject_label, maintain_split)
     name, split = parse_forget_split(forget_split)
     n = len(facts)
     forget = forget_rows(name, n, facts.sports)
