@@ -34,3 +34,23 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"data directory {path} missing: put ../shared/data beside the repo or set MU_FAST_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """A session-wide ``$MU_FAST_CACHE_DIR`` for tests that go through the default cache (the CLI)."""
+    return tmp_path_factory.mktemp("mu_fast_cache")
+
+
+@pytest.fixture(scope="session")
+def ci_cache(cache_root) -> Path:
+    """Where the CI organism is cached: ``<cache_root>/organism``, the default layout under ``$MU_FAST_CACHE_DIR``."""
+    return cache_root / "organism"
+
+
+@pytest.fixture(scope="session")
+def ci_organism(ci_cache):
+    """The CI organism (``OrganismConfig.ci()``), trained once per session (about 40 s on 2 cores)."""
+    from mu_fast.organism import OrganismConfig, load_organism
+
+    return load_organism(OrganismConfig.ci(), cache_dir=ci_cache, progress=False)

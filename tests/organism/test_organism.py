@@ -42,16 +42,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def ci_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("organism_cache")
-
-
-@pytest.fixture(scope="session")
-def ci_organism(ci_cache):
-    return load_organism(OrganismConfig.ci(), cache_dir=ci_cache, progress=False)
-
-
 def test_organism_knows_its_facts(ci_organism) -> None:
     acc = organism_accuracy(ci_organism.model, ci_organism.tokenizer, ci_organism.facts, (*FORMATS, "activity"))
     assert acc == pytest.approx(ci_organism.report["accuracy"])  # the stored report is the model's
