@@ -23,17 +23,8 @@ def _need(backend: str) -> None:
         pytest.fail(f"GPU backend {backend!r} unavailable on a CUDA machine: {why}")
 
 
-@pytest.mark.parametrize("structure", STRUCTURES)
-@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"density={d}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("state_bits", [32])
-def test_gpu_backend_matches_fp64_oracle(backend, dtype, density, structure, state_bits, rng):
-    _need(backend)
-    dt, master = DTYPES[dtype]
-    cpu_params = make_params(dt, rng, BIG)
-    mask = make_mask(cpu_params, structure, density, rng)
-    params = {n: torch.nn.Parameter(p.detach().cuda()) for n, p in cpu_params.items()}
+def _three_steps_match_the_oracle(params, cpu_params, mask, backend, master, rng):
+    """Three steps of MaskedAdamW on the GPU ``params`` (copies of ``cpu_params``) against the fp64 oracle."""
     before = {n: p.detach().clone() for n, p in cpu_params.items()}
     oracle = DenseOracle(cpu_params, mask, master=master)
     opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-2, weight_decay=0.1, backend=backend,
@@ -45,6 +36,20 @@ def test_gpu_backend_matches_fp64_oracle(backend, dtype, density, structure, sta
         opt.step()
         oracle.step(grads, 1e-2, weight_decay=0.1)
     assert_matches_oracle({n: p.detach().cpu() for n, p in params.items()}, before, oracle, mask, 3, 1e-2)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"density={d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("state_bits", [32])
+def test_gpu_backend_matches_fp64_oracle(backend, dtype, density, structure, state_bits, rng):
+    _need(backend)
+    dt, master = DTYPES[dtype]
+    cpu_params = make_params(dt, rng, BIG)
+    mask = make_mask(cpu_params, structure, density, rng)
+    params = {n: torch.nn.Parameter(p.detach().cuda()) for n, p in cpu_params.items()}
+    _three_steps_match_the_oracle(params, cpu_params, mask, backend, master, rng)
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["dense_grads", "compact_grads"])
@@ -155,14 +160,4 @@ def test_cuda_vector_and_scalar_paths_match_fp64_oracle(dtype, offset, rng):
         view.copy_(p.detach())
         params[n] = torch.nn.Parameter(view)
         assert (params[n].data_ptr() % 16 == 0) == (offset == 0)
-    before = {n: p.detach().clone() for n, p in cpu_params.items()}
-    oracle = DenseOracle(cpu_params, mask, master=master)
-    opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-2, weight_decay=0.1, backend="cuda",
-                      master_weights=master)
-    for _ in range(3):
-        grads = fresh_grads(cpu_params, mask, rng)
-        for n in mask:
-            params[n].grad = grads[n].cuda()
-        opt.step()
-        oracle.step(grads, 1e-2, weight_decay=0.1)
-    assert_matches_oracle({n: p.detach().cpu() for n, p in params.items()}, before, oracle, mask, 3, 1e-2)
+    _three_steps_match_the_oracle(params, cpu_params, mask, "cuda", master, rng)
