@@ -303,3 +303,58 @@ def test_peer(benchmark, case, peer):
          int(sum(p.numel() for p in trained) * (4 * e + 4 + 8 / 256)), None)
 
 
+
+
+def _captured(step_fn, warmup: int = 3):
+    """``step_fn`` captured in a CUDA graph after ``warmup`` eager calls on the capture stream; returns replay."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step_fn()
+        with torch.cuda.graph(graph, stream=stream):
+            step_fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay
+
+
+@pytest.mark.parametrize("impl", ["ours-cuda", "slice+torch-fused"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_graph_captured(benchmark, case, impl):
+    """The step captured in a CUDA graph and replayed (host time gone: what a captured training step costs), ours
+    against the slice-params peer captured the same way (torch AdamW fused, capturable). The cosine learning
+    rate is a device tensor updated outside the graph, as a captured loop does it."""
+    if not GPU:
+        pytest.skip("CUDA graphs need a GPU")
+    arch, layers, structure, density = case
+    params, mask = _workload(arch, layers, structure, density)
+    lr = torch.tensor(1e-4, device=DEVICE)
+    if impl == "ours-cuda":
+        if backend_availability(DEVICE)["cuda"] != "available":
+            pytest.skip(f"backend cuda: {backend_availability(DEVICE)['cuda']}")
+        opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=lr, backend="cuda")
+        name, role, nbytes, state = "MaskedAdamW[cuda,graph]", "ours", _bytes_ours(mask, False, 32), opt.state_bytes()
+    else:
+        if structure == "random":
+            pytest.skip("S2FT-style slicing needs row/column structure")
+        slices = []
+        for n in mask:
+            sel, p = mask[n], params[n]
+            sliced = p.detach() if sel.kind == "whole" else (p.detach()[sel.index.to(DEVICE)] if sel.kind == "rows"
+                                                              else p.detach()[:, sel.index.to(DEVICE)])
+            s = torch.nn.Parameter(sliced.contiguous())
+            s.grad = torch.randn_like(s) * 1e-3
+            slices.append(s)
+        opt = torch.optim.AdamW(slices, lr=lr, weight_decay=0.0, fused=True, capturable=True)
+        e = torch.finfo(DTYPE).bits // 8
+        name, role, nbytes, state = "slice params + torch AdamW fused (graph)", "peer", \
+            sum(s.numel() for s in slices) * 7 * e, None
+    replay = _captured(opt.step)
+    t = [0]
+
+    def step():
+        t[0] += 1
+        lr.fill_(1e-4 * 0.5 * (1 + math.cos(math.pi * (t[0] % 1000) / 1000)))
+        replay()
+
+    _run(benchmark, _group(*case), name, role, step, nbytes, state)

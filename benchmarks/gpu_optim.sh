@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# MaskedAdamW on the GPU machine in one call of at most ~4 minutes, from the repository root:
+# MaskedAdamW on the GPU machine in one call of at most ~9.5 minutes, from the repository root:
 #   bash benchmarks/gpu_optim.sh
 # 1. builds mu_fast._C with CUDA for this GPU's architecture only (setup.py build_ext --inplace with ninja, plus a
-#    mu_fast/kernels link; the editable install is the fallback: on the GPU machine it needs the network)   ≤ 120 s
-# 2. GPU optimizer tests: tests/optim/test_masked_adamw_gpu.py (cuda + triton backends)                       ≤ 60 s
-# 3. bench_optim, quick (MU_FAST_BENCH_QUICK=1), in two pytest sessions so that each writes its own JSON even if
-#    the other fails or times out: one Llama-3-8B layer (5% heads/rows/cols/random)                           ≤ 75 s
-#    then whole Llama-3-8B and Gemma-2-9B at 5% heads+neurons                                                 ≤ 60 s
-#    JSON to $OUT/ and benchmarks/results/<device>/bench_optim{,_models}.json; ratio tables to $OUT/table.txt.
+#    mu_fast/kernels link; the editable install is the fallback: on the GPU machine it needs the network)   ≤ 150 s
+# 2. GPU optimizer tests: tests/optim/test_masked_adamw_gpu.py (cuda + triton backends)                       ≤ 90 s
+# 3. bench_optim, quick (MU_FAST_BENCH_QUICK=1): one Llama-3-8B layer (5% heads/rows/cols/random), eager and
+#    CUDA-graph-captured rows                                                                                  ≤ 110 s
+# 4. benchmarks/profile_optim.py: host vs device vs graph time, per-kernel time, tile sweep                   ≤ 150 s
+# 5. bench_optim, whole Llama-3-8B and Gemma-2-9B at 5% heads+neurons (a separate pytest session and JSON)   ≤ 70 s
+#    JSON to $OUT/ and benchmarks/results/<device>/; ratio tables to $OUT/table.txt.
 # Optional peers carried in .whl/: *.whl (pip --target) and *.zip site folders (bitsandbytes), put on PYTHONPATH.
-# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_MODELS=1,
+# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_TESTS=1, SKIP_BENCH=1, SKIP_MODELS=1, SKIP_PROFILE=1,
 # FULL_BENCH=1 (every density and structure; much longer: raise the timeouts with BENCH_TIMEOUT / MODELS_TIMEOUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
   stamp "building mu_fast._C for sm_$ARCH"
   export MU_FAST_BUILD_EXT=1 MU_FAST_CUDA_ARCHS=$ARCH MAX_JOBS=${MAX_JOBS:-16}
-  if timeout 120 $PY setup.py build_ext --inplace > "$OUT/build_inplace.log" 2>&1; then
+  if timeout 150 $PY setup.py build_ext --inplace > "$OUT/build_inplace.log" 2>&1; then
     # Without an editable install, mu_fast.kernels (package_dir kernels/) needs a link on this throwaway copy.
     [ -e mu_fast/kernels ] || ln -s ../kernels mu_fast/kernels
   else
@@ -57,9 +58,9 @@ EOF
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "GPU optimizer tests"
-  timeout 60 $PY -m pytest -q tests/optim/test_masked_adamw_gpu.py -p no:cacheprovider --maxfail=10 --tb=short \
+  timeout 90 $PY -m pytest -q tests/optim/test_masked_adamw_gpu.py -p no:cacheprovider --maxfail=10 --tb=short \
       --durations=5 -rfs 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-  [ "${PIPESTATUS[0]}" = 124 ] && stamp "GPU tests TIMED OUT (60 s)"
+  [ "${PIPESTATUS[0]}" = 124 ] && stamp "GPU tests TIMED OUT (90 s)"
 fi
 
 bench() {  # bench <name> <timeout s> <pytest -k expression>
@@ -81,8 +82,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   mkdir -p "benchmarks/results/$SLUG"
   QUICK=1
   [ "${FULL_BENCH:-0}" = 1 ] && QUICK=0
-  bench bench_optim "${BENCH_TIMEOUT:-75}" "x1-"
-  [ "${SKIP_MODELS:-0}" != 1 ] && bench bench_optim_models "${MODELS_TIMEOUT:-60}" "x32- or x42-"
+  bench bench_optim "${BENCH_TIMEOUT:-110}" "x1-"
+  if [ "${SKIP_PROFILE:-0}" != 1 ]; then
+    stamp "profile_optim (host / device / graph split, tile sweep)"
+    timeout "${PROFILE_TIMEOUT:-150}" $PY benchmarks/profile_optim.py --out "$OUT" > "$OUT/profile_optim.log" 2>&1
+    [ "$?" = 124 ] && stamp "profile_optim TIMED OUT: rows so far are in $OUT/profile_optim.json"
+    [ -s "$OUT/profile_optim.json" ] && cp "$OUT/profile_optim.json" "benchmarks/results/$SLUG/profile_optim.json"
+    grep -v "^\s*File\|^Traceback" "$OUT/profile_optim.log" | cut -c1-170 | tail -60
+  fi
+  [ "${SKIP_MODELS:-0}" != 1 ] && bench bench_optim_models "${MODELS_TIMEOUT:-70}" "x32- or x42-"
   $PY benchmarks/print_tables.py --device "$SLUG" 2>&1 | grep -v "^$" | tee "$OUT/table.txt" | grep -A40 "bench_optim"
 fi
 stamp "done"

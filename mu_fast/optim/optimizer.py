@@ -201,6 +201,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             self._step = torch.zeros(1, **f64)
         self._hyper = torch.zeros(n_groups, HYPER_FIELDS, **f64)
         self._hyper_key: tuple = ()
+        self._hyper_host: torch.Tensor | None = None  # pinned staging buffer (CUDA), see _stage_hyper
+        self._hyper_event: torch.cuda.Event | None = None
         self._coef = torch.zeros(n_groups, COEF_FIELDS, **f32)
         self._control = torch.zeros(CONTROL_FIELDS, **f32)
         self._partial_at = [0]
@@ -263,13 +265,35 @@ class MaskedAdamW(torch.optim.Optimizer):
         rows = [r[:H_MAX_NORM] + (float(max_norm),) for r in rows]
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if tuple(rows) != self._hyper_key and not capturing:
-            host = torch.tensor(rows, dtype=torch.float64)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-            self._hyper.copy_(host, non_blocking=True)
+            host = self._stage_hyper(rows)
+            if host is not self._hyper:
+                self._hyper.copy_(host, non_blocking=True)
+            if self._hyper_event is not None:
+                self._hyper_event.record(torch.cuda.current_stream(self.device))
             self._hyper_key = tuple(rows)
         for gi, lr in tensor_lrs:
             self._hyper[gi, 0].copy_(lr.reshape(()))
+
+    def _stage_hyper(self, rows: list[tuple[float, ...]]) -> torch.Tensor:
+        """Host copy of the hyperparameter rows for the upload to the device.
+
+        On CUDA: one persistent pinned buffer, rewritten in place when the copy that last read it has finished
+        (a non-blocking event query; the previous step's upload has finished long before in any real loop), so a
+        step whose learning rate changes costs no pinned allocation. Only when that copy is still in flight does
+        it fall back to a fresh pinned tensor, so the host never waits and an in-flight copy is never overwritten.
+        """
+        if self.device.type == "cpu":  # synchronous: the device tensor itself can be rewritten
+            self._hyper.numpy()[:] = rows
+            return self._hyper
+        if self.device.type != "cuda":
+            return torch.tensor(rows, dtype=torch.float64)
+        if self._hyper_host is None or self._hyper_host.shape != self._hyper.shape:
+            self._hyper_host = torch.empty(self._hyper.shape, dtype=torch.float64).pin_memory()
+            self._hyper_event = torch.cuda.Event()
+        elif not self._hyper_event.query():
+            return torch.tensor(rows, dtype=torch.float64).pin_memory()
+        self._hyper_host.numpy()[:] = rows
+        return self._hyper_host
 
     def _grads(self, bucket: CompactBucket) -> list[torch.Tensor | None]:
         if bucket.compact_grad is not None:
