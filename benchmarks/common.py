@@ -33,6 +33,10 @@ def device_slug() -> str:
 
 
 def git_commit() -> str:
+    """The short commit of the code that ran: ``MU_FAST_COMMIT`` when set (a copied tree whose .git is stale, as on
+    the GPU machine), else ``git rev-parse``."""
+    if os.environ.get("MU_FAST_COMMIT"):
+        return os.environ["MU_FAST_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
