@@ -332,29 +332,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (76
   }
 }
 
-// 8-bit state: one warp per quantization block (256 elements, 8 per lane), the block's new absmax by warp shuffles,
-// so the loop has no __syncthreads and each lane keeps 8 elements in flight. Codes, absmax, master copies and
-// compact gradients are in state order, which is block-aligned (segments.py aligns 8-bit segments to 256), so
-// they move as vectors; parameters and gradients move as vectors where the tile is vectorizable (see above) and
-// element by element otherwise. Every operation of the update and of the normalization is IEEE round-to-nearest
-// (adamw_element_ieee, __fdiv_rn): the arithmetic of the torch reference, see masked_adamw_common.h.
-constexpr int kWarps = kThreads / 32;
-constexpr int kPerLane = kQBlock / 32;
-static_assert(kPerLane == kVec, "a lane's share of a quantization block is one vector");
-static_assert(kThreads == kQBlock, "the quantization tables are loaded one entry per thread");
-
-union Codes8 {
-  uint2 vec;
-  uint8_t b[kPerLane];
-};
-
-__device__ __forceinline__ float warp_max(float x) {  // max is exact: the order of the shuffles does not matter
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
 template <typename T, bool COMPACT, bool MASTER>
-__global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (24 warps) per SM
+__global__ void __launch_bounds__(kThreads)
     update8_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
                    const float* __restrict__ cgrad, uint8_t* __restrict__ cm, uint8_t* __restrict__ cv,
                    float* __restrict__ am, float* __restrict__ av, const float* __restrict__ qmap_m,
@@ -362,6 +341,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (24
                    const float* __restrict__ mids_v, float* __restrict__ master, const float* __restrict__ coef,
                    const float* __restrict__ control) {
   __shared__ float s_qm[kQBlock], s_qv[kQBlock], s_mm[kQBlock], s_mv[kQBlock];
+  __shared__ float s_absmax[2];
   if (control[kKSkip] != 0.f) return;
   const TileInfo t = load_tile(tiles, blockIdx.x);
   if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;
@@ -374,110 +354,33 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (24
   const float clip = control[kKClip];
   T* p = ptrs.param[t.slot - ptrs.slot_begin];
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
-  const bool codes_vec = ((reinterpret_cast<uintptr_t>(cm) | reinterpret_cast<uintptr_t>(cv)) & 7u) == 0;
-  const bool state_vec = (((MASTER ? reinterpret_cast<uintptr_t>(master) : 0) |
-                           (COMPACT ? reinterpret_cast<uintptr_t>(cgrad) : 0)) & 15u) == 0;
-  const bool pg_vec = vectorizable(t, p, COMPACT ? p : (g != nullptr ? g : p));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nblk = static_cast<int>((t.count + kQBlock - 1) / kQBlock);
-  for (int b = warp; b < nblk; b += kWarps) {
-    const int j0 = b * kQBlock + lane * kPerLane;  // this lane's first element (tile-local)
-    const int nvalid = max(0, min(kPerLane, static_cast<int>(t.count) - j0));
-    const bool full = nvalid == kPerLane;
-    const int64_t st0 = t.state0 + t.k0 + j0;
-    const int64_t blk = (t.state0 + t.k0) / kQBlock + b;
-    float pv[kPerLane], gv[kPerLane], mv[kPerLane], vv[kPerLane];
-    int64_t flat[kPerLane];
-    const bool vec = full && pg_vec;
-    if (vec) {
-      const int64_t f0 = vec_flat(t, j0 / kVec);  // an aligned group of 8 lies inside one run
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) flat[i] = f0 + i;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) flat[i] = i < nvalid ? flat_of(t, j0 + i, index) : 0;
+  for (int from = 0; from < t.count; from += kQBlock) {  // block-aligned: segments.py aligns segments to 256
+    const int j = from + threadIdx.x;
+    const bool valid = j < t.count;
+    const int64_t st = t.state0 + t.k0 + j, blk = (t.state0 + t.k0 + from) / kQBlock;
+    int64_t flat = 0;
+    float pv = 0.f, mv = 0.f, vv = 0.f;
+    if (valid) {
+      flat = flat_of(t, j, index);
+      const float gv = __fmul_rn(load_grad<T, COMPACT>(g, cgrad, flat, st), clip);
+      pv = MASTER ? master[st] : static_cast<float>(p[flat]);
+      mv = __fmul_rn(s_qm[cm[st]], am[blk]);
+      vv = __fmul_rn(s_qv[cv[st]], av[blk]);
+      adamw_element_ieee(pv, mv, vv, gv, c);  // IEEE ops: see masked_adamw_common.h
     }
-    Codes8 qm, qv;
-    if (full && codes_vec) {
-      qm.vec = *reinterpret_cast<const uint2*>(cm + st0);
-      qv.vec = *reinterpret_cast<const uint2*>(cv + st0);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        qm.b[i] = i < nvalid ? cm[st0 + i] : 0;
-        qv.b[i] = i < nvalid ? cv[st0 + i] : 0;
-      }
+    const float new_am = block_reduce(valid ? fabsf(mv) : 0.f, Max());
+    const float new_av = block_reduce(valid ? vv : 0.f, Max());
+    if (threadIdx.x == 0) s_absmax[0] = new_am, s_absmax[1] = new_av;
+    __syncthreads();
+    const float block_am = s_absmax[0], block_av = s_absmax[1];
+    if (valid) {
+      cm[st] = static_cast<uint8_t>(quantize_code(__fdiv_rn(mv, block_am > 0.f ? block_am : 1.f), s_mm));
+      cv[st] = static_cast<uint8_t>(quantize_code(__fdiv_rn(vv, block_av > 0.f ? block_av : 1.f), s_mv));
+      if (MASTER) master[st] = pv;
+      p[flat] = static_cast<T>(pv);
     }
-    const float amb = am[blk], avb = av[blk];
-    if (COMPACT) {
-      if (full && state_vec) {
-        load8<float>(cgrad + st0, gv);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) gv[i] = i < nvalid ? cgrad[st0 + i] : 0.f;
-      }
-    } else if (g == nullptr) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) gv[i] = 0.f;
-    } else if (vec) {
-      load8<T>(g + flat[0], gv);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) gv[i] = i < nvalid ? static_cast<float>(g[flat[i]]) : 0.f;
-    }
-    if (MASTER && full && state_vec) {
-      load8_stream(master + st0, pv);
-    } else if (MASTER) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) pv[i] = i < nvalid ? master[st0 + i] : 0.f;
-    } else if (vec) {
-      load8<T>(p + flat[0], pv);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) pv[i] = i < nvalid ? static_cast<float>(p[flat[i]]) : 0.f;
-    }
-    float lane_am = 0.f, lane_av = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      mv[i] = vv[i] = 0.f;
-      if (i < nvalid) {
-        mv[i] = __fmul_rn(s_qm[qm.b[i]], amb);
-        vv[i] = __fmul_rn(s_qv[qv.b[i]], avb);
-        adamw_element_ieee(pv[i], mv[i], vv[i], __fmul_rn(gv[i], clip), c);
-        lane_am = fmaxf(lane_am, fabsf(mv[i]));
-        lane_av = fmaxf(lane_av, vv[i]);
-      }
-    }
-    const float block_am = warp_max(lane_am), block_av = warp_max(lane_av);
-    const float div_m = block_am > 0.f ? block_am : 1.f, div_v = block_av > 0.f ? block_av : 1.f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      qm.b[i] = static_cast<uint8_t>(quantize_code(__fdiv_rn(mv[i], div_m), s_mm));
-      qv.b[i] = static_cast<uint8_t>(quantize_code(__fdiv_rn(vv[i], div_v), s_mv));
-    }
-    if (full && codes_vec) {
-      *reinterpret_cast<uint2*>(cm + st0) = qm.vec;
-      *reinterpret_cast<uint2*>(cv + st0) = qv.vec;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i)
-        if (i < nvalid) cm[st0 + i] = qm.b[i], cv[st0 + i] = qv.b[i];
-    }
-    if (MASTER && full && state_vec) {
-      store8_stream(master + st0, pv);
-    } else if (MASTER) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i)
-        if (i < nvalid) master[st0 + i] = pv[i];
-    }
-    if (vec) {
-      store8<T>(p + flat[0], pv);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i)
-        if (i < nvalid) p[flat[i]] = static_cast<T>(pv[i]);
-    }
-    if (lane == 0) am[blk] = block_am, av[blk] = block_av;  // every lane read am[blk] before the shuffles
+    if (threadIdx.x == 0) am[blk] = block_am, av[blk] = block_av;
+    __syncthreads();  // s_absmax and the absmax of this block are reused by the next pass
   }
 }
 
