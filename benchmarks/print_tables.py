@@ -56,7 +56,7 @@ def main() -> None:
         peers = [b for b in benches if b.get("extra_info", {}).get("role") == "peer"]
         best_peer = min(peers, key=lambda b: b["stats"]["median"]) if peers else None
         print(f"\n[{device}] {suite} :: {group}")
-        header = f"  {'impl':<38} {'median':>10} {'× best peer':>12}  physics"
+        header = f"  {'impl':<52} {'median':>10} {'× best peer':>12}  physics"
         print(header)
         print("  " + "-" * (len(header) + 20))
         for bench in sorted(benches, key=lambda b: b["stats"]["median"]):
@@ -66,7 +66,7 @@ def main() -> None:
             physics = ", ".join(f"{k}={info[k]:.3g}" if isinstance(info[k], float) else f"{k}={info[k]}" for k in PHYSICS if k in info)
             name = info.get("impl", bench["name"])
             role = info.get("role", "?")
-            print(f"  {name[:30]:<30} ({role:<4}) {fmt_time(median):>10} {ratio:>11.2f}×  {physics}")
+            print(f"  {name[:44]:<44} ({role:<4}) {fmt_time(median):>10} {ratio:>11.2f}×  {physics}")
 
 
 if __name__ == "__main__":
