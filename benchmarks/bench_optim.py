@@ -244,6 +244,20 @@ def test_masked_adamw(benchmark, case, backend, master, bits, nonfinite):
          _bytes_ours(mask, master, bits, stats=nonfinite != "ignore"), opt.state_bytes())
 
 
+def sliced_params(params: dict, mask: Mask) -> list[torch.nn.Parameter]:
+    """The S2FT-style peer's parameters: each tensor's selected rows / columns copied into a contiguous parameter
+    (with a random gradient). Row/column/whole selections only."""
+    slices = []
+    for n in mask:
+        sel, p = mask[n], params[n]
+        index = sel.index.to(DEVICE) if sel.kind != "whole" else None
+        sliced = p.detach() if index is None else (p.detach()[index] if sel.kind == "rows" else p.detach()[:, index])
+        s = torch.nn.Parameter(sliced.contiguous())
+        s.grad = torch.randn_like(s) * 1e-3
+        slices.append(s)
+    return slices
+
+
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_peer(benchmark, case, peer):
@@ -270,14 +284,7 @@ def test_peer(benchmark, case, peer):
     if peer == "slice+torch-fused":
         if structure == "random":
             pytest.skip("S2FT-style slicing needs row/column structure")
-        slices = []
-        for n in mask:
-            sel, p = mask[n], params[n]
-            sliced = p.detach() if sel.kind == "whole" else (p.detach()[sel.index.to(DEVICE)] if sel.kind == "rows"
-                                                              else p.detach()[:, sel.index.to(DEVICE)])
-            s = torch.nn.Parameter(sliced.contiguous())
-            s.grad = torch.randn_like(s) * 1e-3
-            slices.append(s)
+        slices = sliced_params(params, mask)
         opt = torch.optim.AdamW(slices, lr=1e-4, weight_decay=0.0, fused=True)
         e = torch.finfo(DTYPE).bits // 8
         _run(benchmark, group, "slice params + torch AdamW fused", "peer", _with_schedule(opt),
@@ -337,14 +344,7 @@ def test_graph_captured(benchmark, case, impl):
     else:
         if structure == "random":
             pytest.skip("S2FT-style slicing needs row/column structure")
-        slices = []
-        for n in mask:
-            sel, p = mask[n], params[n]
-            sliced = p.detach() if sel.kind == "whole" else (p.detach()[sel.index.to(DEVICE)] if sel.kind == "rows"
-                                                              else p.detach()[:, sel.index.to(DEVICE)])
-            s = torch.nn.Parameter(sliced.contiguous())
-            s.grad = torch.randn_like(s) * 1e-3
-            slices.append(s)
+        slices = sliced_params(params, mask)
         opt = torch.optim.AdamW(slices, lr=lr, weight_decay=0.0, fused=True, capturable=True)
         e = torch.finfo(DTYPE).bits // 8
         name, role, nbytes, state = "slice params + torch AdamW fused (graph)", "peer", \

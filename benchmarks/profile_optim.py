@@ -153,7 +153,7 @@ def _measure(fn, nbytes: int, copy_graph: float | None, copy_bytes: int, kernels
 
 
 def profile_case(case, rows: list[dict], out: Path, tiles: list[int], configs) -> None:
-    arch, layers, structure, density = case
+    structure = case[2]
     group = bo._group(*case)
     print(f"\n{group}", flush=True)
     params, mask = bo._workload(*case)
@@ -190,14 +190,7 @@ def profile_case(case, rows: list[dict], out: Path, tiles: list[int], configs) -
         try:
             trained = [params[n] for n in mask]
             if peer == "slice+torch-fused":
-                trained = []
-                for n in mask:
-                    sel, p = mask[n], params[n]
-                    idx = sel.index.to(bo.DEVICE) if sel.kind != "whole" else None
-                    sliced = p.detach() if idx is None else (p.detach()[idx] if sel.kind == "rows" else p.detach()[:, idx])
-                    s = torch.nn.Parameter(sliced.contiguous())
-                    s.grad = torch.randn_like(s) * 1e-3
-                    trained.append(s)
+                trained = bo.sliced_params(params, mask)
             elif not bo._fits({n: params[n] for n in mask}, 3 * e):
                 continue
             lr = torch.tensor(1e-4, device=bo.DEVICE) if GPU else 1e-4
