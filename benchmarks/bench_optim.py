@@ -358,3 +358,34 @@ def test_graph_captured(benchmark, case, impl):
         replay()
 
     _run(benchmark, _group(*case), name, role, step, nbytes, state)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_compact_grads(benchmark, case):
+    """``compact_grads=True`` as a training step uses it: ``zero_grad`` (zeroes the compact buffer), the
+    post-accumulate-grad hooks' gathers of each dense gradient's active part (run here by hand, since no backward
+    runs), then ``step()``, which reads the compact fp32 gradient instead of the dense one (once per pass instead of
+    one scattered access per element)."""
+    backend = "cuda" if GPU else "cpu"
+    if backend_availability(DEVICE)[backend] != "available":
+        pytest.skip(f"backend {backend}: {backend_availability(DEVICE)[backend]}")
+    arch, layers, structure, density = case
+    params, mask = _workload(arch, layers, structure, density)
+    named = [(n, params[n]) for n in mask]
+    opt = MaskedAdamW(named, mask=mask, lr=1e-4, backend=backend, compact_grads=True)
+    slots = [(opt._impls[bi], opt._buckets[bi], slot, p) for n, p in named for bi, slot in [opt._where[id(p)]]]
+    step = _with_schedule(opt)
+
+    def train_step():
+        for bucket in opt._buckets:
+            bucket.compact_grad.zero_()
+        for impl, bucket, slot, p in slots:  # what the hooks do during backward
+            impl.gather(bucket, slot, p.grad, bucket.compact_grad, True)
+        step()
+
+    e = torch.finfo(DTYPE).bits // 8
+    # zero (4) + gather (read g, read-modify-write the compact fp32 gradient: e + 8) + statistics pass (4)
+    # + update (compact g 4, p read/write 2e, m/v 16): 3e + 36 bytes per active element
+    nbytes = int(mask.param_count() * (3 * e + 36))
+    _run(benchmark, _group(*case), f"MaskedAdamW[{backend},compact grads incl. gather]", "ours", train_step, nbytes,
+         opt.state_bytes())
