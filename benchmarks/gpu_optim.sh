@@ -4,8 +4,8 @@
 # 1. builds mu_fast._C with CUDA for this GPU's architecture only (setup.py build_ext --inplace with ninja, plus a
 #    mu_fast/kernels link; the editable install is the fallback: on the GPU machine it needs the network)   ≤ 150 s
 # 2. GPU optimizer tests: tests/optim/test_masked_adamw_gpu.py (cuda + triton backends)                       ≤ 90 s
-# 3. bench_optim, quick (MU_FAST_BENCH_QUICK=1): one Llama-3-8B layer (5% heads/rows/cols/random), eager and
-#    CUDA-graph-captured rows                                                                                  ≤ 110 s
+# 3. bench_optim, quick (MU_FAST_BENCH_QUICK=1): one Llama-3-8B layer (5% heads/rows/cols/random), eager,
+#    CUDA-graph-captured and compact-gradient rows                                                                                 ≤ 110 s
 # 4. benchmarks/profile_optim.py: host vs device vs graph time, per-kernel time, tile sweep                   ≤ 150 s
 # 5. bench_optim, whole Llama-3-8B and Gemma-2-9B at 5% heads+neurons (a separate pytest session and JSON)   ≤ 70 s
 #    JSON to $OUT/ and benchmarks/results/<device>/; ratio tables to $OUT/table.txt.
