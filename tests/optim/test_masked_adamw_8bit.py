@@ -121,3 +121,38 @@ def test_8bit_padding_and_absmax_of_untouched_blocks(backend, rng):
     largest = m.reshape(-1, 256).abs().amax(1)
     assert bool((largest <= b.absmax_m).all()) and bool((largest >= -float(b.qmap_m[0]) * b.absmax_m).all())
     assert bool((b.absmax_m > 0).all())
+
+
+def _edge_values(mids: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Every midpoint of a map and its float neighbours, zeros, denormals, 1.0 first in each block (absmax 1)."""
+    m = mids[:-1]  # without the +inf sentinel
+    inf = torch.tensor(float("inf"))
+    vals = torch.cat([m, torch.nextafter(m, inf), torch.nextafter(m, -inf), torch.tensor([0.0, -0.0, 1e-45, 1e-39, 1e-30])])
+    vals = vals[(vals.abs() <= 1) & ((vals >= 0) | signed)]
+    n_blocks = -(-vals.numel() // 255)
+    body = torch.zeros(n_blocks * 255)
+    body[: vals.numel()] = vals
+    blocks = torch.cat([torch.ones(n_blocks, 1), body.reshape(n_blocks, 255)], dim=1)  # 1.0 first: absmax 1, so
+    return blocks.reshape(-1)  # the normalized value is the value itself, exactly
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8bit_codes_are_exact_at_midpoints_and_their_neighbours(backend):
+    """One step with beta1 = beta2 = 0 stores m = g and v = g·g exactly, so each backend's codes must equal the
+    reference quantizer's (searchsorted over the midpoints) bit for bit, on the values where a table-driven or
+    approximate search would slip: every midpoint, the floats either side of it, ±0 and denormals."""
+    qm, qv = quantize8.dynamic_map(True), quantize8.dynamic_map(False)
+    g_m = _edge_values(quantize8.midpoints(qm), signed=True)
+    g_v = _edge_values(quantize8.midpoints(qv).sqrt(), signed=False)  # v = g·g: aim g at the roots of v's midpoints
+    g = torch.cat([g_m, g_v])
+    param = torch.nn.Parameter(torch.zeros(g.numel()))
+    opt = MaskedAdamW([("p", param)], mask={"p": "whole"}, lr=1e-3, betas=(0.0, 0.0), state_bits=8, backend=backend,
+                      tile=512)
+    param.grad = g.clone()
+    opt.step()
+    b = opt._buckets[0]
+    n = g.numel()
+    want_m, _ = quantize8.quantize_blockwise(g, qm)
+    want_v, _ = quantize8.quantize_blockwise(g * g, qv)
+    assert torch.equal(b.exp_avg[:n], want_m)
+    assert torch.equal(b.exp_avg_sq[:n], want_v)
