@@ -141,18 +141,23 @@ def test_8bit_codes_are_exact_at_midpoints_and_their_neighbours(backend):
     """One step with beta1 = beta2 = 0 stores m = g and v = g·g exactly, so each backend's codes must equal the
     reference quantizer's (searchsorted over the midpoints) bit for bit, on the values where a table-driven or
     approximate search would slip: every midpoint, the floats either side of it, ±0 and denormals."""
+    assert_8bit_codes_exact(backend, "cpu")
+
+
+def assert_8bit_codes_exact(backend: str, device: str) -> None:
+    """The check of the test above on ``device`` (the GPU tests call it for the CUDA and Triton kernels)."""
     qm, qv = quantize8.dynamic_map(True), quantize8.dynamic_map(False)
     g_m = _edge_values(quantize8.midpoints(qm), signed=True)
     g_v = _edge_values(quantize8.midpoints(qv).sqrt(), signed=False)  # v = g·g: aim g at the roots of v's midpoints
     g = torch.cat([g_m, g_v])
-    param = torch.nn.Parameter(torch.zeros(g.numel()))
+    param = torch.nn.Parameter(torch.zeros(g.numel(), device=device))
     opt = MaskedAdamW([("p", param)], mask={"p": "whole"}, lr=1e-3, betas=(0.0, 0.0), state_bits=8, backend=backend,
                       tile=512)
-    param.grad = g.clone()
+    param.grad = g.to(device)
     opt.step()
     b = opt._buckets[0]
     n = g.numel()
     want_m, _ = quantize8.quantize_blockwise(g, qm)
     want_v, _ = quantize8.quantize_blockwise(g * g, qv)
-    assert torch.equal(b.exp_avg[:n], want_m)
-    assert torch.equal(b.exp_avg_sq[:n], want_v)
+    assert torch.equal(b.exp_avg[:n].cpu(), want_m)
+    assert torch.equal(b.exp_avg_sq[:n].cpu(), want_v)

@@ -9,6 +9,7 @@ import torch
 from mu_fast.masks import Mask
 from mu_fast.optim import MaskedAdamW, backend_availability
 from tests.optim._oracle import DENSITIES, STRUCTURES, DenseOracle, assert_matches_oracle, fresh_grads, make_mask, make_params
+from tests.optim.test_masked_adamw_8bit import assert_8bit_codes_exact
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
 pytestmark = requires_cuda
@@ -106,6 +107,14 @@ def test_gpu_8bit_and_compact_match_the_cpu_reference_backend(backend, dtype, co
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02, codes
     if master:
         torch.testing.assert_close(gpu._buckets[0].master.cpu(), ref._buckets[0].master, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_8bit_codes_are_exact_at_midpoints_and_their_neighbours(backend):
+    """The CPU test of the same name for the GPU kernels: codes bit-exact against the reference quantizer at every
+    midpoint, its float neighbours, zeros and denormals (IEEE division: no fast-math slip at a tie)."""
+    _need(backend)
+    assert_8bit_codes_exact(backend, "cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
