@@ -76,25 +76,16 @@ def _graph_us(fn, reps: int = 50, warmup: int = 3) -> float | None:
     """Capture ``fn`` (already warmed up eagerly) in a CUDA graph; per-replay time with CUDA events."""
     if not GPU:
         return None
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):  # torch's capturable optimizers want warm-up steps on the capture stream
-            fn()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    replay = bo._captured(fn, warmup)  # warm-up calls on the capture stream, then the capture
     for _ in range(warmup):
-        graph.replay()
+        replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(reps):
-        graph.replay()
+        replay()
     end.record()
     torch.cuda.synchronize()
-    del graph
     return 1e3 * start.elapsed_time(end) / reps
 
 

@@ -287,7 +287,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             return self._hyper
         if self.device.type != "cuda":
             return torch.tensor(rows, dtype=torch.float64)
-        if self._hyper_host is None or self._hyper_host.shape != self._hyper.shape:
+        if self._hyper_host is None:  # reset by _build whenever _hyper is reallocated
             self._hyper_host = torch.empty(self._hyper.shape, dtype=torch.float64).pin_memory()
             self._hyper_event = torch.cuda.Event()
         elif not self._hyper_event.query():
