@@ -173,9 +173,16 @@ class AttributionResult:
     def verify(self, k: int = 10, n_random: int | None = None, sites: str | tuple[str, ...] | None = None, seed: int = 0) -> Any:
         """Check the top-k units (plus ``n_random`` random others, default k) against batched exact patching
         of the same inputs, metric and direction. Returns a ``VerifyReport`` (rank correlation, top-k recall,
-        sign agreement, both score vectors)."""
+        sign agreement, both score vectors).
+
+        For a ``causal_trace`` result, each chosen unit is restored again, alone, in the same noised runs
+        (every prompt in one batch, full forwards without the trace's chunking and prefix reuse): the
+        traced effects are exact restorations, so the report should show them equal to round-off."""
         if self._replay is None:
-            raise ValueError("this result cannot be verified (it keeps no inputs); rerun attribute()")
+            raise ValueError(
+                "this result keeps no inputs, so it cannot be verified; verify the result that attribute() or "
+                "causal_trace() returned, before copying or saving it"
+            )
         from mu_fast.localize.verify import verify_result
 
         return verify_result(self, k, k if n_random is None else n_random, sites, seed)
