@@ -43,7 +43,7 @@ def check_batch(batch: Batch, vocab: int, name: str) -> None:
     padding. Called before any forward; costs one small reduction per check."""
     ids, mask, last = batch.input_ids, batch.attention_mask, batch.last_pos
     if ids.dim() != 2 or ids.shape[0] == 0:
-        raise ValueError(f"{name} has no prompts (input_ids shape {tuple(ids.shape)}); pass at least one prompt")
+        raise ValueError(f"{name}: no prompts given (input_ids shape {tuple(ids.shape)}); pass at least one prompt")
     B, T = ids.shape
     if mask.shape != ids.shape or last.shape != (B,):
         raise ValueError(

@@ -44,7 +44,7 @@ def as_batch(x: BatchLike, pad_id: int, side: str = "right", name: str = "input"
 
 def _padded(seqs: Sequence[Sequence[int]], pad_id: int, side: str, name: str) -> Batch:
     if len(seqs) == 0:
-        raise ValueError(f"{name} has no prompts; pass at least one prompt (a list of token-id lists)")
+        raise ValueError(f"{name}: no prompts given; pass at least one prompt (a list of token-id lists)")
     empty = [i for i, s in enumerate(seqs) if len(s) == 0]
     if empty:
         raise ValueError(f"{name}: prompt(s) {empty[:8]} have no tokens; drop empty prompts")
