@@ -34,8 +34,10 @@ def module_of(table: SiteTable, kind: str, layer: int) -> str:
 
 
 def p_answer(model, ids, answer, embed_add=None, hooks=()):
-    """p(answer) at the last token of one unpadded prompt; hooks: (module path, fn(output tensor) -> tensor)."""
+    """Mean over noise draws of p(answer) at the last token of one unpadded prompt: embed_add ``[S, n, d]``
+    (one row per draw; None: one clean row); hooks: (module path, fn(output tensor) -> tensor)."""
     handles = []
+    rows = 1 if embed_add is None else embed_add.shape[0]
     if embed_add is not None:
         handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + embed_add))
     for path, fn in hooks:
@@ -45,11 +47,11 @@ def p_answer(model, ids, answer, embed_add=None, hooks=()):
         handles.append(model.get_submodule(path).register_forward_hook(post))
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            logits = model(input_ids=torch.tensor([ids] * rows)).logits[:, -1].double()
     finally:
         for h in handles:
             h.remove()
-    return float(torch.softmax(logits, -1)[answer])
+    return float(torch.softmax(logits, -1)[:, answer].mean())
 
 
 def brute_force_grid(model, ids, first, last, answers, kind, window, samples, seed, scale):
@@ -70,7 +72,8 @@ def brute_force_grid(model, ids, first, last, answers, kind, window, samples, se
             z[:, : first[i]] = 0
             z[:, last[i] + 1 :] = 0
             noises.append(z)
-        p_corr[i] = sum(p_answer(model, seq, answers[i], embed_add=z) for z in noises) / samples
+        noise = torch.cat(noises)  # [samples, n, d]: the draws run side by side, each row its own corrupted run
+        p_corr[i] = p_answer(model, seq, answers[i], embed_add=noise)
         for t in range(n):
             for l in range(L):
                 layers = range(max(0, l - window // 2), min(L, l + math.ceil(window / 2)))
@@ -81,7 +84,7 @@ def brute_force_grid(model, ids, first, last, answers, kind, window, samples, se
                     return x
 
                 hooks = [(module_of(table, kind, m), lambda x, m=m: restore(x, m)) for m in layers]
-                restored[i, t, l] = sum(p_answer(model, seq, answers[i], embed_add=z, hooks=hooks) for z in noises) / samples
+                restored[i, t, l] = p_answer(model, seq, answers[i], embed_add=noise, hooks=hooks)
     return restored, p_clean, p_corr
 
 
