@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from mu_fast.localize.checks import raise_if_not_finite
-from mu_fast.localize.inputs import frozen
+from mu_fast.localize.inputs import frozen, take_rows
 from mu_fast.localize.patching import Unit, capture_sites, patched_metric_values, sites_for_units
 from mu_fast.localize.result import AttributionResult, unit_label
+from mu_fast.models.sites import SiteTable
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -98,18 +99,20 @@ def verify_result(result: AttributionResult, k: int, n_random: int, sites: str |
     )
 
 
-def _restored_values(table, replay: dict, units: list[Unit]) -> torch.Tensor:
+def _restored_values(table: SiteTable, replay: dict, units: list[Unit]) -> torch.Tensor:
     """``[1 + n, B]`` metric of the noised run and of each unit restored alone, averaged over the noise
     samples: every prompt in one batch, full forwards (no prefix reuse), the same noise as the trace."""
     inp, samples, batch, metric = replay["inputs"], replay["samples"], replay["batch"], replay["metric"]
     B = batch.input_ids.shape[0]
     rows = torch.arange(B, device=batch.input_ids.device)
     with frozen(inp.model), torch.no_grad():
-        clean_acts, _ = capture_sites(inp.model, batch, list(sites_for_units(table, units).values()))
+        sub = take_rows(batch, rows)  # as the trace ran: columns that are padding in every row dropped
+        c0, T = int(batch.attention_mask.any(0).nonzero()[0]), sub.input_ids.shape[1]
+        clean_acts, _ = capture_sites(inp.model, sub, list(sites_for_units(table, units).values()))
         noisy, noise = inp.noised(rows, samples, replay["seed"])
         values = patched_metric_values(
             inp.model, table, noisy, clean_acts, [[]] + [[u] for u in units], metric, rows,
-            src_rows=rows.repeat(samples), pos_mask=replay["restore_at"], embed_fn=lambda e: e + noise,
+            src_rows=rows.repeat(samples), pos_mask=replay["restore_at"][:, c0 : c0 + T], embed_fn=lambda e: e + noise,
             backend=replay["backend"], max_rows=replay["max_rows"], reuse_prefix=False,
         )
     return values.view(len(units) + 1, samples, B).mean(1)
