@@ -1,4 +1,9 @@
-"""The ``mu-fast`` command line: ``demo``, ``localize``, ``edit``, ``evaluate`` and ``env``."""
+"""The ``mu-fast`` command line: ``demo``, ``localize``, ``edit``, ``evaluate`` and ``env``.
+
+Every command checks its options, paths and names before any slow work (``mu_fast.preflight``): a bad option
+costs a second, not a model load. User errors are one line on stderr (exit 2); ``--debug`` shows the traceback.
+Third-party progress bars and warnings are silenced (``mu_fast.console``); mu_fast's own warnings are one line.
+"""
 
 from __future__ import annotations
 
@@ -13,48 +18,83 @@ from typing import Any
 
 import typer
 
+from mu_fast.preflight import (
+    ModelRef,
+    check_choice,
+    check_mask_input,
+    check_output,
+    check_positive,
+    check_task_options,
+    mask_files,
+    resolve_model,
+)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="mu_fast: fast mechanistic unlearning and editing.")
 
 # Errors a user can cause (bad paths, names, options, budgets): one line naming the problem and the fix, no traceback
 # unless --debug (or MU_FAST_DEBUG=1). Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+DATASETS = ("organism", "sports", "counterfact")
+# `manual` needs layer lists the command line does not take.
+CLI_METHODS = ("flu", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized")
+DTYPE_NAMES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+ALLOW_UNKNOWN = "--allow-unknown-facts"
+
+
+def _debugging() -> bool:
+    return os.environ.get("MU_FAST_DEBUG") == "1"
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks for errors")) -> None:
+def _options(ctx: typer.Context,
+             debug: bool = typer.Option(False, "--debug", help="show Python tracebacks and library warnings")) -> None:
     if debug:
         os.environ["MU_FAST_DEBUG"] = "1"
+    if not _debugging():
+        from mu_fast.console import quiet_third_party
 
-DATASETS = ("organism", "sports", "counterfact")
+        ctx.call_on_close(quiet_third_party())
 
 
-def load_task(dataset: str, forget_split: str, inject_label: str, model_info: dict[str, Any], tokenizer: Any,
-              cf_model: str | None = None, lm_texts: str | None = None) -> Any:
-    """Build the FactTask of ``dataset`` (organism / sports / counterfact) with the paper's split rules."""
+def _dataset_task(dataset: str, forget_split: str, inject_label: str, cf_model: str | None,
+                  lm_texts: str | None) -> Any:
+    """The sports / CounterFact FactTask (no model needed, so it is built, and its files checked, first)."""
     texts = None
     if lm_texts:
         from mu_fast.data import load_lm_texts
 
         texts = load_lm_texts(lm_texts, n=2048, seed=0)
-    if dataset == "organism":
-        from mu_fast.organism import organism_task
-
-        org = model_info.get("organism")
-        if org is None:
-            raise typer.BadParameter("dataset 'organism' needs the organism model (MODEL = organism or organism:ci)")
-        return organism_task(org.facts, forget_split=forget_split, inject_label=inject_label, tokenizer=tokenizer)
     if dataset == "sports":
         from mu_fast.data import load_sports_task
 
         return load_sports_task(forget_split=forget_split, inject_label=inject_label, lm_texts=texts)
-    if dataset == "counterfact":
-        from mu_fast.data import load_counterfact_task
+    from mu_fast.data import load_counterfact_task
 
-        if not cf_model:
-            raise typer.BadParameter("--cf-model is required for CounterFact (gemma-7b, gemma-2-9b or llama-3-8b): it picks the filtered table")
-        return load_counterfact_task(model=cf_model, forget_split=forget_split, lm_texts=texts)
-    raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    return load_counterfact_task(model=cf_model, forget_split=forget_split, lm_texts=texts)
+
+
+def _organism_task(info: dict[str, Any], forget_split: str, inject_label: str, tokenizer: Any) -> Any:
+    from mu_fast.organism import organism_task
+
+    return organism_task(info["organism"].facts, forget_split=forget_split, inject_label=inject_label,
+                         tokenizer=tokenizer)
+
+
+def _require_known_facts(model: Any, tokenizer: Any, task: Any, allow: bool) -> Any:
+    """Refuse (or with --allow-unknown-facts, warn about) facts the model does not know; return the report."""
+    from mu_fast.evaluate.known_facts import check_known_facts
+
+    report = check_known_facts(model, tokenizer, task)
+    report.require(allow=allow, override=ALLOW_UNKNOWN)
+    return report
+
+
+def _load(ref: ModelRef, dtype: str) -> tuple[Any, Any, dict[str, Any]]:
+    from mu_fast.models.loading import load_model
+
+    name = f"organism:{ref.value}" if ref.kind == "organism" else ref.value
+    return load_model(name, dtype=dtype)
 
 
 def _console():
@@ -65,7 +105,7 @@ def _console():
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots)"),
+    out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots); finished methods are reused"),
     preset: str = typer.Option("demo", help="organism preset: demo (600 athletes, about 2 minutes to train) or ci (150 athletes, under a minute)"),
     forget_split: str = typer.Option("first_64_unsplit", help="forget split, as in the paper"),
     methods: str = typer.Option(",".join(("flu", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")), help="comma-separated localization methods"),
@@ -75,53 +115,70 @@ def demo(
     """Train (or load) the model organism, then localize / edit / evaluate it with every method and compare."""
     from dataclasses import replace
 
-    from mu_fast.organism import OrganismConfig, load_organism, organism_task
-    from mu_fast.pipeline import (
-        ORGANISM_EDIT_GROUPS,
-        ORGANISM_RUN_OPTIONS,
-        compare_localizations,
-        group_configs,
-    )
-
     t0 = time.perf_counter()
+    check_choice("--preset", preset, ("demo", "ci"))
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_list:
+        raise ValueError("--methods is empty; pass a comma-separated list such as flu,atp,ct")
+    for method in method_list:
+        check_choice("--methods entry", method, CLI_METHODS)
+    check_task_options("organism", ModelRef("organism", preset), forget_split, "random_without_golf", None, DATASETS)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
+
+    from mu_fast.organism import OrganismConfig, load_organism, organism_task
+    from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, ORGANISM_RUN_OPTIONS, compare_localizations, group_configs
+
     console = _console()
-    if not hasattr(OrganismConfig, preset):
-        raise typer.BadParameter(f"unknown preset {preset!r}; use demo or ci")
     console.rule("[bold]mu_fast demo: the model organism")
     org = load_organism(getattr(OrganismConfig, preset)(), progress=True)
     t_org = time.perf_counter() - t0
     console.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps({k: round(v, 3) for k, v in org.report.get('accuracy', {}).items()})}")
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
+                               "trained_with": org.report.get("versions"),
+                               "train_threads": org.report.get("train", {}).get("threads")}}
     results = compare_localizations(
         org.model, org.tokenizer, task, method_list, group_configs(method_list, ORGANISM_EDIT_GROUPS),
         ORGANISM_RUN_OPTIONS if relearn else replace(ORGANISM_RUN_OPTIONS, relearn=False), out_dir=out, resume=not fresh,
-        title=f"organism ({preset}), {forget_split}, edit to a random other sport",
+        title=f"organism ({preset}), {forget_split}, edit to a random other sport", provenance=provenance,
     )
+    env = results["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     console.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")
+    console.print(f"versions: {versions}; {env['torch_threads']} torch threads, {env['cpu_capability']} kernels "
+                  "(all in results.json)", highlight=False)
     console.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
     console.print(f"total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
 
 
 @app.command("localize")
 def localize_cmd(
-    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint or a hub id"),
-    method: str = typer.Option("flu", help="flu, atp, ct, atp_mlps, ct_mlps, random, random_mlps, all_mlps, nonlocalized"),
+    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
+    method: str = typer.Option("flu", help=", ".join(CLI_METHODS)),
     dataset: str = typer.Option("organism", help="organism, sports or counterfact"),
     forget_split: str = typer.Option("first_16_unsplit"),
     inject_label: str = typer.Option("random_without_golf"),
     cf_model: str | None = typer.Option(None, help="CounterFact table: gemma-7b, gemma-2-9b, llama-3-8b"),
     budget: int | None = typer.Option(None, help="parameter budget (default: the paper's, FLU layers × MLP size)"),
     out: Path = typer.Option(Path("masks/mask"), help="mask path (writes .safetensors and .json)"),
-    overwrite: bool = typer.Option(False),
-    dtype: str = typer.Option("bf16"),
+    overwrite: bool = typer.Option(False, help="replace an existing mask at --out"),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
+    allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts (unknown tokens, accuracy at chance)"),
 ) -> None:
     """Localize the facts and save the Mask."""
+    check_choice("--method", method, CLI_METHODS)
+    check_choice("--dtype", dtype, DTYPE_NAMES)
+    check_positive("--budget", budget, integer=True)
+    check_output("--out", mask_files(out), overwrite)
+    ref = resolve_model(model)
+    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
+    task = _dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
     from mu_fast.localize import localize
-    from mu_fast.models.loading import load_model
 
-    m, tok, info = load_model(model, dtype=dtype)
-    task = load_task(dataset, forget_split, inject_label, info, tok, cf_model)
+    m, tok, info = _load(ref, dtype)
+    task = task or _organism_task(info, forget_split, inject_label, tok)
+    _require_known_facts(m, tok, task, allow_unknown_facts)
     loc = localize(method, m, tok, task, budget=budget)
     path = loc.mask.save(out, overwrite=overwrite)
     _console().print(f"{method}: {[str(c) for c in loc.components]} — {loc.mask.param_count():,} parameters → {path}")
@@ -129,39 +186,64 @@ def localize_cmd(
 
 @app.command("edit")
 def edit_cmd(
-    model: str = typer.Argument(...),
+    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
     mask: Path = typer.Option(..., help="a mask saved by `mu-fast localize`"),
     dataset: str = typer.Option("organism"),
     forget_split: str = typer.Option("first_16_unsplit"),
-    inject_label: str = typer.Option("random_without_golf", help="random_without_golf, golf or None (unlearning)"),
+    inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
     cf_model: str | None = typer.Option(None),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
     steps: int = typer.Option(50),
     lr: float = typer.Option(1e-5),
     forget_coef: float = typer.Option(1.0),
-    optimizer: str = typer.Option("auto", help="auto, masked (MaskedAdamW) or torch"),
+    optimizer: str = typer.Option("auto", help="auto, masked (MaskedAdamW), torch or bnb8bit"),
     out: Path = typer.Option(..., help="folder for the edited model (save_pretrained)"),
-    overwrite: bool = typer.Option(False),
-    dtype: str = typer.Option("bf16"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder (kept until the new one is saved)"),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
+    allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts (unknown tokens, accuracy at chance)"),
 ) -> None:
     """Edit (or unlearn) the forget facts, training only the masked parameters, and save the model."""
+    from dataclasses import replace
+
+    from mu_fast.edit.loop import OPTIMIZERS
+
+    check_choice("--dtype", dtype, DTYPE_NAMES)
+    check_choice("--optimizer", optimizer, OPTIMIZERS)
+    check_positive("--steps", steps, integer=True)
+    check_positive("--lr", lr)
+    if forget_coef < 0:
+        raise ValueError(f"--forget-coef must be >= 0; got {forget_coef}")
+    check_output("--out", [out], overwrite)
+    mask_path = check_mask_input(mask)
+    ref = resolve_model(model)
+    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
     from mu_fast.edit import EditConfig, edit
     from mu_fast.masks import Mask
-    from mu_fast.models.loading import load_model
 
-    if out.exists() and not overwrite:
-        raise typer.BadParameter(f"{out} exists; pass --overwrite to replace it (the old model is kept until the new one is saved)")
-    m, tok, info = load_model(model, dtype=dtype)
-    task = load_task(dataset, forget_split, inject_label, info, tok, cf_model, lm_texts)
-    config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer, lm_coef=1.0 if task.lm_texts else 0.0)
-    result = edit(m, tok, task, Mask.load(mask), config)
+    edit_mask = Mask.load(mask_path)
+    config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer)
+    texts = None
+    if lm_texts and dataset == "organism":
+        from mu_fast.data import load_lm_texts
+
+        texts = load_lm_texts(lm_texts, n=2048, seed=0)
+    task = _dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
+    m, tok, info = _load(ref, dtype)
+    if task is None:
+        task = _organism_task(info, forget_split, inject_label, tok)
+        if texts is not None:
+            task.lm_texts = texts
+    edit_mask.validate(m)
+    _require_known_facts(m, tok, task, allow_unknown_facts)
+    config = replace(config, lm_coef=1.0 if task.lm_texts else 0.0)
+    result = edit(m, tok, task, edit_mask, config)
     _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history})
     _console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; saved to {out}")
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: str = typer.Argument(...),
+    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
     dataset: str = typer.Option("organism"),
     forget_split: str = typer.Option("first_16_unsplit"),
     inject_label: str = typer.Option("random_without_golf"),
@@ -169,16 +251,31 @@ def evaluate_cmd(
     relearn: bool = typer.Option(False, help="also run the relearning attack"),
     probes: bool = typer.Option(False, help="also run latent-knowledge probes"),
     out: Path | None = typer.Option(None, help="write the results JSON here"),
-    dtype: str = typer.Option("bf16"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
 ) -> None:
     """Evaluate forget / maintain accuracy in every format (and optionally relearning and probes)."""
+    check_choice("--dtype", dtype, DTYPE_NAMES)
+    if out is not None:
+        check_output("--out", [out], overwrite)
+    ref = resolve_model(model)
+    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
+    task = _dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
-    from mu_fast.models.loading import load_model
-    from mu_fast.report import write_json
+    from mu_fast.evaluate.known_facts import check_known_facts
+    from mu_fast.report import environment, write_json
 
-    m, tok, info = load_model(model, dtype=dtype)
-    task = load_task(dataset, forget_split, inject_label, info, tok, cf_model)
-    results: dict[str, Any] = {"formats": evaluate_task(m, tok, task, progress=True)}
+    m, tok, info = _load(ref, dtype)
+    task = task or _organism_task(info, forget_split, inject_label, tok)
+    results: dict[str, Any] = {"model": info.get("model"), "dtype": dtype,
+                               "formats": evaluate_task(m, tok, task, progress=True)}
+    known = check_known_facts(m, tok, task, baseline=results["formats"])
+    for problem in known.problems:
+        if "unknown token" in problem:  # low accuracy is expected after an edit; unknown tokens never are
+            import warnings
+
+            warnings.warn(problem + "; these numbers measure nothing", UserWarning, stacklevel=1)
+    results["unknown_tokens"] = {k: v.get("unknown_token_prompts", 0) for k, v in known.sets.items()}
     if relearn:
         results["relearn"] = relearn_attack(m, tok, task, progress=True)
     if probes:
@@ -194,6 +291,7 @@ def evaluate_cmd(
             table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}", "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
     _console().print(table)
     if out:
+        results["environment"] = environment()
         write_json(out, results)
 
 
@@ -219,14 +317,19 @@ def env() -> None:
 
 
 def _save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, Any]) -> None:
-    """save_pretrained into a temporary sibling folder, then swap it in: a crash never leaves half a model."""
+    """save_pretrained into a temporary sibling folder, then swap it in: a crash never leaves half a model. The
+    folder and its files get the modes of any new file (mkdtemp and safetensors alone would make them private)."""
+    from mu_fast.files import as_new_file
+    from mu_fast.report import write_json
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "mu_fast_edit.json").write_text(json.dumps(extra, indent=2, default=str))
+        write_json(tmp / "mu_fast_edit.json", extra)
+        as_new_file(tmp, recursive=True)
         if out.exists():
             old = out.with_name(out.name + ".old")
             os.replace(out, old)
