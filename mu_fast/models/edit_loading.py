@@ -243,10 +243,8 @@ def load_for_edit(
         from mu_fast.models.loading import load_model
 
         model, tokenizer, org_info = load_model(f"organism:{source.organism_preset}", progress=progress)
-        model = model.to(torch_dtype)
-        quantize_frozen_(model, frozen, keep=skipped)
-        if use_gpu:
-            model = model.to("cuda")  # a few MB: the organism is 4 layers of width 64
+        model = model.to(device="cuda" if use_gpu else "cpu", dtype=torch_dtype)  # a few MB: 4 layers of width 64
+        quantize_frozen_(model, frozen, keep=skipped)  # on the model's device, as bitsandbytes lays it out there
         info.update(organism=org_info["organism"], organism_hash=source.revision, tokenizer="organism")
     elif source.kind == "random":
         from mu_fast.models.random_model import build_random_model

@@ -73,7 +73,7 @@ def test_quantized_edit_applied_to_the_bf16_base_changes_exactly_the_masked_elem
         if name not in mask:
             assert not bits_differ.any(), f"unmasked parameter {name} changed"
             continue
-        active = mask.dense(name)
+        active = mask.dense(name, device=param.device)
         assert not (bits_differ & ~active).any(), f"inactive elements of {name} changed"
         assert torch.equal(param[active], trained_params[name][active])  # exactly the trained values
         moved += int(bits_differ.sum())
@@ -169,5 +169,5 @@ def test_apply_to_a_checkpoint_path_loads_it_in_bf16(checkpoint, mask, tokenizer
     assert not any(is_quantized(m) for m in model.modules())
     params = dict(model.named_parameters())
     for name, selection in mask.items():
-        assert torch.equal(compact(params[name], selection), delta.values[name])
+        assert torch.equal(compact(params[name], selection).cpu(), delta.values[name])
     assert base_checksum(load_for_edit(checkpoint, mask)[0], mask) == delta.provenance["base_checksum"]
