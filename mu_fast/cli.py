@@ -1,4 +1,4 @@
-"""The ``mu-fast`` command line: ``demo``, ``localize``, ``edit``, ``evaluate`` and ``env``.
+"""The ``mu-fast`` command line: ``demo``, ``localize``, ``edit``, ``evaluate`` (in ``mu_fast.cli_edit``) and ``env``.
 
 Every command checks its options, paths and names before any slow work (``mu_fast.preflight``): a bad option
 costs a second, not a model load. User errors are one line on stderr (exit 2); ``--debug`` shows the traceback.
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ import typer
 from mu_fast.preflight import (
     ModelRef,
     check_choice,
-    check_mask_input,
     check_output,
     check_positive,
     check_task_options,
@@ -111,11 +108,14 @@ def demo(
     methods: str = typer.Option(",".join(("flu", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")), help="comma-separated localization methods"),
     relearn: bool = typer.Option(True, help="run the relearning attack"),
     fresh: bool = typer.Option(False, help="recompute every method even if its result exists"),
+    portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
 ) -> None:
     """Train (or load) the model organism, then localize / edit / evaluate it with every method and compare."""
-    from dataclasses import replace
+    from mu_fast.determinism import DEMO_THREADS, use_portable_kernels
 
     t0 = time.perf_counter()
+    wanted = portable
+    portable = use_portable_kernels() if wanted else False  # before torch is imported
     check_choice("--preset", preset, ("demo", "ci"))
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
@@ -126,12 +126,32 @@ def demo(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
 
-    from mu_fast.organism import OrganismConfig, load_organism, organism_task
+    import torch
+
+    threads = torch.get_num_threads()
+    if portable:
+        torch.set_num_threads(DEMO_THREADS)
+    try:
+        _demo(out, preset, forget_split, method_list, relearn, fresh, portable, wanted, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], relearn: bool, fresh: bool,
+          portable: bool, wanted: bool, t0: float) -> None:
+    from dataclasses import replace
+
+    from mu_fast.organism import OrganismConfig, cache_root, load_organism, organism_task
     from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, ORGANISM_RUN_OPTIONS, compare_localizations, group_configs
 
     console = _console()
     console.rule("[bold]mu_fast demo: the model organism")
-    org = load_organism(getattr(OrganismConfig, preset)(), progress=True)
+    if not portable:
+        why = "torch was loaded before the demo could choose" if wanted else "--native-kernels"
+        console.print(f"kernels: this CPU's own ({why}); the numbers can differ on another CPU", highlight=False)
+    # An organism trained with other kernels is another organism: the portable one has its own cache folder.
+    cache = cache_root().with_name("organism-portable") if portable else None
+    org = load_organism(getattr(OrganismConfig, preset)(), cache_dir=cache, progress=True)
     t_org = time.perf_counter() - t0
     console.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps({k: round(v, 3) for k, v in org.report.get('accuracy', {}).items()})}")
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
@@ -146,8 +166,9 @@ def demo(
     env = results["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     console.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")
-    console.print(f"versions: {versions}; {env['torch_threads']} torch threads, {env['cpu_capability']} kernels "
-                  "(all in results.json)", highlight=False)
+    kernels = "portable" if portable else "native"
+    console.print(f"versions: {versions}; {kernels} {env['cpu_capability']} kernels, {env['torch_threads']} torch "
+                  f"thread(s) on {env['processor']} (all in results.json)", highlight=False)
     console.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
     console.print(f"total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
 
@@ -184,117 +205,6 @@ def localize_cmd(
     _console().print(f"{method}: {[str(c) for c in loc.components]} — {loc.mask.param_count():,} parameters → {path}")
 
 
-@app.command("edit")
-def edit_cmd(
-    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
-    mask: Path = typer.Option(..., help="a mask saved by `mu-fast localize`"),
-    dataset: str = typer.Option("organism"),
-    forget_split: str = typer.Option("first_16_unsplit"),
-    inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
-    cf_model: str | None = typer.Option(None),
-    lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
-    steps: int = typer.Option(50),
-    lr: float = typer.Option(1e-5),
-    forget_coef: float = typer.Option(1.0),
-    optimizer: str = typer.Option("auto", help="auto, masked (MaskedAdamW), torch or bnb8bit"),
-    out: Path = typer.Option(..., help="folder for the edited model (save_pretrained)"),
-    overwrite: bool = typer.Option(False, help="replace an existing --out folder (kept until the new one is saved)"),
-    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
-    allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts (unknown tokens, accuracy at chance)"),
-) -> None:
-    """Edit (or unlearn) the forget facts, training only the masked parameters, and save the model."""
-    from dataclasses import replace
-
-    from mu_fast.edit.loop import OPTIMIZERS
-
-    check_choice("--dtype", dtype, DTYPE_NAMES)
-    check_choice("--optimizer", optimizer, OPTIMIZERS)
-    check_positive("--steps", steps, integer=True)
-    check_positive("--lr", lr)
-    if forget_coef < 0:
-        raise ValueError(f"--forget-coef must be >= 0; got {forget_coef}")
-    check_output("--out", [out], overwrite)
-    mask_path = check_mask_input(mask)
-    ref = resolve_model(model)
-    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
-    from mu_fast.edit import EditConfig, edit
-    from mu_fast.masks import Mask
-
-    edit_mask = Mask.load(mask_path)
-    config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer)
-    texts = None
-    if lm_texts and dataset == "organism":
-        from mu_fast.data import load_lm_texts
-
-        texts = load_lm_texts(lm_texts, n=2048, seed=0)
-    task = _dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
-    m, tok, info = _load(ref, dtype)
-    if task is None:
-        task = _organism_task(info, forget_split, inject_label, tok)
-        if texts is not None:
-            task.lm_texts = texts
-    edit_mask.validate(m)
-    _require_known_facts(m, tok, task, allow_unknown_facts)
-    config = replace(config, lm_coef=1.0 if task.lm_texts else 0.0)
-    result = edit(m, tok, task, edit_mask, config)
-    _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history})
-    _console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; saved to {out}")
-
-
-@app.command("evaluate")
-def evaluate_cmd(
-    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
-    dataset: str = typer.Option("organism"),
-    forget_split: str = typer.Option("first_16_unsplit"),
-    inject_label: str = typer.Option("random_without_golf"),
-    cf_model: str | None = typer.Option(None),
-    relearn: bool = typer.Option(False, help="also run the relearning attack"),
-    probes: bool = typer.Option(False, help="also run latent-knowledge probes"),
-    out: Path | None = typer.Option(None, help="write the results JSON here"),
-    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
-    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
-) -> None:
-    """Evaluate forget / maintain accuracy in every format (and optionally relearning and probes)."""
-    check_choice("--dtype", dtype, DTYPE_NAMES)
-    if out is not None:
-        check_output("--out", [out], overwrite)
-    ref = resolve_model(model)
-    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
-    task = _dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
-    from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
-    from mu_fast.evaluate.known_facts import check_known_facts
-    from mu_fast.report import environment, write_json
-
-    m, tok, info = _load(ref, dtype)
-    task = task or _organism_task(info, forget_split, inject_label, tok)
-    results: dict[str, Any] = {"model": info.get("model"), "dtype": dtype,
-                               "formats": evaluate_task(m, tok, task, progress=True)}
-    known = check_known_facts(m, tok, task, baseline=results["formats"])
-    for problem in known.problems:
-        if "unknown token" in problem:  # low accuracy is expected after an edit; unknown tokens never are
-            import warnings
-
-            warnings.warn(problem + "; these numbers measure nothing", UserWarning, stacklevel=1)
-    results["unknown_tokens"] = {k: v.get("unknown_token_prompts", 0) for k, v in known.sets.items()}
-    if relearn:
-        results["relearn"] = relearn_attack(m, tok, task, progress=True)
-    if probes:
-        results["latent_probes"] = latent_probes(m, tok, task)
-    from rich.table import Table
-
-    table = Table(title=f"{task.name}: accuracy per format")
-    for col in ("format", "split", "acc", "argmax", "edit acc", "n"):
-        table.add_column(col)
-    for fmt, splits in results["formats"].items():
-        for split, v in splits.items():
-            edit_acc = v.get("edit_acc")
-            table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}", "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
-    _console().print(table)
-    if out:
-        results["environment"] = environment()
-        write_json(out, results)
-
-
 @app.command()
 def env() -> None:
     """Versions, compiled backends and devices."""
@@ -316,32 +226,6 @@ def env() -> None:
     _console().print_json(json.dumps(info))
 
 
-def _save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, Any]) -> None:
-    """save_pretrained into a temporary sibling folder, then swap it in: a crash never leaves half a model. The
-    folder and its files get the modes of any new file (mkdtemp and safetensors alone would make them private)."""
-    from mu_fast.files import as_new_file
-    from mu_fast.report import write_json
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "mu_fast_edit.json", extra)
-        as_new_file(tmp, recursive=True)
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def main(argv: list[str] | None = None) -> None:
     """The ``mu-fast`` entry point: user errors become one line on stderr and exit status 2."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -354,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mu-fast: error: {message} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
+
+# edit / evaluate live in cli_edit (they use the helpers above, so they are imported last).
+from mu_fast.cli_edit import edit_cmd, evaluate_cmd  # noqa: E402
+
+app.command("edit")(edit_cmd)
+app.command("evaluate")(evaluate_cmd)
 
 if __name__ == "__main__":
     main()

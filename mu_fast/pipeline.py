@@ -155,8 +155,9 @@ def compare_localizations(
                                "provenance": dict(provenance or {}), "methods": {}}
     for method in methods:
         config = edit_configs.get(method, EditConfig())
-        # Package versions are part of the settings: a result computed under other versions is recomputed.
-        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers, env["packages"])
+        # Versions and kernels are part of the settings: a result computed under others is recomputed.
+        numerics = {k: env[k] for k in ("packages", "torch_threads", "cpu_capability", "kernel_env")}
+        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers, numerics)
         path = out / f"{method}.json" if out else None
         if resume and path is not None and path.exists():
             saved = json.loads(path.read_text())

@@ -162,6 +162,9 @@ def environment() -> dict[str, Any]:
         "packages": versions,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Kernel choices that change float round-off (see mu_fast.determinism).
+        "kernel_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
+                                                       "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
         "machine": platform.machine(),
         "processor": _cpu_model(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
