@@ -1,4 +1,5 @@
-"""The ``mu-fast`` command line: ``demo``, ``localize``, ``edit``, ``evaluate`` (in ``mu_fast.cli_edit``) and ``env``.
+"""The ``mu-fast`` command line: ``demo``, ``localize``, ``edit`` / ``evaluate`` (``mu_fast.cli_edit``), ``plan``
+(``mu_fast.cli_plan``) and ``env``.
 
 Every command checks its options, paths and names before any slow work (``mu_fast.preflight``): a bad option
 costs a second, not a model load. User errors are one line on stderr (exit 2); ``--debug`` shows the traceback.
@@ -239,11 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-# edit / evaluate live in cli_edit (they use the helpers above, so they are imported last).
+# edit / evaluate / plan live in their own modules (they use the helpers above, so they are imported last).
 from mu_fast.cli_edit import edit_cmd, evaluate_cmd  # noqa: E402
+from mu_fast.cli_plan import plan_cmd  # noqa: E402
 
 app.command("edit")(edit_cmd)
 app.command("evaluate")(evaluate_cmd)
+app.command("plan")(plan_cmd)
 
 if __name__ == "__main__":
     main()

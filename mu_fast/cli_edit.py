@@ -76,7 +76,8 @@ def edit_cmd(
     lr: float = typer.Option(1e-5),
     forget_coef: float = typer.Option(1.0),
     optimizer: str = typer.Option("auto", help="auto, masked (MaskedAdamW), torch or bnb8bit (bitsandbytes AdamW8bit)"),
-    frozen: str = typer.Option("bf16", help="storage of the weights the mask does not train: bf16, int8 or nf4"),
+    frozen: str = typer.Option("auto", help="storage of the weights the mask does not train: bf16, int8, nf4, or auto (bf16; with --budget the plan's choice)"),
+    budget: str | None = typer.Option(None, help="GPU memory for the edit, e.g. 24GB: the memory plan (mu-fast plan) chooses --frozen (if auto) and the settings below"),
     max_memory: str | None = typer.Option(None, help="per-device budget for loading, e.g. 0=22GiB,cpu=64GiB"),
     offload_dir: Path | None = typer.Option(None, help="folder for frozen layers that fit neither GPU nor CPU"),
     micro_batch: int | None = typer.Option(None, help="prompts per forward+backward (default: the whole batch)"),
@@ -94,7 +95,13 @@ def edit_cmd(
 
     from mu_fast.edit.loop import OPTIMIZERS
 
-    check_choice("--frozen", frozen, FROZEN_CHOICES)
+    check_choice("--frozen", frozen, ("auto", *FROZEN_CHOICES))
+    if budget is not None:
+        chosen = [f"--{n.replace('_', '-')}" for n, v in (("micro_batch", micro_batch), ("lm_micro_batch", lm_micro_batch),
+                                                          ("grad_checkpointing", grad_checkpointing),
+                                                          ("state_bits", state_bits != 32)) if v]
+        if chosen:
+            raise ValueError(f"--budget chooses the memory settings itself; drop {', '.join(chosen)} or --budget")
     check_choice("--dtype", dtype, DTYPE_NAMES)
     check_choice("--optimizer", optimizer, OPTIMIZERS)
     check_choice("--state-bits", str(state_bits), ("32", "8"))
@@ -106,7 +113,7 @@ def edit_cmd(
         raise ValueError(f"--forget-coef must be >= 0; got {forget_coef}")
     if optimizer in ("torch", "bnb8bit") and state_bits != 32:
         raise ValueError(f"--state-bits is a MaskedAdamW setting; drop it or use --optimizer masked (not {optimizer})")
-    if save_model and frozen != "bf16":
+    if save_model and frozen not in ("auto", "bf16"):
         raise ValueError(f"--save-model needs --frozen bf16: with {frozen} frozen weights the saved model would be "
                          "quantized; drop --save-model to save a delta and apply it to the bf16 model")
     check_output("--out", [out], overwrite)
@@ -126,6 +133,14 @@ def edit_cmd(
     edit_mask = Mask.load(mask_path)
     config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer, state_bits=state_bits,
                         micro_batch=micro_batch, lm_micro_batch=lm_micro_batch, grad_checkpointing=grad_checkpointing)
+    if budget is not None:
+        from mu_fast.cli_plan import planned_edit
+
+        config, frozen = planned_edit(ref, edit_mask, replace(config, lm_coef=1.0 if lm_texts else 0.0), frozen, budget)
+        if save_model and frozen != "bf16":
+            raise ValueError(f"--save-model needs bf16 frozen weights but --budget {budget} needs {frozen}; drop "
+                             "--save-model to save a delta, or raise --budget")
+    frozen = "bf16" if frozen == "auto" else frozen
     texts = None
     if lm_texts and dataset == "organism":
         from mu_fast.data import load_lm_texts
