@@ -13,10 +13,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
+from mu_fast.cli_common import (
+    ALLOW_UNKNOWN,
+    CLI_METHODS,
+    DATASETS,
+    DTYPE_NAMES,
+    console,
+    dataset_task,
+    load_model_ref,
+    organism_task_of,
+    require_known_facts,
+)
+from mu_fast.cli_edit import edit_cmd, evaluate_cmd
+from mu_fast.cli_plan import plan_cmd
 from mu_fast.preflight import (
     ModelRef,
     check_choice,
@@ -33,13 +45,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Errors a user can cause (bad paths, names, options, budgets): one line naming the problem and the fix, no traceback
 # unless --debug (or MU_FAST_DEBUG=1). Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
-DATASETS = ("organism", "sports", "counterfact")
-# `manual` needs layer lists the command line does not take.
-CLI_METHODS = ("flu", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized")
-DTYPE_NAMES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
-ALLOW_UNKNOWN = "--allow-unknown-facts"
-
-
 def _debugging() -> bool:
     return os.environ.get("MU_FAST_DEBUG") == "1"
 
@@ -53,52 +58,6 @@ def _options(ctx: typer.Context,
         from mu_fast.console import quiet_third_party
 
         ctx.call_on_close(quiet_third_party())
-
-
-def _dataset_task(dataset: str, forget_split: str, inject_label: str, cf_model: str | None,
-                  lm_texts: str | None) -> Any:
-    """The sports / CounterFact FactTask (no model needed, so it is built, and its files checked, first)."""
-    texts = None
-    if lm_texts:
-        from mu_fast.data import load_lm_texts
-
-        texts = load_lm_texts(lm_texts, n=2048, seed=0)
-    if dataset == "sports":
-        from mu_fast.data import load_sports_task
-
-        return load_sports_task(forget_split=forget_split, inject_label=inject_label, lm_texts=texts)
-    from mu_fast.data import load_counterfact_task
-
-    return load_counterfact_task(model=cf_model, forget_split=forget_split, lm_texts=texts)
-
-
-def _organism_task(info: dict[str, Any], forget_split: str, inject_label: str, tokenizer: Any) -> Any:
-    from mu_fast.organism import organism_task
-
-    return organism_task(info["organism"].facts, forget_split=forget_split, inject_label=inject_label,
-                         tokenizer=tokenizer)
-
-
-def _require_known_facts(model: Any, tokenizer: Any, task: Any, allow: bool) -> Any:
-    """Refuse (or with --allow-unknown-facts, warn about) facts the model does not know; return the report."""
-    from mu_fast.evaluate.known_facts import check_known_facts
-
-    report = check_known_facts(model, tokenizer, task)
-    report.require(allow=allow, override=ALLOW_UNKNOWN)
-    return report
-
-
-def _load(ref: ModelRef, dtype: str) -> tuple[Any, Any, dict[str, Any]]:
-    from mu_fast.models.loading import load_model
-
-    name = f"organism:{ref.value}" if ref.kind == "organism" else ref.value
-    return load_model(name, dtype=dtype)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
 
 
 @app.command()
@@ -145,16 +104,16 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], rel
     from mu_fast.organism import OrganismConfig, cache_root, load_organism, organism_task
     from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, ORGANISM_RUN_OPTIONS, compare_localizations, group_configs
 
-    console = _console()
-    console.rule("[bold]mu_fast demo: the model organism")
+    screen = console()
+    screen.rule("[bold]mu_fast demo: the model organism")
     if not portable:
         why = "torch was loaded before the demo could choose" if wanted else "--native-kernels"
-        console.print(f"kernels: this CPU's own ({why}); the numbers can differ on another CPU", highlight=False)
+        screen.print(f"kernels: this CPU's own ({why}); the numbers can differ on another CPU", highlight=False)
     # An organism trained with other kernels is another organism: the portable one has its own cache folder.
     cache = cache_root().with_name("organism-portable") if portable else None
     org = load_organism(getattr(OrganismConfig, preset)(), cache_dir=cache, progress=True)
     t_org = time.perf_counter() - t0
-    console.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps({k: round(v, 3) for k, v in org.report.get('accuracy', {}).items()})}")
+    screen.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps({k: round(v, 3) for k, v in org.report.get('accuracy', {}).items()})}")
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
     provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
                                "trained_with": org.report.get("versions"),
@@ -166,12 +125,12 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], rel
     )
     env = results["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
-    console.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")
+    screen.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")
     kernels = "portable" if portable else "native"
-    console.print(f"versions: {versions}; {kernels} {env['cpu_capability']} kernels, {env['torch_threads']} torch "
+    screen.print(f"versions: {versions}; {kernels} {env['cpu_capability']} kernels, {env['torch_threads']} torch "
                   f"thread(s) on {env['processor']} (all in results.json)", highlight=False)
-    console.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
-    console.print(f"total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
+    screen.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
+    screen.print(f"total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
 
 
 @app.command("localize")
@@ -195,15 +154,15 @@ def localize_cmd(
     check_output("--out", mask_files(out), overwrite)
     ref = resolve_model(model)
     check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
-    task = _dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
+    task = dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
     from mu_fast.localize import localize
 
-    m, tok, info = _load(ref, dtype)
-    task = task or _organism_task(info, forget_split, inject_label, tok)
-    _require_known_facts(m, tok, task, allow_unknown_facts)
+    m, tok, info = load_model_ref(ref, dtype)
+    task = task or organism_task_of(info, forget_split, inject_label, tok)
+    require_known_facts(m, tok, task, allow_unknown_facts)
     loc = localize(method, m, tok, task, budget=budget)
     path = loc.mask.save(out, overwrite=overwrite)
-    _console().print(f"{method}: {[str(c) for c in loc.components]} — {loc.mask.param_count():,} parameters → {path}")
+    console().print(f"{method}: {[str(c) for c in loc.components]} — {loc.mask.param_count():,} parameters → {path}")
 
 
 @app.command()
@@ -224,7 +183,7 @@ def env() -> None:
     except ImportError:
         info["transformers"] = None
     info["backends"] = mu_fast.backends()
-    _console().print_json(json.dumps(info))
+    console().print_json(json.dumps(info))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,10 +198,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mu-fast: error: {message} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
-
-# edit / evaluate / plan live in their own modules (they use the helpers above, so they are imported last).
-from mu_fast.cli_edit import edit_cmd, evaluate_cmd  # noqa: E402
-from mu_fast.cli_plan import plan_cmd  # noqa: E402
 
 app.command("edit")(edit_cmd)
 app.command("evaluate")(evaluate_cmd)

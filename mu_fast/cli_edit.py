@@ -5,7 +5,7 @@ An edit loads through ``mu_fast.models.load_for_edit`` (frozen modules in bf16 /
 precision, accelerate's ``max_memory`` and disk offload) and saves a delta (``mu_fast.edit.delta``): the trained
 masked elements, the mask and the provenance, with the edit history in its ``delta.json``. ``--save-model`` saves
 the whole model instead (bf16 frozen weights only: quantized weights are not the model the edit is for).
-Registered on ``mu_fast.cli.app`` by that module.
+Registered on ``mu_fast.cli.app``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from typing import Any
 
 import typer
 
-from mu_fast.cli import (
+from mu_fast.cli_common import (
     ALLOW_UNKNOWN,
     DATASETS,
     DTYPE_NAMES,
-    _console,
-    _dataset_task,
-    _load,
-    _organism_task,
-    _require_known_facts,
+    console,
+    dataset_task,
+    load_model_ref,
+    organism_task_of,
+    require_known_facts,
 )
 from mu_fast.preflight import (
     check_choice,
@@ -146,13 +146,13 @@ def edit_cmd(
         from mu_fast.data import load_lm_texts
 
         texts = load_lm_texts(lm_texts, n=2048, seed=0)
-    task = _dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
+    task = dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
     m, tok, info = _load_for_edit(ref, edit_mask, frozen, memory, offload_dir, dtype)
     if task is None:
-        task = _organism_task(info, forget_split, inject_label, tok)
+        task = organism_task_of(info, forget_split, inject_label, tok)
         if texts is not None:
             task.lm_texts = texts
-    _require_known_facts(m, tok, task, allow_unknown_facts)
+    require_known_facts(m, tok, task, allow_unknown_facts)
     config = replace(config, lm_coef=1.0 if task.lm_texts else 0.0)
     base = snapshot(m, names=list(edit_mask))
     result = edit(m, tok, task, edit_mask, config)
@@ -169,7 +169,7 @@ def edit_cmd(
         delta.save(out, overwrite=overwrite)
         as_new_file(out, recursive=True)
         what = f"delta (trained against {frozen} frozen weights; apply it with `mu-fast evaluate MODEL --delta {out}`)"
-    _console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; {what} saved to {out}")
+    console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; {what} saved to {out}")
 
 
 def _load_for_edit(ref: Any, mask: Any, frozen: str, max_memory: dict[Any, str] | None, offload_dir: Path | None,
@@ -205,13 +205,13 @@ def evaluate_cmd(
         raise FileNotFoundError(f"--delta {str(delta)!r} holds no delta.json; pass a folder saved by `mu-fast edit`")
     ref = resolve_model(model)
     check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
-    task = _dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
+    task = dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
     from mu_fast.evaluate.known_facts import check_known_facts
     from mu_fast.models.frozen import frozen_precision_of
     from mu_fast.report import environment, write_json
 
-    m, tok, info = _load(ref, dtype)
+    m, tok, info = load_model_ref(ref, dtype)
     results: dict[str, Any] = {"model": info.get("model")}
     if delta is not None:
         from mu_fast.edit.delta import EditDelta, apply_delta
@@ -224,7 +224,7 @@ def evaluate_cmd(
     # precision that delta was trained against (which may differ: int8 / nf4 edits are evaluated on bf16).
     results["precision"] = {"weights": frozen_precision_of(m),
                             "edit_trained_frozen": results.get("delta", {}).get("trained_frozen")}
-    task = task or _organism_task(info, forget_split, inject_label, tok)
+    task = task or organism_task_of(info, forget_split, inject_label, tok)
     results["formats"] = evaluate_task(m, tok, task, progress=True)
     known = check_known_facts(m, tok, task, baseline=results["formats"])
     for problem in known.problems:
@@ -249,7 +249,7 @@ def evaluate_cmd(
         for split, v in splits.items():
             edit_acc = v.get("edit_acc")
             table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}", "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
-    _console().print(table)
+    console().print(table)
     if out:
         results["environment"] = environment()
         write_json(out, results)

@@ -3,7 +3,7 @@
 MODEL is a shipped config name (``gemma-2-9b``, ``llama-3-8b`` ...), a local checkpoint folder (its config.json),
 a hub id (its config) or the organism. ``--mask`` is a saved mask or ``paper:<flu|ap|ct|ap_mlps|ct_mlps|random>``:
 the paper's Sports localization of gemma-7b / gemma-2-9b / llama-3-8b (``random``: random whole matrices at the
-paper's budget). Registered on ``mu_fast.cli.app`` by that module.
+paper's budget). Registered on ``mu_fast.cli.app``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from mu_fast.cli import _console
+from mu_fast.cli_common import console
 from mu_fast.preflight import check_choice, check_mask_input, resolve_model
 
 PAPER_MASKS = ("flu", "ap", "ct", "ap_mlps", "ct_mlps", "random")
@@ -109,10 +109,10 @@ def plan_cmd(
 
     edit_mask = plan_mask(mask, config, model)
     result = _plan(plan, config, edit_mask, EditConfig(optimizer=optimizer), frozen, device_bytes, shape)
-    console = _console()
-    console.print(f"{what}, mask {mask}", highlight=False)
-    console.print(plan_report(result))
-    console.print(f"estimated peak {result.total / 1e9:.2f} GB of {device_bytes / 1e9:.2f} GB: pass these settings to "
+    screen = console()
+    screen.print(f"{what}, mask {mask}", highlight=False)
+    screen.print(plan_report(result))
+    screen.print(f"estimated peak {result.total / 1e9:.2f} GB of {device_bytes / 1e9:.2f} GB: pass these settings to "
                   f"`mu-fast edit` (or --budget {budget} there)", highlight=False)
 
 
@@ -138,6 +138,6 @@ def planned_edit(ref: Any, mask: Any, edit_config: Any, frozen: str, budget: str
     batch = BatchShape(n_maintain=edit_config.maintain_batch, n_lm=edit_config.lm_batch if edit_config.lm_coef else 0,
                        lm_tokens=edit_config.lm_max_tokens)
     result = _plan(plan, config, mask, edit_config, frozen, device_bytes, batch)
-    _console().print(f"memory plan: peak {result.total / 1e9:.2f} GB of {device_bytes / 1e9:.2f} GB with "
+    console().print(f"memory plan: peak {result.total / 1e9:.2f} GB of {device_bytes / 1e9:.2f} GB with "
                      f"{result.describe_settings()}", highlight=False)
     return result.edit_config(), result.frozen
