@@ -62,15 +62,14 @@ def plan_mask(spec: str, config: Any, model: str) -> Any:
     if not spec.startswith("paper:"):
         return Mask.load(check_mask_input(Path(spec)))
     method = check_choice("--mask paper:<method>", spec.split(":", 1)[1], PAPER_MASKS)
-    from mu_fast.data.datadir import PAPER_MODELS, paper_model
+    from mu_fast.data.datadir import PAPER_MODELS
     from mu_fast.localize.paper_graphs import paper_localization
     from mu_fast.models.sites import SiteTable
 
-    try:
-        paper = paper_model(model).key
-    except ValueError:
+    paper = _paper_model_of(model, config)
+    if paper is None:
         raise ValueError(f"--mask {spec}: the paper localized only {', '.join(PAPER_MODELS)}; for MODEL {model!r} "
-                         "pass a mask saved by `mu-fast localize`") from None
+                         "pass a mask saved by `mu-fast localize`")
     table = SiteTable(config)
     if method == "random":
         from mu_fast.localize.baselines import random_matrices
@@ -81,6 +80,23 @@ def plan_mask(spec: str, config: Any, model: str) -> Any:
     else:
         components = paper_localization(paper, "sports", method)
     return Mask.from_components(table, components, meta={"method": spec, "arch": config.model_type})
+
+
+def _paper_model_of(model: str, config: Any) -> str | None:
+    """The paper model MODEL is: by name, else by a config with the same shape as that model's shipped one."""
+    from mu_fast.data.datadir import PAPER_MODELS, paper_model
+    from mu_fast.models.shipped import shipped_config
+
+    try:
+        return paper_model(model).key
+    except ValueError:
+        pass
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+    for name in PAPER_MODELS:
+        shipped = shipped_config(name)
+        if all(getattr(config, k, None) == getattr(shipped, k, None) for k in keys):
+            return name
+    return None
 
 
 def plan_cmd(
