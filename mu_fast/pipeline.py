@@ -214,7 +214,9 @@ def compare_localizations(
                               out / "localization_map.png")
         plot_robustness(summaries, out / "robustness.png")
     if progress:
-        before_row = {BEFORE_ROW: summarize({"trainable_params": 0}, baseline, None, None, 0.0)}
+        before = summarize({"trainable_params": 0}, baseline, None, None, 0.0)
+        before.pop("seconds")  # nothing ran: a dash, not "0.0"
+        before_row = {BEFORE_ROW: before}
         print_table({**before_row, **summaries}, title or f"{task.name}: localized editing compared")
         for note in results["notes"]:
             print(f"note: {note}")
@@ -238,7 +240,7 @@ class _Stages:
 
         self.stages = list(stages)
         self.bar = tqdm(total=len(self.stages), desc=name, leave=False, unit="stage",
-                        bar_format="{desc}: {n}/{total} stages [{elapsed}] {postfix}")
+                        bar_format="{desc}: {n}/{total} stages [{elapsed}]{postfix}")
         self.bar.set_postfix_str(self.stages[0])
 
     def next(self) -> None:
