@@ -1,13 +1,19 @@
 """Masked AdamW: the plain-PyTorch reference, the compact state of one bucket, and the backend dispatcher.
 
-Semantics (every backend): dense AdamW restricted to the active set. Every active element gets the AdamW update
-every step, also with a zero (or absent) gradient: this is not lazy Adam. Weight decay is decoupled and applied
+Semantics (every backend): dense AdamW restricted to the active set. Every active element of a parameter that has
+a gradient gets the AdamW update, also where that gradient is zero: this is not lazy Adam. A parameter without a
+gradient is skipped as torch's AdamW skips it (no moment decay, no weight decay, no write; its own step count
+does not advance), unless the caller marks it present (``missing_grad="zero"``: a missing gradient counts as
+zero). Step counts and bias corrections are per parameter, as in torch. Weight decay is decoupled and applied
 to active elements only. Inactive elements are never read-modify-written: they stay bit-identical whatever the
 gradient holds, NaN included. All arithmetic is fp32 (hyperparameters and bias corrections fp64), the moments
 are fp32 or 8-bit block-quantized, and an optional fp32 master copy keeps small updates of bf16 parameters.
 
 Backends, one method each (``grad_sumsq``, ``scalars``, ``update``, ``gather``) over the same segment
-table (mu_fast/optim/segments.py):
+table (mu_fast/optim/segments.py). ``grad_sumsq`` sums squares in fp64, so a finite gradient never overflows the
+statistic that decides the non-finite skip (an fp32 sum overflows at |g| ≈ 1.8e19). ``scalars`` writes one
+coefficient row per parameter slot (its group's hyperparameters, its own bias corrections, the gradient scale =
+clip factor × −1 for ``maximize``, and whether it is updated at all); ``update`` reads the row of each tile's slot.
 * ``torch``: plain PyTorch over the same table (gather the active elements, the fp32 update, scatter back);
   runs anywhere, slow. ``masked_adamw_reference`` is the same formula on compact vectors, readable and usable
   in fp64: the tests' oracle.
@@ -27,13 +33,17 @@ from mu_fast.optim import quantize8
 from mu_fast.optim.segments import SegmentTable
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
-# Column layouts shared with the kernels (kernels/masked_adamw.py, csrc/masked_adamw_common.h).
-H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM = range(6)
-HYPER_FIELDS = 6
-C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2 = range(8)
-COEF_FIELDS = 8
-K_SKIP, K_CLIP, K_NORM = range(3)
+# Column layouts shared with the kernels (kernels/masked_adamw.py, csrc/masked_adamw_common.h). hyper: per param
+# group; coef: per parameter slot; control: (skipped this step, clip factor, active-gradient norm, steps skipped
+# so far: accumulated by every scalars call, never reset there).
+H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM, H_GRAD_SIGN = range(7)
+HYPER_FIELDS = 7
+(C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2, C_GRAD_SCALE,
+ C_APPLY) = range(10)
+COEF_FIELDS = 10
+K_SKIP, K_CLIP, K_NORM, K_SKIPPED = range(4)
 CONTROL_FIELDS = 4
+FP64_MAX = torch.finfo(torch.float64).max
 
 
 def masked_adamw_reference(
@@ -73,6 +83,9 @@ class CompactBucket:
 
     exp_avg / exp_avg_sq: fp32 ``[S]``, or uint8 codes ``[S]`` with absmax_m / absmax_v fp32 ``[S/256]``
     (state_bits=8). master: fp32 ``[S]`` or None. compact_grad: fp32 ``[S]`` or None (dense ``.grad`` used).
+    grad_seen: one byte per parameter, set when a backend's ``gather`` accumulates a gradient into
+    ``compact_grad`` (cleared by the owner, e.g. ``MaskedAdamW.zero_grad``): with compact gradients, ``.grad`` is
+    always None, and this says which parameters had a gradient since the buffer was last zeroed.
     """
 
     params: list[torch.Tensor]
@@ -87,6 +100,7 @@ class CompactBucket:
     qmap_v: torch.Tensor | None = None
     mids_m: torch.Tensor | None = None
     mids_v: torch.Tensor | None = None
+    grad_seen: bytearray = field(default_factory=bytearray, repr=False)
     _addr: torch.Tensor | None = field(default=None, repr=False)
     _addr_key: tuple = field(default=(), repr=False)
 
@@ -114,7 +128,12 @@ class CompactBucket:
             raise ValueError(f"state_bits must be 32 or 8; got {state_bits}")
         return cls(list(params), table, exp_avg, exp_avg_sq,
                    master=torch.zeros(n, **fp32) if master_weights else None,
-                   compact_grad=torch.zeros(n, **fp32) if compact_grads else None, **kw)
+                   compact_grad=torch.zeros(n, **fp32) if compact_grads else None,
+                   grad_seen=bytearray(len(params)), **kw)
+
+    def slot_groups(self) -> list[int]:
+        """The param-group index of each slot, in slot order."""
+        return [info.group for info in self.table.slots]
 
     @property
     def state_bits(self) -> int:
@@ -158,15 +177,27 @@ class CompactBucket:
 def check_grads(bucket: CompactBucket, grads: list[torch.Tensor | None]) -> None:
     """Raise ``ValueError`` when a gradient's shape, dtype, device or layout does not match its parameter."""
     for slot, (p, g) in enumerate(zip(bucket.params, grads)):
-        if g is None:
-            continue
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or not g.is_contiguous():
-            name = bucket.table.slots[slot].name
-            raise ValueError(
-                f"gradient of {name!r} is {g.dtype} {tuple(g.shape)} on {g.device}"
-                f"{'' if g.is_contiguous() else ' (non-contiguous)'}; expected a contiguous {p.dtype} "
-                f"{tuple(p.shape)} on {p.device} like the parameter"
-            )
+        if g is not None and (g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or not g.is_contiguous()):
+            check_grad(bucket, slot, g)
+
+
+def check_grad(bucket: CompactBucket, slot: int, g: torch.Tensor) -> None:
+    """``check_grads`` for the gradient ``g`` of one slot."""
+    p = bucket.params[slot]
+    if g.shape == p.shape and g.dtype == p.dtype and g.device == p.device and g.is_contiguous():
+        return
+    name = bucket.table.slots[slot].name
+    if g.layout != torch.strided:
+        raise ValueError(
+            f"gradient of {name!r} is sparse ({g.layout}); MaskedAdamW needs dense gradients: build the module "
+            "that makes it with sparse=False (e.g. torch.nn.Embedding(..., sparse=False)), or densify it "
+            "(p.grad = p.grad.to_dense()) before step()"
+        )
+    raise ValueError(
+        f"gradient of {name!r} is {g.dtype} {tuple(g.shape)} on {g.device}"
+        f"{'' if g.is_contiguous() else ' (non-contiguous)'}; expected a contiguous {p.dtype} "
+        f"{tuple(p.shape)} on {p.device} like the parameter"
+    )
 
 
 # ------------------------------------------------------------------------------------------ torch backend
@@ -178,40 +209,46 @@ class TorchBackend:
     def grad_sumsq(self, bucket: CompactBucket, grads: list[torch.Tensor | None], partial: torch.Tensor) -> None:
         total = partial.new_zeros(())
         for slot in range(len(bucket.params)):
-            g = self._grad(bucket, grads, slot)
+            g = self._grad(bucket, grads, slot).double()
             total = total + (g * g).sum()
         partial.zero_()
         if partial.numel():
             partial[0] = total
 
-    def scalars(self, hyper: torch.Tensor, step: torch.Tensor, partial: torch.Tensor, coef: torch.Tensor,
-                control: torch.Tensor, has_stats: bool, check_finite: bool) -> None:
+    def scalars(self, hyper: torch.Tensor, slot_group: torch.Tensor, slot_step: torch.Tensor, present: torch.Tensor,
+                partial: torch.Tensor, coef: torch.Tensor, control: torch.Tensor, has_stats: bool,
+                check_finite: bool) -> None:
         total = partial.sum() if has_stats else partial.new_zeros(())
         norm = total.sqrt()
-        skip = (~torch.isfinite(total)).float() if check_finite else total.new_zeros(())
-        max_norm = hyper[0, H_MAX_NORM].float()
+        skip = (~(total <= FP64_MAX)).float() if check_finite else control.new_zeros(())
+        max_norm = hyper[0, H_MAX_NORM]
         clip = torch.where(max_norm > 0, torch.clamp(max_norm / (norm + 1e-6), max=1.0), torch.ones_like(norm))
-        control.copy_(torch.stack([skip, clip if has_stats else torch.ones_like(clip), norm, total.new_zeros(())]))
-        t = step + 1
-        bc1 = 1 - hyper[:, H_BETA1] ** t
-        bc2 = 1 - hyper[:, H_BETA2] ** t
+        clip = clip if has_stats else torch.ones_like(clip)
+        control[K_SKIPPED] += skip
+        control[K_SKIP], control[K_CLIP], control[K_NORM] = skip, clip.float(), norm.float()
+        h = hyper[slot_group]
+        t = slot_step + 1
+        bc1 = 1 - h[:, H_BETA1] ** t
+        bc2 = 1 - h[:, H_BETA2] ** t
+        apply = present * (1 - skip)
         coef.zero_()
-        coef[:, C_BETA1], coef[:, C_BETA2], coef[:, C_EPS] = hyper[:, H_BETA1], hyper[:, H_BETA2], hyper[:, H_EPS]
-        coef[:, C_DECAY] = 1 - hyper[:, H_LR] * hyper[:, H_WD]
-        coef[:, C_STEP_SIZE] = hyper[:, H_LR] / bc1
+        coef[:, C_BETA1], coef[:, C_BETA2], coef[:, C_EPS] = h[:, H_BETA1], h[:, H_BETA2], h[:, H_EPS]
+        coef[:, C_DECAY] = 1 - h[:, H_LR] * h[:, H_WD]
+        coef[:, C_STEP_SIZE] = h[:, H_LR] / bc1
         coef[:, C_INV_SQRT_BC2] = 1 / bc2.sqrt()
         # 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
-        coef[:, C_ONE_MINUS_BETA1], coef[:, C_ONE_MINUS_BETA2] = 1 - hyper[:, H_BETA1], 1 - hyper[:, H_BETA2]
-        step.add_(1 - skip.double())
+        coef[:, C_ONE_MINUS_BETA1], coef[:, C_ONE_MINUS_BETA2] = 1 - h[:, H_BETA1], 1 - h[:, H_BETA2]
+        coef[:, C_GRAD_SCALE] = clip * h[:, H_GRAD_SIGN]
+        coef[:, C_APPLY] = apply
+        slot_step.add_(apply.double())
 
-    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor,
-               control: torch.Tensor) -> None:
-        keep = control[K_SKIP] != 0
+    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor) -> None:
         for slot, param in enumerate(bucket.params):
             info = bucket.table.slots[slot]
             flat, state = bucket.table.indices(slot, param.device)
-            c = coef[info.group]
-            g = self._grad(bucket, grads, slot) * control[K_CLIP]
+            c = coef[slot]
+            keep = c[C_APPLY] == 0  # no gradient, or a skipped step: every value keeps its old bits
+            g = self._grad(bucket, grads, slot) * c[C_GRAD_SCALE]
             p_flat = param.view(-1)
             p_old = bucket.master[state] if bucket.master is not None else p_flat[flat].float()
             if bucket.state_bits == 8:
@@ -247,6 +284,7 @@ class TorchBackend:
         if accumulate:
             values = values + out[state]
         out[state] = values
+        _mark_seen(bucket, slot, out)
 
     @staticmethod
     def _grad(bucket: CompactBucket, grads: list[torch.Tensor | None], slot: int) -> torch.Tensor:
@@ -276,24 +314,25 @@ class TritonBackend:
         self.k32.grad_sumsq_triton(t.tiles, _index(t), bucket.address_table(grads), bucket.compact_grad,
                                    bucket.params[0], partial, t.tile)
 
-    def scalars(self, hyper, step, partial, coef, control, has_stats, check_finite) -> None:
-        self.k32.adamw_scalars_triton(hyper, step, partial, coef, control, has_stats, check_finite)
+    def scalars(self, hyper, slot_group, slot_step, present, partial, coef, control, has_stats, check_finite) -> None:
+        self.k32.adamw_scalars_triton(hyper, slot_group, slot_step, present, partial, coef, control, has_stats,
+                                      check_finite)
 
-    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor,
-               control: torch.Tensor) -> None:
+    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor) -> None:
         t, b = bucket.table, bucket
         addr = b.address_table(grads)
         if b.state_bits == 8:
             self.k8.masked_adamw8bit_update_triton(t.tiles, _index(t), addr, b.compact_grad, b.params[0], b.exp_avg,
                                                    b.exp_avg_sq, b.absmax_m, b.absmax_v, b.qmap_m, b.qmap_v, b.mids_m,
-                                                   b.mids_v, b.master, coef, control, t.tile)
+                                                   b.mids_v, b.master, coef, t.tile)
         else:
             self.k32.masked_adamw_update_triton(t.tiles, _index(t), addr, b.compact_grad, b.params[0], b.exp_avg,
-                                                b.exp_avg_sq, b.master, coef, control, t.tile)
+                                                b.exp_avg_sq, b.master, coef, t.tile)
 
     def gather(self, bucket: CompactBucket, slot: int, source: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         t, info = bucket.table, bucket.table.slots[slot]
         self.k32.gather_grad_triton(t.tiles, _index(t), source, out, info.tile_begin, info.tile_end, t.tile, accumulate)
+        _mark_seen(bucket, slot, out)
 
 
 # ------------------------------------------------------------------------------------ C++ / CUDA backends
@@ -310,23 +349,24 @@ class ExtBackend:
         t = bucket.table
         self.ops.masked_adamw_grad_sumsq(_grads_arg(bucket, grads), bucket.compact_grad, t.tiles, _index(t), partial)
 
-    def scalars(self, hyper, step, partial, coef, control, has_stats, check_finite) -> None:
-        self.ops.masked_adamw_scalars(hyper, step, partial, coef, control, has_stats, check_finite)
+    def scalars(self, hyper, slot_group, slot_step, present, partial, coef, control, has_stats, check_finite) -> None:
+        self.ops.masked_adamw_scalars(hyper, slot_group, slot_step, present, partial, coef, control, has_stats,
+                                      check_finite)
 
-    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor,
-               control: torch.Tensor) -> None:
+    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor) -> None:
         t, b = bucket.table, bucket
         if b.state_bits == 8:
             self.ops.masked_adamw8bit_update(b.params, _grads_arg(b, grads), b.compact_grad, t.tiles, _index(t),
                                              b.exp_avg, b.exp_avg_sq, b.absmax_m, b.absmax_v, b.qmap_m, b.qmap_v,
-                                             b.mids_m, b.mids_v, b.master, coef, control)
+                                             b.mids_m, b.mids_v, b.master, coef)
         else:
             self.ops.masked_adamw_update(b.params, _grads_arg(b, grads), b.compact_grad, t.tiles, _index(t),
-                                         b.exp_avg, b.exp_avg_sq, b.master, coef, control)
+                                         b.exp_avg, b.exp_avg_sq, b.master, coef)
 
     def gather(self, bucket: CompactBucket, slot: int, source: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         t, info = bucket.table, bucket.table.slots[slot]
         self.ops.masked_gather_grad(source, t.tiles, _index(t), info.tile_begin, info.tile_end, out, accumulate)
+        _mark_seen(bucket, slot, out)
 
 
 def _index(table: SegmentTable) -> torch.Tensor:
@@ -338,6 +378,12 @@ def _index(table: SegmentTable) -> torch.Tensor:
 
 def _grads_arg(bucket: CompactBucket, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     return [] if bucket.compact_grad is not None else list(grads)
+
+
+def _mark_seen(bucket: CompactBucket, slot: int, out: torch.Tensor) -> None:
+    """A gradient gathered into the compact buffer: the slot has a gradient this step (see CompactBucket)."""
+    if out is bucket.compact_grad:
+        bucket.grad_seen[slot] = 1
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -389,6 +435,14 @@ def select_backend(device: torch.device | str, backend: str = "auto"):
     return _INSTANCES[backend]
 
 
+def to_device(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, copied without a host sync (pinned memory on CUDA)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @torch.no_grad()
 def masked_adamw_step(
     bucket: CompactBucket,
@@ -398,30 +452,45 @@ def masked_adamw_step(
     *,
     max_grad_norm: float | None = None,
     nonfinite: str = "skip",
+    missing_grad: str = "skip",
     backend: str = "auto",
 ) -> torch.Tensor:
     """One masked AdamW step over a bucket, functional form of ``MaskedAdamW.step`` (no host sync).
 
-    grads: one dense gradient (or None) per parameter of ``bucket``, or None with ``bucket.compact_grad``.
-    hyper: fp64 ``[G, 6]`` per param group (lr, beta1, beta2, eps, weight_decay, unused), on the bucket's device;
-    its last column is overwritten with ``max_grad_norm``. step: fp64 ``[1]`` steps taken so far (advanced in
-    place unless skipped). max_grad_norm: clip the active gradients to this global norm (None: no clipping).
-    nonfinite: "skip" (a non-finite active gradient makes the step a no-op, decided on device) or "ignore".
-    Returns the control vector fp32 ``[4]``: (skipped, clip factor, active-gradient norm, 0).
+    grads: one dense gradient (or None) per parameter of ``bucket``, or None with ``bucket.compact_grad`` (then
+    ``bucket.grad_seen`` says which parameters have a gradient). hyper: fp64 ``[G, HYPER_FIELDS]`` per param group
+    (lr, beta1, beta2, eps, weight_decay, max_grad_norm, grad sign: 1, or -1 to maximize), on the bucket's device;
+    its max_grad_norm column is overwritten. step: fp64 ``[n_params]`` steps taken per parameter (advanced in
+    place for each parameter updated). max_grad_norm: clip the active gradients to this global norm (None: no
+    clipping). nonfinite: "skip" (a non-finite active gradient makes the step a no-op, decided on device) or
+    "ignore". missing_grad: "skip" (a parameter without a gradient is left untouched) or "zero" (it counts as a
+    zero gradient). Returns the control vector fp32 ``[4]``: (skipped, clip factor, active-gradient norm, skipped).
     """
     if nonfinite not in ("skip", "ignore"):
         raise ValueError(f"nonfinite must be 'skip' or 'ignore' here (the optimizer adds 'raise'); got {nonfinite!r}")
+    if missing_grad not in ("skip", "zero"):
+        raise ValueError(f"missing_grad must be 'skip' or 'zero'; got {missing_grad!r}")
+    n = len(bucket.params)
+    if step.dtype != torch.float64 or step.numel() != n:
+        raise ValueError(f"step must hold one float64 step count per parameter ({n}); got {step.dtype} {tuple(step.shape)}")
     impl = select_backend(bucket.device, backend)
-    grads = list(grads) if grads is not None else [None] * len(bucket.params)
+    grads = list(grads) if grads is not None else [None] * n
     if bucket.compact_grad is None:
         check_grads(bucket, grads)
+        present = [float(g is not None) for g in grads]
+    else:
+        present = [float(b) for b in bucket.grad_seen]
+    if missing_grad == "zero":
+        present = [1.0] * n
+    device = bucket.device
     hyper[:, H_MAX_NORM] = float(max_grad_norm) if max_grad_norm is not None else 0.0
     has_stats = nonfinite == "skip" or max_grad_norm is not None
-    partial = torch.zeros(max(bucket.table.n_tiles, 1), dtype=torch.float32, device=bucket.device)
+    partial = torch.zeros(max(bucket.table.n_tiles, 1), dtype=torch.float64, device=device)
     if has_stats:
         impl.grad_sumsq(bucket, grads, partial)
-    coef = torch.zeros(hyper.shape[0], COEF_FIELDS, dtype=torch.float32, device=bucket.device)
-    control = torch.zeros(CONTROL_FIELDS, dtype=torch.float32, device=bucket.device)
-    impl.scalars(hyper, step, partial, coef, control, has_stats, nonfinite == "skip")
-    impl.update(bucket, grads, coef, control)
+    coef = torch.zeros(n, COEF_FIELDS, dtype=torch.float32, device=device)
+    control = torch.zeros(CONTROL_FIELDS, dtype=torch.float32, device=device)
+    impl.scalars(hyper, to_device(bucket.slot_groups(), torch.int64, device), step.view(-1),
+                 to_device(present, torch.float32, device), partial, coef, control, has_stats, nonfinite == "skip")
+    impl.update(bucket, grads, coef)
     return control
