@@ -273,19 +273,33 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _install_hooks(self) -> None:
         for handle in getattr(self, "_hooks", []):
             handle.remove()
-        self._hooks = []
+        self._hooks, self._hookless = [], []
         if not self.compact_grads:
             return
         for bi, bucket in enumerate(self._buckets):
             for slot, p in enumerate(bucket.params):
-                if p.requires_grad:  # no gradient ever arrives otherwise (and torch refuses the hook)
+                if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._compact_hook(bi, slot)))
+                else:  # torch refuses a hook there; registered by _late_hooks once requires_grad is set
+                    self._hookless.append((bi, slot))
+
+    def _late_hooks(self) -> None:
+        """Hooks for parameters that were built with ``requires_grad=False`` and require gradients now; a dense
+        gradient they already hold is gathered as the hook would have."""
+        for bi, slot in list(self._hookless):
+            p = self._buckets[bi].params[slot]
+            if p.requires_grad:
+                self._hookless.remove((bi, slot))
+                hook = self._compact_hook(bi, slot)
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+                hook(p)
 
     def _compact_hook(self, bi: int, slot: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
             bucket = self._buckets[bi]
+            bucket.check_params((slot,))
             check_grad(bucket, slot, param.grad)
             with torch.no_grad():
                 self._impls[bi].gather(bucket, slot, param.grad, bucket.compact_grad, True)  # marks grad_seen
@@ -360,7 +374,10 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def _grads(self, bi: int) -> list[torch.Tensor | None]:
         bucket = self._buckets[bi]
+        bucket.check_params()
         if bucket.compact_grad is not None:
+            if self._hookless:
+                self._late_hooks()
             return self._no_grads[bi]
         grads = [p.grad for p in bucket.params]
         check_grads(bucket, grads)
@@ -468,6 +485,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _init_master(self) -> None:
         for bi, bucket in enumerate(self._buckets):
             if not self._master_ready[bi]:
+                bucket.check_params()
                 for slot, p in enumerate(bucket.params):
                     self._impls[bi].gather(bucket, slot, p.detach(), bucket.master, False)
                 self._master_ready[bi] = True
