@@ -98,6 +98,7 @@ def _masked_adamw8bit_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr
 
     m = tl.where(valid, m, 0.0)
     v = tl.where(valid, v, 0.0)
+    p = tl.where(valid, p, 0.0)  # masked lanes hold garbage (dequantized code 0 over eps), never stored
     new_absmax_m = tl.max(tl.abs(m), axis=1)
     new_absmax_v = tl.max(v, axis=1)
     tl.store(cm_ptr + state, _quantize(m, new_absmax_m, mids_m_ptr), mask=valid)
