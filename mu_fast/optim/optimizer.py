@@ -45,25 +45,23 @@ parameters have gradients must not change.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
 
 from mu_fast.masks import Mask
-from mu_fast.optim import _groups, quantize8
+from mu_fast.optim import _groups, _host, quantize8
+from mu_fast.optim.backends import select_backend
 from mu_fast.optim.masked_adamw import (
     CONTROL_FIELDS,
     COEF_FIELDS,
-    H_MAX_NORM,
     HYPER_FIELDS,
     K_SKIP,
     K_SKIPPED,
     CompactBucket,
     check_grad,
     check_grads,
-    select_backend,
     to_device,
 )
 from mu_fast.optim.segments import DEFAULT_TILE, SegmentTable
@@ -71,7 +69,6 @@ from mu_fast.optim.segments import DEFAULT_TILE, SegmentTable
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MISSING_GRAD_POLICIES = ("skip", "zero")
-SKIP_POLL_EVERY = 16  # CUDA: steps between non-blocking reads of the skipped-steps counter
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -236,14 +233,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._coef = torch.zeros(n_slots, COEF_FIELDS, **f32)
         self._coef_rows = [self._coef[a:b] for a, b in zip(self._slot_at, self._slot_at[1:])]
         self._no_grads = [[None] * len(b.params) for b in self._buckets]
+        self._complete = [True] * len(self._buckets)  # per bucket: every parameter had a .grad at the last _grads
         self._hyper = torch.zeros(len(self.param_groups), HYPER_FIELDS, **f64)
         self._hyper_key: tuple = ()
-        self._hyper_host: torch.Tensor | None = None  # pinned staging buffer (CUDA), see _stage_hyper
+        self._hyper_host: torch.Tensor | None = None  # pinned staging buffer (CUDA), see _host.stage_hyper
         self._hyper_event: torch.cuda.Event | None = None
         if getattr(self, "_control", None) is None or self._control.device != self.device:
             self._control = torch.zeros(CONTROL_FIELDS, **f32)  # kept across rebuilds: it counts skipped steps
             self._skip_warned, self._skip_polls, self._skip_event = False, 0, None
             self._skip_host = torch.zeros(1, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+            self._control_np = self._control.numpy() if self.device.type == "cpu" else None
         self._partial_at = [0]
         for b in self._buckets:
             self._partial_at.append(self._partial_at[-1] + b.table.n_tiles)
@@ -308,70 +307,6 @@ class MaskedAdamW(torch.optim.Optimizer):
         return hook
 
     # ------------------------------------------------------------------------------------------- stepping
-    def _write_hyper(self) -> None:
-        rows, tensor_lrs = [], []
-        max_norm = float(self._pending_clip if self._pending_clip is not None else (self.max_grad_norm or 0.0))
-        for gi, g in enumerate(self.param_groups):
-            if g.get("amsgrad") or g.get("differentiable") or g.get("decoupled_weight_decay") is False:
-                _groups.check_group(g)  # an option switched on in place after construction: refuse it
-            lr = g["lr"]
-            if isinstance(lr, torch.Tensor):
-                tensor_lrs.append((gi, lr))
-                lr = 0.0
-            rows.append((float(lr), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
-                         float(g["weight_decay"]), max_norm, -1.0 if g.get("maximize") else 1.0))
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if tuple(rows) != self._hyper_key and not capturing:
-            host = self._stage_hyper(rows)
-            if host is not self._hyper:
-                self._hyper.copy_(host, non_blocking=True)
-            if self._hyper_event is not None:
-                self._hyper_event.record(torch.cuda.current_stream(self.device))
-            self._hyper_key = tuple(rows)
-        for gi, lr in tensor_lrs:
-            self._hyper[gi, 0].copy_(lr.reshape(()))
-
-    def _stage_hyper(self, rows: list[tuple[float, ...]]) -> torch.Tensor:
-        """Host copy of the hyperparameter rows for the upload to the device.
-
-        On CUDA: one persistent pinned buffer, rewritten in place when the copy that last read it has finished
-        (a non-blocking event query; the previous step's upload has finished long before in any real loop), so a
-        step whose learning rate changes costs no pinned allocation. Only when that copy is still in flight does
-        it fall back to a fresh pinned tensor, so the host never waits and an in-flight copy is never overwritten.
-        """
-        if self.device.type == "cpu":  # synchronous: the device tensor itself can be rewritten
-            self._hyper.numpy()[:] = rows
-            return self._hyper
-        if self.device.type != "cuda":
-            return torch.tensor(rows, dtype=torch.float64)
-        if self._hyper_host is None:  # reset by _build whenever _hyper is reallocated
-            self._hyper_host = torch.empty(self._hyper.shape, dtype=torch.float64).pin_memory()
-            self._hyper_event = torch.cuda.Event()
-        elif not self._hyper_event.query():
-            return torch.tensor(rows, dtype=torch.float64).pin_memory()
-        self._hyper_host.numpy()[:] = rows
-        return self._hyper_host
-
-    def _stage_present(self, grads: list[list[torch.Tensor | None]]) -> None:
-        """Upload which parameters have a gradient this step, only when that changes (``missing_grad="skip"``)."""
-        if self.missing_grad == "zero":
-            return
-        if self.compact_grads:
-            key = b"".join(b.grad_seen for b in self._buckets)
-        elif not any(g.count(None) for g in grads):
-            key = self._all_present
-        else:
-            key = bytes(g is not None for gs in grads for g in gs)
-        if key == self._present_key:
-            return
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "which parameters have a gradient changed during CUDA-graph capture; run one eager step with the "
-                "same parameters having gradients before capturing"
-            )
-        self._present.copy_(to_device(list(key), torch.float32, self.device), non_blocking=True)
-        self._present_key = key
-
     def _grads(self, bi: int) -> list[torch.Tensor | None]:
         bucket = self._buckets[bi]
         bucket.check_params()
@@ -380,7 +315,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._late_hooks()
             return self._no_grads[bi]
         grads = [p.grad for p in bucket.params]
-        check_grads(bucket, grads)
+        self._complete[bi] = check_grads(bucket, grads)
         return grads
 
     def _compute_stats(self, grads: list[list[torch.Tensor | None]] | None = None) -> None:
@@ -415,11 +350,11 @@ class MaskedAdamW(torch.optim.Optimizer):
         if not self._buckets:
             return loss
         self._init_master()
-        self._write_hyper()
+        _host.write_hyper(self)
         clip = self._pending_clip is not None or self.max_grad_norm is not None
         has_stats = self.nonfinite != "ignore" or clip
         grads = [self._grads(bi) for bi in range(len(self._buckets))]  # validated once per step (host time)
-        self._stage_present(grads)
+        _host.stage_present(self, grads)
         if has_stats and not self._stats_ready:
             self._compute_stats(grads)
         self._impls[0].scalars(self._hyper, self._slot_group, self._slot_step, self._present, self._partial,
@@ -430,7 +365,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for bi, bucket in enumerate(self._buckets):
             self._impls[bi].update(bucket, grads[bi], self._coef_rows[bi])
         if not self._skip_warned and self.nonfinite == "skip":
-            self._poll_skips()
+            _host.poll_skips(self)
         return loss
 
     @property
@@ -438,39 +373,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Steps skipped for a non-finite active gradient since the optimizer was built (reads the device: a sync)."""
         n = int(self._control[K_SKIPPED].item())
         if n and not self._skip_warned:
-            self._warn_skipped(n)
+            _host.warn_skipped(self, n)
         return n
-
-    def _poll_skips(self) -> None:
-        """Warn about the first skipped step without a host sync: on the CPU read the counter, on CUDA read a
-        pinned copy of it issued every ``SKIP_POLL_EVERY`` steps once that copy has landed."""
-        if self.device.type == "cpu":
-            n = float(self._control.numpy()[K_SKIPPED])
-            if n:
-                self._warn_skipped(int(n))
-            return
-        if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return
-        if self._skip_event is not None:
-            if not self._skip_event.query():
-                return
-            self._skip_event = None
-            if self._skip_host[0]:
-                self._warn_skipped(int(self._skip_host[0]))
-                return
-        self._skip_polls += 1
-        if self._skip_polls % SKIP_POLL_EVERY == 1:
-            self._skip_host.copy_(self._control[K_SKIPPED : K_SKIPPED + 1], non_blocking=True)
-            self._skip_event = torch.cuda.Event()
-            self._skip_event.record(torch.cuda.current_stream(self.device))
-
-    def _warn_skipped(self, n: int) -> None:
-        self._skip_warned = True
-        warnings.warn(
-            f"MaskedAdamW skipped {n} step(s) so far because an active gradient was NaN/inf (nothing was updated "
-            "in those steps); opt.skipped_steps counts them, nonfinite='raise' stops at the first one",
-            RuntimeWarning, stacklevel=3,
-        )
 
     def _nonfinite_names(self) -> list[str]:
         names = []

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(load_extension()[0] is None, reason="mu_fast._C 
 @pytest.mark.parametrize("state_bits", [32, 8])
 def test_ops_pass_opcheck(state_bits, rng):
     from mu_fast.optim import MaskedAdamW
-    from mu_fast.optim.masked_adamw import COEF_FIELDS, CONTROL_FIELDS, _index
+    from mu_fast.optim.backends import _index
+    from mu_fast.optim.masked_adamw import COEF_FIELDS, CONTROL_FIELDS
 
     params = make_params(torch.bfloat16, rng)
     mask = make_mask(params, "random", 0.3, rng)

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from mu_fast.optim import MaskedAdamW, backend_availability, masked_adamw_reference
+from mu_fast.optim import CompactBucket, MaskedAdamW, backend_availability, masked_adamw_reference, masked_adamw_step
+from mu_fast.optim.masked_adamw import HYPER_FIELDS
 
 SHAPES = [(5, 7), (11,), (3, 4)]
 USES_B = [False, True, True, False, True]  # the second parameter gets no gradient on steps 0 and 3
@@ -167,3 +168,26 @@ def test_skipped_steps_are_counted_and_warned_once(backend, device, rng):
         assert opt.skipped_steps == 2
     assert len([c for c in caught if "skipped" in str(c.message)]) == 1
     assert float(opt.state[w]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_functional_step_matches_the_optimizer(backend, device, rng):
+    """masked_adamw_step over a bucket (per-parameter step counts, a missing gradient skipped, maximize in the
+    hyperparameter row) gives the optimizer's result bit for bit."""
+    init, xs, ys = _data(rng)
+    twins = [[torch.nn.Parameter(t.clone().to(device)) for t in init[:2]] for _ in range(2)]
+    opt = MaskedAdamW([{"params": twins[0], "maximize": True}], lr=1e-2, weight_decay=0.1, backend=backend, tile=256)
+    bucket = opt._buckets[0]
+    functional = CompactBucket.create(twins[1], bucket.table)
+    step = torch.zeros(2, dtype=torch.float64, device=device)
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 1e-8, 0.1, 0.0, -1.0]], dtype=torch.float64, device=device)
+    assert hyper.shape[1] == HYPER_FIELDS
+    for x, y, use_b in zip(xs, ys, USES_B):
+        grads = [x.to(device), y.to(device) if use_b else None]
+        for p, g in zip(twins[0], grads):
+            p.grad = g
+        opt.step()
+        masked_adamw_step(functional, grads, hyper, step, backend=backend)
+    for a, b in zip(*twins):
+        assert torch.equal(a.detach(), b.detach())
+    assert step.tolist() == [float(opt.state[p]["step"]) for p in twins[0]] == [5.0, 3.0]
