@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -194,9 +195,29 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if "--debug" in args or os.environ.get("MU_FAST_DEBUG") == "1":
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = option_words(" ".join(str(err).split()) or type(err).__name__)
         print(f"mu-fast: error: {message} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=(True\b|'[^']*'|\"[^\"]*\"|(?=[\s,;.)]|$))")
+
+
+def option_words(message: str) -> str:
+    """A library message in command-line words: ``overwrite=True`` -> ``--overwrite``, ``frozen='nf4'`` ->
+    ``--frozen nf4``, ``offload_dir=`` -> ``--offload-dir``, for the keywords that are options of some command."""
+    import typer.main
+
+    options = {p.name for cmd in typer.main.get_command(app).commands.values() for p in cmd.params}
+
+    def cli(match: re.Match) -> str:
+        name, value = match[1], match[2]
+        if name not in options:
+            return match[0]
+        flag = "--" + name.replace("_", "-")
+        return flag if value in ("True", "") else f"{flag} {value.strip(chr(39) + chr(34))}"
+
+    return _KEYWORD.sub(cli, message)
 
 
 app.command("edit")(edit_cmd)

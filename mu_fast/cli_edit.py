@@ -129,7 +129,10 @@ def edit_cmd(
     from mu_fast.masks import Mask
     from mu_fast.models.edit_loading import check_offload_dir
 
-    check_offload_dir(offload_dir)
+    try:
+        check_offload_dir(offload_dir)
+    except (PermissionError, ValueError) as err:
+        raise type(err)(str(err).replace("offload_dir ", "--offload-dir ", 1)) from None
     edit_mask = Mask.load(mask_path)
     config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer, state_bits=state_bits,
                         micro_batch=micro_batch, lm_micro_batch=lm_micro_batch, grad_checkpointing=grad_checkpointing)

@@ -244,3 +244,19 @@ def test_no_third_party_bars_or_warnings_in_a_command(ci_organism, cache_root, t
         assert noise not in text, (noise, text[-2000:])
     results = json.loads(out.read_text())
     assert results["unknown_tokens"]["normal/forget"] == 0 and "environment" in results
+
+
+def test_library_messages_are_printed_in_option_words(monkeypatch, capsys, no_loading):
+    import mu_fast.cli
+    from mu_fast.cli import option_words
+
+    assert option_words("pass overwrite=True to replace it") == "pass --overwrite to replace it"
+    assert option_words("pass offload_dir= to offload, or use frozen='nf4'") == "pass --offload-dir to offload, or use --frozen nf4"
+    assert option_words("pass check_base=False") == "pass check_base=False"  # not an option: left alone
+
+    def deep_error(*args, **kwargs):
+        raise FileExistsError("masks/m.safetensors already exists; pass overwrite=True to replace it")
+
+    monkeypatch.setattr(mu_fast.cli, "check_output", deep_error)
+    code, _, err = run_main(["localize", "organism"], capsys)
+    assert code == 2 and "pass --overwrite to replace it" in err and "overwrite=True" not in err

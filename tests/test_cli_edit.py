@@ -61,6 +61,8 @@ EDIT_ERRORS = {
     "bad state bits": (["--state-bits", "16"], "--state-bits '16'"),
     "state bits with torch": (["--state-bits", "8", "--optimizer", "torch"], "--state-bits is a MaskedAdamW setting"),
     "bad micro batch": (["--micro-batch", "0"], "--micro-batch must be a positive integer"),
+    "offload dir is a file": (["--offload-dir", "{tmp}/m.safetensors"], "--offload-dir "),
+    "budget with micro batch": (["--budget", "24GB", "--micro-batch", "8"], "--budget chooses the memory settings"),
 }
 
 
@@ -72,6 +74,7 @@ def test_edit_options_are_checked_before_loading(case, tmp_path, capsys, no_load
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded before checking")))
     extra, expected = EDIT_ERRORS[case]
     (tmp_path / "m.safetensors").write_bytes(b"")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     code, _, err = run_main(["edit", "organism", "--mask", str(tmp_path / "m"), "--out", str(tmp_path / "d"), *extra],
                             capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
