@@ -139,7 +139,8 @@ def edit_cmd(
     if budget is not None:
         from mu_fast.cli_plan import planned_edit
 
-        config, frozen = planned_edit(ref, edit_mask, replace(config, lm_coef=1.0 if lm_texts else 0.0), frozen, budget)
+        has_lm = bool(lm_texts) or dataset == "organism"  # the organism's task carries its filler texts
+        config, frozen = planned_edit(ref, edit_mask, replace(config, lm_coef=1.0 if has_lm else 0.0), frozen, budget)
         if save_model and frozen != "bf16":
             raise ValueError(f"--save-model needs bf16 frozen weights but --budget {budget} needs {frozen}; drop "
                              "--save-model to save a delta, or raise --budget")
