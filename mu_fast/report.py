@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 # Columns of the comparison table: (key in a method's summary, two header lines, format). Headers are short so
-# that the table fits 100 columns; COLUMN_LEGEND spells each one out under the table and in results.json.
+# that the table fits 100 columns; COLUMN_LEGEND spells each one out under the table and in results.json. Seconds
+# per method are in results.json, not in the table, so that the table of a deterministic run is the same every time.
 TABLE_COLUMNS: tuple[tuple[str, tuple[str, str], str], ...] = (
     ("trainable_params", ("", "params"), "{:,}"),
     ("forget_err", ("forget", "err ↑"), "{:.2f}"),
@@ -31,7 +32,6 @@ TABLE_COLUMNS: tuple[tuple[str, tuple[str, str], str], ...] = (
     ("other_attr_acc", ("other", "attr ↑"), "{:.2f}"),
     ("relearn_acc", ("relearn", "acc ↓"), "{:.2f}"),
     ("probe_true_acc", ("probe", "acc ↓"), "{:.2f}"),
-    ("seconds", ("time", "s"), "{:.1f}"),
 )
 COLUMN_LEGEND: dict[str, str] = {
     "params": "parameters the edit trains",
@@ -45,7 +45,6 @@ COLUMN_LEGEND: dict[str, str] = {
     "other attr": "accuracy of another attribute of the edited subjects (organism: home city)",
     "relearn acc": "held-out forget accuracy after the LoRA relearning attack",
     "probe acc": "best latent-probe accuracy of the true answer after the embeddings",
-    "time s": "seconds to localize, edit and evaluate the method",
     "↑ / ↓": "higher / lower is better; accuracies are probabilities normalised over the answer choices",
 }
 COMPONENT_LEGEND: dict[str, str] = {
