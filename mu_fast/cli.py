@@ -90,7 +90,7 @@ def demo(
     import torch
 
     threads = torch.get_num_threads()
-    if portable:
+    if wanted:  # one thread even when the kernels could not be chosen: 2 threads stall on a loaded 2-core machine
         torch.set_num_threads(DEMO_THREADS)
     try:
         _demo(out, preset, forget_split, method_list, relearn, fresh, portable, wanted, t0)
