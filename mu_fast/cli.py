@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +13,18 @@ from typing import Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="mu_fast: fast mechanistic unlearning and editing.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="mu_fast: fast mechanistic unlearning and editing.")
+
+# Errors a user can cause (bad paths, names, options, budgets): one line naming the problem and the fix, no traceback
+# unless --debug (or MU_FAST_DEBUG=1). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks for errors")) -> None:
+    if debug:
+        os.environ["MU_FAST_DEBUG"] = "1"
 
 DATASETS = ("organism", "sports", "counterfact")
 
@@ -227,8 +239,17 @@ def _save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[st
             shutil.rmtree(tmp)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The ``mu-fast`` entry point: user errors become one line on stderr and exit status 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        app(args=args, prog_name="mu-fast")
+    except USER_ERRORS as err:
+        if "--debug" in args or os.environ.get("MU_FAST_DEBUG") == "1":
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"mu-fast: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
-"""The localized editing / unlearning loop (authors_repo.md §3), with packed batches.
+"""The localized editing / unlearning loop (authors_repo.md §3), with packed batches and a memory budget.
 
-Per optimizer step: one forward over the forget prompts and a maintain sample packed in one batch (logits only at
-each prompt's last token), one chunked LM-loss pass over generic text, gradient-norm clipping at 1.0, an AdamW
-step (weight decay 0) and a cosine schedule decaying to 0 over ``steps``. The paper runs 48 micro-batches of 4
-per step; with forget sets of ≤ 64 facts, one packed pass over the whole forget set gives the same expected
-gradient (its loaders cycle every fact equally often).
+Per optimizer step: the forget prompts and a maintain sample packed in one batch (logits only at each prompt's
+last token), the LM retain loss over generic text (LM head in chunks, so no ``[tokens, vocab]`` fp32 tensor is ever
+whole), gradient-norm clipping at 1.0, an AdamW step (weight decay 0) and a cosine schedule decaying to 0 over
+``steps``. The paper runs 48 micro-batches of 4 per step; with forget sets of ≤ 64 facts, one packed pass over the
+whole forget set gives the same expected gradient (its loaders cycle every fact equally often).
+
+Memory knobs (``EditConfig``; ``mu_fast.memory.plan`` picks them for a device budget): ``micro_batch`` /
+``lm_micro_batch`` split the packed passes (the gradient is the same up to float summation order: each part's loss
+is a sum divided by the whole batch's size), ``grad_checkpointing`` (the model's own, through transformers),
+``compact_grads`` (on by default when a parameter is only partly selected: MaskedAdamW gathers each parameter's
+active gradient into an fp32 buffer during backward and frees the dense one at once), ``state_bits`` / ``master_weights``
+of MaskedAdamW, and ``optimizer="bnb8bit"`` (bitsandbytes AdamW8bit on whole matrices, the authors' Gemma-2 recipe).
 
 Only masked parameter elements change: every other parameter has ``requires_grad`` off, partially selected
-parameters get their inactive gradient entries zeroed (torch AdamW then leaves them bit-identical: m = v = 0 gives
-a zero update with weight decay 0), or the masked optimizer never touches them at all.
+parameters get their inactive gradient entries zeroed (torch / bitsandbytes AdamW then leave them bit-identical:
+m = v = 0 gives a zero update with weight decay 0), or the masked optimizer never touches them at all.
+``EditStep`` is one optimizer step on pre-built batches (what ``edit`` loops over, and what the memory tracer runs).
 """
 
 from __future__ import annotations
@@ -21,17 +29,24 @@ from typing import Any
 
 import torch
 
-from mu_fast.data.base import FactTask, pad_batch, pad_id_of, tokenize_prompts
+from mu_fast.data.base import Batch, FactTask, pad_batch, pad_id_of, tokenize_prompts
 from mu_fast.edit.losses import inject_loss, maintain_loss, unlearn_loss
 from mu_fast.masks import Mask
-from mu_fast.models.forward import gathered_logits, lm_loss_backward
+from mu_fast.models.forward import gathered_logits, lm_loss_backward_tensor
 
-OPTIMIZERS = ("auto", "torch", "masked")
+OPTIMIZERS = ("auto", "masked", "torch", "bnb8bit")
 
 
 @dataclass
 class EditConfig:
-    """Hyperparameters of one edit. Defaults follow the paper (50 steps, clip 1.0, wd 0, cosine to 0)."""
+    """Hyperparameters of one edit. Defaults follow the paper (50 steps, clip 1.0, wd 0, cosine to 0).
+
+    Memory settings (see the module docstring): optimizer "auto" (MaskedAdamW) | "masked" | "torch" | "bnb8bit";
+    state_bits 32 | 8 (MaskedAdamW moments); master_weights (fp32 copy of the masked elements of bf16 parameters);
+    compact_grads None = on when a masked parameter is only partly selected; micro_batch / lm_micro_batch: prompts /
+    texts per forward+backward (None = all at once); grad_checkpointing; lm_chunk_tokens: positions per LM-head
+    chunk (None = as many as fit 256 MiB of fp32 logits).
+    """
 
     steps: int = 50
     lr: float = 1e-5
@@ -49,6 +64,13 @@ class EditConfig:
     eval_every: int = 0
     optimizer: str = "auto"
     seed: int = 0
+    state_bits: int = 32
+    master_weights: bool = False
+    compact_grads: bool | None = None
+    micro_batch: int | None = None
+    lm_micro_batch: int | None = None
+    grad_checkpointing: bool = False
+    lm_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -57,6 +79,16 @@ class EditConfig:
             raise ValueError(f"lr must be a positive finite number; got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+        if self.state_bits not in (32, 8):
+            raise ValueError(f"state_bits must be 32 or 8; got {self.state_bits}")
+        for name in ("micro_batch", "lm_micro_batch", "lm_chunk_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None (no splitting); got {value!r}")
+        if self.optimizer in ("torch", "bnb8bit") and (self.state_bits != 32 or self.master_weights):
+            raise ValueError(f"state_bits / master_weights are MaskedAdamW options; optimizer={self.optimizer!r} "
+                             "does not use them (use optimizer='masked', or drop them)")
+        self.betas = tuple(self.betas)
 
 
 @dataclass
@@ -74,25 +106,41 @@ class EditResult:
 OptimizerFactory = Callable[[list[tuple[str, torch.nn.Parameter]], Mask, EditConfig], torch.optim.Optimizer]
 
 
+def uses_compact_grads(mask: Mask, config: EditConfig) -> bool:
+    """Whether the edit gathers compact gradients: the config's choice, else on when a parameter is partly selected
+    (MaskedAdamW only)."""
+    if config.optimizer not in ("auto", "masked"):
+        return False
+    if config.compact_grads is not None:
+        return config.compact_grads
+    return any(mask[name].kind != "whole" for name in mask)
+
+
 def _make_optimizer(named: list[tuple[str, torch.nn.Parameter]], mask: Mask, config: EditConfig) -> tuple[torch.optim.Optimizer, str]:
     want = config.optimizer
     if want in ("auto", "masked"):
-        try:
-            from mu_fast.optim import MaskedAdamW
-        except ImportError as err:
-            if want == "masked":
-                raise ValueError(f"optimizer='masked' requested but mu_fast.optim.MaskedAdamW is unavailable: {err}") from err
-        else:
-            opt = MaskedAdamW(named, mask=mask, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
-            return opt, "MaskedAdamW"
+        from mu_fast.optim import MaskedAdamW
+
+        opt = MaskedAdamW(named, mask=mask, lr=config.lr, betas=config.betas, eps=config.eps,
+                          weight_decay=config.weight_decay, state_bits=config.state_bits,
+                          master_weights=config.master_weights, compact_grads=uses_compact_grads(mask, config))
+        return opt, "MaskedAdamW" + ("-8bit" if config.state_bits == 8 else "")
     partial = any(mask[name].kind != "whole" for name, _ in named)
     if partial and config.weight_decay:
         raise ValueError(
-            "torch AdamW with weight_decay > 0 would shrink the unselected rows/columns of partially masked "
+            f"optimizer={want!r} with weight_decay > 0 would shrink the unselected rows/columns of partially masked "
             "parameters; use weight_decay=0 or optimizer='masked'"
         )
     params = [p for _, p in named]
-    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay), "torch.AdamW"
+    kw = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    if want == "bnb8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError(f"optimizer='bnb8bit' needs bitsandbytes ({err}); pip install bitsandbytes, or use "
+                             "optimizer='masked' with state_bits=8") from err
+        return bnb.optim.AdamW8bit(params, **kw), "bnb.AdamW8bit"
+    return torch.optim.AdamW(params, **kw), "torch.AdamW"
 
 
 def _cycle_batches(n: int, size: int, generator: torch.Generator):
@@ -105,6 +153,122 @@ def _cycle_batches(n: int, size: int, generator: torch.Generator):
                 order = torch.randperm(n, generator=generator).tolist()
             batch.append(order.pop())
         yield batch
+
+
+def _row_slices(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else max(1, min(size, n))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.position_ids[rows], batch.last_pos[rows])
+
+
+class EditStep:
+    """One optimizer step of the edit on pre-built batches: the work ``edit`` repeats, and what the memory tracer runs.
+
+    Construction sets ``requires_grad`` on the masked parameters only, builds the optimizer (``optimizer_factory``
+    or the config's), the cosine schedule over ``config.steps``, the gradient-masking hooks of torch / bitsandbytes
+    optimizers and, if asked, the model's gradient checkpointing. ``close()`` restores the flags.
+    """
+
+    def __init__(self, model: torch.nn.Module, mask: Mask, config: EditConfig,
+                 optimizer_factory: OptimizerFactory | None = None):
+        if len(mask) == 0:
+            raise ValueError("the mask selects no parameters; localize first (mu_fast.localize) or pass a non-empty Mask")
+        self.model, self.mask, self.config = model, mask, config
+        self._was_training = model.training
+        self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._checkpointing_before = _is_checkpointing(model)
+        self.named = mask.trainable_parameters(model)
+        self.params = [p for _, p in self.named]
+        self.hooks: list[Any] = []
+        if optimizer_factory is not None:
+            self.optimizer, self.optimizer_name = optimizer_factory(self.named, mask, config), "custom"
+        else:
+            self.optimizer, self.optimizer_name = _make_optimizer(self.named, mask, config)
+        if not self.optimizer_name.startswith("MaskedAdamW"):
+            for name, param in self.named:
+                if mask[name].kind != "whole":
+                    keep = mask.dense(name, device=param.device).to(param.dtype)
+                    self.hooks.append(param.register_hook(lambda g, keep=keep: g * keep))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.steps)
+        if config.grad_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable; use a HF model or "
+                                 "grad_checkpointing=False")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # transformers checkpoints only in training mode; these models have no dropout
+        else:
+            model.eval()  # these models have no dropout; eval keeps numerics identical to evaluation
+
+    def step(self, facts: Batch, n_forget: int, forget_targets: torch.Tensor, maintain_labels: torch.Tensor,
+             lm: Batch | None = None, unlearn: bool = False) -> dict[str, torch.Tensor | float]:
+        """One optimizer step. facts: the packed batch, forget prompts in its first ``n_forget`` rows, maintain
+        prompts after them; forget_targets ``[n_forget]`` (edit targets, or true labels when ``unlearn``);
+        maintain_labels ``[B - n_forget]``; lm: a batch of generic text (None or ``lm_coef == 0``: no LM term).
+        Returns detached 0-d tensors (no host sync): forget_loss, maintain_loss, lm_loss, grad_norm, and lr (float).
+        """
+        cfg = self.config
+        device = forget_targets.device
+        n_total = facts.input_ids.shape[0]
+        n_maintain = n_total - n_forget
+        if n_forget <= 0 or n_maintain <= 0:
+            raise ValueError(f"the packed batch needs forget and maintain rows; got {n_forget} and {n_maintain}")
+        f_sum = m_sum = lm_value = torch.zeros((), device=device)
+        for rows in _row_slices(n_total, cfg.micro_batch):
+            logits = gathered_logits(self.model, _rows(facts, rows).to(device))
+            lo, hi = rows.start, rows.stop
+            loss = logits.new_zeros(())
+            if lo < n_forget:
+                f_part = logits[: n_forget - lo]
+                f_targets = forget_targets[lo:min(hi, n_forget)]
+                f = (unlearn_loss(f_part, f_targets, cfg.unlearn_threshold, reduction="sum") if unlearn
+                     else inject_loss(f_part, f_targets, reduction="sum"))
+                loss = loss + cfg.forget_coef * f / n_forget
+                f_sum = f_sum + f.detach()
+            if hi > n_forget:
+                skip = max(n_forget - lo, 0)
+                m = maintain_loss(logits[skip:], maintain_labels[max(lo - n_forget, 0):hi - n_forget], reduction="sum")
+                loss = loss + cfg.maintain_coef * m / n_maintain
+                m_sum = m_sum + m.detach()
+            loss.backward()
+            del logits, loss
+        if lm is not None and cfg.lm_coef:
+            mask = lm.attention_mask.bool()
+            count = int((mask[:, :-1] & mask[:, 1:]).sum())
+            if count == 0:
+                raise ValueError("the LM batch has no next-token targets (all texts shorter than 2 tokens)")
+            for rows in _row_slices(lm.input_ids.shape[0], cfg.lm_micro_batch):
+                lm_value = lm_value + lm_loss_backward_tensor(self.model, _rows(lm, rows).to(device), coef=cfg.lm_coef,
+                                                              chunk_tokens=cfg.lm_chunk_tokens, denominator=count)
+        clip = getattr(self.optimizer, "clip_grad_norm_", None)
+        grad_norm = clip(cfg.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"forget_loss": f_sum / n_forget, "maintain_loss": m_sum / n_maintain, "lm_loss": lm_value,
+                "grad_norm": torch.as_tensor(grad_norm).detach(), "lr": float(lr)}
+
+    def close(self) -> None:
+        """Remove the hooks; restore requires_grad flags, checkpointing and train/eval mode; drop gradients."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for handle in getattr(self.optimizer, "_hooks", []):
+            handle.remove()
+        if self.config.grad_checkpointing and not self._checkpointing_before:
+            self.model.gradient_checkpointing_disable()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._flags[name])
+            p.grad = None
+        self.model.train(self._was_training)
+
+
+def _is_checkpointing(model: torch.nn.Module) -> bool:
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
 
 
 def edit(
@@ -125,9 +289,6 @@ def edit(
     config = config or EditConfig()
     if len(mask) == 0:
         raise ValueError("the mask selects no parameters; localize first (mu_fast.localize) or pass a non-empty Mask")
-    was_training = model.training
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    named = mask.trainable_parameters(model)
     device = model.get_input_embeddings().weight.device
     pad = pad_id_of(tokenizer)
 
@@ -139,71 +300,32 @@ def edit(
         raise ValueError("lm_coef > 0 but the task has no LM texts of ≥ 2 tokens; add task.lm_texts or set lm_coef=0")
     forget_targets = (forget.answer_ids if task.unlearn else forget.edit_ids).to(device)
 
-    hooks = []
-    if optimizer_factory is not None:
-        optimizer, opt_name = optimizer_factory(named, mask, config), "custom"
-    else:
-        optimizer, opt_name = _make_optimizer(named, mask, config)
-    if opt_name != "MaskedAdamW":
-        for name, param in named:
-            if mask[name].kind != "whole":
-                keep = mask.dense(name, device=param.device).to(param.dtype)
-                hooks.append(param.register_hook(lambda g, keep=keep: g * keep))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     gen = torch.Generator().manual_seed(config.seed)
     maintain_batches = _cycle_batches(len(maintain), min(config.maintain_batch, len(maintain)), gen)
     lm_batches = _cycle_batches(len(lm_ids), min(config.lm_batch, len(lm_ids)), gen) if lm_ids else None
-    result = EditResult(config=asdict(config), trainable_elements=mask.param_count(), optimizer=opt_name)
-    params = [p for _, p in named]
+    stepper = EditStep(model, mask, config, optimizer_factory)
+    result = EditResult(config=asdict(config), trainable_elements=mask.param_count(), optimizer=stepper.optimizer_name)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(config.steps), desc="edit", disable=not progress, leave=False)
     start = time.perf_counter()
-    model.eval()  # these models have no dropout; eval keeps numerics identical to evaluation
     try:
         for step in bar:
             m_idx = next(maintain_batches)
-            seqs = forget.input_ids + [maintain.input_ids[i] for i in m_idx]
-            batch = pad_batch(seqs, pad).to(device)
-            logits = gathered_logits(model, batch)
-            n_f = len(forget)
-            if task.unlearn:
-                f_loss = unlearn_loss(logits[:n_f], forget_targets, config.unlearn_threshold)
-            else:
-                f_loss = inject_loss(logits[:n_f], forget_targets)
-            m_loss = maintain_loss(logits[n_f:], maintain.answer_ids[m_idx].to(device))
-            (config.forget_coef * f_loss + config.maintain_coef * m_loss).backward()
-            lm_value = 0.0
+            facts = pad_batch(forget.input_ids + [maintain.input_ids[i] for i in m_idx], pad)
+            lm = None
             if lm_batches is not None and config.lm_coef:
-                lm_batch = pad_batch([lm_ids[i] for i in next(lm_batches)], pad).to(device)
-                lm_value = lm_loss_backward(model, lm_batch, coef=config.lm_coef)
-            clip = getattr(optimizer, "clip_grad_norm_", None)
-            grad_norm = clip(config.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {
-                "step": step,
-                "forget_loss": float(f_loss.detach()),
-                "maintain_loss": float(m_loss.detach()),
-                "lm_loss": lm_value,
-                "grad_norm": float(grad_norm),
-                "lr": float(lr),
-            }
+                lm = pad_batch([lm_ids[i] for i in next(lm_batches)], pad)
+            out = stepper.step(facts, len(forget), forget_targets, maintain.answer_ids[m_idx].to(device), lm, task.unlearn)
+            record = {"step": step, **{k: float(v) for k, v in out.items()}}
             result.history.append(record)
             bar.set_postfix(forget=f"{record['forget_loss']:.3f}", maintain=f"{record['maintain_loss']:.3f}")
             if eval_fn is not None and ((config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == config.steps):
                 with torch.no_grad():
                     result.evals.append({"step": step + 1, **eval_fn(model)})
     finally:
-        for h in hooks:
-            h.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-            p.grad = None
-        model.train(was_training)
+        stepper.close()
     result.seconds = time.perf_counter() - start
     return result
 

@@ -7,6 +7,7 @@ Methods (``localize(method, ...)``):
   layer level and matched to the budget as in the paper; ``atp_mlps`` / ``ct_mlps`` rank MLPs only;
 * baselines ``random``, ``random_mlps``, ``all_mlps``, ``nonlocalized``, ``manual``;
 * ``paper:<ap|ct|ap_mlps|ct_mlps|flu>``: the paper's own selections rebuilt from its committed graphs.
+ROME's per-position × per-layer causal-tracing grid: ``causal_trace_grid`` (heatmap: ``plot_causal_trace``).
 The default budget is the paper's: as many parameters as the FLU MLP layers.
 """
 
@@ -18,15 +19,17 @@ from typing import Any
 import torch
 
 from mu_fast.localize.attribution import AttributionResult, attribute
+from mu_fast.localize.causal_trace_grid import CausalTraceGrid, causal_trace_grid
 from mu_fast.localize.causal_tracing import causal_trace
+from mu_fast.localize.causal_tracing_plot import plot_causal_trace
 from mu_fast.localize.corrupt import replace_subject_tokens
 from mu_fast.localize.metrics import logit_diff, logprob, prob
 from mu_fast.masks import Mask, budget_match, paper_budget
 from mu_fast.models.sites import Component, SiteTable
 
 __all__ = [
-    "METHODS", "AttributionResult", "Localization", "attribute", "causal_trace", "localize", "logit_diff", "logprob",
-    "prob", "replace_subject_tokens",
+    "METHODS", "AttributionResult", "CausalTraceGrid", "Localization", "attribute", "causal_trace", "causal_trace_grid",
+    "localize", "logit_diff", "logprob", "plot_causal_trace", "prob", "replace_subject_tokens",
 ]
 
 METHODS = ("flu", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized", "manual")

@@ -31,6 +31,7 @@ import torch
 from mu_fast.data.base import Batch
 from mu_fast.localize.adapters import unwrap_model
 from mu_fast.localize.attribution_reduce import attribution_reduce, attribution_reduce_reference
+from mu_fast.localize.checks import NONFINITE_FIX, check_batch, metrics_finite, output_vocab_size, raise_if_not_finite, vocab_size
 from mu_fast.localize.inputs import (
     BatchLike,
     aligned_pair,
@@ -100,9 +101,11 @@ def attribute(
     kinds = parse_site_kinds(sites)
     device = model_device(model)
     clean_b, corrupt_b = aligned_pair(clean, corrupt, default_pad_id(model) if pad_id is None else pad_id, padding_side)
-    clean_b, corrupt_b = clean_b.to(device), corrupt_b.to(device)
+    check_batch(clean_b, vocab_size(model), "clean")
+    check_batch(corrupt_b, vocab_size(model), "corrupt")
     B = clean_b.input_ids.shape[0]
-    metric.check(B)
+    metric.check(B, output_vocab_size(model))
+    clean_b, corrupt_b = clean_b.to(device), corrupt_b.to(device)
     base, other = (clean_b, corrupt_b) if direction == "noise" else (corrupt_b, clean_b)
     site_list = resolve_sites(table, kinds)
     sdtype = score_dtype(model)
@@ -137,6 +140,7 @@ def attribute(
                     target[rows, site.layer] = s.to(sdtype).reshape(len(rows), -1).sum(1)
             m_base[rows], m_other[rows] = mb.to(sdtype), mo.to(sdtype)
     clean_m, corrupt_m = (m_base, m_other) if direction == "noise" else (m_other, m_base)
+    _check_finite(method, clean_m, corrupt_m, per_prompt)
     _, scale = normalization_scale(clean_m, corrupt_m, metric.normalize)
     for key, t in per_prompt.items():
         per_prompt[key] = t * scale.view(-1, *([1] * (t.dim() - 1)))
@@ -144,6 +148,25 @@ def attribute(
     return AttributionResult(
         per_prompt, table, method, direction, metric.name, metric.normalize, reduce, clean_m, corrupt_m,
         info={"backend": backend, "sites": kinds, "ig_steps": ig_steps if method == "eap-ig" else None}, _replay=replay,
+    )
+
+
+def _check_finite(method: str, clean_m: torch.Tensor, corrupt_m: torch.Tensor, per_prompt: dict[str, torch.Tensor]) -> None:
+    """One host sync: raise RuntimeError naming the run and prompts when a metric value or a raw score is
+    NaN/inf (they would surface as NaN scores)."""
+    ok = metrics_finite(clean_m, corrupt_m, *per_prompt.values())
+    if bool(ok):
+        return
+    where = f"attribute(method={method!r})"
+    raise_if_not_finite(where, {"clean": clean_m, "corrupt": corrupt_m}, ok=metrics_finite(clean_m, corrupt_m))
+    bad = torch.zeros_like(clean_m, dtype=torch.bool)
+    for t in per_prompt.values():
+        bad |= ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    idx = bad.nonzero().flatten().tolist()
+    raise RuntimeError(
+        f"{where}: the scores of {len(idx)} of {bad.numel()} prompts (indices {idx[:8]}{' ...' if len(idx) > 8 else ''}) are "
+        "NaN/inf although both runs' metrics are finite: the backward pass (or the patched runs) gave non-finite values; "
+        + NONFINITE_FIX
     )
 
 

@@ -14,13 +14,15 @@ of the answer token).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mu_fast.data.base import Batch, TokenizedPrompts
 from mu_fast.localize.adapters import unwrap_model
-from mu_fast.localize.corrupt import noise_scale, subject_embedding_std, subject_mask, subject_noise
+from mu_fast.localize.checks import check_batch, check_subject_spans, metrics_finite, output_vocab_size, raise_if_not_finite, vocab_size
+from mu_fast.localize.corrupt import noise_scale, subject_embedding_std, subject_mask, subject_noise_rows
 from mu_fast.localize.inputs import as_batch, default_pad_id, frozen, model_device, repeat_batch, row_chunks, score_dtype, take_rows
 from mu_fast.localize.metrics import Metric, as_metric, normalization_scale, prob
 from mu_fast.localize.patching import capture_sites, patched_metric_values
@@ -29,6 +31,72 @@ from mu_fast.localize.sites_hooks import RESULT_KEYS, parse_site_kinds, resolve_
 from mu_fast.models.sites import SiteTable
 
 POSITIONS = ("all", "subject_last", "last")
+
+
+@dataclass
+class TraceInputs:
+    """What every causal-tracing call needs, checked before any forward: the model, its site table, the
+    padded ``batch``, inclusive real-token subject spans ``first/last [B]``, the metric and the noise scale."""
+
+    model: Any
+    table: SiteTable
+    batch: Batch
+    first: torch.Tensor
+    last: torch.Tensor
+    metric: Metric
+    scale: float
+    embedding_std: float
+    score_dtype: torch.dtype
+
+    def noised(self, rows: torch.Tensor, samples: int, seed: int) -> tuple[Batch, torch.Tensor]:
+        """Prompts ``rows`` (columns padded in all of them dropped), ``samples`` copies stacked (row s·n + i
+        is noise sample s of prompt rows[i]), and their subject noise ``[samples·n, T, d]``."""
+        sub = take_rows(self.batch, rows)
+        noisy = repeat_batch(sub, samples)
+        # One generator stream per (prompt, sample): scores do not depend on chunking, order or padding side.
+        seeds = [_noise_seed(seed, int(i), s) for s in range(samples) for i in rows.tolist()]
+        embed = self.model.get_input_embeddings()
+        first, last = self.first[rows.cpu()].repeat(samples), self.last[rows.cpu()].repeat(samples)
+        noise = subject_noise_rows(noisy, first, last, embed.embedding_dim, self.scale, seeds, embed.weight.dtype, noisy.input_ids.device)
+        return noisy, noise
+
+
+def prepare_trace(
+    model: Any, prompts: TokenizedPrompts | Batch, noise: str | float, metric: Metric | None, answer_ids: Any,
+    subject_first: Any, subject_last: Any, normalize: str | None, embedding_std: float | None, pad_id: int | None,
+    padding_side: str,
+) -> TraceInputs:
+    """Resolve and check causal-tracing inputs (token ids, answer positions and ids, subject spans) before
+    any forward; σ of the noise rule is the std of the subject-token embeddings unless given."""
+    model = unwrap_model(model)
+    table = SiteTable(model)
+    device = model_device(model)
+    pad = default_pad_id(model) if pad_id is None else pad_id
+    batch = as_batch(prompts, pad, padding_side, "prompts")
+    check_batch(batch, vocab_size(model), "prompts")
+    B = batch.input_ids.shape[0]
+    if isinstance(prompts, TokenizedPrompts):
+        answer_ids = prompts.answer_ids if answer_ids is None else answer_ids
+        subject_first = prompts.subject_first if subject_first is None else subject_first
+        subject_last = prompts.subject_last if subject_last is None else subject_last
+    if subject_first is None or subject_last is None:
+        raise ValueError("causal tracing needs subject spans: TokenizedPrompts built with subjects, or subject_first/subject_last")
+    first = torch.as_tensor(subject_first, dtype=torch.int64).cpu()
+    last = torch.as_tensor(subject_last, dtype=torch.int64).cpu()
+    check_subject_spans(batch, first, last)
+    if metric is None:
+        if answer_ids is None:
+            raise ValueError("causal tracing needs answer_ids (or a metric) to score p(answer)")
+        metric = prob(answer_ids, normalize=normalize)
+    metric = as_metric(metric)
+    metric.check(B, output_vocab_size(model))
+    noise_scale(noise, 1.0)  # reject an unknown rule before the embedding forward
+    batch = batch.to(device)
+    if embedding_std is None:
+        with torch.no_grad():
+            embedding_std = subject_embedding_std(model.get_input_embeddings()(batch.input_ids), subject_mask(batch, first, last))
+    scale = noise_scale(noise, float(embedding_std))
+    return TraceInputs(model, table, batch, first, last, metric, scale, float(embedding_std), score_dtype(model))
 
 
 def causal_trace(
@@ -61,41 +129,25 @@ def causal_trace(
     computes it over the data). Returns an AttributionResult (method ``causal_tracing``, direction
     ``denoise``) whose ``heads [L, H]``, ``mlp [L]`` ... are mean normalised indirect effects;
     ``clean_metric`` / ``corrupt_metric`` are p_clean and p_corrupt ``[B]`` (averaged over noise samples).
+    ``result.verify()`` re-measures the top units' restorations with unchunked full forwards.
+    For the per-position × per-layer grid of ROME's plots, see ``causal_trace_grid``.
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1; got {samples}")
-    model = unwrap_model(model)
-    table = SiteTable(model)
-    device = model_device(model)
-    pad = default_pad_id(model) if pad_id is None else pad_id
-    batch = as_batch(prompts, pad, padding_side, "prompts").to(device)
-    B = batch.input_ids.shape[0]
-    if isinstance(prompts, TokenizedPrompts):
-        answer_ids = prompts.answer_ids if answer_ids is None else answer_ids
-        subject_first = prompts.subject_first if subject_first is None else subject_first
-        subject_last = prompts.subject_last if subject_last is None else subject_last
-    if subject_first is None or subject_last is None:
-        raise ValueError("causal_trace needs subject spans: TokenizedPrompts built with subjects, or subject_first/subject_last")
-    first = torch.as_tensor(subject_first, dtype=torch.int64)
-    last = torch.as_tensor(subject_last, dtype=torch.int64)
-    if metric is None:
-        if answer_ids is None:
-            raise ValueError("causal_trace needs answer_ids (or a metric) to score p(answer)")
-        metric = prob(answer_ids, normalize=normalize)
-    metric = as_metric(metric)
-    metric.check(B)
     kinds = parse_site_kinds(sites)
+    inp = prepare_trace(model, prompts, noise, metric, answer_ids, subject_first, subject_last, normalize, embedding_std, pad_id, padding_side)
+    model, table, batch, metric, sdtype = inp.model, inp.table, inp.batch, inp.metric, inp.score_dtype
+    device = batch.input_ids.device
+    B = batch.input_ids.shape[0]
     site_list = resolve_sites(table, kinds)
-    sdtype = score_dtype(model)
-    subj = subject_mask(batch, first, last)
     if positions == "all":
         restore_at = batch.attention_mask.bool()
     elif positions == "subject_last":
-        restore_at = batch.attention_mask.bool() & (batch.position_ids == last.to(device)[:, None])
+        restore_at = batch.attention_mask.bool() & (batch.position_ids == inp.last.to(device)[:, None])
     else:
-        restore_at = torch.zeros_like(subj)
+        restore_at = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
         restore_at[torch.arange(B, device=device), batch.last_pos] = True
 
     units = [(s.kind, s.layer, g) for s in site_list for g in range(s.n_groups)]
@@ -104,10 +156,6 @@ def causal_trace(
     p_clean = torch.zeros(B, dtype=sdtype, device=device)
     p_corr = torch.zeros(B, dtype=sdtype, device=device)
     with frozen(model), torch.no_grad():
-        embed = model.get_input_embeddings()
-        if embedding_std is None:
-            embedding_std = subject_embedding_std(embed(batch.input_ids), subj)
-        scale = noise_scale(noise, float(embedding_std))
         # Prompts sorted by length, so that each chunk of (variants × samples × prompts) rows pads little.
         step = micro_batch or max(1, max_rows // (len(variants) * samples))
         if not metric.row_aware:
@@ -117,16 +165,7 @@ def causal_trace(
             n, T = sub.input_ids.shape
             c0 = int(batch.attention_mask[rows].any(0).nonzero()[0])
             clean_acts, p_clean[rows] = capture_sites(model, sub, site_list, metric, rows)
-            noisy = repeat_batch(sub, samples)  # row s·n + i = noise sample s of prompt rows[i]
-            mask = subj[rows, c0 : c0 + T]
-            # One generator stream per (prompt, sample): scores do not depend on chunking or batch order.
-            noise_t = torch.cat(
-                [
-                    subject_noise((1, T, embed.embedding_dim), mask[i : i + 1], scale, _noise_seed(seed, int(rows[i]), s), embed.weight.dtype, device)
-                    for s in range(samples)
-                    for i in range(n)
-                ]
-            )
+            noisy, noise_t = inp.noised(rows, samples, seed)
             values = patched_metric_values(
                 model, table, noisy, clean_acts, variants, metric, rows,
                 src_rows=torch.arange(n, device=device).repeat(samples), pos_mask=restore_at[rows, c0 : c0 + T],
@@ -142,11 +181,17 @@ def causal_trace(
                 target[rows, site.layer] = e if target.dim() == 3 else e[:, 0]
                 i += site.n_groups
     p_clean = p_clean.to(sdtype)
+    restored = torch.cat([t.reshape(B, -1) for t in per_prompt.values()], 1)
+    raise_if_not_finite("causal_trace", {"clean": p_clean, "noised": p_corr, "restored": restored}, metrics_finite(p_clean, p_corr, restored))
     _, norm = normalization_scale(p_clean, p_corr, metric.normalize)
     for key, t in per_prompt.items():
         per_prompt[key] = t * norm.view(-1, *([1] * (t.dim() - 1)))
-    info = {"noise": noise, "noise_scale": scale, "embedding_std": float(embedding_std), "samples": samples, "positions": positions, "sites": kinds}
-    return AttributionResult(per_prompt, table, "causal_tracing", "denoise", metric.name, metric.normalize, "mean", p_clean, p_corr, info=info)
+    info = {"noise": noise, "noise_scale": inp.scale, "embedding_std": inp.embedding_std, "samples": samples, "positions": positions, "sites": kinds}
+    replay = dict(
+        kind="causal_trace", model=model, batch=batch, metric=metric, inputs=inp, samples=samples, seed=seed,
+        restore_at=restore_at, scale=norm, backend=backend, max_rows=max_rows,
+    )
+    return AttributionResult(per_prompt, table, "causal_tracing", "denoise", metric.name, metric.normalize, "mean", p_clean, p_corr, info=info, _replay=replay)
 
 
 def _noise_seed(seed: int, prompt: int, sample: int) -> int:

@@ -96,6 +96,26 @@ def noise_scale(noise: str | float, std: float) -> float:
     raise ValueError(f"noise must be one of {NOISE_RULES} or a number; got {noise!r}")
 
 
+def subject_noise_rows(
+    batch: Batch, first: torch.Tensor, last: torch.Tensor, d: int, scale: float, seeds: Sequence[int], dtype: torch.dtype, device: Any
+) -> torch.Tensor:
+    """Noise ``[R, T, d]`` for the R rows of a padded batch: row r's subject tokens (real-token indices
+    ``first[r]..last[r]``) get Gaussian noise of std ``scale``, drawn on the CPU from ``seeds[r]`` in real-token
+    coordinates (``randn(1, length_r, d)``, entry p for real token p), so a prompt's noise does not depend on
+    the padding side or on which prompts share its batch. Zero elsewhere."""
+    R, T = batch.input_ids.shape
+    mask = batch.attention_mask.bool().cpu()
+    out = torch.zeros(R, T, d, dtype=torch.float64)
+    for r in range(R):
+        cols = mask[r].nonzero().flatten()
+        gen = torch.Generator().manual_seed(int(seeds[r]))
+        z = torch.randn((1, len(cols), d), generator=gen, dtype=torch.float64)[0] * scale
+        keep = torch.zeros(len(cols), dtype=torch.float64)
+        keep[int(first[r]) : int(last[r]) + 1] = 1.0
+        out[r, cols] = z * keep[:, None]
+    return out.to(device=device, dtype=dtype)
+
+
 def subject_noise(shape: tuple[int, int, int], mask: torch.Tensor, scale: float, seed: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
     """Gaussian noise ``[R, T, d]`` of std ``scale`` at the ``mask [R, T]`` positions, zero elsewhere; drawn
     on the CPU from ``seed`` so it does not depend on the device."""

@@ -27,18 +27,28 @@ def default_pad_id(model: Any) -> int:
 
 
 def as_batch(x: BatchLike, pad_id: int, side: str = "right", name: str = "input") -> Batch:
-    """A ``Batch`` from a Batch, TokenizedPrompts, token-id lists, or an unpadded ``[B, T]`` id tensor."""
+    """A ``Batch`` from a Batch, TokenizedPrompts, token-id lists, or an unpadded ``[B, T]`` id tensor.
+    Raises ValueError for zero prompts or an empty prompt (naming its index)."""
     if isinstance(x, Batch):
         return x
     if isinstance(x, TokenizedPrompts):
-        return pad_batch(x.input_ids, pad_id, side)
+        return _padded(x.input_ids, pad_id, side, name)
     if isinstance(x, torch.Tensor):
         if x.dim() != 2:
             raise ValueError(f"{name} as a tensor must be [B, T] token ids without padding; got shape {tuple(x.shape)}")
-        return pad_batch(x.tolist(), pad_id, side)
-    if isinstance(x, Sequence) and x and all(isinstance(s, Sequence) for s in x):
-        return pad_batch([list(s) for s in x], pad_id, side)
+        return _padded(x.tolist(), pad_id, side, name)
+    if isinstance(x, Sequence) and not isinstance(x, str) and all(isinstance(s, Sequence) and not isinstance(s, str) for s in x):
+        return _padded([list(s) for s in x], pad_id, side, name)
     raise TypeError(f"{name} must be a Batch, TokenizedPrompts, a list of token-id lists or a [B, T] tensor; got {type(x).__name__}")
+
+
+def _padded(seqs: Sequence[Sequence[int]], pad_id: int, side: str, name: str) -> Batch:
+    if len(seqs) == 0:
+        raise ValueError(f"{name}: no prompts given; pass at least one prompt (a list of token-id lists)")
+    empty = [i for i, s in enumerate(seqs) if len(s) == 0]
+    if empty:
+        raise ValueError(f"{name}: prompt(s) {empty[:8]} have no tokens; drop empty prompts")
+    return pad_batch(seqs, pad_id, side)
 
 
 def aligned_pair(clean: BatchLike, corrupt: BatchLike, pad_id: int, side: str = "right") -> tuple[Batch, Batch]:
@@ -49,17 +59,29 @@ def aligned_pair(clean: BatchLike, corrupt: BatchLike, pad_id: int, side: str = 
     """
     a = as_batch(clean, pad_id, side, "clean")
     b = as_batch(corrupt, pad_id, side, "corrupt")
-    if a.input_ids.shape != b.input_ids.shape:
+    na, nb = a.input_ids.shape[0], b.input_ids.shape[0]
+    if na != nb:
         raise ValueError(
-            f"clean {tuple(a.input_ids.shape)} and corrupt {tuple(b.input_ids.shape)} batches differ in shape; "
-            "corrupt each prompt with a same-length corruption (e.g. mu_fast.localize.corrupt.replace_subject_tokens)"
+            f"clean has {na} prompts and corrupt has {nb}; pass one corrupt prompt per clean prompt, in the same order"
         )
-    bad = (a.attention_mask != b.attention_mask).any(1) | (a.last_pos != b.last_pos)
+    fix = "corrupt each prompt with a same-length corruption (e.g. mu_fast.localize.corrupt.replace_subject_tokens)"
+    len_a, len_b = a.attention_mask.sum(1), b.attention_mask.sum(1)
+    if a.attention_mask.shape == b.attention_mask.shape:
+        bad = (a.attention_mask != b.attention_mask).any(1) | (a.last_pos != b.last_pos)
+    else:
+        bad = len_a != len_b
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
+        if int(len_a[i]) != int(len_b[i]):
+            raise ValueError(f"prompt {i}: clean and corrupt have different lengths ({int(len_a[i])} vs {int(len_b[i])} tokens); {fix}")
         raise ValueError(
-            f"prompt {i}: clean and corrupt have different lengths or padding ({int(a.attention_mask[i].sum())} vs "
-            f"{int(b.attention_mask[i].sum())} tokens); pad both with the same side and lengths"
+            f"prompt {i}: clean and corrupt have the same length ({int(len_a[i])} tokens) but different padding or answer "
+            "positions; pad both with the same side and width (pass token-id lists and let attribute pad them)"
+        )
+    if a.input_ids.shape != b.input_ids.shape:
+        raise ValueError(
+            f"clean {tuple(a.input_ids.shape)} and corrupt {tuple(b.input_ids.shape)} batches are padded to different widths; "
+            "pad both to the same width (pass token-id lists and let attribute pad them)"
         )
     return a, b
 

@@ -41,8 +41,11 @@ class Metric:
     def values(self, logits: torch.Tensor, rows: torch.Tensor, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
-    def check(self, n_prompts: int) -> None:
-        """Raise ValueError when per-prompt ids do not cover ``n_prompts`` prompts."""
+    def check(self, n_prompts: int, vocab_size: int | None = None) -> None:
+        """Raise ValueError when per-prompt ids do not cover ``n_prompts`` prompts, or when a token id the
+        metric reads lies outside ``[0, vocab_size)`` (the LM head's rows)."""
+        if vocab_size is not None and self.vocab_ids is not None:
+            _check_vocab(self.vocab_ids, vocab_size, f"{self.name}: vocab_ids")
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None, batch: Batch | None = None) -> torch.Tensor:
         """Per-prompt values from full-vocabulary answer-position logits ``[n, V]`` (rows default 0..n-1)."""
@@ -59,6 +62,17 @@ def _ids(x: Any, what: str) -> torch.Tensor:
     if t.dim() not in (1, 2):
         raise ValueError(f"{what} must be [B] or [B, k] token ids; got shape {tuple(t.shape)}")
     return t
+
+
+def _check_vocab(ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        where = tuple(int(x) for x in bad.nonzero()[0])
+        at = f"[{where[0]}]" if len(where) == 1 else f"[{where[0]}, {where[1]}]"
+        raise ValueError(
+            f"{what}{at} = {int(ids[where])} is outside the model's vocabulary [0, {vocab_size}); "
+            "use token ids of the model's own tokenizer (e.g. mu_fast.data.base.answer_token_id)"
+        )
 
 
 class _AnswerMetric(Metric):
@@ -95,9 +109,12 @@ class LogitDiff(_AnswerMetric):
             raise ValueError(f"correct must be [B] token ids; got shape {tuple(self.correct.shape)}")
         super().__init__(normalize, self.correct, self.incorrect)
 
-    def check(self, n_prompts: int) -> None:
+    def check(self, n_prompts: int, vocab_size: int | None = None) -> None:
         self._check_len(self.correct, n_prompts, "correct")
         self._check_len(self.incorrect, n_prompts, "incorrect")
+        if vocab_size is not None:
+            _check_vocab(self.correct, vocab_size, f"{self.name}: correct")
+            _check_vocab(self.incorrect, vocab_size, f"{self.name}: incorrect")
 
     def values(self, logits: torch.Tensor, rows: torch.Tensor, batch: Batch) -> torch.Tensor:
         good = logits.gather(1, self._cols(self.correct, rows, logits.device)[:, None])[:, 0]
@@ -120,8 +137,12 @@ class LogProb(_AnswerMetric):
         if self.choices is not None and not bool(torch.isin(self.answer, self.choices).all()):
             raise ValueError(f"{self.name}: some answer ids are not among choices {self.choices.tolist()}")
 
-    def check(self, n_prompts: int) -> None:
+    def check(self, n_prompts: int, vocab_size: int | None = None) -> None:
         self._check_len(self.answer, n_prompts, "answer")
+        if vocab_size is not None:
+            _check_vocab(self.answer, vocab_size, f"{self.name}: answer")
+            if self.choices is not None:
+                _check_vocab(self.choices, vocab_size, f"{self.name}: choices")
 
     def _logprob(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # With choices, vocab_ids are exactly the sorted choices, so the softmax runs over them alone.

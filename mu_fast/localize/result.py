@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from mu_fast.localize.sites_hooks import RESULT_KEYS, SITE_KINDS
-from mu_fast.masks import Mask, budget_match
+from mu_fast.localize.budget import budget_match_trained
+from mu_fast.masks import Mask
 from mu_fast.models.sites import Component, SiteTable
 
 _KIND_OF_KEY = {v: k for k, v in RESULT_KEYS.items()}
@@ -130,13 +131,16 @@ class AttributionResult:
         return out
 
     def to_mask(self, table: SiteTable | None = None, budget: int | None = None, granularity: str = "layer") -> Mask:
-        """A Mask of the components chosen by the paper's budget rule (``mu_fast.masks.budget_match``) from
-        ``component_scores(granularity)``; ``budget`` is a parameter count."""
+        """A Mask of the components chosen by the paper's budget rule from ``component_scores(granularity)``;
+        ``budget`` is a parameter count. Each step of the rule costs the parameters the component adds to those
+        already chosen (``mu_fast.localize.budget``), so under GQA a KV group's key/value rows count once however
+        many of its query heads are chosen: ``mask.param_count()`` equals ``mask.meta["trained_params"]``,
+        reaches the budget and overshoots it by less than one component."""
         if budget is None:
             raise ValueError("to_mask needs budget= (a parameter count, e.g. mu_fast.masks.paper_budget(table, n))")
         table = table or self.table
-        chosen = budget_match(self.component_scores(granularity), table, budget)
-        meta = {"source": f"attribution:{self.method}:{self.direction}", "granularity": granularity, "budget": budget}
+        chosen, trained = budget_match_trained(self.component_scores(granularity), table, budget)
+        meta = {"source": f"attribution:{self.method}:{self.direction}", "granularity": granularity, "budget": budget, "trained_params": trained}
         return Mask.from_components(table, chosen, meta=meta)
 
     def units(self) -> list[tuple[str, int, int, float]]:
@@ -173,9 +177,16 @@ class AttributionResult:
     def verify(self, k: int = 10, n_random: int | None = None, sites: str | tuple[str, ...] | None = None, seed: int = 0) -> Any:
         """Check the top-k units (plus ``n_random`` random others, default k) against batched exact patching
         of the same inputs, metric and direction. Returns a ``VerifyReport`` (rank correlation, top-k recall,
-        sign agreement, both score vectors)."""
+        sign agreement, both score vectors).
+
+        For a ``causal_trace`` result, each chosen unit is restored again, alone, in the same noised runs
+        (every prompt in one batch, full forwards without the trace's chunking and prefix reuse): the
+        traced effects are exact restorations, so the report should show them equal to round-off."""
         if self._replay is None:
-            raise ValueError("this result cannot be verified (it keeps no inputs); rerun attribute()")
+            raise ValueError(
+                "this result keeps no inputs, so it cannot be verified; verify the result that attribute() or "
+                "causal_trace() returned, before copying or saving it"
+            )
         from mu_fast.localize.verify import verify_result
 
         return verify_result(self, k, k if n_random is None else n_random, sites, seed)

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mu_fast.localize.patching import capture_sites, patched_metric_values, sites_for_units
+from mu_fast.localize.checks import raise_if_not_finite
+from mu_fast.localize.inputs import frozen, take_rows
+from mu_fast.localize.patching import Unit, capture_sites, patched_metric_values, sites_for_units
 from mu_fast.localize.result import AttributionResult, unit_label
+from mu_fast.models.sites import SiteTable
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +72,21 @@ def verify_result(result: AttributionResult, k: int, n_random: int, sites: str |
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(rest), generator=gen)[: max(0, n_random)].tolist()
     chosen = top + [rest[i] for i in sorted(pick)]
-    model, base, other, metric = replay["model"], replay["base"], replay["other"], replay["metric"]
-    rows = torch.arange(base.input_ids.shape[0], device=base.input_ids.device)
-    needed = list(sites_for_units(result.table, [(u[0], u[1], u[2]) for u in chosen]).values())
-    other_acts, _ = capture_sites(model, other, needed)
-    variants = [[]] + [[(u[0], u[1], u[2])] for u in chosen]
-    values = patched_metric_values(
-        model, result.table, base, other_acts, variants, metric, rows, pos_mask=other.attention_mask.bool(),
-        backend=replay["backend"], max_rows=replay["max_rows"],
-    )
+    if replay.get("kind") == "causal_trace":
+        values = _restored_values(result.table, replay, [(u[0], u[1], u[2]) for u in chosen])
+        where = "verify (causal trace)"
+    else:
+        model, base, other, metric = replay["model"], replay["base"], replay["other"], replay["metric"]
+        rows = torch.arange(base.input_ids.shape[0], device=base.input_ids.device)
+        needed = list(sites_for_units(result.table, [(u[0], u[1], u[2]) for u in chosen]).values())
+        other_acts, _ = capture_sites(model, other, needed)
+        variants = [[]] + [[(u[0], u[1], u[2])] for u in chosen]
+        values = patched_metric_values(
+            model, result.table, base, other_acts, variants, metric, rows, pos_mask=other.attention_mask.bool(),
+            backend=replay["backend"], max_rows=replay["max_rows"],
+        )
+        where = f"verify ({result.method})"
+    raise_if_not_finite(where, {"base": values[0], "patched": values[1:].T})
     effects = (values[1:] - values[:1]) * replay["scale"].to(values.dtype)[None, :]  # [n, B]
     exact = effects.mean(1) if result.reduce == "mean" else effects.sum(1)
     attribution = torch.tensor([u[3] for u in chosen], dtype=exact.dtype)
@@ -88,3 +97,22 @@ def verify_result(result: AttributionResult, k: int, n_random: int, sites: str |
     return VerifyReport(
         [unit_label(*u[:3]) for u in chosen], attribution, exact, k, spearman(attribution, exact), pearson(attribution, exact), recall, signs
     )
+
+
+def _restored_values(table: SiteTable, replay: dict, units: list[Unit]) -> torch.Tensor:
+    """``[1 + n, B]`` metric of the noised run and of each unit restored alone, averaged over the noise
+    samples: every prompt in one batch, full forwards (no prefix reuse), the same noise as the trace."""
+    inp, samples, batch, metric = replay["inputs"], replay["samples"], replay["batch"], replay["metric"]
+    B = batch.input_ids.shape[0]
+    rows = torch.arange(B, device=batch.input_ids.device)
+    with frozen(inp.model), torch.no_grad():
+        sub = take_rows(batch, rows)  # as the trace ran: columns that are padding in every row dropped
+        c0, T = int(batch.attention_mask.any(0).nonzero()[0]), sub.input_ids.shape[1]
+        clean_acts, _ = capture_sites(inp.model, sub, list(sites_for_units(table, units).values()))
+        noisy, noise = inp.noised(rows, samples, replay["seed"])
+        values = patched_metric_values(
+            inp.model, table, noisy, clean_acts, [[]] + [[u] for u in units], metric, rows,
+            src_rows=rows.repeat(samples), pos_mask=replay["restore_at"][:, c0 : c0 + T], embed_fn=lambda e: e + noise,
+            backend=replay["backend"], max_rows=replay["max_rows"], reuse_prefix=False,
+        )
+    return values.view(len(units) + 1, samples, B).mean(1)

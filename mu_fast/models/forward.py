@@ -60,42 +60,82 @@ def trunk_hidden(model: Any, batch: Batch) -> torch.Tensor:
 def gathered_logits(
     model: Any, batch: Batch, positions: torch.Tensor | None = None, vocab_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits at one position per row: ``[B, V]`` (or ``[B, len(vocab_ids)]``), float32.
+    """Logits at one position per row: ``[B, V]`` (or ``[B, len(vocab_ids)]``), float32 (float64 for fp64 models).
 
     positions: ``[B]`` int64, default ``batch.last_pos`` (the token that predicts the answer).
     """
     hidden = trunk_hidden(model, batch)
     pos = batch.last_pos if positions is None else positions
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return head_logits(model, hidden[rows, pos.to(hidden.device)], vocab_ids).float()
+    return _at_least_fp32(head_logits(model, hidden[rows, pos.to(hidden.device)], vocab_ids))
 
 
-def lm_loss_backward(model: Any, batch: Batch, coef: float = 1.0, chunk_tokens: int = 2048) -> float:
-    """Backpropagate ``coef ×`` mean next-token CE over real tokens; return the loss value.
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
-    The trunk runs once; the LM head and CE run over chunks of ``chunk_tokens`` positions on a detached copy
-    of the hidden states whose gradient is then pushed through the trunk in one backward.
+
+LM_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one LM-head chunk (256k vocabularies: 256 positions)
+
+
+def lm_chunk_tokens(vocab_size: int, chunk_bytes: int = LM_CHUNK_BYTES) -> int:
+    """Positions per LM-head chunk so that one chunk's fp32 logits take at most ``chunk_bytes``."""
+    return int(min(8192, max(16, chunk_bytes // (4 * max(int(vocab_size), 1)))))
+
+
+def lm_targets(batch: Batch, device: torch.device | str) -> torch.Tensor:
+    """Next-token targets ``[B, T-1]`` int64, ``-100`` where the position or its target is padding."""
+    inputs = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device).bool()
+    valid = mask[:, :-1] & mask[:, 1:]
+    return torch.where(valid, inputs[:, 1:], torch.full_like(inputs[:, 1:], -100))
+
+
+def lm_token_count(batch: Batch) -> int:
+    """Number of next-token targets in ``batch`` (real positions followed by a real token)."""
+    mask = batch.attention_mask.bool()
+    return int((mask[:, :-1] & mask[:, 1:]).sum())
+
+
+def lm_loss_backward_tensor(
+    model: Any, batch: Batch, coef: float = 1.0, chunk_tokens: int | None = None, denominator: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Backpropagate ``coef × Σ next-token CE / denominator`` over ``batch``'s real tokens; return the loss (a
+    detached 0-d tensor; no host sync).
+
+    denominator: the number of targets the mean runs over (default: this batch's own count; a micro-batched
+    step passes the whole batch's count). The trunk runs once; the LM head and CE run over chunks of
+    ``chunk_tokens`` positions (default ``lm_chunk_tokens(V)``: ≤ 256 MiB of fp32 logits) on a detached copy of the
+    hidden states whose gradient then goes through the trunk in one backward, so no ``[tokens, V]`` fp32 tensor is
+    ever whole. Padding positions are masked by ``ignore_index`` rather than removed (no data-dependent shapes).
     """
     hidden = trunk_hidden(model, batch)
-    inputs = batch.input_ids.to(hidden.device)
-    mask = batch.attention_mask.to(hidden.device).bool()
-    valid = mask[:, :-1] & mask[:, 1:]
-    h = hidden[:, :-1][valid]  # [N, d] positions that predict a real next token
-    targets = inputs[:, 1:][valid]
-    n = int(targets.numel())
+    targets = lm_targets(batch, hidden.device).reshape(-1)
+    if denominator is None:
+        denominator = (targets != -100).sum().clamp(min=1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B*(T-1), d]: every position that predicts a next token
+    n = h.shape[0]
     if n == 0:
         raise ValueError("the LM batch has no next-token targets (all sequences shorter than 2 tokens)")
+    chunk = chunk_tokens or lm_chunk_tokens(model.get_output_embeddings().weight.shape[0])
     leaf = h.detach().requires_grad_(True)
-    total = 0.0
-    for start in range(0, n, chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        logits = head_logits(model, leaf[part]).float()
-        loss = F.cross_entropy(logits, targets[part], reduction="sum") / n
+    total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        logits = _at_least_fp32(head_logits(model, leaf[part]))
+        loss = F.cross_entropy(logits, targets[part], reduction="sum", ignore_index=-100) / denominator
         (coef * loss).backward()
-        total += float(loss.detach())
+        total = total + loss.detach()
+        del logits, loss
     if h.requires_grad:
         h.backward(leaf.grad)
     return total
+
+
+def lm_loss_backward(model: Any, batch: Batch, coef: float = 1.0, chunk_tokens: int | None = None) -> float:
+    """``lm_loss_backward_tensor`` over the whole batch, returning the mean loss as a float (one host sync)."""
+    if lm_token_count(batch) == 0:
+        raise ValueError("the LM batch has no next-token targets (all sequences shorter than 2 tokens)")
+    return float(lm_loss_backward_tensor(model, batch, coef, chunk_tokens))
 
 
 def lm_loss(model: Any, batch: Batch, chunk_tokens: int = 2048) -> float:

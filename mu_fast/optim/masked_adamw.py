@@ -89,6 +89,7 @@ class CompactBucket:
     mids_v: torch.Tensor | None = None
     _addr: torch.Tensor | None = field(default=None, repr=False)
     _addr_key: tuple = field(default=(), repr=False)
+    _layout: tuple = field(default=(), repr=False)  # (dtype, device, shapes) the table was built for
 
     @classmethod
     def create(cls, params: list[torch.Tensor], table: SegmentTable, *, state_bits: int = 32,
@@ -116,6 +117,9 @@ class CompactBucket:
                    master=torch.zeros(n, **fp32) if master_weights else None,
                    compact_grad=torch.zeros(n, **fp32) if compact_grads else None, **kw)
 
+    def __post_init__(self) -> None:
+        self._layout = (self.params[0].dtype, self.params[0].device, tuple(torch.Size(s.shape) for s in self.table.slots))
+
     @property
     def state_bits(self) -> int:
         return 8 if self.exp_avg.dtype == torch.uint8 else 32
@@ -137,6 +141,19 @@ class CompactBucket:
         """Bytes of persistent optimizer state (moments, absmax, master; not the gradient buffer)."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
+    def check_params(self, slots: range | list[int] | tuple[int, ...] | None = None) -> None:
+        """Raise ``RuntimeError`` when a parameter no longer has the shape, dtype, device or dense layout its
+        segment table was built for (e.g. ``p.data`` was replaced after the optimizer was built).
+
+        The kernels address parameters through the table's flat offsets, so a smaller tensor would be written
+        past its end. Host metadata only, no device sync: about 0.4 µs per parameter per step on a CPU host.
+        """
+        dtype, device, shapes = self._layout
+        for slot in range(len(self.params)) if slots is None else slots:
+            p = self.params[slot]
+            if p.shape != shapes[slot] or p.dtype != dtype or p.device != device or not p.is_contiguous():
+                raise RuntimeError(_moved_param_message(self.table.slots[slot].name, p, shapes[slot], dtype, device))
+
     def address_table(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         """int64 ``[n_slots, 2]`` (param address, grad address or 0) on the device; rebuilt only when one moves."""
         key = tuple(p.data_ptr() for p in self.params) + tuple(0 if g is None else g.data_ptr() for g in grads)
@@ -153,6 +170,17 @@ class CompactBucket:
                 host = host.pin_memory()
             self._addr, self._addr_key = host.to(self.device, non_blocking=True), key
         return self._addr
+
+
+def _moved_param_message(name: str, p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                         device: torch.device) -> str:
+    layout = "" if p.is_contiguous() else " non-contiguous"
+    return (
+        f"parameter {name!r} is now a{layout} {p.dtype} {tuple(p.shape)} tensor on {p.device}, but this MaskedAdamW "
+        f"was built for a contiguous {dtype} {tuple(shape)} on {device} (was its .data replaced or resized?); "
+        "build a new MaskedAdamW over the parameters as they are now (with a mask of their shapes), or "
+        "restore the original tensors"
+    )
 
 
 def check_grads(bucket: CompactBucket, grads: list[torch.Tensor | None]) -> None:
@@ -412,6 +440,7 @@ def masked_adamw_step(
     if nonfinite not in ("skip", "ignore"):
         raise ValueError(f"nonfinite must be 'skip' or 'ignore' here (the optimizer adds 'raise'); got {nonfinite!r}")
     impl = select_backend(bucket.device, backend)
+    bucket.check_params()
     grads = list(grads) if grads is not None else [None] * len(bucket.params)
     if bucket.compact_grad is None:
         check_grads(bucket, grads)

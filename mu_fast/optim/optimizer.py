@@ -246,6 +246,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             if param.grad is None:
                 return
             bucket = self._buckets[bi]
+            bucket.check_params((slot,))
             with torch.no_grad():
                 self._impls[bi].gather(bucket, slot, param.grad, bucket.compact_grad, True)
             param.grad = None  # the dense gradient is freed here, per parameter, during backward
@@ -296,6 +297,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         return self._hyper_host
 
     def _grads(self, bucket: CompactBucket) -> list[torch.Tensor | None]:
+        bucket.check_params()
         if bucket.compact_grad is not None:
             return [None] * len(bucket.params)
         grads = [p.grad for p in bucket.params]
@@ -362,6 +364,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _init_master(self) -> None:
         for bi, bucket in enumerate(self._buckets):
             if not self._master_ready[bi]:
+                bucket.check_params()
                 for slot, p in enumerate(bucket.params):
                     self._impls[bi].gather(bucket, slot, p.detach(), bucket.master, False)
                 self._master_ready[bi] = True

@@ -9,6 +9,7 @@ import torch
 
 from mu_fast.localize.adapters import unwrap_model
 from mu_fast.localize.attribution import attribute
+from mu_fast.localize.result import AttributionResult
 from mu_fast.localize.metrics import logit_diff
 from mu_fast.masks import Mask, paper_budget
 from mu_fast.models.sites import Component, SiteTable
@@ -31,15 +32,34 @@ def result(rng, sites=("head", "mlp", "neuron")):
     return model, attribute(model, clean, corrupt, metric, sites=sites, direction="noise"), (clean, corrupt, metric)
 
 
-def paper_rule(scores: dict, table: SiteTable, budget: int) -> set:
+def trained_count(table: SiteTable, comps) -> int:
+    """Distinct parameters the components select, from dense boolean masks (the independent count)."""
+    dense: dict[str, torch.Tensor] = {}
+    for comp in comps:
+        for name, (kind, span) in table.selections(comp).items():
+            shape = table._shape_of_param(name)
+            m = dense.setdefault(name, torch.zeros(shape, dtype=torch.bool))
+            if kind == "whole":
+                m[...] = True
+            elif kind == "rows":
+                m[span.start : span.stop] = True
+            else:
+                m[:, span.start : span.stop] = True
+    return sum(int(m.sum()) for m in dense.values())
+
+
+def paper_rule(scores: dict, table: SiteTable, budget: int) -> tuple[list, int]:
+    """The paper's rule, each step costing what the mask actually gains: ``(chosen in walk order, the
+    marginal size of the component that spent the budget)``."""
     ordered = sorted(scores, key=lambda c: -abs(scores[c]))
-    remaining, threshold = budget, None
-    for comp in ordered:
-        remaining -= table.component_size(comp)
-        if remaining <= 0:
+    threshold, last_step = None, 0
+    for i, comp in enumerate(ordered):
+        last_step = trained_count(table, ordered[: i + 1]) - trained_count(table, ordered[:i])
+        if trained_count(table, ordered[: i + 1]) >= budget:
             threshold = abs(scores[comp])
             break
-    return set(ordered) if threshold is None else {c for c in ordered if abs(scores[c]) >= threshold}
+    chosen = ordered if threshold is None else [c for c in ordered if abs(scores[c]) >= threshold]
+    return chosen, last_step
 
 
 @pytest.mark.parametrize("granularity", ["layer", "head", "neuron"])
@@ -50,9 +70,10 @@ def test_to_mask_follows_the_budget_rule(granularity, n_mlps, rng):
     budget = paper_budget(table, n_mlps)
     scores = res.component_scores(granularity)
     mask = res.to_mask(budget=budget, granularity=granularity)
-    chosen = paper_rule(scores, table, budget)
+    chosen, _ = paper_rule(scores, table, budget)
     assert mask == Mask.from_components(table, chosen)
-    assert sum(table.component_size(c) for c in chosen) >= min(budget, sum(table.component_size(c) for c in scores))
+    assert mask.param_count() == trained_count(table, chosen) == mask.meta["trained_params"]
+    assert mask.param_count() >= min(budget, trained_count(table, scores))
     top = max(scores, key=lambda c: abs(scores[c]))
     for name in table.selections(top):
         assert name in mask
@@ -62,6 +83,37 @@ def test_to_mask_follows_the_budget_rule(granularity, n_mlps, rng):
         assert scores[Component("attn", 1)] == pytest.approx(float(res.heads[1].sum()))
     if granularity == "neuron":
         assert len(scores) == 3 * (table.n_heads + table.d_mlp)
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("llama", 1), ("qwen2", 2)])
+@pytest.mark.parametrize("n_heads_worth", [3.5, 5.5, 9.0])
+@pytest.mark.parametrize("order", ["random", "kv_mates_adjacent"])
+def test_to_mask_under_gqa_counts_shared_kv_rows_once(arch, kv, n_heads_worth, order, rng):
+    """Heads ranked first (so the walk passes several heads of one KV group): the mask trains what the rule
+    counted, reaches the budget, and overshoots it by less than the last step."""
+    table = SiteTable(make_tiny_model(arch, num_key_value_heads=kv, num_hidden_layers=3))
+    assert table.n_kv_heads < table.n_heads
+    L, H = table.n_layers, table.n_heads
+    if order == "random":
+        magnitude = 1 + torch.rand(2, L, H, generator=rng, dtype=torch.float64)
+    else:  # head h of layer l ranked (l·H + h)-th: query heads of one KV group follow each other
+        magnitude = (2 + torch.arange(L * H, 0, -1, dtype=torch.float64).view(L, H)).expand(2, L, H)
+    per_prompt = {
+        "heads": magnitude * torch.sign(torch.randn(L, H, generator=rng, dtype=torch.float64)),
+        "mlp": torch.rand(2, L, generator=rng, dtype=torch.float64) * 0.5,
+    }
+    res = AttributionResult(per_prompt, table, "atp", "noise", "logit_diff", "mean", "sum", torch.ones(2), torch.zeros(2))
+    budget = int(n_heads_worth * table.component_size(Component("attn", 0, 0)))
+    scores = res.component_scores("head")
+    mask = res.to_mask(budget=budget, granularity="head")
+    chosen, last_step = paper_rule(scores, table, budget)
+    assert mask == Mask.from_components(table, chosen)
+    trained = mask.param_count()
+    assert trained == trained_count(table, chosen) == mask.meta["trained_params"]
+    assert budget <= trained < budget + last_step
+    if order == "kv_mates_adjacent":  # the case the old count got wrong: chosen heads share KV groups
+        groups = [(c.layer, table.kv_head_of(c.index)) for c in chosen if c.kind == "attn"]
+        assert len(groups) > len(set(groups))
 
 
 def test_topk_labels_and_tl_names(rng):

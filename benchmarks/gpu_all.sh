@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every owed GPU check and benchmark in one call of at most ~9.5 minutes, from the repository root:
+#   bash benchmarks/gpu_all.sh            (what is owed, and why, is listed in benchmarks/GPU_OWED.md)
+# 0. carried wheels (.whl/*.whl via pip --target, .whl/*.zip site folders: the trimmed bitsandbytes) -> /tmp/site
+# 1. mu_fast._C with CUDA for this GPU's architecture only (setup.py build_ext --inplace)                     <= 150 s
+# 2. bench_edit: 7-9B localized edits, mu_fast vs the authors' recipe, one pytest session (and JSON) per model,
+#    the most important rows first; every finished row is also appended to $OUT/edit_rows.jsonl          <= EDIT_TIMEOUT
+# 3. GPU optimizer tests (tests/optim/test_masked_adamw_gpu.py: cuda + triton backends)                      <= 90 s
+# Results: $OUT/ (at most 8 files come back) and benchmarks/results/<device>/.
+# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_EDIT=1, SKIP_OPTIM=1, EDIT_TIMEOUT (s per model),
+#      MU_FAST_EDIT_MODELS (comma list), MU_FAST_EDIT_STEPS / MU_FAST_AUTHORS_STEPS / MU_FAST_EDIT_SHORT_STEPS.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mu_fast_gpu}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+t0=$(date +%s)
+stamp() { echo "[gpu_all +$(( $(date +%s) - t0 ))s] $*"; }
+
+if ls .whl/*.whl .whl/*.zip > /dev/null 2>&1; then
+  mkdir -p /tmp/site
+  ls .whl/*.whl > /dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl > /tmp/peers_install.log 2>&1
+  for z in .whl/*.zip; do [ -e "$z" ] && $PY -m zipfile -e "$z" /tmp/site >> /tmp/peers_install.log 2>&1; done
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+[ -e mu_fast/kernels ] || ln -s ../kernels mu_fast/kernels   # mu_fast.kernels without an install
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
+  stamp "building mu_fast._C for sm_$ARCH"
+  MU_FAST_BUILD_EXT=1 MU_FAST_CUDA_ARCHS=$ARCH MAX_JOBS=${MAX_JOBS:-16} timeout 150 $PY setup.py build_ext --inplace \
+      > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; stamp "BUILD FAILED: the edits run with the triton backend"; }
+fi
+$PY - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import importlib, torch, mu_fast
+print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("backends", mu_fast.backends())
+for name in ("transformers", "accelerate", "bitsandbytes", "triton", "peft"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # noqa: BLE001
+        print(name, "unavailable:", type(exc).__name__, str(exc)[:200])
+EOF
+SLUG=$($PY -c "from benchmarks.common import device_slug; print(device_slug())")
+mkdir -p "benchmarks/results/$SLUG"
+
+if [ "${SKIP_EDIT:-0}" != 1 ]; then
+  export MU_FAST_BENCH_ROWS="$OUT/edit_rows.jsonl"
+  for model in ${MU_FAST_EDIT_MODELS:-gemma-2-9b llama-3-8b gemma-7b}; do
+    model=${model//,/ }
+    stamp "bench_edit $model"
+    MU_FAST_EDIT_MODELS=$model timeout "${EDIT_TIMEOUT:-150}" $PY -m pytest -q benchmarks/bench_edit.py --benchmark-only -rs \
+        -p no:cacheprovider --benchmark-json "/tmp/bench_edit_$model.json" > "/tmp/bench_edit_$model.log" 2>&1
+    rc=$?
+    [ "$rc" = 124 ] && stamp "$model TIMED OUT: its finished rows are in edit_rows.jsonl only"
+    grep -E "^(SKIPPED|FAILED|ERROR)|Error|passed|failed" "/tmp/bench_edit_$model.log" | cut -c1-300 | tail -8
+    [ -s "/tmp/bench_edit_$model.json" ] && cp "/tmp/bench_edit_$model.json" "benchmarks/results/$SLUG/bench_edit_$model.json"
+    cat "/tmp/bench_edit_$model.log" >> "$OUT/bench_edit.log"
+  done
+  cp "$OUT/edit_rows.jsonl" "benchmarks/results/$SLUG/edit_rows.jsonl" 2>/dev/null
+  $PY benchmarks/edit_table.py --merge "$OUT/bench_edit.json" /tmp/bench_edit_*.json
+  $PY benchmarks/edit_table.py "$OUT/edit_rows.jsonl" 2>&1 | tee "$OUT/edit_table.txt"
+fi
+
+if [ "${SKIP_OPTIM:-0}" != 1 ]; then
+  stamp "GPU optimizer tests"
+  timeout 90 $PY -m pytest -q tests/optim/test_masked_adamw_gpu.py -p no:cacheprovider --maxfail=10 --tb=short -rfs \
+      > "$OUT/optim_gpu_tests.log" 2>&1
+  [ "$?" = 124 ] && stamp "GPU optimizer tests TIMED OUT (90 s)"
+  tail -4 "$OUT/optim_gpu_tests.log"
+fi
+cp /tmp/build.log "$OUT/build.log" 2>/dev/null
+stamp "done"
