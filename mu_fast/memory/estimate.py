@@ -17,15 +17,18 @@ Terms (bytes on the device; every tensor rounded up to the 512-byte block of the
   (fp32 moments for parameters under 4096 elements); torch/bitsandbytes with a partial mask add one bf16 gradient mask
   per partially selected parameter.
 * **activations**: tensors autograd saves for backward, per token and layer (``layer_saved``; only from the lowest
-  block whose input or weights require grad: nothing below it records a graph), plus the backward working set of one
-  layer (gradients of its activations). With checkpointing, each layer from the lowest trainable one keeps only its
-  input, and the layer being differentiated is recomputed whole.
+  block whose input or weights require grad: nothing below it records a graph; with int8 frozen weights bitsandbytes
+  also keeps the input of every frozen matrix whose input requires grad), plus the worst moment of one layer's
+  backward (``backward_stage``: gradients of its activations while part of its saved tensors still live). With
+  checkpointing, each layer from the lowest trainable one keeps only its input, and the layer being differentiated
+  is recomputed whole.
 * **logits**: the fact pass reads ``[B, V]`` at each prompt's last token (bf16 head output, fp32 copy, log-softmax
   and its gradients: ``FACT_LOGIT_COPIES`` fp32-equivalents); the LM pass runs the head in chunks of
   ``lm_chunk_tokens`` positions (``LM_LOGIT_COPIES``), next to the trunk's output, its detached copy and that copy's
-  gradient ``[tokens, d]``.
+  gradient ``[tokens, d]``; ``FACT_LOGITS_KEPT``: the fp32 fact logits a reference in ``EditStep.step`` keeps alive.
 * **workspace**: what no tensor list shows: a dequantized frozen weight (bitsandbytes' backward, the largest frozen
-  matrix, bf16) and ``WORKSPACE_BYTES`` for cuBLAS and allocator slack (a stated constant, 0 in a trace).
+  matrix, bf16) and ``WORKSPACE_BYTES`` for cuBLAS and allocator slack (a stated constant; a trace, which sees
+  neither, is compared with ``MemoryPlan.tensor_total``).
 
 The peak is the largest of three moments: the fact pass, the LM pass (they run one after the other, so their
 activations never coexist; gradients made by the first persist into the second) and the optimizer step. Each pass
@@ -39,16 +42,22 @@ import re
 from dataclasses import dataclass, field
 
 from mu_fast.masks import Mask
+from mu_fast.models.forward import lm_chunk_tokens
 from mu_fast.memory.shapes import BatchShape, ModelShape
 
 ALLOC = 512
-WORKSPACE_BYTES = 0  # cuBLAS workspace + allocator slack: calibrated against torch.cuda.max_memory_allocated on a GPU
+CATEGORIES = ("frozen_weights", "masked_weights", "gradients", "optimizer_state", "activations", "logits", "workspace")
+WORKSPACE_BYTES = 256 * 2**20  # cuBLAS workspaces + allocator slack (stated; calibrate with torch.cuda.max_memory_allocated)
 FACT_LOGIT_COPIES = 4.0  # fp32 [B, V] tensors alive at the head's backward (fp32 logits, log-softmax, 2 gradients)
 LM_LOGIT_COPIES = 4.0  # fp32 [chunk, V] tensors alive at a chunk's backward (same list)
 SOFTCAP_LOGIT_COPIES = 0.5  # Gemma-2's final tanh soft-capping keeps one bf16 [rows, V] more
+# EditStep.step keeps a view (``f_part``) of the last forget micro-batch's fp32 logits [rows, V] until it returns,
+# through the LM pass and the optimizer step. 0 once that reference is dropped.
+FACT_LOGITS_KEPT = 1
 NORM_BACKWARD = 4  # fp32 [tokens, d] temporaries of an RMSNorm's backward (Gemma-2's post-feedforward norm)
 RECOMPUTE_LEFTOVER = 2  # bf16 [tokens, d] tensors a checkpointed layer's recompute leaves alive (its output, input copy)
 _MATRIX = re.compile(r"\.layers\.(\d+)\..*\b(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
 
 
@@ -82,36 +91,32 @@ class Estimate:
     phases: dict[str, int] = field(default_factory=dict)
 
 
-def default_chunk(vocab: int) -> int:
-    """EditStep's automatic LM-head chunk: as many positions as fit 256 MiB of fp32 logits (16 ≤ · ≤ 8192)."""
-    return int(min(8192, max(16, 256 * 2**20 // (4 * vocab))))
-
-
 # ---------------------------------------------------------------------------------------------------- the mask
 @dataclass(frozen=True)
 class MaskLayout:
-    """Which projection matrices the mask trains, per layer, and whatever else it names."""
+    """Which projection matrices the mask trains, per layer; and the layers whose input is treated as requiring
+    grad because the mask names a norm in them (or the embedding: layer 0). The LM head and final norm record no
+    graph in the trunk."""
 
     per_layer: dict[int, frozenset[str]]
-    other: tuple[str, ...]  # masked parameters outside the decoder layers' projections
+    rg_inputs: frozenset[int]
 
     @classmethod
     def of(cls, mask: Mask) -> MaskLayout:
         per_layer: dict[int, set[str]] = {}
-        other = []
+        rg_inputs = set()
         for name in mask:
-            match = _MATRIX.search(name)
-            if match:
+            if match := _MATRIX.search(name):
                 per_layer.setdefault(int(match[1]), set()).add(match[2])
-            else:
-                other.append(name)
-        return cls({k: frozenset(v) for k, v in per_layer.items()}, tuple(other))
+            elif match := _LAYER.search(name):
+                rg_inputs.add(int(match[1]))
+            elif "embed" in name:
+                rg_inputs.add(0)
+        return cls({k: frozenset(v) for k, v in per_layer.items()}, frozenset(rg_inputs))
 
     def lowest(self, n_layers: int) -> int:
-        """The lowest layer whose forward records a graph (0 when an embedding or norm is trained)."""
-        if any("embed" in n or "layers." in n for n in self.other):
-            return 0
-        return min(self.per_layer, default=n_layers)
+        """The lowest layer whose forward records a graph."""
+        return min([*self.per_layer, *self.rg_inputs], default=n_layers)
 
 
 # ------------------------------------------------------------------------------------------------- weights
@@ -126,7 +131,8 @@ def _param_tensors(s: ModelShape) -> list[tuple[str, tuple[int, ...], str]]:
             out.append((f"model.layers.{layer}.{block}.{m}_proj.weight", s.matrix_shape(m), "linear"))
             if s.qkv_bias and m in ("q", "k", "v"):
                 out.append((f"model.layers.{layer}.{block}.{m}_proj.bias", (s.matrix_shape(m)[0],), "bf16"))
-        out += [(f"model.layers.{layer}.norm{i}.weight", (s.d,), "bf16") for i in range(s.n_norms)]
+        norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+        out += [(f"model.layers.{layer}.{norm}.weight", (s.d,), "bf16") for norm in norms[: s.n_norms]]
     return out
 
 
@@ -297,7 +303,7 @@ class _Pass:
 
 
 def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm: bool, grads_exist: bool,
-          dense_grads: dict[int, int], transient: dict[int, int], padded: bool) -> _Pass:
+          dense_grads: dict[int, int], transient: dict[int, int], padded: bool, kept_logits: float = 0.0) -> _Pass:
     """Walk one pass: the head's backward, then each layer's backward from the top down.
 
     grads_exist: the masked parameters' dense gradients already exist (a later micro-batch or the LM pass); else
@@ -305,8 +311,9 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
     before it is accumulated, gathered or masked.
     """
     n, low, int8 = rows * T, layout.lowest(s.n_layers), st.frozen == "int8"
-    saved, rg = {}, layout.lowest(s.n_layers) == 0 and bool(layout.other)
+    saved, rg = {}, False
     for layer in range(low, s.n_layers):
+        rg = rg or layer in layout.rg_inputs
         saved[layer] = layer_saved(s, layout.per_layer.get(layer, frozenset()), rg, rows, T, int8, padded)
         rg = saved[layer].rg_out
     top = (4 * s.d + 4) * n if rg else 0  # the final norm
@@ -315,13 +322,13 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
     softcap = 4 * SOFTCAP_LOGIT_COPIES if s.softcap else 0.0
     if lm:  # trunk output [rows, T, d], its detached copy and that copy's gradient [rows·(T-1), d], bf16
         const = 2 * s.d * n + 4 * s.d * rows * (T - 1)
-        chunk = min(st.lm_chunk_tokens or default_chunk(s.vocab), rows * (T - 1))
-        head = chunk * s.vocab * (4 * LM_LOGIT_COPIES + softcap)
-        after_head = 0.0
+        chunk = min(st.lm_chunk_tokens or lm_chunk_tokens(s.vocab), rows * (T - 1))
+        head = chunk * s.vocab * (4 * LM_LOGIT_COPIES + softcap) + kept_logits
+        after_head = kept_logits
     else:  # logits at the last token: [rows, V]; the fp32 copy lives until the step deletes it
         const = 0.0
-        head = rows * s.vocab * (4 * FACT_LOGIT_COPIES + softcap)
-        after_head = 4 * rows * s.vocab
+        head = rows * s.vocab * (4 * FACT_LOGIT_COPIES + softcap) + kept_logits
+        after_head = 4 * rows * s.vocab + kept_logits
     all_grads = sum(dense_grads.values())
     result = _Pass()
     result.see(activations=sum(kept.values()) + top + const, logits=head, gradients=all_grads if grads_exist else 0)
@@ -337,11 +344,15 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
     return result
 
 
-def estimate(s: ModelShape, mask: Mask, st: Settings, batch: BatchShape, workspace: int = WORKSPACE_BYTES) -> Estimate:
-    """The peak bytes of one edit step of a model of shape ``s`` with ``mask`` and memory settings ``st``."""
-    layout = MaskLayout.of(mask)
-    frozen, masked, largest_quantized = weight_bytes(s, mask, st.frozen)
-    state, step_temp, compact = optimizer_bytes(mask, st)
+def estimate(s: ModelShape, mask: Mask, st: Settings, batch: BatchShape, workspace: int = WORKSPACE_BYTES,
+             cache: dict | None = None) -> Estimate:
+    """The peak bytes of one edit step of a model of shape ``s`` with ``mask`` and memory settings ``st``.
+    cache: a dict reused across calls for the same model and mask (the weight and optimizer terms)."""
+    cache = {} if cache is None else cache
+    layout = cache.get("layout") or cache.setdefault("layout", MaskLayout.of(mask))
+    key_w, key_o = ("weights", st.frozen), ("optimizer", st.optimizer, st.state_bits, st.master_weights, st.compact_grads)
+    frozen, masked, largest_quantized = cache.get(key_w) or cache.setdefault(key_w, weight_bytes(s, mask, st.frozen))
+    state, step_temp, compact = cache.get(key_o) or cache.setdefault(key_o, optimizer_bytes(mask, st))
     dense = {}
     transient: dict[int, int] = {}
     for name in mask:
@@ -355,18 +366,19 @@ def estimate(s: ModelShape, mask: Mask, st: Settings, batch: BatchShape, workspa
                  workspace=workspace + dequant)
     phases: dict[str, tuple[int, dict[str, float]]] = {}
     micro = min(st.micro_batch or batch.n_facts, batch.n_facts)
-    facts = _walk(s, layout, st, micro, batch.fact_tokens, False, micro < batch.n_facts, dense, transient, batch.padded)
+    kept_logits = FACT_LOGITS_KEPT * 4 * s.vocab * micro
+    facts = _walk(s, layout, st, micro, batch.fact_tokens, False, micro < batch.n_facts, dense, transient,
+                  batch.padded, kept_logits if micro < batch.n_facts else 0.0)
     phases["facts"] = _combine(fixed, facts.parts)
     if batch.n_lm:
         lm_rows = min(st.lm_micro_batch or batch.n_lm, batch.n_lm)
-        lm = _walk(s, layout, st, lm_rows, batch.lm_tokens, True, True, dense, transient, batch.padded)
+        lm = _walk(s, layout, st, lm_rows, batch.lm_tokens, True, True, dense, transient, batch.padded, kept_logits)
         phases["lm"] = _combine(fixed, lm.parts)
-    phases["step"] = _combine(fixed, {"gradients": sum(dense.values()), "optimizer_state": step_temp})
+    phases["step"] = _combine(fixed, {"gradients": sum(dense.values()), "optimizer_state": step_temp, "logits": kept_logits})
     phase = max(phases, key=lambda k: phases[k][0])
     return Estimate(phases[phase][1], phases[phase][0], phase, {k: v[0] for k, v in phases.items()})
 
 
 def _combine(fixed: dict[str, int], parts: dict[str, float]) -> tuple[int, dict[str, int]]:
-    out = {k: int(fixed.get(k, 0) + parts.get(k, 0)) for k in
-           ("frozen_weights", "masked_weights", "gradients", "optimizer_state", "activations", "logits", "workspace")}
+    out = {k: int(fixed.get(k, 0) + parts.get(k, 0)) for k in CATEGORIES}
     return sum(out.values()), out

@@ -1,32 +1,39 @@
 """Trace one real edit step without allocating memory: the ground truth the plan is checked against.
 
 The model is built under ``torch._subclasses.fake_tensor.FakeTensorMode`` (shapes, dtypes and autograd are real;
-no storage is allocated), then ``EditStep.step`` runs twice on synthetic batches of the planned shape (twice
-because torch's AdamW allocates its state lazily in the first ``step()``). ``StorageTracker``, a
+no storage is allocated), then ``EditStep.step`` runs on synthetic batches of the planned shape (twice for torch's
+and bitsandbytes' AdamW, which allocate their state lazily in the first ``step()``). ``StorageTracker``, a
 ``TorchDispatchMode`` under the fake mode, sees every tensor every op creates; it keys each *storage* (views share
 one), charges its bytes rounded up to the CUDA caching allocator's 512-byte granularity, and releases them through
 a weakref finalizer when the storage dies. The running total's maximum is the traced peak, and the per-category
 totals at that moment are its breakdown.
 
-Why this and not ``torch.distributed._tools.mem_tracker.MemTracker`` (which exists in the installed torch and
-runs under FakeTensorMode): MemTracker does the same storage accounting but installs module hooks and deep-copies
-per-module snapshots at every new peak (slow at 42 layers), and its categories (parameter / activation / temp /
-optimizer) cannot separate frozen from masked weights, dense from compact gradients, or logits from activations,
-which is what the plan needs to be checked term by term. Its totals agree with this tracker's
-(tests/test_memory.py checks the peak on a tiny model).
+Why this and not ``torch.distributed._tools.mem_tracker.MemTracker`` (present in the installed torch, designed for
+FakeTensorMode): its pre-forward hook registers a gradient hook on every parameter of every module it enters, which
+raises on a parameter with ``requires_grad=False``, and an edit freezes almost all of them. Its categories
+(parameter / activation / temp / optimizer) also could not separate frozen from masked weights, dense from compact
+gradients, or logits from activations, which is what the plan is checked against term by term. On a model whose
+parameters all train, the two agree (tests/test_memory.py).
 
 What is traced and what is not:
 * traced: frozen bf16 weights, masked weights, dense and compact gradients (post-accumulate hooks retag them),
   MaskedAdamW state (built from the real mask; its C++ ops run their registered fake implementations, which
   allocate nothing, as the fused kernels allocate nothing), torch AdamW state, activations, logits.
-* not traced: bitsandbytes int8/nf4 frozen layers (``frozen`` must be "bf16"; the plan accounts quantized bytes
-  analytically), memory allocated *inside* one op (cuBLAS workspace, kernel scratch), allocator fragmentation.
+* not traced: bitsandbytes int8/nf4 frozen layers (``frozen`` must be "bf16": a ``Params4bit`` / ``Int8Params``
+  cannot wrap a FakeTensor, ``_make_subclass`` refuses it; the plan accounts quantized bytes and the dequantized
+  weight analytically), memory allocated *inside* one op (cuBLAS workspace, kernel scratch), fragmentation.
   The SegmentTable's tile and index tables are real tensors (built outside the fake mode because they are
-  data-dependent) and are charged from their sizes.
+  data-dependent; the tracker still sees them, as it sees every op).
+
+The model and the EditStep are built inside the fake mode; the steps run outside it (fake tensors still dispatch
+to it), so that the step's host-side count of LM targets runs on the real attention mask. Small tensors the step
+makes from real inputs (targets, masks, position ids) are then real, and tracked like the rest.
 
 Four things in MaskedAdamW do not run under FakeTensorMode and are patched for the trace only
 (``_fake_friendly_optimizer``): the segment table, its state-dict key and the 8-bit code of zero are computed from
-real tensors, and the host staging of hyperparameters (``.numpy()``) goes through a plain tensor.
+real tensors, and the host staging of hyperparameters (``.numpy()``) goes through a plain tensor. Its kernels run
+as the compiled extension's registered fake implementations (``mu_fast/optim/_ext_ops.py``; they check shapes and
+allocate nothing, as the fused kernels allocate nothing), or, without the extension, as no-ops.
 """
 
 from __future__ import annotations
@@ -42,9 +49,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from mu_fast.edit.loop import EditConfig, EditStep
 from mu_fast.masks import Mask
+from mu_fast.memory.estimate import CATEGORIES
 
-CATEGORIES = ("frozen_weights", "masked_weights", "gradients", "optimizer_state", "activations", "logits", "workspace")
 ALLOC_GRANULARITY = 512  # bytes; the CUDA caching allocator's minimum block
 
 
@@ -88,12 +96,6 @@ class StorageTracker(TorchDispatchMode):
         self.live[key] = (weakref.ref(st, lambda _, key=key: self._free(key)), nbytes, category)
         self.current[category] += nbytes
         self.total += nbytes
-        self._update_peak()
-
-    def add_static(self, nbytes: int, category: str) -> None:
-        """Charge bytes that live outside the fake mode (real tensors standing for device tensors)."""
-        self.current[category] += _rounded(nbytes)
-        self.total += _rounded(nbytes)
         self._update_peak()
 
     def retag(self, t: torch.Tensor, category: str) -> None:
@@ -172,18 +174,37 @@ def _fake_friendly_optimizer():
     def stage(self, rows):
         return torch.tensor(rows, dtype=torch.float64, device=self._hyper.device)
 
+    def backend(device, name="auto"):
+        try:
+            return saved_select(device, "cpu")  # the compiled ops, whose fake kernels allocate nothing
+        except RuntimeError:  # extension not built: kernels that allocate nothing, like the fused ones
+            return _NoAllocBackend()
+
     with unset_fake_temporarily():
         quantize8.dynamic_map(True), quantize8.dynamic_map(False)  # fill the cache from real tensors
-    table = optimizer_module.SegmentTable
-    saved = (table, table.key, quantize8.code_of_zero, MaskedAdamW._stage_hyper)
+    table, saved_select = optimizer_module.SegmentTable, optimizer_module.select_backend
+    saved = (table, table.key, quantize8.code_of_zero, MaskedAdamW._stage_hyper, saved_select)
     optimizer_module.SegmentTable = real(table)
     table.key = real(table.key)
     quantize8.code_of_zero = real(saved[2])
     MaskedAdamW._stage_hyper = stage
+    optimizer_module.select_backend = backend
     try:
         yield
     finally:
-        optimizer_module.SegmentTable, table.key, quantize8.code_of_zero, MaskedAdamW._stage_hyper = saved
+        (optimizer_module.SegmentTable, table.key, quantize8.code_of_zero, MaskedAdamW._stage_hyper,
+         optimizer_module.select_backend) = saved
+
+
+class _NoAllocBackend:
+    """MaskedAdamW's backend interface doing nothing: the fused kernels allocate no memory, so neither does this."""
+
+    name = "no-alloc"
+
+    def grad_sumsq(self, *args: Any) -> None:
+        pass
+
+    scalars = update = gather = grad_sumsq
 
 
 def build_fake_model(config: Any, dtype: torch.dtype = torch.bfloat16) -> Any:
@@ -209,100 +230,11 @@ def synthetic_batches(batch: Any, vocab_size: int) -> tuple[Any, Any | None]:
     return facts, lm
 
 
-class _StandInStep:
-    """Temporary stand-in for ``mu_fast.edit.loop.EditStep`` (same interface) until the new loop lands on main."""
-
-    def __init__(self, model: Any, mask: Mask, config: Any, optimizer_factory: Any = None):
-        from mu_fast.optim import MaskedAdamW
-
-        self.model, self.config = model, config
-        named = mask.trainable_parameters(model)
-        self.params = [p for _, p in named]
-        partial = any(mask[n].kind != "whole" for n, _ in named)
-        compact = partial if config.compact_grads is None else config.compact_grads
-        if config.optimizer in ("auto", "masked"):
-            self.optimizer = MaskedAdamW(named, mask=mask, lr=config.lr, state_bits=config.state_bits,
-                                         master_weights=config.master_weights, compact_grads=compact)
-        elif config.optimizer == "torch":
-            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
-        else:
-            raise ValueError(f"the stand-in step cannot trace optimizer={config.optimizer!r}")
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.steps)
-        if config.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()
-
-    def step(self, facts, n_forget, forget_targets, maintain_labels, lm, unlearn=False):
-        import torch.nn.functional as F
-
-        from mu_fast.models.forward import gathered_logits, lm_loss_backward
-
-        cfg = self.config
-        n = facts.input_ids.shape[0]
-        micro = cfg.micro_batch or n
-        labels = torch.cat([forget_targets, maintain_labels])
-        weights = torch.cat([torch.full((n_forget,), cfg.forget_coef / n_forget),
-                             torch.full((n - n_forget,), cfg.maintain_coef / max(n - n_forget, 1))])
-        for lo in range(0, n, micro):
-            part = slice(lo, lo + micro)
-            sub = type(facts)(facts.input_ids[part], facts.attention_mask[part], facts.position_ids[part], facts.last_pos[part])
-            logits = gathered_logits(self.model, sub)
-            loss = (F.cross_entropy(logits, labels[part], reduction="none") * weights[part]).sum()
-            loss.backward()
-            del logits, loss
-        if lm is not None and cfg.lm_coef:
-            mask = lm.attention_mask.bool()
-            count = int((mask[:, :-1] & mask[:, 1:]).sum())
-            n_lm = lm.input_ids.shape[0]
-            lm_micro = cfg.lm_micro_batch or n_lm
-            for lo in range(0, n_lm, lm_micro):
-                part = slice(lo, lo + lm_micro)
-                sub = type(lm)(lm.input_ids[part], lm.attention_mask[part], lm.position_ids[part], lm.last_pos[part])
-                _lm_backward(self.model, sub, cfg.lm_coef, cfg.lm_chunk_tokens, count)
-        clip = getattr(self.optimizer, "clip_grad_norm_", None)
-        norm = clip(cfg.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": norm}
-
-    def close(self) -> None:
-        pass
-
-
-def _lm_backward(model, batch, coef, chunk_tokens, denominator):
-    import torch.nn.functional as F
-
-    from mu_fast.models.forward import head_logits, trunk_hidden
-
-    hidden = trunk_hidden(model, batch)
-    valid = batch.attention_mask[:, :-1].bool() & batch.attention_mask[:, 1:].bool()
-    targets = torch.where(valid, batch.input_ids[:, 1:], torch.full_like(batch.input_ids[:, 1:], -100)).reshape(-1)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    chunk = chunk_tokens or max(16, 256 * 2**20 // (4 * model.get_output_embeddings().weight.shape[0]))
-    leaf = h.detach().requires_grad_(True)
-    for start in range(0, h.shape[0], chunk):
-        part = slice(start, start + chunk)
-        logits = head_logits(model, leaf[part]).float()
-        loss = F.cross_entropy(logits, targets[part], reduction="sum", ignore_index=-100) / denominator
-        (coef * loss).backward()
-        del logits, loss
-    if h.requires_grad:
-        h.backward(leaf.grad)
-
-
 # ------------------------------------------------------------------------------------------------- the trace
-def _edit_step_class():
-    try:
-        from mu_fast.edit.loop import EditStep
-    except ImportError:
-        return _StandInStep
-    return EditStep
-
-
 def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: Any = None, frozen: str = "bf16",
-               steps: int = 2, timeline: bool = False) -> TraceResult:
-    """Peak device bytes of ``steps`` edit steps (default 2) of a model of ``model_config`` with fake weights.
+               steps: int | None = None, timeline: bool = False) -> TraceResult:
+    """Peak device bytes of ``steps`` edit steps of a model of ``model_config`` with fake weights (default: two
+    for optimizers that allocate state lazily, else one: MaskedAdamW allocates its state when built).
 
     edit_config: an ``EditConfig`` (its memory settings are what is traced; default ``EditConfig()``); batch: a
     ``BatchShape`` (default the paper's). frozen must be "bf16": bitsandbytes layers are not traced (the plan adds
@@ -318,10 +250,9 @@ def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: An
     config = resolve_config(model_config)
     shape = ModelShape.from_config(config)
     batch = batch or BatchShape()
-    if edit_config is None:
-        from mu_fast.edit.loop import EditConfig
-
-        edit_config = EditConfig()
+    edit_config = edit_config or EditConfig()
+    if steps is None:  # torch's and bitsandbytes' AdamW allocate their state in the first step
+        steps = 1 if edit_config.optimizer in ("auto", "masked") else 2
     start = time.perf_counter()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = StorageTracker(vocab_size=shape.vocab)
@@ -340,7 +271,7 @@ def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: An
         handles.append(p.register_post_accumulate_grad_hook(
             lambda p: p.grad is not None and tracker.retag(p.grad, "gradients")))
     with fake, tracker, tracker.phase("build", default="optimizer_state"), _fake_friendly_optimizer():
-        stepper = _edit_step_class()(model, mask, edit_config)
+        stepper = EditStep(model, mask, edit_config)
         _charge_optimizer(tracker, stepper.optimizer)
     facts, lm = synthetic_batches(batch, shape.vocab)
     targets = torch.arange(batch.n_facts) % shape.vocab
@@ -368,11 +299,8 @@ def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: An
 
 
 def _charge_optimizer(tracker: StorageTracker, optimizer: Any) -> None:
-    """Retag MaskedAdamW's compact gradient buffers as gradients; charge its (real) segment tables."""
+    """Retag MaskedAdamW's compact gradient buffers as gradients (its segment tables, built from real tensors while
+    the tracker watched, are already charged to the optimizer)."""
     for bucket in getattr(optimizer, "_buckets", []):
         if bucket.compact_grad is not None:
             tracker.retag(bucket.compact_grad, "gradients")
-        table = bucket.table
-        tracker.add_static(table.tiles.numel() * table.tiles.element_size(), "optimizer_state")
-        if table.index.numel() > 1:
-            tracker.add_static(table.index.numel() * table.index.element_size(), "optimizer_state")
