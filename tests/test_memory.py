@@ -81,10 +81,14 @@ def check_against_trace(config, mask: Mask, edit_config: EditConfig, batch: Batc
     ("gemma2", "eager", "mlp", {"grad_checkpointing": True, "micro_batch": 9}),
     ("mistral", "sdpa", "mlp", {"optimizer": "torch"}),
     ("llama", "eager", "partial", {"optimizer": "torch"}),
+    ("gemma2", "eager", "top", {"grad_checkpointing": True}),  # checkpointing also keeps the layers below L0
+    ("qwen2", "sdpa", "top", {"grad_checkpointing": True, "lm_micro_batch": 4}),
 ])
 def test_plan_matches_trace_tiny(arch, attn, mask_kind, settings, rng):
-    config = tiny_config(arch, attn)
-    mask = random_partial_mask(config, rng) if mask_kind == "partial" else mlp_mask(config, [1, 2])
+    config = tiny_config(arch, attn, layers=6)
+    masks = {"partial": lambda: random_partial_mask(config, rng), "mlp": lambda: mlp_mask(config, [1, 2]),
+             "top": lambda: mlp_mask(config, [5])}
+    mask = masks[mask_kind]()
     check_against_trace(config, mask, EditConfig(**settings), SMALL_BATCH)
 
 

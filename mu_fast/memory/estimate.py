@@ -56,6 +56,10 @@ SOFTCAP_LOGIT_COPIES = 0.5  # Gemma-2's final tanh soft-capping keeps one bf16 [
 FACT_LOGITS_KEPT = 1
 NORM_BACKWARD = 4  # fp32 [tokens, d] temporaries of an RMSNorm's backward (Gemma-2's post-feedforward norm)
 RECOMPUTE_LEFTOVER = 2  # bf16 [tokens, d] tensors a checkpointed layer's recompute leaves alive (its output, input copy)
+# transformers' activation_checkpointing_enable also calls enable_input_require_grads(): the embedding output then
+# requires grad, so with checkpointing every layer (not only those from the lowest trainable one) keeps its input
+# and is recomputed and differentiated in backward. False once EditStep undoes that hook.
+CHECKPOINT_FROM_EMBEDDINGS = True
 _MATRIX = re.compile(r"\.layers\.(\d+)\..*\b(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
@@ -312,6 +316,8 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
     """
     n, low, int8 = rows * T, layout.lowest(s.n_layers), st.frozen == "int8"
     saved, rg = {}, False
+    if st.grad_checkpointing and CHECKPOINT_FROM_EMBEDDINGS:
+        low, rg = 0, True
     for layer in range(low, s.n_layers):
         rg = rg or layer in layout.rg_inputs
         saved[layer] = layer_saved(s, layout.per_layer.get(layer, frozenset()), rg, rows, T, int8, padded)

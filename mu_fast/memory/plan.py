@@ -5,8 +5,10 @@ first whose peak (``mu_fast.memory.estimate``) fits. The time order, cheapest fi
 
 * frozen precision (only when ``frozen=None``): bf16, then int8, then nf4 — a quality order (quantized frozen
   weights change the function being trained), so it outranks every time cost below;
-* gradient checkpointing adds the recompute of one forward of every layer from the lowest trainable one:
-  ``n_above / (3·n_above + n_below)`` of a step (forward 1, backward 2; layers below run forward only);
+* gradient checkpointing adds the recompute of one forward of every layer it covers, and, as transformers enables
+  it (the embedding output requires grad: ``CHECKPOINT_FROM_EMBEDDINGS``), the backward of the layers below the
+  lowest trainable one too: ``(n_layers + 2·n_below) / (3·n_above + n_below)`` of a step (forward 1, backward 2;
+  without checkpointing the layers below run forward only);
 * each extra micro-batch pass (facts or LM) adds ``MICRO_BATCH_COST`` (a pass re-reads every weight and launches
   every kernel again; the FLOPs are the same);
 * 8-bit MaskedAdamW moments add ``STATE8_COST`` (a slightly slower step and quantized moments);
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mu_fast.masks import Mask
-from mu_fast.memory.estimate import CATEGORIES, WORKSPACE_BYTES, MaskLayout, Settings, estimate
+from mu_fast.memory.estimate import CATEGORIES, CHECKPOINT_FROM_EMBEDDINGS, WORKSPACE_BYTES, MaskLayout, Settings, estimate
 from mu_fast.memory.shapes import BatchShape, ModelShape, gb, parse_budget, resolve_config
 
 FROZEN_ORDER = ("bf16", "int8", "nf4")
@@ -166,7 +168,8 @@ def step_cost(st: Settings, shape: ModelShape, layout: MaskLayout, batch: BatchS
     above, below = shape.n_layers - low, low
     cost = 1.0 + FROZEN_COST[st.frozen]
     if st.grad_checkpointing:
-        cost += above / max(3 * above + below, 1)
+        covered, extra_backward = (shape.n_layers, below) if CHECKPOINT_FROM_EMBEDDINGS else (above, 0)
+        cost += (covered + 2 * extra_backward) / max(3 * above + below, 1)
     cost += MICRO_BATCH_COST * (math.ceil(batch.n_facts / (st.micro_batch or batch.n_facts)) - 1)
     if batch.n_lm:
         cost += MICRO_BATCH_COST * (math.ceil(batch.n_lm / (st.lm_micro_batch or batch.n_lm)) - 1)
