@@ -114,6 +114,7 @@ setup(
     # Triton kernels live in kernels/ and install as mu_fast.kernels (never a top-level `kernels`,
     # which would shadow the Hugging Face `kernels` package).
     package_dir={"mu_fast.kernels": "kernels"},
+    package_data={"mu_fast.models": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -121,6 +122,7 @@ setup(
         "transformers>=4.46,<6",
         "tokenizers>=0.20",
         "accelerate>=1.0",
+        "bitsandbytes>=0.50,<0.51",
         "peft>=0.13",
         "safetensors>=0.4",
         "numpy>=1.26",

@@ -2,12 +2,16 @@
 # Every owed GPU check and benchmark in one call of at most ~9.5 minutes, from the repository root:
 #   bash benchmarks/gpu_all.sh            (what is owed, and why, is listed in benchmarks/GPU_OWED.md)
 # 0. carried wheels (.whl/*.whl via pip --target, .whl/*.zip site folders: the trimmed bitsandbytes) -> /tmp/site
-# 1. mu_fast._C with CUDA for this GPU's architecture only (setup.py build_ext --inplace)                     <= 150 s
+# 1. mu_fast._C with CUDA for this GPU's architecture only (setup.py build_ext --inplace)                     <= 120 s
 # 2. bench_edit: 7-9B localized edits, mu_fast vs the authors' recipe, one pytest session (and JSON) per model,
-#    the most important rows first; every finished row is also appended to $OUT/edit_rows.jsonl          <= EDIT_TIMEOUT
-# 3. GPU optimizer tests (tests/optim/test_masked_adamw_gpu.py: cuda + triton backends)                      <= 90 s
+#    the most important rows first; every finished row is also appended to $OUT/edit_rows.jsonl
+#    (Gemma-2-9B <= 200 s, Llama-3-8B and Gemma-7B <= 90 s each)
+# 3. GPU optimizer tests (tests/optim/test_masked_adamw_gpu.py: cuda + triton backends)                      <= 60 s
+# 4. loading for edits on the GPU: benchmarks/gpu_load_for_edit.py, then tests/models/test_edit_loading.py and
+#    tests/edit/test_delta.py on the GPU machine (bitsandbytes on CUDA)                                      <= 150 s
+# A part starts only if its limit ends before DEADLINE (570 s): what is skipped is printed and stays owed.
 # Results: $OUT/ (at most 8 files come back) and benchmarks/results/<device>/.
-# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_EDIT=1, SKIP_OPTIM=1, EDIT_TIMEOUT (s per model),
+# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, EDIT_TIMEOUT (s per model),
 #      MU_FAST_EDIT_MODELS (comma list), MU_FAST_EDIT_STEPS / MU_FAST_AUTHORS_STEPS / MU_FAST_EDIT_SHORT_STEPS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +20,9 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
+DEADLINE=${DEADLINE:-570}   # seconds: a part starts only if its time limit ends before this
 stamp() { echo "[gpu_all +$(( $(date +%s) - t0 ))s] $*"; }
+fits() { [ $(( $(date +%s) - t0 + $1 )) -le "$DEADLINE" ] || { stamp "SKIPPED $2: ${1}s would pass the ${DEADLINE}s deadline (owed)"; return 1; }; }
 
 if ls .whl/*.whl .whl/*.zip > /dev/null 2>&1; then
   mkdir -p /tmp/site
@@ -30,7 +36,7 @@ fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
   stamp "building mu_fast._C for sm_$ARCH"
-  MU_FAST_BUILD_EXT=1 MU_FAST_CUDA_ARCHS=$ARCH MAX_JOBS=${MAX_JOBS:-16} timeout 150 $PY setup.py build_ext --inplace \
+  MU_FAST_BUILD_EXT=1 MU_FAST_CUDA_ARCHS=$ARCH MAX_JOBS=${MAX_JOBS:-16} timeout 120 $PY setup.py build_ext --inplace \
       > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; stamp "BUILD FAILED: the edits run with the triton backend"; }
 fi
 $PY - <<'EOF' 2>&1 | tee "$OUT/env.txt"
@@ -50,8 +56,10 @@ if [ "${SKIP_EDIT:-0}" != 1 ]; then
   export MU_FAST_BENCH_ROWS="$OUT/edit_rows.jsonl"
   for model in ${MU_FAST_EDIT_MODELS:-gemma-2-9b llama-3-8b gemma-7b}; do
     model=${model//,/ }
+    limit=$([ "$model" = gemma-2-9b ] && echo "${EDIT_TIMEOUT_TARGET:-200}" || echo "${EDIT_TIMEOUT:-90}")
+    fits "$limit" "bench_edit $model" || continue
     stamp "bench_edit $model"
-    MU_FAST_EDIT_MODELS=$model timeout "${EDIT_TIMEOUT:-150}" $PY -m pytest -q benchmarks/bench_edit.py --benchmark-only -rs \
+    MU_FAST_EDIT_MODELS=$model timeout "$limit" $PY -m pytest -q benchmarks/bench_edit.py --benchmark-only -rs \
         -p no:cacheprovider --benchmark-json "/tmp/bench_edit_$model.json" > "/tmp/bench_edit_$model.log" 2>&1
     rc=$?
     [ "$rc" = 124 ] && stamp "$model TIMED OUT: its finished rows are in edit_rows.jsonl only"
@@ -64,12 +72,23 @@ if [ "${SKIP_EDIT:-0}" != 1 ]; then
   $PY benchmarks/edit_table.py "$OUT/edit_rows.jsonl" 2>&1 | tee "$OUT/edit_table.txt"
 fi
 
-if [ "${SKIP_OPTIM:-0}" != 1 ]; then
+if [ "${SKIP_OPTIM:-0}" != 1 ] && fits 60 "GPU optimizer tests"; then
   stamp "GPU optimizer tests"
-  timeout 90 $PY -m pytest -q tests/optim/test_masked_adamw_gpu.py -p no:cacheprovider --maxfail=10 --tb=short -rfs \
+  timeout 60 $PY -m pytest -q tests/optim/test_masked_adamw_gpu.py -p no:cacheprovider --maxfail=10 --tb=short -rfs \
       > "$OUT/optim_gpu_tests.log" 2>&1
-  [ "$?" = 124 ] && stamp "GPU optimizer tests TIMED OUT (90 s)"
+  [ "$?" = 124 ] && stamp "GPU optimizer tests TIMED OUT (60 s)"
   tail -4 "$OUT/optim_gpu_tests.log"
+fi
+if [ "${SKIP_LOAD:-0}" != 1 ] && fits 150 "loading for edits"; then
+  stamp "loading for edits (random 7-9B on the GPU, offloaded checkpoint)"
+  timeout 100 $PY benchmarks/gpu_load_for_edit.py "$OUT/load_for_edit.json" > /tmp/load_for_edit.log 2>&1
+  [ "$?" = 124 ] && stamp "gpu_load_for_edit TIMED OUT (100 s)"
+  tail -15 /tmp/load_for_edit.log
+  timeout 50 $PY -m pytest -q tests/models/test_edit_loading.py tests/edit/test_delta.py -p no:cacheprovider --tb=short -rfs \
+      >> /tmp/load_for_edit.log 2>&1
+  tail -3 /tmp/load_for_edit.log
+  cat /tmp/load_for_edit.log >> "$OUT/optim_gpu_tests.log"
+  [ -s "$OUT/load_for_edit.json" ] && cp "$OUT/load_for_edit.json" "benchmarks/results/$SLUG/load_for_edit.json"
 fi
 cp /tmp/build.log "$OUT/build.log" 2>/dev/null
 stamp "done"

@@ -29,23 +29,63 @@ constexpr int64_t kStrided = 0;
 constexpr int64_t kIndexed = 1;
 constexpr int64_t kColumns = 2;
 
-// hyper (fp64 [G, kHyperFields]), coef (fp32 [G, kCoefFields]), control (fp32 [kControlFields]).
-enum HyperField : int64_t { kHLr = 0, kHBeta1, kHBeta2, kHEps, kHWd, kHMaxNorm, kHyperFields };
+// hyper (fp64 [G, kHyperFields], per param group); coef (fp32 [S, kCoefFields], per parameter slot: the slot's
+// group's hyperparameters with the slot's own bias corrections, the gradient scale = clip factor x (-1 if
+// maximize), and whether the slot is updated this step); control (fp32 [kControlFields]).
+enum HyperField : int64_t { kHLr = 0, kHBeta1, kHBeta2, kHEps, kHWd, kHMaxNorm, kHGradSign, kHyperFields };
 enum CoefField : int64_t {
-  kCBeta1 = 0, kCBeta2, kCEps, kCDecay, kCStepSize, kCInvSqrtBc2, kCOneMinusBeta1, kCOneMinusBeta2, kCoefFields
+  kCBeta1 = 0, kCBeta2, kCEps, kCDecay, kCStepSize, kCInvSqrtBc2, kCOneMinusBeta1, kCOneMinusBeta2, kCGradScale,
+  kCApply, kCoefFields
 };
-enum ControlField : int64_t { kKSkip = 0, kKClip, kKNorm, kControlFields = 4 };
+// skip: this step's active gradients were non-finite; clip: the clip factor; norm: the active-gradient L2 norm;
+// skipped: steps skipped so far (accumulated, never reset by the scalars op).
+enum ControlField : int64_t { kKSkip = 0, kKClip, kKNorm, kKSkipped, kControlFields };
 
 constexpr int kQBlock = 256;  // 8-bit state: elements per absmax block
 
 struct AdamCoef {
-  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_beta1, one_minus_beta2;
+  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2, one_minus_beta1, one_minus_beta2, grad_scale, apply;
 };
 
-MU_FAST_HD AdamCoef load_coef(const float* coef, int64_t group) {
-  const float* c = coef + group * kCoefFields;
-  return AdamCoef{c[kCBeta1],     c[kCBeta2],         c[kCEps],           c[kCDecay],
-                  c[kCStepSize], c[kCInvSqrtBc2], c[kCOneMinusBeta1], c[kCOneMinusBeta2]};
+MU_FAST_HD AdamCoef load_coef(const float* coef, int64_t slot) {
+  const float* c = coef + slot * kCoefFields;
+  return AdamCoef{c[kCBeta1],         c[kCBeta2],         c[kCEps],        c[kCDecay],  c[kCStepSize],
+                  c[kCInvSqrtBc2],    c[kCOneMinusBeta1], c[kCOneMinusBeta2], c[kCGradScale], c[kCApply]};
+}
+
+// Per-slot coefficients of one step (fp64 in, fp32 out), shared by the CPU and CUDA scalars ops. h: the slot's
+// group row of hyper; t: the slot's step number after this step; scale: clip factor (fp64); apply: 1 to update
+// the slot, 0 to leave it untouched (no gradient, or a skipped step).
+MU_FAST_HD void write_coef(float* c, const double* h, double t, double scale, float apply) {
+  const double bc1 = 1.0 - pow(h[kHBeta1], t), bc2 = 1.0 - pow(h[kHBeta2], t);
+  c[kCBeta1] = static_cast<float>(h[kHBeta1]);
+  c[kCBeta2] = static_cast<float>(h[kHBeta2]);
+  c[kCEps] = static_cast<float>(h[kHEps]);
+  c[kCDecay] = static_cast<float>(1.0 - h[kHLr] * h[kHWd]);
+  c[kCStepSize] = static_cast<float>(h[kHLr] / bc1);
+  c[kCInvSqrtBc2] = static_cast<float>(1.0 / sqrt(bc2));
+  // 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
+  c[kCOneMinusBeta1] = static_cast<float>(1.0 - h[kHBeta1]);
+  c[kCOneMinusBeta2] = static_cast<float>(1.0 - h[kHBeta2]);
+  c[kCGradScale] = static_cast<float>(scale * h[kHGradSign]);
+  c[kCApply] = apply;
+}
+
+// The control vector from the fp64 sum of squared active gradients; returns the clip factor (fp64). Finite
+// fp32/bf16/fp16 gradients never overflow an fp64 sum of squares, so only a NaN/inf gradient sets skip.
+MU_FAST_HD double write_control(float* k, double total, double max_norm, bool has_stats, bool check_finite) {
+  const double norm = sqrt(total);
+  const float skip = (check_finite && !(total <= 1.7976931348623157e308)) ? 1.f : 0.f;  // NaN or inf
+  double clip = 1.0;
+  if (has_stats && max_norm > 0) {
+    clip = max_norm / (norm + 1e-6);
+    clip = clip < 1.0 ? clip : 1.0;
+  }
+  k[kKSkip] = skip;
+  k[kKClip] = static_cast<float>(clip);
+  k[kKNorm] = static_cast<float>(norm);
+  k[kKSkipped] += skip;
+  return clip;
 }
 
 // One AdamW step of one element, fp32: decoupled decay, moment updates, bias-corrected step.

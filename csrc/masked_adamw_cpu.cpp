@@ -162,9 +162,11 @@ Slots<T> gather_slots(at::TensorList params, const c10::List<std::optional<at::T
   return s;
 }
 
+// Squares summed in fp64: a finite fp32 gradient of up to 3.4e38 squares to at most 1.2e77, so a finite
+// gradient never overflows the statistic that decides the non-finite skip.
 template <typename T>
 void grad_sumsq_impl(const std::vector<const T*>& grad, const float* cgrad, const at::Tensor& tiles,
-                     const int32_t* index, float* partial) {
+                     const int32_t* index, double* partial) {
   const int64_t n_tiles = tiles.size(0);
   const int64_t* rows = tiles.data_ptr<int64_t>();
   at::parallel_for(0, n_tiles, 1, [&](int64_t tile_from, int64_t tile_to) {
@@ -174,31 +176,27 @@ void grad_sumsq_impl(const std::vector<const T*>& grad, const float* cgrad, cons
     const T* g = cgrad ? nullptr : grad[t.slot];
     if (cgrad) {
       const float* src = cgrad + t.state0 + t.k0;
-      float part = 0.f;
-#pragma omp simd reduction(+ : part)
-      for (int64_t e = 0; e < t.count; ++e) part += src[e] * src[e];
-      acc = part;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t e = 0; e < t.count; ++e) acc += static_cast<double>(src[e]) * src[e];
     } else if (g != nullptr && t.kind != kStrided) {
       for_each_gathered(t, index, g, static_cast<const T*>(nullptr), [&](const int64_t* flat, int64_t, int64_t n) {
-        float part = 0.f;
         for (int64_t e = 0; e < n; ++e) {
-          const float x = load_f(g, flat[e]);
-          part += x * x;
+          const double x = load_f(g, flat[e]);
+          acc += x * x;
         }
-        acc += part;
       });
     } else if (g != nullptr) {
       for_each_run(t, [&](int64_t flat, int64_t, int64_t len) {
-        float part = 0.f;
+        double part = 0.0;
 #pragma omp simd reduction(+ : part)
         for (int64_t e = 0; e < len; ++e) {
-          const float x = load_f(g, flat + e);
+          const double x = load_f(g, flat + e);
           part += x * x;
         }
         acc += part;
       });
     }
-    partial[ti] = static_cast<float>(acc);
+    partial[ti] = acc;
   }
   });
 }
@@ -207,7 +205,8 @@ void masked_adamw_grad_sumsq_cpu(const c10::List<std::optional<at::Tensor>>& gra
                                  const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
                                  const at::Tensor& index, at::Tensor& partial) {
   check_common(tiles, index);
-  check_f32(partial, "partial");
+  TORCH_CHECK(partial.device().is_cpu() && partial.scalar_type() == at::kDouble && partial.is_contiguous(),
+              "partial must be a contiguous CPU float64 tensor; got ", partial.scalar_type());
   TORCH_CHECK(partial.numel() >= tiles.size(0), "partial needs one entry per tile (", tiles.size(0), "); got ",
               partial.numel());
   const bool compact = compact_grad.has_value() && compact_grad->defined();
@@ -229,59 +228,51 @@ void masked_adamw_grad_sumsq_cpu(const c10::List<std::optional<at::Tensor>>& gra
       ptrs.push_back(g.has_value() && g->defined() ? g->data_ptr<scalar_t>() : nullptr);
     }
     grad_sumsq_impl<scalar_t>(ptrs, compact ? compact_grad->data_ptr<float>() : nullptr, tiles,
-                              index.data_ptr<int32_t>(), partial.data_ptr<float>());
+                              index.data_ptr<int32_t>(), partial.data_ptr<double>());
   });
 }
 
-void masked_adamw_scalars_cpu(const at::Tensor& hyper, at::Tensor& step, const at::Tensor& partial, at::Tensor& coef,
+void masked_adamw_scalars_cpu(const at::Tensor& hyper, const at::Tensor& slot_group, at::Tensor& slot_step,
+                              const at::Tensor& present, const at::Tensor& partial, at::Tensor& coef,
                               at::Tensor& control, bool has_stats, bool check_finite) {
   TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.is_contiguous() && hyper.dim() == 2 &&
                   hyper.size(1) == kHyperFields,
               "hyper must be a contiguous float64 tensor [G, ", kHyperFields, "]; got ", hyper.scalar_type(), " ",
               hyper.sizes());
-  TORCH_CHECK(step.scalar_type() == at::kDouble && step.numel() == 1, "step must be a float64 tensor [1]");
-  check_f32(partial, "partial");
+  const int64_t slots = slot_group.numel();
+  TORCH_CHECK(slot_group.scalar_type() == at::kLong && slot_group.is_contiguous(),
+              "slot_group must be a contiguous int64 tensor [S]; got ", slot_group.scalar_type());
+  TORCH_CHECK(slot_step.scalar_type() == at::kDouble && slot_step.is_contiguous() && slot_step.numel() == slots,
+              "slot_step must be a contiguous float64 tensor [", slots, "]; got ", slot_step.scalar_type(), " ",
+              slot_step.sizes());
+  check_f32(present, "present");
+  TORCH_CHECK(present.numel() == slots, "present must hold one value per slot (", slots, "); got ", present.numel());
+  TORCH_CHECK(partial.device().is_cpu() && partial.scalar_type() == at::kDouble && partial.is_contiguous(),
+              "partial must be a contiguous CPU float64 tensor; got ", partial.scalar_type());
   check_f32(coef, "coef");
   check_f32(control, "control");
-  const int64_t groups = hyper.size(0);
-  TORCH_CHECK(coef.numel() >= groups * kCoefFields && control.numel() >= kControlFields,
-              "coef must hold [G, ", kCoefFields, "] and control [", kControlFields, "] values");
+  TORCH_CHECK(coef.numel() >= slots * kCoefFields && control.numel() >= kControlFields,
+              "coef must hold [S, ", kCoefFields, "] and control [", kControlFields, "] values");
   const double* h = hyper.data_ptr<double>();
+  const int64_t groups = hyper.size(0);
   double total = 0.0;
   if (has_stats) {
-    const float* part = partial.data_ptr<float>();
-    float acc = 0.f;  // fp32 in a fixed order, like the GPU kernels
-    for (int64_t i = 0; i < partial.numel(); ++i) acc += part[i];
-    total = acc;
+    const double* part = partial.data_ptr<double>();
+    for (int64_t i = 0; i < partial.numel(); ++i) total += part[i];  // fixed order, like the GPU kernels
   }
-  const float norm = std::sqrt(static_cast<float>(total));
-  const bool finite = std::isfinite(static_cast<float>(total));
-  const float skip = (check_finite && !finite) ? 1.f : 0.f;
-  const float max_norm = static_cast<float>(h[kHMaxNorm]);
-  const float clip = (has_stats && max_norm > 0) ? std::min(max_norm / (norm + 1e-6f), 1.0f) : 1.0f;
   float* k = control.data_ptr<float>();
-  k[kKSkip] = skip;
-  k[kKClip] = clip;
-  k[kKNorm] = norm;
-  double* s = step.data_ptr<double>();
-  const double t = s[0] + 1.0;
+  const double clip = write_control(k, total, groups ? h[kHMaxNorm] : 0.0, has_stats, check_finite);
+  const float keep = 1.f - k[kKSkip];
+  const int64_t* group = slot_group.data_ptr<int64_t>();
+  double* step = slot_step.data_ptr<double>();
+  const float* has_grad = present.data_ptr<float>();
   float* c = coef.data_ptr<float>();
-  for (int64_t g = 0; g < groups; ++g) {
-    const double* hg = h + g * kHyperFields;
-    const double bc1 = 1.0 - std::pow(hg[kHBeta1], t);
-    const double bc2 = 1.0 - std::pow(hg[kHBeta2], t);
-    float* cg = c + g * kCoefFields;
-    cg[kCBeta1] = static_cast<float>(hg[kHBeta1]);
-    cg[kCBeta2] = static_cast<float>(hg[kHBeta2]);
-    cg[kCEps] = static_cast<float>(hg[kHEps]);
-    cg[kCDecay] = static_cast<float>(1.0 - hg[kHLr] * hg[kHWd]);
-    cg[kCStepSize] = static_cast<float>(hg[kHLr] / bc1);
-    cg[kCInvSqrtBc2] = static_cast<float>(1.0 / std::sqrt(bc2));
-    // 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
-    cg[kCOneMinusBeta1] = static_cast<float>(1.0 - hg[kHBeta1]);
-    cg[kCOneMinusBeta2] = static_cast<float>(1.0 - hg[kHBeta2]);
+  for (int64_t s = 0; s < slots; ++s) {
+    TORCH_CHECK(0 <= group[s] && group[s] < groups, "slot_group[", s, "] = ", group[s], " is not a group index");
+    const float apply = has_grad[s] * keep;
+    write_coef(c + s * kCoefFields, h + group[s] * kHyperFields, step[s] + 1.0, clip, apply);
+    step[s] += apply;
   }
-  s[0] += 1.0 - skip;
 }
 
 // Gradient source, a template parameter so each loop is branch-free: none (zero), dense param-typed, compact fp32.
@@ -290,10 +281,10 @@ enum GradKind { kNoGrad = 0, kDenseGrad = 1, kCompactGrad = 2 };
 template <typename T, bool MASTER, int GRAD>
 inline void update_run(T* __restrict__ p, const T* __restrict__ g, const float* __restrict__ cg,
                        float* __restrict__ m, float* __restrict__ v, float* __restrict__ master, int64_t len,
-                       const AdamCoef& c, float clip) {
+                       const AdamCoef& c) {
 #pragma omp simd
   for (int64_t e = 0; e < len; ++e) {
-    const float gv = (GRAD == kCompactGrad ? cg[e] : (GRAD == kDenseGrad ? load_f(g, e) : 0.f)) * clip;
+    const float gv = (GRAD == kCompactGrad ? cg[e] : (GRAD == kDenseGrad ? load_f(g, e) : 0.f)) * c.grad_scale;
     float pv = MASTER ? master[e] : load_f(p, e);
     float mv = m[e], vv = v[e];
     adamw_element(pv, mv, vv, gv, c);
@@ -306,13 +297,14 @@ inline void update_run(T* __restrict__ p, const T* __restrict__ g, const float* 
 
 template <typename T>
 void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& tiles, const int32_t* index,
-                 float* m, float* v, float* master, const float* coef, float clip) {
+                 float* m, float* v, float* master, const float* coef) {
   const int64_t n_tiles = tiles.size(0);
   const int64_t* rows = tiles.data_ptr<int64_t>();
   at::parallel_for(0, n_tiles, 1, [&](int64_t tile_from, int64_t tile_to) {
   for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
-    const AdamCoef c = load_coef(coef, t.group);
+    const AdamCoef c = load_coef(coef, t.slot);
+    if (c.apply == 0.f) continue;  // no gradient for this parameter, or a skipped step: touch nothing
     T* p = slots.param[t.slot];
     const T* g = cgrad ? nullptr : slots.grad[t.slot];
     const int grad_kind = cgrad ? kCompactGrad : (g ? kDenseGrad : kNoGrad);
@@ -325,8 +317,8 @@ void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& ti
           pv[e] = master ? 0.f : load_f(p, flat[e]);
         }
         float* mp = master ? master + s0 : pv;
-        if (grad_kind == kCompactGrad) update_run<float, false, kCompactGrad>(mp, nullptr, cgrad + s0, m + s0, v + s0, nullptr, n, c, clip);
-        else update_run<float, false, kDenseGrad>(mp, gv, nullptr, m + s0, v + s0, nullptr, n, c, clip);
+        if (grad_kind == kCompactGrad) update_run<float, false, kCompactGrad>(mp, nullptr, cgrad + s0, m + s0, v + s0, nullptr, n, c);
+        else update_run<float, false, kDenseGrad>(mp, gv, nullptr, m + s0, v + s0, nullptr, n, c);
         for (int64_t e = 0; e < n; ++e) store_f(p, flat[e], mp[e]);
       });
       continue;
@@ -336,7 +328,7 @@ void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& ti
       const T* gp = g ? g + flat : nullptr;
       const float* cp = cgrad ? cgrad + st : nullptr;
       float* mp = master ? master + st : nullptr;
-#define MU_FAST_RUN(MASTER, GRAD) update_run<T, MASTER, GRAD>(pp, gp, cp, m + st, v + st, mp, len, c, clip)
+#define MU_FAST_RUN(MASTER, GRAD) update_run<T, MASTER, GRAD>(pp, gp, cp, m + st, v + st, mp, len, c)
       if (master) {
         if (grad_kind == kCompactGrad) MU_FAST_RUN(true, kCompactGrad);
         else if (grad_kind == kDenseGrad) MU_FAST_RUN(true, kDenseGrad);
@@ -355,38 +347,37 @@ void update_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& ti
 void masked_adamw_update_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
                              const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
                              const at::Tensor& index, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                             const std::optional<at::Tensor>& master, const at::Tensor& coef,
-                             const at::Tensor& control) {
+                             const std::optional<at::Tensor>& master, const at::Tensor& coef) {
   check_common(tiles, index);
   check_f32(exp_avg, "exp_avg");
   check_f32(exp_avg_sq, "exp_avg_sq");
   check_f32(coef, "coef");
-  check_f32(control, "control");
+  TORCH_CHECK(coef.numel() >= static_cast<int64_t>(params.size()) * kCoefFields, "coef must hold [",
+              params.size(), ", ", kCoefFields, "] values (one row per parameter)");
   const bool compact = compact_grad.has_value() && compact_grad->defined();
   const bool has_master = master.has_value() && master->defined();
   if (compact) check_f32(*compact_grad, "compact_grad");
   if (has_master) check_f32(*master, "master");
   if (params.empty() || tiles.size(0) == 0) return;
-  const float* k = control.data_ptr<float>();
-  if (k[kKSkip] != 0.f) return;  // a skipped step touches nothing
   MU_FAST_DISPATCH_PARAM_TYPES(params[0].scalar_type(), "masked_adamw_update_cpu", [&] {
     const Slots<scalar_t> slots = gather_slots<scalar_t>(params, grads, compact);
     update_impl<scalar_t>(slots, compact ? compact_grad->data_ptr<float>() : nullptr, tiles,
                           index.data_ptr<int32_t>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-                          has_master ? master->data_ptr<float>() : nullptr, coef.data_ptr<float>(), k[kKClip]);
+                          has_master ? master->data_ptr<float>() : nullptr, coef.data_ptr<float>());
   });
 }
 
 template <typename T>
 void update8_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& tiles, const int32_t* index,
                   uint8_t* cm, uint8_t* cv, float* am, float* av, const float* qm, const float* qv,
-                  const float* mids_m, const float* mids_v, float* master, const float* coef, float clip) {
+                  const float* mids_m, const float* mids_v, float* master, const float* coef) {
   const int64_t n_tiles = tiles.size(0);
   const int64_t* rows = tiles.data_ptr<int64_t>();
   at::parallel_for(0, n_tiles, 1, [&](int64_t tile_from, int64_t tile_to) {
   for (int64_t ti = tile_from; ti < tile_to; ++ti) {
     const Tile t(rows + ti * kTileFields);
-    const AdamCoef c = load_coef(coef, t.group);
+    const AdamCoef c = load_coef(coef, t.slot);
+    if (c.apply == 0.f) continue;  // blocks never span two parameters (segments.py), so skipping a tile is exact
     T* p = slots.param[t.slot];
     const T* g = cgrad ? nullptr : slots.grad[t.slot];
     int64_t flat[kQBlock];
@@ -409,7 +400,7 @@ void update8_impl(const Slots<T>& slots, const float* cgrad, const at::Tensor& t
 #pragma omp simd reduction(max : new_am, new_av)
       for (int64_t e = 0; e < n; ++e) {
         float p_e = pv[e], m_e = qm[code_m[e]] * am_old, v_e = qv[code_v[e]] * av_old;
-        adamw_element(p_e, m_e, v_e, gv[e] * clip, c);
+        adamw_element(p_e, m_e, v_e, gv[e] * c.grad_scale, c);
         pv[e] = p_e;
         mv[e] = m_e;
         vv[e] = v_e;
@@ -440,8 +431,7 @@ void masked_adamw8bit_update_cpu(at::TensorList params, const c10::List<std::opt
                                  const at::Tensor& index, at::Tensor& codes_m, at::Tensor& codes_v,
                                  at::Tensor& absmax_m, at::Tensor& absmax_v, const at::Tensor& qmap_m,
                                  const at::Tensor& qmap_v, const at::Tensor& mids_m, const at::Tensor& mids_v,
-                                 const std::optional<at::Tensor>& master, const at::Tensor& coef,
-                                 const at::Tensor& control) {
+                                 const std::optional<at::Tensor>& master, const at::Tensor& coef) {
   check_common(tiles, index);
   for (const at::Tensor* t : {&codes_m, &codes_v})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous(),
@@ -453,14 +443,13 @@ void masked_adamw8bit_update_cpu(at::TensorList params, const c10::List<std::opt
     TORCH_CHECK(t->numel() == 256, "quantization maps and midpoint tables hold 256 values; got ", t->numel());
   }
   check_f32(coef, "coef");
-  check_f32(control, "control");
+  TORCH_CHECK(coef.numel() >= static_cast<int64_t>(params.size()) * kCoefFields, "coef must hold [",
+              params.size(), ", ", kCoefFields, "] values (one row per parameter)");
   const bool compact = compact_grad.has_value() && compact_grad->defined();
   const bool has_master = master.has_value() && master->defined();
   if (compact) check_f32(*compact_grad, "compact_grad");
   if (has_master) check_f32(*master, "master");
   if (params.empty() || tiles.size(0) == 0) return;
-  const float* k = control.data_ptr<float>();
-  if (k[kKSkip] != 0.f) return;
   MU_FAST_DISPATCH_PARAM_TYPES(params[0].scalar_type(), "masked_adamw8bit_update_cpu",
                                   [&] {
     const Slots<scalar_t> slots = gather_slots<scalar_t>(params, grads, compact);
@@ -468,7 +457,7 @@ void masked_adamw8bit_update_cpu(at::TensorList params, const c10::List<std::opt
                            index.data_ptr<int32_t>(), codes_m.data_ptr<uint8_t>(), codes_v.data_ptr<uint8_t>(),
                            absmax_m.data_ptr<float>(), absmax_v.data_ptr<float>(), qmap_m.data_ptr<float>(),
                            qmap_v.data_ptr<float>(), mids_m.data_ptr<float>(), mids_v.data_ptr<float>(),
-                           has_master ? master->data_ptr<float>() : nullptr, coef.data_ptr<float>(), k[kKClip]);
+                           has_master ? master->data_ptr<float>() : nullptr, coef.data_ptr<float>());
   });
 }
 

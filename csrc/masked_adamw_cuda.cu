@@ -3,9 +3,11 @@
 // Semantics, table layouts and the per-element math are those of mu_fast/optim/masked_adamw.py and
 // masked_adamw_common.h. Parameter and gradient addresses travel in the kernel's by-value argument (SlotPtrs, up
 // to kMaxSlots tensors per launch; more slots take one launch per chunk, each skipping the tiles of other chunks),
-// so the step holds no host-side state and is CUDA-graph capturable. Learning rate, bias corrections, clip factor
-// and the skip flag are read from device memory (coef, control). Reductions (per-tile sums of squares, 8-bit block
-// absmax) use a fixed order, so results do not depend on scheduling.
+// so the step holds no host-side state and is CUDA-graph capturable. Learning rate, bias corrections, gradient
+// scale (clip factor, sign) and whether a parameter is updated at all are read from device memory, one coef row
+// per parameter (a parameter without a gradient, or every parameter on a skipped step, has apply = 0 and its
+// tiles return at once). Reductions (per-tile fp64 sums of squares, 8-bit block absmax) use a fixed order, so
+// results do not depend on scheduling.
 //
 // Memory access: tiles of contiguous, 8-aligned strided runs (whole tensors, row blocks, head blocks, runs of >= 8
 // adjacent columns; see vectorizable()) move 8 elements per access (16 B of bf16, 2 x 16 B of fp32 state) with
@@ -71,22 +73,23 @@ __device__ __forceinline__ int64_t flat_of(const TileInfo& t, int j, const int32
   return t.base + (t.r0 + r) * t.stride + c;
 }
 
-// Fixed-order block reductions (warp shuffles, then one warp over the warp results).
-template <typename Op>
-__device__ __forceinline__ float block_reduce(float x, Op op) {
-  __shared__ float warp_vals[kThreads / 32];
+// Fixed-order block reductions (warp shuffles, then one warp over the warp results), of float or double.
+template <typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V x, Op op) {
+  __shared__ V warp_vals[kThreads / 32];
   for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(0xffffffffu, x, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_vals[warp] = x;
   __syncthreads();
-  x = threadIdx.x < kThreads / 32 ? warp_vals[threadIdx.x] : 0.f;
+  x = threadIdx.x < kThreads / 32 ? warp_vals[threadIdx.x] : V(0);
   if (warp == 0)
     for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_down_sync(0xffffffffu, x, o));
   __syncthreads();  // warp_vals is reused by the next call
   return x;         // valid in thread 0
 }
 struct Add {
-  __device__ float operator()(float a, float b) const { return a + b; }
+  template <typename V>
+  __device__ V operator()(V a, V b) const { return a + b; }
 };
 struct Max {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
@@ -176,14 +179,16 @@ __device__ __forceinline__ void load8_grad(const T* g, const float* cgrad, int64
 template <typename T, bool COMPACT>
 __global__ void __launch_bounds__(kThreads)
     grad_sumsq_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
-                      const float* __restrict__ cgrad, float* __restrict__ partial) {
+                      const float* __restrict__ cgrad, double* __restrict__ partial) {
+  // Squares are summed in fp64: a finite gradient (|g| < 3.4e38) never overflows the statistic, so only a NaN/inf
+  // gradient trips the non-finite skip, and the clip norm stays exact for huge gradients.
   // Tiles in reverse order: the update walks them forward, so it starts on the gradients read last, which are
   // still in L2 (all of them when the active gradients fit in L2, ~22 MB for 5% of a Llama-3-8B layer).
   const int64_t tile = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
   const TileInfo t = load_tile(tiles, tile);
   if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;  // another chunk's tile (uniform per block)
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
-  float acc = 0.f;
+  double acc = 0.0;
   if (!COMPACT && g == nullptr) {
     // a parameter without .grad: zero gradient, nothing to read
   } else if (COMPACT ? ((t.k0 | t.count | t.state0) & (kVec - 1)) == 0 && aligned16(cgrad) : vectorizable(t, g, g)) {
@@ -205,7 +210,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < kVecPerThread; ++u)
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc += x[u][i] * x[u][i];
+        for (int i = 0; i < kVec; ++i) acc += static_cast<double>(x[u][i]) * x[u][i];
     }
   } else {
     for (int j0 = threadIdx.x; j0 < t.count; j0 += kThreads * kUnroll) {
@@ -217,56 +222,48 @@ __global__ void __launch_bounds__(kThreads)
                            : 0.f;
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) acc += x[u] * x[u];
+      for (int u = 0; u < kUnroll; ++u) acc += static_cast<double>(x[u]) * x[u];
     }
   }
   acc = block_reduce(acc, Add());
   if (threadIdx.x == 0) partial[tile] = acc;
 }
 
+// One block: the fixed-order fp64 reduction of the per-tile sums, the control vector (thread 0), then one
+// coefficient row per parameter slot (threads over slots: each slot has its own step count and bias corrections).
 __global__ void __launch_bounds__(kThreads)
-    scalars_kernel(const double* __restrict__ hyper, double* __restrict__ step, const float* __restrict__ partial,
-                   int64_t n_partial, float* __restrict__ coef, float* __restrict__ control, int64_t groups,
-                   bool has_stats, bool check_finite) {
-  float acc = 0.f;
+    scalars_kernel(const double* __restrict__ hyper, const int64_t* __restrict__ slot_group,
+                   double* __restrict__ slot_step, const float* __restrict__ present, int64_t n_slots,
+                   const double* __restrict__ partial, int64_t n_partial, float* __restrict__ coef,
+                   float* __restrict__ control, int64_t groups, bool has_stats, bool check_finite) {
+  __shared__ double s_clip;
+  __shared__ float s_keep;
+  double acc = 0.0;
   if (has_stats)
     for (int64_t i = threadIdx.x; i < n_partial; i += kThreads) acc += partial[i];
-  const float total = block_reduce(acc, Add());
-  if (threadIdx.x != 0) return;
-  const float norm = sqrtf(total);
-  const bool finite = isfinite(total);
-  const float skip = (check_finite && !finite) ? 1.f : 0.f;
-  const float max_norm = static_cast<float>(hyper[kHMaxNorm]);
-  control[kKSkip] = skip;
-  control[kKClip] = (has_stats && max_norm > 0.f) ? fminf(max_norm / (norm + 1e-6f), 1.f) : 1.f;
-  control[kKNorm] = norm;
-  const double t = step[0] + 1.0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const double* h = hyper + g * kHyperFields;
-    const double bc1 = 1.0 - pow(h[kHBeta1], t), bc2 = 1.0 - pow(h[kHBeta2], t);
-    float* c = coef + g * kCoefFields;
-    c[kCBeta1] = static_cast<float>(h[kHBeta1]);
-    c[kCBeta2] = static_cast<float>(h[kHBeta2]);
-    c[kCEps] = static_cast<float>(h[kHEps]);
-    c[kCDecay] = static_cast<float>(1.0 - h[kHLr] * h[kHWd]);
-    c[kCStepSize] = static_cast<float>(h[kHLr] / bc1);
-    c[kCInvSqrtBc2] = static_cast<float>(1.0 / sqrt(bc2));
-    c[kCOneMinusBeta1] = static_cast<float>(1.0 - h[kHBeta1]);
-    c[kCOneMinusBeta2] = static_cast<float>(1.0 - h[kHBeta2]);
+  const double total = block_reduce(acc, Add());
+  if (threadIdx.x == 0) {
+    s_clip = write_control(control, total, groups ? hyper[kHMaxNorm] : 0.0, has_stats, check_finite);
+    s_keep = 1.f - control[kKSkip];
   }
-  step[0] += 1.0 - skip;
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < n_slots; s += kThreads) {
+    const float apply = present[s] * s_keep;
+    write_coef(coef + s * kCoefFields, hyper + slot_group[s] * kHyperFields, slot_step[s] + 1.0, s_clip, apply);
+    slot_step[s] += apply;
+  }
 }
 
 template <typename T, bool COMPACT, bool MASTER>
 __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (768 threads) per SM
     update_kernel(const int64_t* __restrict__ tiles, const int32_t* __restrict__ index, const SlotPtrs<T> ptrs,
                   const float* __restrict__ cgrad, float* __restrict__ m, float* __restrict__ v,
-                  float* __restrict__ master, const float* __restrict__ coef, const float* __restrict__ control) {
-  if (control[kKSkip] != 0.f) return;  // a skipped step touches nothing
+                  float* __restrict__ master, const float* __restrict__ coef) {
   const TileInfo t = load_tile(tiles, blockIdx.x);
   if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;
-  const AdamCoef c = load_coef(coef, t.group);
-  const float clip = control[kKClip];
+  const AdamCoef c = load_coef(coef, t.slot);
+  if (c.apply == 0.f) return;  // no gradient for this parameter, or a skipped step: touch nothing
+  const float scale = c.grad_scale;  // clip factor, negated for maximize
   T* p = ptrs.param[t.slot - ptrs.slot_begin];
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
   const uintptr_t state_bases = reinterpret_cast<uintptr_t>(m) | reinterpret_cast<uintptr_t>(v) |
@@ -293,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (76
       for (int u = 0; u < kVecPerThread; ++u) {
         if (v0 + u * kThreads >= nvec) continue;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) adamw_element(pv[u][i], mv[u][i], vv[u][i], gv[u][i] * clip, c);
+        for (int i = 0; i < kVec; ++i) adamw_element(pv[u][i], mv[u][i], vv[u][i], gv[u][i] * scale, c);
         store8_stream(m + st[u], mv[u]);
         store8_stream(v + st[u], vv[u]);
         if (MASTER) store8_stream(master + st[u], pv[u]);
@@ -323,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // <= 85 registers: 3 blocks (76
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (j0 + u * kThreads >= t.count) continue;
-      adamw_element(pv[u], mv[u], vv[u], gv[u] * clip, c);
+      adamw_element(pv[u], mv[u], vv[u], gv[u] * scale, c);
       m[st[u]] = mv[u];
       v[st[u]] = vv[u];
       if (MASTER) master[st[u]] = pv[u];
@@ -338,20 +335,19 @@ __global__ void __launch_bounds__(kThreads)
                    const float* __restrict__ cgrad, uint8_t* __restrict__ cm, uint8_t* __restrict__ cv,
                    float* __restrict__ am, float* __restrict__ av, const float* __restrict__ qmap_m,
                    const float* __restrict__ qmap_v, const float* __restrict__ mids_m,
-                   const float* __restrict__ mids_v, float* __restrict__ master, const float* __restrict__ coef,
-                   const float* __restrict__ control) {
+                   const float* __restrict__ mids_v, float* __restrict__ master, const float* __restrict__ coef) {
   __shared__ float s_qm[kQBlock], s_qv[kQBlock], s_mm[kQBlock], s_mv[kQBlock];
   __shared__ float s_absmax[2];
-  if (control[kKSkip] != 0.f) return;
   const TileInfo t = load_tile(tiles, blockIdx.x);
   if (t.slot < ptrs.slot_begin || t.slot >= ptrs.slot_end) return;
+  const AdamCoef c = load_coef(coef, t.slot);
+  if (c.apply == 0.f) return;  // uniform per block: blocks never span two parameters (segments.py)
   s_qm[threadIdx.x] = qmap_m[threadIdx.x];
   s_qv[threadIdx.x] = qmap_v[threadIdx.x];
   s_mm[threadIdx.x] = mids_m[threadIdx.x];
   s_mv[threadIdx.x] = mids_v[threadIdx.x];
   __syncthreads();
-  const AdamCoef c = load_coef(coef, t.group);
-  const float clip = control[kKClip];
+  const float scale = c.grad_scale;  // clip factor, negated for maximize
   T* p = ptrs.param[t.slot - ptrs.slot_begin];
   const T* g = ptrs.grad[t.slot - ptrs.slot_begin];
   for (int from = 0; from < t.count; from += kQBlock) {  // block-aligned: segments.py aligns segments to 256
@@ -362,7 +358,7 @@ __global__ void __launch_bounds__(kThreads)
     float pv = 0.f, mv = 0.f, vv = 0.f;
     if (valid) {
       flat = flat_of(t, j, index);
-      const float gv = __fmul_rn(load_grad<T, COMPACT>(g, cgrad, flat, st), clip);
+      const float gv = __fmul_rn(load_grad<T, COMPACT>(g, cgrad, flat, st), scale);
       pv = MASTER ? master[st] : static_cast<float>(p[flat]);
       mv = __fmul_rn(s_qm[cm[st]], am[blk]);
       vv = __fmul_rn(s_qv[cv[st]], av[blk]);
@@ -469,7 +465,7 @@ std::vector<SlotPtrs<T>> grad_chunks(const c10::List<std::optional<at::Tensor>>&
 
 template <typename T>
 void launch_sumsq(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, const at::Tensor& tiles,
-                  const at::Tensor& index, const float* cgrad, float* partial, cudaStream_t stream) {
+                  const at::Tensor& index, const float* cgrad, double* partial, cudaStream_t stream) {
   for (const auto& s : chunks) {
     if (cgrad)
       grad_sumsq_kernel<T, true><<<n_tiles, kThreads, 0, stream>>>(tiles.data_ptr<int64_t>(),
@@ -494,7 +490,7 @@ void masked_adamw_grad_sumsq_cuda(const c10::List<std::optional<at::Tensor>>& gr
   const at::Device device = tiles.device();
   const c10::cuda::CUDAGuard guard(device);
   check_table(tiles, index, device);
-  check_cuda(partial, at::kFloat, "partial", device);
+  check_cuda(partial, at::kDouble, "partial", device);
   TORCH_CHECK(partial.numel() >= tiles.size(0), "partial needs one entry per tile (", tiles.size(0), ")");
   const int64_t n_tiles = tiles.size(0);
   if (n_tiles == 0) return;
@@ -508,37 +504,44 @@ void masked_adamw_grad_sumsq_cuda(const c10::List<std::optional<at::Tensor>>& gr
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MU_FAST_DISPATCH_PARAM_TYPES(dtype, "masked_adamw_grad_sumsq_cuda", [&] {
     launch_sumsq<scalar_t>(grad_chunks<scalar_t>(grads, compact, dtype, device), n_tiles, tiles, index,
-                           compact ? compact_grad->data_ptr<float>() : nullptr, partial.data_ptr<float>(), stream);
+                           compact ? compact_grad->data_ptr<float>() : nullptr, partial.data_ptr<double>(), stream);
   });
 }
 
-void masked_adamw_scalars_cuda(const at::Tensor& hyper, at::Tensor& step, const at::Tensor& partial, at::Tensor& coef,
+void masked_adamw_scalars_cuda(const at::Tensor& hyper, const at::Tensor& slot_group, at::Tensor& slot_step,
+                               const at::Tensor& present, const at::Tensor& partial, at::Tensor& coef,
                                at::Tensor& control, bool has_stats, bool check_finite) {
   const at::Device device = hyper.device();
   const c10::cuda::CUDAGuard guard(device);
   check_cuda(hyper, at::kDouble, "hyper", device);
   TORCH_CHECK(hyper.dim() == 2 && hyper.size(1) == kHyperFields, "hyper must be [G, ", kHyperFields, "]");
-  check_cuda(step, at::kDouble, "step", device);
-  check_cuda(partial, at::kFloat, "partial", device);
+  const int64_t n_slots = slot_group.numel();
+  check_cuda(slot_group, at::kLong, "slot_group", device);
+  check_cuda(slot_step, at::kDouble, "slot_step", device);
+  check_cuda(present, at::kFloat, "present", device);
+  TORCH_CHECK(slot_step.numel() == n_slots && present.numel() == n_slots, "slot_step and present must hold one value "
+              "per slot (", n_slots, "); got ", slot_step.numel(), " and ", present.numel());
+  check_cuda(partial, at::kDouble, "partial", device);
   check_cuda(coef, at::kFloat, "coef", device);
   check_cuda(control, at::kFloat, "control", device);
-  TORCH_CHECK(coef.numel() >= hyper.size(0) * kCoefFields && control.numel() >= kControlFields,
-              "coef must hold [G, ", kCoefFields, "] and control [", kControlFields, "] values");
+  TORCH_CHECK(coef.numel() >= n_slots * kCoefFields && control.numel() >= kControlFields,
+              "coef must hold [S, ", kCoefFields, "] and control [", kControlFields, "] values");
   scalars_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      hyper.data_ptr<double>(), step.data_ptr<double>(), partial.data_ptr<float>(), partial.numel(),
-      coef.data_ptr<float>(), control.data_ptr<float>(), hyper.size(0), has_stats, check_finite);
+      hyper.data_ptr<double>(), slot_group.data_ptr<int64_t>(), slot_step.data_ptr<double>(),
+      present.data_ptr<float>(), n_slots, partial.data_ptr<double>(), partial.numel(), coef.data_ptr<float>(),
+      control.data_ptr<float>(), hyper.size(0), has_stats, check_finite);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_update(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, const at::Tensor& tiles,
                    const at::Tensor& index, const float* cgrad, float* m, float* v, float* master, const float* coef,
-                   const float* control, cudaStream_t stream) {
+                   cudaStream_t stream) {
   for (const auto& s : chunks) {
 #define MU_FAST_LAUNCH(COMPACT, MASTER)                                                                       \
   update_kernel<T, COMPACT, MASTER><<<n_tiles, kThreads, 0, stream>>>(tiles.data_ptr<int64_t>(),             \
                                                                        index.data_ptr<int32_t>(), s, cgrad, m, v, \
-                                                                       master, coef, control)
+                                                                       master, coef)
     if (cgrad && master) MU_FAST_LAUNCH(true, true);
     else if (cgrad) MU_FAST_LAUNCH(true, false);
     else if (master) MU_FAST_LAUNCH(false, true);
@@ -551,15 +554,15 @@ void launch_update(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, cons
 void masked_adamw_update_cuda(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
                               const std::optional<at::Tensor>& compact_grad, const at::Tensor& tiles,
                               const at::Tensor& index, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                              const std::optional<at::Tensor>& master, const at::Tensor& coef,
-                              const at::Tensor& control) {
+                              const std::optional<at::Tensor>& master, const at::Tensor& coef) {
   const at::Device device = tiles.device();
   const c10::cuda::CUDAGuard guard(device);
   check_table(tiles, index, device);
   check_cuda(exp_avg, at::kFloat, "exp_avg", device);
   check_cuda(exp_avg_sq, at::kFloat, "exp_avg_sq", device);
   check_cuda(coef, at::kFloat, "coef", device);
-  check_cuda(control, at::kFloat, "control", device);
+  TORCH_CHECK(coef.numel() >= static_cast<int64_t>(params.size()) * kCoefFields, "coef must hold [",
+              params.size(), ", ", kCoefFields, "] values (one row per parameter)");
   const bool compact = defined(compact_grad), has_master = defined(master);
   if (compact) check_cuda(*compact_grad, at::kFloat, "compact_grad", device);
   if (has_master) check_cuda(*master, at::kFloat, "master", device);
@@ -569,7 +572,7 @@ void masked_adamw_update_cuda(at::TensorList params, const c10::List<std::option
     launch_update<scalar_t>(slot_chunks<scalar_t>(params, grads, compact, device), tiles.size(0), tiles, index,
                             compact ? compact_grad->data_ptr<float>() : nullptr, exp_avg.data_ptr<float>(),
                             exp_avg_sq.data_ptr<float>(), has_master ? master->data_ptr<float>() : nullptr,
-                            coef.data_ptr<float>(), control.data_ptr<float>(), stream);
+                            coef.data_ptr<float>(), stream);
   });
 }
 
@@ -577,12 +580,12 @@ template <typename T>
 void launch_update8(const std::vector<SlotPtrs<T>>& chunks, int64_t n_tiles, const at::Tensor& tiles,
                     const at::Tensor& index, const float* cgrad, uint8_t* cm, uint8_t* cv, float* am, float* av,
                     const float* qm, const float* qv, const float* mm, const float* mv, float* master,
-                    const float* coef, const float* control, cudaStream_t stream) {
+                    const float* coef, cudaStream_t stream) {
   for (const auto& s : chunks) {
 #define MU_FAST_LAUNCH(COMPACT, MASTER)                                                                        \
   update8_kernel<T, COMPACT, MASTER><<<n_tiles, kThreads, 0, stream>>>(                                        \
       tiles.data_ptr<int64_t>(), index.data_ptr<int32_t>(), s, cgrad, cm, cv, am, av, qm, qv, mm, mv, master, \
-      coef, control)
+      coef)
     if (cgrad && master) MU_FAST_LAUNCH(true, true);
     else if (cgrad) MU_FAST_LAUNCH(true, false);
     else if (master) MU_FAST_LAUNCH(false, true);
@@ -597,8 +600,7 @@ void masked_adamw8bit_update_cuda(at::TensorList params, const c10::List<std::op
                                   const at::Tensor& index, at::Tensor& codes_m, at::Tensor& codes_v,
                                   at::Tensor& absmax_m, at::Tensor& absmax_v, const at::Tensor& qmap_m,
                                   const at::Tensor& qmap_v, const at::Tensor& mids_m, const at::Tensor& mids_v,
-                                  const std::optional<at::Tensor>& master, const at::Tensor& coef,
-                                  const at::Tensor& control) {
+                                  const std::optional<at::Tensor>& master, const at::Tensor& coef) {
   const at::Device device = tiles.device();
   const c10::cuda::CUDAGuard guard(device);
   check_table(tiles, index, device);
@@ -611,7 +613,8 @@ void masked_adamw8bit_update_cuda(at::TensorList params, const c10::List<std::op
     TORCH_CHECK(t->numel() == kQBlock, "quantization maps and midpoint tables hold 256 values; got ", t->numel());
   }
   check_cuda(coef, at::kFloat, "coef", device);
-  check_cuda(control, at::kFloat, "control", device);
+  TORCH_CHECK(coef.numel() >= static_cast<int64_t>(params.size()) * kCoefFields, "coef must hold [",
+              params.size(), ", ", kCoefFields, "] values (one row per parameter)");
   const bool compact = defined(compact_grad), has_master = defined(master);
   if (compact) check_cuda(*compact_grad, at::kFloat, "compact_grad", device);
   if (has_master) check_cuda(*master, at::kFloat, "master", device);
@@ -623,7 +626,7 @@ void masked_adamw8bit_update_cuda(at::TensorList params, const c10::List<std::op
                              codes_v.data_ptr<uint8_t>(), absmax_m.data_ptr<float>(), absmax_v.data_ptr<float>(),
                              qmap_m.data_ptr<float>(), qmap_v.data_ptr<float>(), mids_m.data_ptr<float>(),
                              mids_v.data_ptr<float>(), has_master ? master->data_ptr<float>() : nullptr,
-                             coef.data_ptr<float>(), control.data_ptr<float>(), stream);
+                             coef.data_ptr<float>(), stream);
   });
 }
 

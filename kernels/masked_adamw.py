@@ -1,7 +1,8 @@
 """Fused sparse-masked AdamW in Triton: one launch updates the active elements of every tensor of a dtype.
 
-Math per active element (fp32; t = step + 1; AdamW with decoupled decay, dense semantics on the active set):
-    g = grad · clip
+Math per active element (fp32; t = the parameter's step + 1; AdamW with decoupled decay, dense semantics on the
+active set; the coefficients are per parameter slot, written by ``_adamw_scalars_kernel``):
+    g = grad · clip · (−1 if maximize else 1)
     p = p · (1 − lr·wd)
     m = β1·m + (1 − β1)·g ;  v = β2·v + (1 − β2)·g²
     p = p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
@@ -17,8 +18,11 @@ fp32 master copy, p is not read and the master is read and written (+8 B: 28 B);
 more. Limit: column selections of row-major weights are strided runs (one element per row for a single
 neuron column), so such tiles move one 32-byte sector per element; row and head selections are contiguous.
 
-Launches per step: ``grad_sumsq`` (optional), ``adamw_scalars`` (one program), ``masked_adamw_update``. The
-learning rate, bias corrections, clip factor and skip flag are device values: no host sync, graph capturable.
+Launches per step: ``grad_sumsq`` (optional; fp64 sums of squares, so no finite gradient overflows them),
+``adamw_scalars`` (one program), ``masked_adamw_update``. The learning rate, bias corrections, gradient scale and
+each parameter's apply flag (0: no gradient, or a skipped step; its tiles touch nothing) are device values: no
+host sync, graph capturable. bf16 results are rounded to nearest even on the fp32 bits before the store, the
+rounding the GPU's conversion does, because the CPU interpreter's conversion truncates.
 """
 
 from __future__ import annotations
@@ -34,13 +38,16 @@ _c = tl.constexpr
 # Tile row fields; keep in sync with mu_fast/optim/segments.py.
 _SLOT, _GROUP, _KIND, _BASE, _RUN_LEN, _RUN_STRIDE, _K0, _COUNT, _STATE0 = (_c(i) for i in range(9))
 _TILE_FIELDS = _c(9)
-# Coefficient table columns (per param group) and control vector entries, written by _adamw_scalars_kernel.
-C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2 = (_c(i) for i in range(8))
-COEF_FIELDS = _c(8)
-K_SKIP, K_CLIP, K_NORM = (_c(i) for i in range(3))
+# Coefficient table columns (per parameter slot) and control vector entries, written by _adamw_scalars_kernel;
+# hyperparameter columns (per param group). Keep in sync with mu_fast/optim/masked_adamw.py.
+(C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2, C_GRAD_SCALE,
+ C_APPLY) = (_c(i) for i in range(10))
+COEF_FIELDS = _c(10)
+K_SKIP, K_CLIP, K_NORM, K_SKIPPED = (_c(i) for i in range(4))
 CONTROL_FIELDS = _c(4)
-H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM = (_c(i) for i in range(6))
-HYPER_FIELDS = _c(6)
+H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM, H_GRAD_SIGN = (_c(i) for i in range(7))
+HYPER_FIELDS = _c(7)
+_FP64_MAX = _c(1.7976931348623157e308)
 # A 4096-element tile moves ~90 KB (bf16 p/g, fp32 m/v): long enough to hide the per-tile header loads.
 SCALARS_BLOCK = 1024
 
@@ -95,68 +102,91 @@ def _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_
 
 
 @triton.jit
+def _store_rounded(ptr, x, mask):
+    """Store fp32 ``x`` into ``ptr``'s element type, rounded to nearest even.
+
+    bf16 is rounded on the fp32 bits (add 0x7FFF plus the lowest kept bit, keep the high half; NaN becomes the
+    canonical 0x7FC0, like torch's cast): the GPU's conversion rounds so, the CPU interpreter's truncates.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        half = tl.where(x != x, 0x7FC0, half)
+        tl.store(ptr, half.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _grad_sumsq_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, partial_ptr, TILE: tl.constexpr,
                        COMPACT_GRAD: tl.constexpr):
+    # fp64 squares: a finite gradient (< 3.4e38) never overflows them, so only NaN/inf trips the skip.
     t = tl.program_id(0)
     slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, tl.arange(0, TILE))
-    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD)
+    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD).to(tl.float64)
     tl.store(partial_ptr + t, tl.sum(g * g, axis=0))
 
 
 @triton.jit
-def _adamw_scalars_kernel(hyper_ptr, step_ptr, partial_ptr, n_partial, coef_ptr, control_ptr, n_groups,
-                          HAS_STATS: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr):
-    # One program: reduce the per-tile sums of squares in a fixed order (deterministic), then derive every
-    # per-step scalar from the device step count and the per-group hyperparameters (fp64).
+def _adamw_scalars_kernel(hyper_ptr, group_ptr, step_ptr, present_ptr, n_slots, partial_ptr, n_partial, coef_ptr,
+                          control_ptr, HAS_STATS: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: reduce the per-tile fp64 sums of squares in a fixed order (deterministic), then write one
+    # coefficient row per parameter slot from the slot's own step count and its group's hyperparameters (fp64).
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     if HAS_STATS:
         for start in range(0, n_partial, BLOCK):
             acc += tl.load(partial_ptr + start + offs, mask=start + offs < n_partial, other=0.0)
     total = tl.sum(acc, axis=0)
-    norm = tl.sqrt_rn(total)
-    finite = (total == total) & (total < float("inf"))
+    norm = tl.sqrt(total)
     skip = tl.full([], 0.0, tl.float32)
     if CHECK_FINITE:
-        skip = tl.where(finite, 0.0, 1.0)
-    max_norm = tl.load(hyper_ptr + H_MAX_NORM).to(tl.float32)
-    clip = tl.full([], 1.0, tl.float32)
+        skip = tl.where(total <= _FP64_MAX, 0.0, 1.0).to(tl.float32)  # NaN or inf
+    max_norm = tl.load(hyper_ptr + H_MAX_NORM)
+    clip = tl.full([], 1.0, tl.float64)
     if HAS_STATS:
-        clip = tl.where(max_norm > 0, tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0), 1.0)
+        clip = tl.where(max_norm > 0, tl.minimum(max_norm / (norm + 1e-6), 1.0), 1.0).to(tl.float64)
     tl.store(control_ptr + K_SKIP, skip)
-    tl.store(control_ptr + K_CLIP, clip)
-    tl.store(control_ptr + K_NORM, norm)
-    step = tl.load(step_ptr)
-    t = step + 1.0
-    for gi in range(0, n_groups):
-        h = hyper_ptr + gi * HYPER_FIELDS
-        lr = tl.load(h + H_LR)
-        beta1 = tl.load(h + H_BETA1)
-        beta2 = tl.load(h + H_BETA2)
+    tl.store(control_ptr + K_CLIP, clip.to(tl.float32))
+    tl.store(control_ptr + K_NORM, norm.to(tl.float32))
+    tl.store(control_ptr + K_SKIPPED, tl.load(control_ptr + K_SKIPPED) + skip)
+    keep = 1.0 - skip
+    for start in range(0, n_slots, BLOCK):
+        s = start + offs
+        ok = s < n_slots
+        h = hyper_ptr + tl.load(group_ptr + s, mask=ok, other=0) * HYPER_FIELDS
+        lr = tl.load(h + H_LR, mask=ok, other=0.0)
+        beta1 = tl.load(h + H_BETA1, mask=ok, other=0.5)  # lanes past the last slot: any beta whose log is finite
+        beta2 = tl.load(h + H_BETA2, mask=ok, other=0.5)
+        step = tl.load(step_ptr + s, mask=ok, other=0.0)
+        t = step + 1.0
         bc1 = 1.0 - tl.exp(t * tl.log(beta1))
         bc2 = 1.0 - tl.exp(t * tl.log(beta2))
-        c = coef_ptr + gi * COEF_FIELDS
-        tl.store(c + C_BETA1, beta1.to(tl.float32))
-        tl.store(c + C_BETA2, beta2.to(tl.float32))
-        tl.store(c + C_EPS, tl.load(h + H_EPS).to(tl.float32))
-        tl.store(c + C_DECAY, (1.0 - lr * tl.load(h + H_WD)).to(tl.float32))
-        tl.store(c + C_STEP_SIZE, (lr / bc1).to(tl.float32))
-        tl.store(c + C_INV_SQRT_BC2, (1.0 / tl.sqrt(bc2)).to(tl.float32))
+        apply = tl.load(present_ptr + s, mask=ok, other=0.0) * keep
+        c = coef_ptr + s * COEF_FIELDS
+        tl.store(c + C_BETA1, beta1.to(tl.float32), mask=ok)
+        tl.store(c + C_BETA2, beta2.to(tl.float32), mask=ok)
+        tl.store(c + C_EPS, tl.load(h + H_EPS, mask=ok, other=0.0).to(tl.float32), mask=ok)
+        tl.store(c + C_DECAY, (1.0 - lr * tl.load(h + H_WD, mask=ok, other=0.0)).to(tl.float32), mask=ok)
+        tl.store(c + C_STEP_SIZE, (lr / bc1).to(tl.float32), mask=ok)
+        tl.store(c + C_INV_SQRT_BC2, (1.0 / tl.sqrt(bc2)).to(tl.float32), mask=ok)
         # 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
-        tl.store(c + C_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32))
-        tl.store(c + C_ONE_MINUS_BETA2, (1.0 - beta2).to(tl.float32))
-    tl.store(step_ptr, step + (1.0 - skip).to(tl.float64))
+        tl.store(c + C_ONE_MINUS_BETA1, (1.0 - beta1).to(tl.float32), mask=ok)
+        tl.store(c + C_ONE_MINUS_BETA2, (1.0 - beta2).to(tl.float32), mask=ok)
+        tl.store(c + C_GRAD_SCALE, (clip * tl.load(h + H_GRAD_SIGN, mask=ok, other=1.0)).to(tl.float32), mask=ok)
+        tl.store(c + C_APPLY, apply, mask=ok)
+        tl.store(step_ptr + s, step + apply.to(tl.float64), mask=ok)
 
 
 @triton.jit
 def _masked_adamw_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, m_ptr, v_ptr, master_ptr, coef_ptr,
-                         control_ptr, TILE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr):
+                         TILE: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr):
     t = tl.program_id(0)
     slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, tl.arange(0, TILE))
-    # A skipped step (non-finite gradient) masks every access: nothing is read-modify-written.
-    valid = tl.where(tl.load(control_ptr + K_SKIP) == 0.0, valid, False)
-    clip = tl.load(control_ptr + K_CLIP)
-    c = coef_ptr + group * COEF_FIELDS
+    c = coef_ptr + slot * COEF_FIELDS
+    # A parameter without a gradient, or a skipped step, masks every access: nothing is read-modify-written.
+    valid = tl.where(tl.load(c + C_APPLY) != 0.0, valid, False)
+    scale = tl.load(c + C_GRAD_SCALE)
     beta1 = tl.load(c + C_BETA1)
     beta2 = tl.load(c + C_BETA2)
     eps = tl.load(c + C_EPS)
@@ -167,7 +197,7 @@ def _masked_adamw_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, m_
     one_minus_beta2 = tl.load(c + C_ONE_MINUS_BETA2)
 
     p_ptr = tl.load(addr_ptr + 2 * slot).to(like_ptr.dtype)
-    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD) * clip
+    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD) * scale
     if HAS_MASTER:
         p = tl.load(master_ptr + state, mask=valid, other=0.0)
     else:
@@ -185,7 +215,7 @@ def _masked_adamw_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, m_
     tl.store(v_ptr + state, v, mask=valid)
     if HAS_MASTER:
         tl.store(master_ptr + state, p, mask=valid)
-    tl.store(p_ptr + flat, p.to(like_ptr.dtype.element_ty), mask=valid)
+    _store_rounded(p_ptr + flat, p, valid)
 
 
 @triton.jit
@@ -210,9 +240,9 @@ def _check(name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.de
 
 def grad_sumsq_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tensor, compact_grad: torch.Tensor | None,
                       like: torch.Tensor, partial: torch.Tensor, tile: int) -> None:
-    """Write each tile's sum of squared (fp32) gradients into ``partial[n_tiles]`` (fp32)."""
+    """Write each tile's sum of squared gradients into ``partial[n_tiles]`` (fp64)."""
     n_tiles = tiles.shape[0]
-    _check("partial", partial, torch.float32, tiles.device)
+    _check("partial", partial, torch.float64, tiles.device)
     if n_tiles == 0:
         return
     cgrad = compact_grad if compact_grad is not None else partial
@@ -220,26 +250,37 @@ def grad_sumsq_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tens
                                    COMPACT_GRAD=compact_grad is not None, num_warps=num_warps_for(tile))
 
 
-def adamw_scalars_triton(hyper: torch.Tensor, step: torch.Tensor, partial: torch.Tensor, coef: torch.Tensor,
-                         control: torch.Tensor, has_stats: bool, check_finite: bool) -> None:
-    """Per-step scalars: ``coef[G, COEF_FIELDS]`` and ``control[CONTROL_FIELDS]`` (fp32); advances ``step`` (fp64 [1])
-    unless the step is skipped. ``hyper`` is fp64 ``[G, HYPER_FIELDS]``; ``partial`` fp32 per-tile sums of squares."""
+def adamw_scalars_triton(hyper: torch.Tensor, slot_group: torch.Tensor, slot_step: torch.Tensor,
+                         present: torch.Tensor, partial: torch.Tensor, coef: torch.Tensor, control: torch.Tensor,
+                         has_stats: bool, check_finite: bool) -> None:
+    """Per-step scalars: ``coef[S, COEF_FIELDS]`` (fp32, one row per parameter slot) and ``control[CONTROL_FIELDS]``
+    (fp32; its skipped-steps entry accumulates). ``hyper`` fp64 ``[G, HYPER_FIELDS]``; ``slot_group`` int64 ``[S]``;
+    ``slot_step`` fp64 ``[S]`` (advanced in place for each slot that is updated); ``present`` fp32 ``[S]`` (1: the
+    slot has a gradient this step); ``partial`` fp64 per-tile sums of squares."""
     device = hyper.device
     _check("hyper", hyper, torch.float64, device)
-    _check("step", step, torch.float64, device)
+    _check("slot_group", slot_group, torch.int64, device)
+    _check("slot_step", slot_step, torch.float64, device)
+    _check("present", present, torch.float32, device)
+    _check("partial", partial, torch.float64, device)
     _check("coef", coef, torch.float32, device)
     _check("control", control, torch.float32, device)
-    _adamw_scalars_kernel[(1,)](hyper, step, partial, partial.numel(), coef, control, hyper.shape[0],
-                                HAS_STATS=has_stats, CHECK_FINITE=check_finite, BLOCK=SCALARS_BLOCK)
+    n_slots = slot_group.numel()
+    if slot_step.numel() != n_slots or present.numel() != n_slots or coef.numel() < n_slots * COEF_FIELDS:
+        raise ValueError(f"slot_step, present and coef must cover {n_slots} slots; got {slot_step.numel()}, "
+                         f"{present.numel()} and {coef.numel()} values")
+    _adamw_scalars_kernel[(1,)](hyper, slot_group, slot_step, present, n_slots, partial, partial.numel(), coef,
+                                control, HAS_STATS=has_stats, CHECK_FINITE=check_finite, BLOCK=SCALARS_BLOCK)
 
 
 def masked_adamw_update_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tensor,
                                compact_grad: torch.Tensor | None, like: torch.Tensor, exp_avg: torch.Tensor,
                                exp_avg_sq: torch.Tensor, master: torch.Tensor | None, coef: torch.Tensor,
-                               control: torch.Tensor, tile: int) -> None:
-    """Update every tile in place: parameters (through ``addr``), fp32 ``exp_avg``/``exp_avg_sq``/``master`` ``[S]``."""
+                               tile: int) -> None:
+    """Update every tile in place: parameters (through ``addr``), fp32 ``exp_avg``/``exp_avg_sq``/``master`` ``[S]``;
+    ``coef``: fp32 ``[n_slots, COEF_FIELDS]``, the rows of this bucket's slots."""
     device = tiles.device
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("coef", coef), ("control", control)):
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("coef", coef)):
         _check(name, t, torch.float32, device)
     if master is not None:
         _check("master", master, torch.float32, device)
@@ -248,7 +289,7 @@ def masked_adamw_update_triton(tiles: torch.Tensor, index: torch.Tensor, addr: t
     cgrad = compact_grad if compact_grad is not None else exp_avg
     _masked_adamw_kernel[(tiles.shape[0],)](
         tiles, index, addr, cgrad, like, exp_avg, exp_avg_sq, master if master is not None else exp_avg, coef,
-        control, TILE=tile, COMPACT_GRAD=compact_grad is not None, HAS_MASTER=master is not None,
+        TILE=tile, COMPACT_GRAD=compact_grad is not None, HAS_MASTER=master is not None,
         num_warps=num_warps_for(tile),
     )
 

@@ -18,19 +18,20 @@ import triton
 import triton.language as tl
 
 from mu_fast.kernels.masked_adamw import (
+    C_APPLY,
     C_BETA1,
     C_BETA2,
     C_DECAY,
     C_EPS,
+    C_GRAD_SCALE,
     C_INV_SQRT_BC2,
     C_ONE_MINUS_BETA1,
     C_ONE_MINUS_BETA2,
     C_STEP_SIZE,
     COEF_FIELDS,
-    K_CLIP,
-    K_SKIP,
     _check,
     _load_grad,
+    _store_rounded,
     num_warps_for,
     _tile_elements,
 )
@@ -54,18 +55,19 @@ def _quantize(x, absmax, mids_ptr):
 
 @triton.jit
 def _masked_adamw8bit_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr, cm_ptr, cv_ptr, am_ptr, av_ptr,
-                             qmap_m_ptr, qmap_v_ptr, mids_m_ptr, mids_v_ptr, master_ptr, coef_ptr, control_ptr,
+                             qmap_m_ptr, qmap_v_ptr, mids_m_ptr, mids_v_ptr, master_ptr, coef_ptr,
                              BLOCKS: tl.constexpr, COMPACT_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr):
     t = tl.program_id(0)
     b = tl.arange(0, BLOCKS)
     e = tl.arange(0, _QB)
     j = b[:, None] * _QB + e[None, :]  # [BLOCKS, _QB] positions inside the tile
     slot, group, flat, state, valid = _tile_elements(tiles_ptr, index_ptr, t, j)
-    valid = tl.where(tl.load(control_ptr + K_SKIP) == 0.0, valid, False)
+    c = coef_ptr + slot * COEF_FIELDS
+    # No gradient for this parameter, or a skipped step: every access masked (blocks never span two parameters).
+    valid = tl.where(tl.load(c + C_APPLY) != 0.0, valid, False)
     block_id = tl.min(state, axis=1) // _QB  # the tile starts on a block boundary
     block_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-    clip = tl.load(control_ptr + K_CLIP)
-    c = coef_ptr + group * COEF_FIELDS
+    scale = tl.load(c + C_GRAD_SCALE)
     beta1 = tl.load(c + C_BETA1)
     beta2 = tl.load(c + C_BETA2)
     eps = tl.load(c + C_EPS)
@@ -76,7 +78,7 @@ def _masked_adamw8bit_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr
     one_minus_beta2 = tl.load(c + C_ONE_MINUS_BETA2)
 
     p_ptr = tl.load(addr_ptr + 2 * slot).to(like_ptr.dtype)
-    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD) * clip
+    g = _load_grad(addr_ptr, cgrad_ptr, like_ptr, slot, flat, state, valid, COMPACT_GRAD) * scale
     if HAS_MASTER:
         p = tl.load(master_ptr + state, mask=valid, other=0.0)
     else:
@@ -96,6 +98,7 @@ def _masked_adamw8bit_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr
 
     m = tl.where(valid, m, 0.0)
     v = tl.where(valid, v, 0.0)
+    p = tl.where(valid, p, 0.0)  # masked lanes hold garbage (dequantized code 0 over eps), never stored
     new_absmax_m = tl.max(tl.abs(m), axis=1)
     new_absmax_v = tl.max(v, axis=1)
     tl.store(cm_ptr + state, _quantize(m, new_absmax_m, mids_m_ptr), mask=valid)
@@ -104,7 +107,7 @@ def _masked_adamw8bit_kernel(tiles_ptr, index_ptr, addr_ptr, cgrad_ptr, like_ptr
     tl.store(av_ptr + block_id, new_absmax_v, mask=block_valid)
     if HAS_MASTER:
         tl.store(master_ptr + state, p, mask=valid)
-    tl.store(p_ptr + flat, p.to(like_ptr.dtype.element_ty), mask=valid)
+    _store_rounded(p_ptr + flat, p, valid)
 
 
 def masked_adamw8bit_update_triton(tiles: torch.Tensor, index: torch.Tensor, addr: torch.Tensor,
@@ -112,7 +115,7 @@ def masked_adamw8bit_update_triton(tiles: torch.Tensor, index: torch.Tensor, add
                                    codes_v: torch.Tensor, absmax_m: torch.Tensor, absmax_v: torch.Tensor,
                                    qmap_m: torch.Tensor, qmap_v: torch.Tensor, mids_m: torch.Tensor,
                                    mids_v: torch.Tensor, master: torch.Tensor | None, coef: torch.Tensor,
-                                   control: torch.Tensor, tile: int) -> None:
+                                   tile: int) -> None:
     """Update every tile in place. codes uint8 ``[S]``, absmax fp32 ``[S/256]``, maps and midpoints fp32 ``[256]``."""
     device = tiles.device
     if tile % QBLOCK:
@@ -120,7 +123,7 @@ def masked_adamw8bit_update_triton(tiles: torch.Tensor, index: torch.Tensor, add
     _check("codes_m", codes_m, torch.uint8, device)
     _check("codes_v", codes_v, torch.uint8, device)
     for name, t in (("absmax_m", absmax_m), ("absmax_v", absmax_v), ("qmap_m", qmap_m), ("qmap_v", qmap_v),
-                    ("mids_m", mids_m), ("mids_v", mids_v), ("coef", coef), ("control", control)):
+                    ("mids_m", mids_m), ("mids_v", mids_v), ("coef", coef)):
         _check(name, t, torch.float32, device)
     if master is not None:
         _check("master", master, torch.float32, device)
@@ -129,7 +132,7 @@ def masked_adamw8bit_update_triton(tiles: torch.Tensor, index: torch.Tensor, add
     cgrad = compact_grad if compact_grad is not None else absmax_m
     _masked_adamw8bit_kernel[(tiles.shape[0],)](
         tiles, index, addr, cgrad, like, codes_m, codes_v, absmax_m, absmax_v, qmap_m, qmap_v, mids_m, mids_v,
-        master if master is not None else absmax_m, coef, control,
+        master if master is not None else absmax_m, coef,
         BLOCKS=tile // QBLOCK, COMPACT_GRAD=compact_grad is not None, HAS_MASTER=master is not None,
         num_warps=num_warps_for(tile),
     )

@@ -125,7 +125,14 @@ def _make_optimizer(named: list[tuple[str, torch.nn.Parameter]], mask: Mask, con
                           weight_decay=config.weight_decay, state_bits=config.state_bits,
                           master_weights=config.master_weights, compact_grads=uses_compact_grads(mask, config))
         return opt, "MaskedAdamW" + ("-8bit" if config.state_bits == 8 else "")
-    partial = any(mask[name].kind != "whole" for name, _ in named)
+    partial = [name for name, _ in named if mask[name].kind != "whole"]
+    if partial and want == "bnb8bit":
+        # Its block-quantized moments are not exactly zero where the gradient is: inactive elements would move.
+        raise ValueError(
+            f"optimizer='bnb8bit' (bitsandbytes AdamW8bit, the authors' Gemma-2 recipe) trains whole matrices, but the "
+            f"mask selects only part of {partial[0]!r}{f' and {len(partial) - 1} more' if len(partial) > 1 else ''}; "
+            "use optimizer='masked' with state_bits=8 for partial masks"
+        )
     if partial and config.weight_decay:
         raise ValueError(
             f"optimizer={want!r} with weight_decay > 0 would shrink the unselected rows/columns of partially masked "
@@ -183,10 +190,15 @@ class EditStep:
         self.named = mask.trainable_parameters(model)
         self.params = [p for _, p in self.named]
         self.hooks: list[Any] = []
-        if optimizer_factory is not None:
-            self.optimizer, self.optimizer_name = optimizer_factory(self.named, mask, config), "custom"
-        else:
-            self.optimizer, self.optimizer_name = _make_optimizer(self.named, mask, config)
+        try:
+            if optimizer_factory is not None:
+                self.optimizer, self.optimizer_name = optimizer_factory(self.named, mask, config), "custom"
+            else:
+                self.optimizer, self.optimizer_name = _make_optimizer(self.named, mask, config)
+        except Exception:
+            for name, p in model.named_parameters():  # a refused setting leaves the model as it was
+                p.requires_grad_(self._flags[name])
+            raise
         if not self.optimizer_name.startswith("MaskedAdamW"):
             for name, param in self.named:
                 if mask[name].kind != "whole":

@@ -57,17 +57,16 @@ _MLP_KEY = re.compile(r"m(\d+)(?:_(in|out|mlp_out))?")
 
 
 def paper_site_table(model: str) -> SiteTable:
-    """A SiteTable of the real shapes of ``model`` (no weights; used for parameter counts)."""
+    """A SiteTable of the real shapes of ``model``, built from its shipped config.json (no weights; used for
+    parameter counts)."""
     return _site_table(paper_model(model).key)
 
 
 @cache
 def _site_table(key: str) -> SiteTable:
-    from mu_fast.models.tiny import REAL_SHAPES, make_config
+    from mu_fast.models.shipped import shipped_config
 
-    shapes = dict(REAL_SHAPES[paper_model(key).shapes])
-    arch = shapes.pop("arch")
-    return SiteTable(make_config(arch, **shapes))
+    return SiteTable(shipped_config(paper_model(key).shapes))
 
 
 def _check_dataset_range(dataset: str, forget_range: str) -> None:

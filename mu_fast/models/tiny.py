@@ -1,6 +1,6 @@
 """Tiny random-weight HF models of every supported architecture, built from configs (no downloads).
 
-Used by tests and CPU benchmarks. Shapes of real models live in ``REAL_SHAPES`` for GPU benchmarks.
+Used by tests and CPU benchmarks. Shapes of real models live in ``REAL_SHAPES`` (from the shipped configs, ``mu_fast.models.shipped``).
 """
 
 from __future__ import annotations
@@ -9,20 +9,13 @@ from typing import Any
 
 import torch
 
-# Shapes of the paper's models (public configs), for random-weight benchmarks.
+from mu_fast.models.shipped import real_shapes
+
+# Shapes of the shipped 7-9B configs (mu_fast/models/configs), keyed as the benchmarks and data files name them.
 REAL_SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(
-        arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256,
-    ),
-    "gemma-7b": dict(
-        arch="gemma", hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=16, head_dim=256, vocab_size=256000,
-    ),
-    "gemma2-9b": dict(
-        arch="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=256, vocab_size=256000,
-    ),
+    key: real_shapes(name)
+    for key, name in (("llama3-8b", "llama-3-8b"), ("gemma-7b", "gemma-7b"), ("gemma2-9b", "gemma-2-9b"),
+                      ("mistral-7b", "mistral-7b"), ("qwen2-7b", "qwen2-7b"))
 }
 
 

@@ -6,14 +6,8 @@
 
 from __future__ import annotations
 
-from mu_fast.optim.masked_adamw import (
-    BACKENDS,
-    CompactBucket,
-    backend_availability,
-    masked_adamw_reference,
-    masked_adamw_step,
-    select_backend,
-)
+from mu_fast.optim.backends import backend_availability, select_backend
+from mu_fast.optim.masked_adamw import BACKENDS, CompactBucket, masked_adamw_reference, masked_adamw_step
 from mu_fast.optim.optimizer import MaskedAdamW
 from mu_fast.optim.segments import SegmentTable
 

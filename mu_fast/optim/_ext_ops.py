@@ -23,23 +23,25 @@ def _check_tiles(tiles: torch.Tensor) -> None:
 @torch.library.register_fake("mu_fast::masked_adamw_grad_sumsq")
 def _grad_sumsq_fake(grads, compact_grad, tiles, index, partial) -> None:
     _check_tiles(tiles)
-    torch._check(partial.dtype == torch.float32, lambda: f"partial must be float32; got {partial.dtype}")
+    torch._check(partial.dtype == torch.float64, lambda: f"partial must be float64; got {partial.dtype}")
 
 
 @torch.library.register_fake("mu_fast::masked_adamw_scalars")
-def _scalars_fake(hyper, step, partial, coef, control, has_stats, check_finite) -> None:
-    torch._check(hyper.dtype == torch.float64 and step.dtype == torch.float64, lambda: "hyper and step must be float64")
+def _scalars_fake(hyper, slot_group, slot_step, present, partial, coef, control, has_stats, check_finite) -> None:
+    torch._check(hyper.dtype == torch.float64 and slot_step.dtype == torch.float64,
+                 lambda: "hyper and slot_step must be float64")
+    torch._check(slot_group.dtype == torch.int64, lambda: f"slot_group must be int64; got {slot_group.dtype}")
 
 
 @torch.library.register_fake("mu_fast::masked_adamw_update")
-def _update_fake(params, grads, compact_grad, tiles, index, exp_avg, exp_avg_sq, master, coef, control) -> None:
+def _update_fake(params, grads, compact_grad, tiles, index, exp_avg, exp_avg_sq, master, coef) -> None:
     _check_tiles(tiles)
     torch._check(exp_avg.shape == exp_avg_sq.shape, lambda: "exp_avg and exp_avg_sq must have the same shape")
 
 
 @torch.library.register_fake("mu_fast::masked_adamw8bit_update")
 def _update8_fake(params, grads, compact_grad, tiles, index, codes_m, codes_v, absmax_m, absmax_v, qmap_m, qmap_v,
-                  mids_m, mids_v, master, coef, control) -> None:
+                  mids_m, mids_v, master, coef) -> None:
     _check_tiles(tiles)
     torch._check(codes_m.dtype == torch.uint8 and codes_v.dtype == torch.uint8, lambda: "8-bit codes must be uint8")
 

@@ -53,14 +53,21 @@ def write_slot(bucket: CompactBucket, slot: int, values: dict[str, torch.Tensor]
         bucket.master[state] = values["master"]
 
 
-def export_state(opt: MaskedAdamW) -> dict[int, dict[str, torch.Tensor]]:
-    """Every parameter's state keyed by ``id(param)``, with the flat offsets it belongs to."""
-    return {id(p): read_slot(b, slot) for b in opt._buckets for slot, p in enumerate(b.params)}
+def export_state(opt: MaskedAdamW, moments: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+    """Every parameter's state keyed by ``id(param)``: its step count and (with ``moments``) its moments and
+    master values with the flat offsets they belong to."""
+    out = {}
+    for bi, b in enumerate(opt._buckets):
+        for slot, p in enumerate(b.params):
+            out[id(p)] = read_slot(b, slot) if moments else {}
+            out[id(p)]["step"] = opt._slot_step[opt._slot_at[bi] + slot].clone()
+    return out
 
 
 def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) -> None:
     """Fill the (fresh, zero) buckets of ``opt`` from ``export_state`` output: matching elements keep their
-    state, others start at zero moments; masters start from the parameter where no old master exists."""
+    state, others start at zero moments; masters start from the parameter where no old master exists; each
+    parameter keeps its step count (a parameter new to the optimizer starts at 0)."""
     for bi, bucket in enumerate(opt._buckets):
         for slot, p in enumerate(bucket.params):
             flat, _ = bucket.table.indices(slot, bucket.device)
@@ -69,6 +76,8 @@ def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) ->
             new["master"] = p.detach().reshape(-1)[flat].float()
             old = saved.get(id(p))
             if old is not None:
+                opt._slot_step[opt._slot_at[bi] + slot].copy_(old["step"])
+            if old is not None and "flat" in old:
                 order = torch.argsort(old["flat"])
                 sorted_flat = old["flat"][order]
                 pos = torch.searchsorted(sorted_flat, flat).clamp(max=max(sorted_flat.numel() - 1, 0))
@@ -84,6 +93,14 @@ def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) ->
 def load_masked_state(opt: MaskedAdamW, state_dict: dict[str, Any]) -> None:
     """``MaskedAdamW.load_state_dict``: copy saved state into the compact buffers (no dtype casts)."""
     groups, saved_groups = opt.param_groups, state_dict["param_groups"]
+    foreign = next((s for s in state_dict["state"].values() if "mask_key" not in s), None)
+    if foreign is not None:
+        adam = set(foreign) <= {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        raise ValueError(
+            f"this is a {'torch.optim.AdamW (or Adam)' if adam else 'another optimizer'}'s state_dict (state keys "
+            f"{sorted(foreign)}), not a MaskedAdamW one: its state is dense and carries no mask. Load a state_dict "
+            "saved by MaskedAdamW, or start MaskedAdamW without one (its moments start at zero)"
+        )
     if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
         raise ValueError(
             f"state_dict has param groups of sizes {[len(s['params']) for s in saved_groups]}; this optimizer has "
@@ -91,13 +108,13 @@ def load_masked_state(opt: MaskedAdamW, state_dict: dict[str, Any]) -> None:
         )
     id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), chain.from_iterable(g["params"] for g in groups)))
     loaded_master: set[int] = set()
-    step = None
     for pid, saved in state_dict["state"].items():
         p = id_map.get(pid)
         ours = opt.state.get(p) if p is not None else None
         if ours is None:
             raise ValueError(f"state_dict holds state for parameter #{pid}, which this optimizer does not train")
-        name = opt._buckets[opt._where[id(p)][0]].table.slots[opt._where[id(p)][1]].name
+        bi, slot = opt._where[id(p)]
+        name = opt._buckets[bi].table.slots[slot].name
         if saved.get("mask_key") != ours["mask_key"]:
             raise ValueError(f"state for {name!r} was saved with a different mask (or shape); rebuild the optimizer with that mask")
         for key, view in ours.items():
@@ -112,10 +129,9 @@ def load_masked_state(opt: MaskedAdamW, state_dict: dict[str, Any]) -> None:
                 raise ValueError(f"state {key!r} of {name!r} is {src.dtype} {tuple(src.shape)}; expected {view.dtype} {tuple(view.shape)}")
             view.copy_(src)
             if key == "master":
-                loaded_master.add(opt._where[id(p)][0])
-        step = saved.get("step", step)
-    if step is not None:
-        opt._step.copy_(torch.as_tensor(step, dtype=torch.float64).reshape(1))
+                loaded_master.add(bi)
+        if "step" in saved:  # saved as a 0-d tensor per parameter (a [1] tensor shared by all, before)
+            ours["step"].copy_(torch.as_tensor(saved["step"], dtype=torch.float64).reshape(()))
     for bi, bucket in enumerate(opt._buckets):
         opt._master_ready[bi] = bucket.master is None or bi in loaded_master
     for group, saved in zip(groups, saved_groups):

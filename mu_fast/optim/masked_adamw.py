@@ -1,19 +1,21 @@
-"""Masked AdamW: the plain-PyTorch reference, the compact state of one bucket, and the backend dispatcher.
+"""Masked AdamW: the plain-PyTorch reference, the table layouts, the compact state of one bucket, the functional step.
 
-Semantics (every backend): dense AdamW restricted to the active set. Every active element gets the AdamW update
-every step, also with a zero (or absent) gradient: this is not lazy Adam. Weight decay is decoupled and applied
+Semantics (every backend): dense AdamW restricted to the active set. Every active element of a parameter that has
+a gradient gets the AdamW update, also where that gradient is zero: this is not lazy Adam. A parameter without a
+gradient is skipped as torch's AdamW skips it (no moment decay, no weight decay, no write; its own step count
+does not advance), unless the caller marks it present (``missing_grad="zero"``: a missing gradient counts as
+zero). Step counts and bias corrections are per parameter, as in torch. Weight decay is decoupled and applied
 to active elements only. Inactive elements are never read-modify-written: they stay bit-identical whatever the
 gradient holds, NaN included. All arithmetic is fp32 (hyperparameters and bias corrections fp64), the moments
 are fp32 or 8-bit block-quantized, and an optional fp32 master copy keeps small updates of bf16 parameters.
 
-Backends, one method each (``grad_sumsq``, ``scalars``, ``update``, ``gather``) over the same segment
-table (mu_fast/optim/segments.py):
-* ``torch``: plain PyTorch over the same table (gather the active elements, the fp32 update, scatter back);
-  runs anywhere, slow. ``masked_adamw_reference`` is the same formula on compact vectors, readable and usable
-  in fp64: the tests' oracle.
-* ``triton``: kernels/masked_adamw.py and kernels/masked_adamw8bit.py (GPU, or CPU under TRITON_INTERPRET=1).
-* ``cpu`` / ``cuda``: the C++ ops of ``mu_fast._C`` (csrc/).
-``backend="auto"`` picks cuda, then triton, then torch for CUDA tensors, and cpu, then torch for CPU tensors.
+Backends (mu_fast/optim/backends.py: torch, triton, cpu, cuda), one method each (``grad_sumsq``, ``scalars``,
+``update``, ``gather``) over the same segment table (mu_fast/optim/segments.py). ``grad_sumsq`` sums squares in
+fp64, so a finite gradient never overflows the statistic that decides the non-finite skip (an fp32 sum overflows
+at |g| ≈ 1.8e19). ``scalars`` writes one coefficient row per parameter slot (its group's hyperparameters, its own
+bias corrections, the gradient scale = clip factor × −1 for ``maximize``, and whether it is updated at all);
+``update`` reads the row of each tile's slot. ``masked_adamw_reference`` is the same formula on compact vectors,
+readable and usable in fp64: the tests' oracle.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from mu_fast.optim import quantize8
 from mu_fast.optim.segments import SegmentTable
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
-# Column layouts shared with the kernels (kernels/masked_adamw.py, csrc/masked_adamw_common.h).
-H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM = range(6)
-HYPER_FIELDS = 6
-C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2 = range(8)
-COEF_FIELDS = 8
-K_SKIP, K_CLIP, K_NORM = range(3)
+# Column layouts shared with the kernels (kernels/masked_adamw.py, csrc/masked_adamw_common.h). hyper: per param
+# group; coef: per parameter slot; control: (skipped this step, clip factor, active-gradient norm, steps skipped
+# so far: accumulated by every scalars call, never reset there).
+H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAX_NORM, H_GRAD_SIGN = range(7)
+HYPER_FIELDS = 7
+(C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2, C_GRAD_SCALE,
+ C_APPLY) = range(10)
+COEF_FIELDS = 10
+K_SKIP, K_CLIP, K_NORM, K_SKIPPED = range(4)
 CONTROL_FIELDS = 4
+FP64_MAX = torch.finfo(torch.float64).max
 
 
 def masked_adamw_reference(
@@ -73,6 +79,9 @@ class CompactBucket:
 
     exp_avg / exp_avg_sq: fp32 ``[S]``, or uint8 codes ``[S]`` with absmax_m / absmax_v fp32 ``[S/256]``
     (state_bits=8). master: fp32 ``[S]`` or None. compact_grad: fp32 ``[S]`` or None (dense ``.grad`` used).
+    grad_seen: one byte per parameter, set when a backend's ``gather`` accumulates a gradient into
+    ``compact_grad`` (cleared by the owner, e.g. ``MaskedAdamW.zero_grad``): with compact gradients, ``.grad`` is
+    always None, and this says which parameters had a gradient since the buffer was last zeroed.
     """
 
     params: list[torch.Tensor]
@@ -87,6 +96,7 @@ class CompactBucket:
     qmap_v: torch.Tensor | None = None
     mids_m: torch.Tensor | None = None
     mids_v: torch.Tensor | None = None
+    grad_seen: bytearray = field(default_factory=bytearray, repr=False)
     _addr: torch.Tensor | None = field(default=None, repr=False)
     _addr_key: tuple = field(default=(), repr=False)
     _layout: tuple = field(default=(), repr=False)  # (dtype, device, shapes) the table was built for
@@ -115,7 +125,12 @@ class CompactBucket:
             raise ValueError(f"state_bits must be 32 or 8; got {state_bits}")
         return cls(list(params), table, exp_avg, exp_avg_sq,
                    master=torch.zeros(n, **fp32) if master_weights else None,
-                   compact_grad=torch.zeros(n, **fp32) if compact_grads else None, **kw)
+                   compact_grad=torch.zeros(n, **fp32) if compact_grads else None,
+                   grad_seen=bytearray(len(params)), **kw)
+
+    def slot_groups(self) -> list[int]:
+        """The param-group index of each slot, in slot order."""
+        return [info.group for info in self.table.slots]
 
     def __post_init__(self) -> None:
         self._layout = (self.params[0].dtype, self.params[0].device, tuple(torch.Size(s.shape) for s in self.table.slots))
@@ -183,238 +198,43 @@ def _moved_param_message(name: str, p: torch.Tensor, shape: tuple[int, ...], dty
     )
 
 
-def check_grads(bucket: CompactBucket, grads: list[torch.Tensor | None]) -> None:
-    """Raise ``ValueError`` when a gradient's shape, dtype, device or layout does not match its parameter."""
+def check_grads(bucket: CompactBucket, grads: list[torch.Tensor | None]) -> bool:
+    """Raise ``ValueError`` when a gradient's shape, dtype, device or layout does not match its parameter;
+    return whether every parameter has a gradient (one pass: this runs every step)."""
+    complete = True
     for slot, (p, g) in enumerate(zip(bucket.params, grads)):
         if g is None:
-            continue
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or not g.is_contiguous():
-            name = bucket.table.slots[slot].name
-            raise ValueError(
-                f"gradient of {name!r} is {g.dtype} {tuple(g.shape)} on {g.device}"
-                f"{'' if g.is_contiguous() else ' (non-contiguous)'}; expected a contiguous {p.dtype} "
-                f"{tuple(p.shape)} on {p.device} like the parameter"
-            )
+            complete = False
+        elif g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or not g.is_contiguous():
+            check_grad(bucket, slot, g)
+    return complete
 
 
-# ------------------------------------------------------------------------------------------ torch backend
-class TorchBackend:
-    """The reference backend: per parameter, gather the active elements, apply the reference, scatter back."""
-
-    name = "torch"
-
-    def grad_sumsq(self, bucket: CompactBucket, grads: list[torch.Tensor | None], partial: torch.Tensor) -> None:
-        total = partial.new_zeros(())
-        for slot in range(len(bucket.params)):
-            g = self._grad(bucket, grads, slot)
-            total = total + (g * g).sum()
-        partial.zero_()
-        if partial.numel():
-            partial[0] = total
-
-    def scalars(self, hyper: torch.Tensor, step: torch.Tensor, partial: torch.Tensor, coef: torch.Tensor,
-                control: torch.Tensor, has_stats: bool, check_finite: bool) -> None:
-        total = partial.sum() if has_stats else partial.new_zeros(())
-        norm = total.sqrt()
-        skip = (~torch.isfinite(total)).float() if check_finite else total.new_zeros(())
-        max_norm = hyper[0, H_MAX_NORM].float()
-        clip = torch.where(max_norm > 0, torch.clamp(max_norm / (norm + 1e-6), max=1.0), torch.ones_like(norm))
-        control.copy_(torch.stack([skip, clip if has_stats else torch.ones_like(clip), norm, total.new_zeros(())]))
-        t = step + 1
-        bc1 = 1 - hyper[:, H_BETA1] ** t
-        bc2 = 1 - hyper[:, H_BETA2] ** t
-        coef.zero_()
-        coef[:, C_BETA1], coef[:, C_BETA2], coef[:, C_EPS] = hyper[:, H_BETA1], hyper[:, H_BETA2], hyper[:, H_EPS]
-        coef[:, C_DECAY] = 1 - hyper[:, H_LR] * hyper[:, H_WD]
-        coef[:, C_STEP_SIZE] = hyper[:, H_LR] / bc1
-        coef[:, C_INV_SQRT_BC2] = 1 / bc2.sqrt()
-        # 1 - beta in fp64: fp32(0.999) is off by 1e-8, which is 1.3e-5 of 1 - 0.999.
-        coef[:, C_ONE_MINUS_BETA1], coef[:, C_ONE_MINUS_BETA2] = 1 - hyper[:, H_BETA1], 1 - hyper[:, H_BETA2]
-        step.add_(1 - skip.double())
-
-    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor,
-               control: torch.Tensor) -> None:
-        keep = control[K_SKIP] != 0
-        for slot, param in enumerate(bucket.params):
-            info = bucket.table.slots[slot]
-            flat, state = bucket.table.indices(slot, param.device)
-            c = coef[info.group]
-            g = self._grad(bucket, grads, slot) * control[K_CLIP]
-            p_flat = param.view(-1)
-            p_old = bucket.master[state] if bucket.master is not None else p_flat[flat].float()
-            if bucket.state_bits == 8:
-                lo, hi = info.state_begin, info.state_end
-                qb = quantize8.QBLOCK
-                m_range = quantize8.dequantize_blockwise(bucket.exp_avg[lo:hi], bucket.absmax_m[lo // qb : hi // qb], bucket.qmap_m)
-                v_range = quantize8.dequantize_blockwise(bucket.exp_avg_sq[lo:hi], bucket.absmax_v[lo // qb : hi // qb], bucket.qmap_v)
-                m_old, v_old = m_range[state - lo], v_range[state - lo]
-            else:
-                m_old, v_old = bucket.exp_avg[state], bucket.exp_avg_sq[state]
-            p = p_old * c[C_DECAY]
-            m = c[C_BETA1] * m_old + c[C_ONE_MINUS_BETA1] * g
-            v = c[C_BETA2] * v_old + c[C_ONE_MINUS_BETA2] * g * g
-            p = p - c[C_STEP_SIZE] * (m / (v.sqrt() * c[C_INV_SQRT_BC2] + c[C_EPS]))
-            p, m, v = (torch.where(keep, old, new) for old, new in ((p_old, p), (m_old, m), (v_old, v)))
-            if bucket.state_bits == 8:
-                m_range, v_range = torch.zeros_like(m_range), torch.zeros_like(v_range)
-                m_range[state - lo], v_range[state - lo] = m, v
-                for codes, absmax, values, qmap in ((bucket.exp_avg, bucket.absmax_m, m_range, bucket.qmap_m),
-                                                    (bucket.exp_avg_sq, bucket.absmax_v, v_range, bucket.qmap_v)):
-                    new_codes, new_absmax = quantize8.quantize_blockwise(values, qmap)
-                    codes[lo:hi] = torch.where(keep, codes[lo:hi], new_codes)
-                    absmax[lo // qb : hi // qb] = torch.where(keep, absmax[lo // qb : hi // qb], new_absmax)
-            else:
-                bucket.exp_avg[state], bucket.exp_avg_sq[state] = m, v
-            if bucket.master is not None:
-                bucket.master[state] = p
-            p_flat.index_copy_(0, flat, torch.where(keep, p_flat[flat], p.to(param.dtype)))
-
-    def gather(self, bucket: CompactBucket, slot: int, source: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-        flat, state = bucket.table.indices(slot, source.device)
-        values = source.reshape(-1)[flat].float()
-        if accumulate:
-            values = values + out[state]
-        out[state] = values
-
-    @staticmethod
-    def _grad(bucket: CompactBucket, grads: list[torch.Tensor | None], slot: int) -> torch.Tensor:
-        flat, state = bucket.table.indices(slot, bucket.device)
-        if bucket.compact_grad is not None:
-            return bucket.compact_grad[state]
-        g = grads[slot]
-        if g is None:
-            return torch.zeros(flat.numel(), dtype=torch.float32, device=bucket.device)
-        return g.reshape(-1)[flat].float()
-
-
-# ----------------------------------------------------------------------------------------- triton backend
-class TritonBackend:
-    """kernels/masked_adamw.py and kernels/masked_adamw8bit.py."""
-
-    name = "triton"
-
-    def __init__(self) -> None:
-        from mu_fast.kernels import masked_adamw as k32
-        from mu_fast.kernels import masked_adamw8bit as k8
-
-        self.k32, self.k8 = k32, k8
-
-    def grad_sumsq(self, bucket: CompactBucket, grads: list[torch.Tensor | None], partial: torch.Tensor) -> None:
-        t = bucket.table
-        self.k32.grad_sumsq_triton(t.tiles, _index(t), bucket.address_table(grads), bucket.compact_grad,
-                                   bucket.params[0], partial, t.tile)
-
-    def scalars(self, hyper, step, partial, coef, control, has_stats, check_finite) -> None:
-        self.k32.adamw_scalars_triton(hyper, step, partial, coef, control, has_stats, check_finite)
-
-    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor,
-               control: torch.Tensor) -> None:
-        t, b = bucket.table, bucket
-        addr = b.address_table(grads)
-        if b.state_bits == 8:
-            self.k8.masked_adamw8bit_update_triton(t.tiles, _index(t), addr, b.compact_grad, b.params[0], b.exp_avg,
-                                                   b.exp_avg_sq, b.absmax_m, b.absmax_v, b.qmap_m, b.qmap_v, b.mids_m,
-                                                   b.mids_v, b.master, coef, control, t.tile)
-        else:
-            self.k32.masked_adamw_update_triton(t.tiles, _index(t), addr, b.compact_grad, b.params[0], b.exp_avg,
-                                                b.exp_avg_sq, b.master, coef, control, t.tile)
-
-    def gather(self, bucket: CompactBucket, slot: int, source: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-        t, info = bucket.table, bucket.table.slots[slot]
-        self.k32.gather_grad_triton(t.tiles, _index(t), source, out, info.tile_begin, info.tile_end, t.tile, accumulate)
-
-
-# ------------------------------------------------------------------------------------ C++ / CUDA backends
-class ExtBackend:
-    """The ops of the compiled extension ``mu_fast._C`` (csrc/), for CPU or CUDA tensors."""
-
-    def __init__(self, name: str) -> None:
-        from mu_fast.optim import _ext_ops  # noqa: F401  (registers the fake implementations)
-
-        self.name = name
-        self.ops = torch.ops.mu_fast
-
-    def grad_sumsq(self, bucket: CompactBucket, grads: list[torch.Tensor | None], partial: torch.Tensor) -> None:
-        t = bucket.table
-        self.ops.masked_adamw_grad_sumsq(_grads_arg(bucket, grads), bucket.compact_grad, t.tiles, _index(t), partial)
-
-    def scalars(self, hyper, step, partial, coef, control, has_stats, check_finite) -> None:
-        self.ops.masked_adamw_scalars(hyper, step, partial, coef, control, has_stats, check_finite)
-
-    def update(self, bucket: CompactBucket, grads: list[torch.Tensor | None], coef: torch.Tensor,
-               control: torch.Tensor) -> None:
-        t, b = bucket.table, bucket
-        if b.state_bits == 8:
-            self.ops.masked_adamw8bit_update(b.params, _grads_arg(b, grads), b.compact_grad, t.tiles, _index(t),
-                                             b.exp_avg, b.exp_avg_sq, b.absmax_m, b.absmax_v, b.qmap_m, b.qmap_v,
-                                             b.mids_m, b.mids_v, b.master, coef, control)
-        else:
-            self.ops.masked_adamw_update(b.params, _grads_arg(b, grads), b.compact_grad, t.tiles, _index(t),
-                                         b.exp_avg, b.exp_avg_sq, b.master, coef, control)
-
-    def gather(self, bucket: CompactBucket, slot: int, source: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-        t, info = bucket.table, bucket.table.slots[slot]
-        self.ops.masked_gather_grad(source, t.tiles, _index(t), info.tile_begin, info.tile_end, out, accumulate)
-
-
-def _index(table: SegmentTable) -> torch.Tensor:
-    """The table's int32 index array, or a 1-element dummy (kernels need a valid pointer)."""
-    if table.index.numel() == 0:
-        table.index = torch.zeros(1, dtype=torch.int32, device=table.tiles.device)
-    return table.index
-
-
-def _grads_arg(bucket: CompactBucket, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    return [] if bucket.compact_grad is not None else list(grads)
-
-
-# ---------------------------------------------------------------------------------------------- dispatch
-_INSTANCES: dict[str, object] = {}
-
-
-def backend_availability(device: torch.device | str) -> dict[str, str]:
-    """For each backend name: "available" or why it cannot run on ``device``."""
-    from mu_fast._ext import REBUILD_HINT, extension_has_cuda, load_extension, triton_status
-
-    device = torch.device(device)
-    module, why_ext = load_extension()
-    ok_triton, why_triton = triton_status()
-    on_cuda = device.type == "cuda"
-    report = {"torch": "available"}
-    if not ok_triton:
-        report["triton"] = why_triton
-    elif on_cuda == ("interpreter" in why_triton):
-        report["triton"] = f"triton runs {why_triton}, which does not match {device.type} tensors"
-    else:
-        report["triton"] = "available"
-    if module is None:
-        report["cpu"] = report["cuda"] = why_ext
-    else:
-        report["cpu"] = "available" if not on_cuda else f"the cpu backend needs CPU tensors; got {device}"
-        if not on_cuda:
-            report["cuda"] = f"the cuda backend needs CUDA tensors; got {device}"
-        elif not extension_has_cuda():
-            report["cuda"] = f"mu_fast._C was built without CUDA; {REBUILD_HINT} with nvcc and a CUDA torch"
-        else:
-            report["cuda"] = "available"
-    return report
-
-
-def select_backend(device: torch.device | str, backend: str = "auto"):
-    """The backend object for tensors on ``device``: the requested one (error if unavailable) or the best one."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    report = backend_availability(device)
-    if backend == "auto":
-        order = ("cuda", "triton", "torch") if torch.device(device).type == "cuda" else ("cpu", "torch")
-        backend = next(name for name in order if report[name] == "available")
-    elif report[backend] != "available":
-        raise RuntimeError(f"masked AdamW backend {backend!r} is unavailable: {report[backend]}")
-    if backend not in _INSTANCES:
-        _INSTANCES[backend] = {"torch": TorchBackend, "triton": TritonBackend}.get(backend, ExtBackend)(
-            *(() if backend in ("torch", "triton") else (backend,))
+def check_grad(bucket: CompactBucket, slot: int, g: torch.Tensor) -> None:
+    """``check_grads`` for the gradient ``g`` of one slot."""
+    p = bucket.params[slot]
+    if g.shape == p.shape and g.dtype == p.dtype and g.device == p.device and g.is_contiguous():
+        return
+    name = bucket.table.slots[slot].name
+    if g.layout != torch.strided:
+        raise ValueError(
+            f"gradient of {name!r} is sparse ({g.layout}); MaskedAdamW needs dense gradients: build the module "
+            "that makes it with sparse=False (e.g. torch.nn.Embedding(..., sparse=False)), or densify it "
+            "(p.grad = p.grad.to_dense()) before step()"
         )
-    return _INSTANCES[backend]
+    raise ValueError(
+        f"gradient of {name!r} is {g.dtype} {tuple(g.shape)} on {g.device}"
+        f"{'' if g.is_contiguous() else ' (non-contiguous)'}; expected a contiguous {p.dtype} "
+        f"{tuple(p.shape)} on {p.device} like the parameter"
+    )
+
+
+def to_device(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, copied without a host sync (pinned memory on CUDA)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 @torch.no_grad()
@@ -426,31 +246,48 @@ def masked_adamw_step(
     *,
     max_grad_norm: float | None = None,
     nonfinite: str = "skip",
+    missing_grad: str = "skip",
     backend: str = "auto",
 ) -> torch.Tensor:
     """One masked AdamW step over a bucket, functional form of ``MaskedAdamW.step`` (no host sync).
 
-    grads: one dense gradient (or None) per parameter of ``bucket``, or None with ``bucket.compact_grad``.
-    hyper: fp64 ``[G, 6]`` per param group (lr, beta1, beta2, eps, weight_decay, unused), on the bucket's device;
-    its last column is overwritten with ``max_grad_norm``. step: fp64 ``[1]`` steps taken so far (advanced in
-    place unless skipped). max_grad_norm: clip the active gradients to this global norm (None: no clipping).
-    nonfinite: "skip" (a non-finite active gradient makes the step a no-op, decided on device) or "ignore".
-    Returns the control vector fp32 ``[4]``: (skipped, clip factor, active-gradient norm, 0).
+    grads: one dense gradient (or None) per parameter of ``bucket``, or None with ``bucket.compact_grad`` (then
+    ``bucket.grad_seen`` says which parameters have a gradient). hyper: fp64 ``[G, HYPER_FIELDS]`` per param group
+    (lr, beta1, beta2, eps, weight_decay, max_grad_norm, grad sign: 1, or -1 to maximize), on the bucket's device;
+    its max_grad_norm column is overwritten. step: fp64 ``[n_params]`` steps taken per parameter (advanced in
+    place for each parameter updated). max_grad_norm: clip the active gradients to this global norm (None: no
+    clipping). nonfinite: "skip" (a non-finite active gradient makes the step a no-op, decided on device) or
+    "ignore". missing_grad: "skip" (a parameter without a gradient is left untouched) or "zero" (it counts as a
+    zero gradient). Returns the control vector fp32 ``[4]``: (skipped, clip factor, active-gradient norm, skipped).
     """
     if nonfinite not in ("skip", "ignore"):
         raise ValueError(f"nonfinite must be 'skip' or 'ignore' here (the optimizer adds 'raise'); got {nonfinite!r}")
+    if missing_grad not in ("skip", "zero"):
+        raise ValueError(f"missing_grad must be 'skip' or 'zero'; got {missing_grad!r}")
+    n = len(bucket.params)
+    if step.dtype != torch.float64 or step.numel() != n:
+        raise ValueError(f"step must hold one float64 step count per parameter ({n}); got {step.dtype} {tuple(step.shape)}")
+    from mu_fast.optim.backends import select_backend
+
     impl = select_backend(bucket.device, backend)
     bucket.check_params()
-    grads = list(grads) if grads is not None else [None] * len(bucket.params)
+    grads = list(grads) if grads is not None else [None] * n
     if bucket.compact_grad is None:
         check_grads(bucket, grads)
+        present = [float(g is not None) for g in grads]
+    else:
+        present = [float(b) for b in bucket.grad_seen]
+    if missing_grad == "zero":
+        present = [1.0] * n
+    device = bucket.device
     hyper[:, H_MAX_NORM] = float(max_grad_norm) if max_grad_norm is not None else 0.0
     has_stats = nonfinite == "skip" or max_grad_norm is not None
-    partial = torch.zeros(max(bucket.table.n_tiles, 1), dtype=torch.float32, device=bucket.device)
+    partial = torch.zeros(max(bucket.table.n_tiles, 1), dtype=torch.float64, device=device)
     if has_stats:
         impl.grad_sumsq(bucket, grads, partial)
-    coef = torch.zeros(hyper.shape[0], COEF_FIELDS, dtype=torch.float32, device=bucket.device)
-    control = torch.zeros(CONTROL_FIELDS, dtype=torch.float32, device=bucket.device)
-    impl.scalars(hyper, step, partial, coef, control, has_stats, nonfinite == "skip")
-    impl.update(bucket, grads, coef, control)
+    coef = torch.zeros(n, COEF_FIELDS, dtype=torch.float32, device=device)
+    control = torch.zeros(CONTROL_FIELDS, dtype=torch.float32, device=device)
+    impl.scalars(hyper, to_device(bucket.slot_groups(), torch.int64, device), step.view(-1),
+                 to_device(present, torch.float32, device), partial, coef, control, has_stats, nonfinite == "skip")
+    impl.update(bucket, grads, coef)
     return control

@@ -10,21 +10,37 @@
 Semantics: dense AdamW restricted to the active set (mu_fast/optim/masked_adamw.py), weight_decay 0 by default.
 State exists only for active elements (fp32 m/v, or 8-bit block-quantized with ``state_bits=8``; an fp32
 master copy for bf16/fp16 parameters with ``master_weights=True``). Parameters of one device and dtype share one
-compact buffer and one launch per step; the learning rate, bias corrections, clip factor and step count live on
+compact buffer and one launch per step; the learning rate, bias corrections, clip factor and step counts live on
 the device, so ``step()`` does not sync the host (except ``nonfinite="raise"``).
 
-Gradients: dense ``.grad`` by default (a parameter without ``.grad`` counts as a zero gradient: every active
-element is updated every step). ``compact_grads=True`` registers a post-accumulate-grad hook per parameter that
-adds the active part of ``.grad`` into an fp32 compact buffer and frees ``.grad`` at once, so full-size gradients
-never accumulate; clip with ``opt.clip_grad_norm_`` or ``max_grad_norm`` then, since ``.grad`` is None.
+Gradients: dense ``.grad`` by default. ``missing_grad="skip"`` (default) treats a parameter whose ``.grad`` is None
+(e.g. ``requires_grad=False``, or unused in the forward) as torch's AdamW does: it is left untouched that step (no
+moment decay, no weight decay) and its step count does not advance; step counts and bias corrections are per
+parameter, like torch's ``state[p]["step"]``. ``missing_grad="zero"`` counts a missing gradient as zero instead
+(every active element decays every step, all parameters share one step count). ``compact_grads=True`` registers
+a post-accumulate-grad hook per parameter (with ``requires_grad``) that adds the active part of ``.grad`` into an
+fp32 compact buffer and frees ``.grad`` at once, so full-size gradients never accumulate; a parameter counts as
+having a gradient when its hook has fired since the last ``zero_grad(set_to_none=True)``. Clip with
+``opt.clip_grad_norm_`` or ``max_grad_norm`` then, since ``.grad`` is None.
 
-Non-finite gradients: ``nonfinite="skip"`` (default) makes a step whose active gradients hold a NaN/inf (or
-whose squared norm overflows fp32) a no-op, decided on the device: nothing is written and the step count does
-not advance. ``"raise"`` syncs and raises ``FloatingPointError`` before anything is written. ``"ignore"`` skips
-the check (and its read of the gradients) and lets NaN into the state, like torch's AdamW.
+Non-finite gradients: ``nonfinite="skip"`` (default) makes a step whose active gradients hold a NaN/inf a no-op,
+decided on the device: nothing is written and no step count advances. Squares are summed in fp64, so a finite
+gradient, however large, never trips the check. ``opt.skipped_steps`` counts skipped steps (reading it syncs);
+the first one also raises a ``RuntimeWarning``, found without a sync (on CUDA at a later step, or when the count
+is read). ``"raise"`` syncs and raises ``FloatingPointError`` before anything is written. ``"ignore"`` skips the
+check (and its read of the gradients) and lets NaN into the state, like torch's AdamW.
+
+Param groups: torch AdamW's options are accepted: ``maximize`` is honoured (per group), ``foreach`` / ``fused`` /
+``capturable`` are accepted and ignored (MaskedAdamW always runs its own fused, capturable kernels), ``amsgrad``,
+``differentiable`` and ``decoupled_weight_decay=False`` are refused. A tensor passed twice is refused.
+``add_param_group`` after construction takes the new parameters' selections from a ``"mask"`` key of the group
+("whole", a ``Selection`` or bool tensor, one per parameter in a list, or a mapping like the ``mask`` argument);
+without one, new parameters are whole when the optimizer was built with ``mask=None`` and refused otherwise. Such
+an optimizer's ``state_dict`` loads into one built the same way (same groups, same masks).
 
 CUDA graphs: run one eager step first; inside a captured region only tensor-valued ``lr`` updates (e.g.
-``group["lr"].fill_(x)``) take effect, float hyperparameters are those of the last eager step.
+``group["lr"].fill_(x)``) take effect, float hyperparameters are those of the last eager step, and which
+parameters have gradients must not change.
 """
 
 from __future__ import annotations
@@ -34,36 +50,41 @@ from typing import Any, Callable
 
 import torch
 
-from mu_fast.masks import Mask, Selection
-from mu_fast.optim import quantize8
+from mu_fast.masks import Mask
+from mu_fast.optim import _groups, _host, quantize8
+from mu_fast.optim.backends import select_backend
 from mu_fast.optim.masked_adamw import (
     CONTROL_FIELDS,
     COEF_FIELDS,
-    H_MAX_NORM,
     HYPER_FIELDS,
     K_SKIP,
+    K_SKIPPED,
     CompactBucket,
+    check_grad,
     check_grads,
-    select_backend,
+    to_device,
 )
 from mu_fast.optim.segments import DEFAULT_TILE, SegmentTable
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+MISSING_GRAD_POLICIES = ("skip", "zero")
 
 
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW over the active elements of a ``Mask``; see the module docstring.
 
     params: ``model.named_parameters()``-style ``(name, param)`` pairs (names matched against ``mask``), plain
-    parameters (named "0", "1", ... in order), or param-group dicts of either.
+    parameters (named "0", "1", ... in order), or param-group dicts of either (optionally with a "mask" key).
     mask: a ``Mask``; or a mapping from name / position / parameter to a ``Selection``, a bool tensor of the
     parameter's shape, or "whole"; or None (every parameter whole). Every parameter must be in the mask and
     every mask entry must be a parameter (``ValueError`` otherwise).
-    lr, betas, eps, weight_decay: AdamW hyperparameters, per param group. state_bits: 32 or 8. master_weights:
-    keep an fp32 copy of the active elements of bf16/fp16 parameters. compact_grads: see the module docstring.
-    max_grad_norm: clip the active gradients to this global L2 norm every step. nonfinite: "skip" | "raise" |
-    "ignore". backend: "auto" | "torch" | "triton" | "cpu" | "cuda". tile: elements per work tile.
+    lr, betas, eps, weight_decay, maximize: AdamW hyperparameters, per param group. amsgrad, foreach, fused,
+    capturable, differentiable: torch AdamW's options (see the module docstring). state_bits: 32 or 8.
+    master_weights: keep an fp32 copy of the active elements of bf16/fp16 parameters. compact_grads: see the
+    module docstring. max_grad_norm: clip the active gradients to this global L2 norm every step. nonfinite:
+    "skip" | "raise" | "ignore". missing_grad: "skip" | "zero". backend: "auto" | "torch" | "triton" | "cpu" |
+    "cuda". tile: elements per work tile.
     """
 
     def __init__(
@@ -75,44 +96,93 @@ class MaskedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        maximize: bool = False,
+        amsgrad: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         state_bits: int = 32,
         master_weights: bool = False,
         compact_grads: bool = False,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip",
+        missing_grad: str = "skip",
         backend: str = "auto",
         tile: int = DEFAULT_TILE,
     ):
-        _check_hyper(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        **{**_groups.TORCH_ADAMW_OPTIONS, **dict(maximize=maximize, amsgrad=amsgrad, foreach=foreach,
+                                                                 fused=fused, capturable=capturable,
+                                                                 differentiable=differentiable)})
+        _groups.check_group(defaults)
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8; got {state_bits}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}")
+        if missing_grad not in MISSING_GRAD_POLICIES:
+            raise ValueError(f"missing_grad must be one of {MISSING_GRAD_POLICIES}; got {missing_grad!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None; got {max_grad_norm}")
         self.state_bits, self.master_weights, self.compact_grads = state_bits, master_weights, compact_grads
         self.max_grad_norm, self.nonfinite, self.backend, self.tile = max_grad_norm, nonfinite, backend, tile
-        self._built = False
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._build(self._resolve_mask(mask, strict=True))
-        self._built = True
+        self.missing_grad = missing_grad
+        self._built, self._group_masks, self._whole_by_default = False, {}, mask is None
+        super().__init__(params, defaults)
+        named = [(n, p) for n, p, _ in self._named()]
+        resolved = _groups.resolve_mask(named, mask if mask is not None or not self._group_masks else
+                                        {n: "whole" for n, p, g in self._named() if g not in self._group_masks})
+        for gi, spec in self._group_masks.items():
+            resolved = resolved.union(self._group_mask(gi, spec))
+        _groups.check_covered(named, resolved)
+        self._build(resolved)
+        self._built, self._group_masks = True, {}
 
     # ---------------------------------------------------------------------------------------------- setup
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``; after construction the new parameters must already be in the mask."""
+        """torch's ``add_param_group``. After construction the new parameters are trained with the selections of
+        the group's ``"mask"`` key (see the module docstring); the other parameters keep their state."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict; got {type(param_group).__name__}")
         group = dict(param_group)
+        spec = group.pop("mask", None)
         params = group["params"]
         group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
         if group["params"] and isinstance(group["params"][0], tuple):
             group["param_names"] = [name for name, _ in group["params"]]
             group["params"] = [p for _, p in group["params"]]
-        _check_hyper(group.get("lr", 1e-3), group.get("betas", (0.9, 0.999)), group.get("eps", 1e-8),
-                     group.get("weight_decay", 0.0))
+        _groups.check_group({**self.defaults, **group})
+        start = sum(len(g["params"]) for g in self.param_groups)
+        names = group.get("param_names") or [str(start + i) for i in range(len(group["params"]))]
+        _groups.check_distinct([(n, p) for n, p, _ in self._named()] + list(zip(names, group["params"])))
         super().add_param_group(group)
-        if getattr(self, "_built", False):
-            self._rebuild(self.mask)
+        gi = len(self.param_groups) - 1
+        if not self._built:
+            if spec is not None:
+                self._group_masks[gi] = spec
+            return
+        try:
+            if spec is not None:
+                extra = self._group_mask(gi, spec)
+            elif self._whole_by_default:
+                extra = self._group_mask(gi, "whole")
+            else:
+                raise ValueError(
+                    f"parameters {names[:5]} of the new param group have no mask entry; give the group a 'mask' "
+                    "key (e.g. {'params': [...], 'mask': 'whole'}, or a list of Selections / bool tensors, one per "
+                    "parameter), or build the optimizer over every parameter and choose the trained ones with "
+                    "opt.set_mask(...)"
+                )
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._rebuild(self.mask.union(extra))
+
+    def _group_mask(self, gi: int, spec: Any) -> Mask:
+        """The selections a group's "mask" entry gives its parameters."""
+        named = [(n, p) for n, p, g in self._named() if g == gi]
+        mapping = _groups.group_mask_mapping([p for _, p in named], spec)
+        return _groups.resolve_mask(named, dict(mapping) if isinstance(mapping, Mask) else mapping)
 
     def _named(self) -> list[tuple[str, torch.Tensor, int]]:
         out, position = [], 0
@@ -121,51 +191,6 @@ class MaskedAdamW(torch.optim.Optimizer):
             out += [(n, p, gi) for n, p in zip(names, group["params"])]
             position += len(group["params"])
         return out
-
-    def _resolve_mask(self, mask: Mask | Mapping[Any, Any] | None, strict: bool) -> Mask:
-        named = self._named()
-        by_name = {n: p for n, p, _ in named}
-        if len(by_name) != len(named):
-            raise ValueError("parameter names must be unique across param groups")
-        if mask is None:
-            resolved = Mask()
-            for name, p, _ in named:
-                resolved.add(name, p.shape)
-        elif isinstance(mask, Mask):
-            resolved = mask
-        elif isinstance(mask, Mapping):
-            position = {id(p): n for n, p, _ in named}
-            resolved = Mask()
-            for key, value in mask.items():
-                name = position.get(id(key)) if isinstance(key, torch.Tensor) else str(key)
-                if name is None or name not in by_name:
-                    raise ValueError(f"mask key {key if not isinstance(key, torch.Tensor) else tuple(key.shape)} is not one of the optimizer's parameters")
-                shape = by_name[name].shape
-                if isinstance(value, Selection):
-                    resolved.add(name, shape, value.kind, value.index)
-                elif isinstance(value, torch.Tensor):
-                    resolved.add(name, shape, "elements", value)
-                elif value == "whole":
-                    resolved.add(name, shape)
-                else:
-                    raise TypeError(f"mask value for {name!r} must be a Selection, a bool tensor or 'whole'; got {type(value).__name__}")
-        else:
-            raise TypeError(f"mask must be a Mask, a mapping or None; got {type(mask).__name__}")
-        for name in resolved:
-            if name not in by_name:
-                raise ValueError(
-                    f"mask names parameter {name!r}, which this optimizer was not given; pass it (e.g. "
-                    "mask.trainable_parameters(model)) or drop it from the mask"
-                )
-            if tuple(by_name[name].shape) != resolved.shape(name):
-                raise ValueError(f"mask for {name!r} has shape {resolved.shape(name)} but the parameter has {tuple(by_name[name].shape)}")
-        missing = [n for n in by_name if n not in resolved]
-        if strict and missing:
-            raise ValueError(
-                f"parameters {missing[:5]}{'...' if len(missing) > 5 else ''} are not in the mask; pass only masked "
-                "parameters (mask.trainable_parameters(model)) or add them to the mask"
-            )
-        return resolved
 
     def _build(self, mask: Mask) -> None:
         """Lay out buckets (one per dtype) with zero state for ``mask``, point ``self.state`` at them."""
@@ -195,32 +220,45 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._where[id(p)] = (len(self._buckets), slot)
             self._buckets.append(bucket)
             self._impls.append(select_backend(self.device, self.backend))
-        n_groups = len(self.param_groups)
         f32, f64 = dict(dtype=torch.float32, device=self.device), dict(dtype=torch.float64, device=self.device)
-        if not hasattr(self, "_step"):
-            self._step = torch.zeros(1, **f64)
-        self._hyper = torch.zeros(n_groups, HYPER_FIELDS, **f64)
+        # Per parameter slot, over all buckets (bucket bi owns rows _slot_at[bi]:_slot_at[bi + 1]).
+        self._slot_at = [0]
+        for b in self._buckets:
+            self._slot_at.append(self._slot_at[-1] + len(b.params))
+        n_slots = self._slot_at[-1]
+        self._slot_group = to_device([g for b in self._buckets for g in b.slot_groups()], torch.int64, self.device)
+        self._slot_step = torch.zeros(n_slots, **f64)
+        self._present = torch.ones(n_slots, **f32)
+        self._all_present = self._present_key = b"\x01" * n_slots
+        self._coef = torch.zeros(n_slots, COEF_FIELDS, **f32)
+        self._coef_rows = [self._coef[a:b] for a, b in zip(self._slot_at, self._slot_at[1:])]
+        self._no_grads = [[None] * len(b.params) for b in self._buckets]
+        self._complete = [True] * len(self._buckets)  # per bucket: every parameter had a .grad at the last _grads
+        self._hyper = torch.zeros(len(self.param_groups), HYPER_FIELDS, **f64)
         self._hyper_key: tuple = ()
-        self._hyper_host: torch.Tensor | None = None  # pinned staging buffer (CUDA), see _stage_hyper
+        self._hyper_host: torch.Tensor | None = None  # pinned staging buffer (CUDA), see _host.stage_hyper
         self._hyper_event: torch.cuda.Event | None = None
-        self._coef = torch.zeros(n_groups, COEF_FIELDS, **f32)
-        self._control = torch.zeros(CONTROL_FIELDS, **f32)
+        if getattr(self, "_control", None) is None or self._control.device != self.device:
+            self._control = torch.zeros(CONTROL_FIELDS, **f32)  # kept across rebuilds: it counts skipped steps
+            self._skip_warned, self._skip_polls, self._skip_event = False, 0, None
+            self._skip_host = torch.zeros(1, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+            self._control_np = self._control.numpy() if self.device.type == "cpu" else None
         self._partial_at = [0]
         for b in self._buckets:
             self._partial_at.append(self._partial_at[-1] + b.table.n_tiles)
-        self._partial = torch.zeros(max(self._partial_at[-1], 1), **f32)
+        self._partial = torch.zeros(max(self._partial_at[-1], 1), **f64)
         self._stats_ready, self._pending_clip = False, None
         self._master_ready = [b.master is None for b in self._buckets]
         self.state.clear()
-        for b in self._buckets:
+        for bi, b in enumerate(self._buckets):
             for slot, p in enumerate(b.params):
-                self.state[p] = self._state_views(b, slot)
+                self.state[p] = self._state_views(b, slot, self._slot_at[bi] + slot)
         self._install_hooks()
 
-    def _state_views(self, bucket: CompactBucket, slot: int) -> dict[str, Any]:
+    def _state_views(self, bucket: CompactBucket, slot: int, row: int) -> dict[str, Any]:
         info = bucket.table.slots[slot]
         lo, hi = info.state_begin, info.state_end
-        views: dict[str, Any] = {"step": self._step, "mask_key": bucket.table.key(slot)}
+        views: dict[str, Any] = {"step": self._slot_step[row], "mask_key": bucket.table.key(slot)}
         if bucket.state_bits == 8:
             qb = quantize8.QBLOCK
             views.update(exp_avg_codes=bucket.exp_avg[lo:hi], exp_avg_absmax=bucket.absmax_m[lo // qb : hi // qb],
@@ -234,12 +272,26 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _install_hooks(self) -> None:
         for handle in getattr(self, "_hooks", []):
             handle.remove()
-        self._hooks = []
+        self._hooks, self._hookless = [], []
         if not self.compact_grads:
             return
         for bi, bucket in enumerate(self._buckets):
             for slot, p in enumerate(bucket.params):
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._compact_hook(bi, slot)))
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._compact_hook(bi, slot)))
+                else:  # torch refuses a hook there; registered by _late_hooks once requires_grad is set
+                    self._hookless.append((bi, slot))
+
+    def _late_hooks(self) -> None:
+        """Hooks for parameters that were built with ``requires_grad=False`` and require gradients now; a dense
+        gradient they already hold is gathered as the hook would have."""
+        for bi, slot in list(self._hookless):
+            p = self._buckets[bi].params[slot]
+            if p.requires_grad:
+                self._hookless.remove((bi, slot))
+                hook = self._compact_hook(bi, slot)
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+                hook(p)
 
     def _compact_hook(self, bi: int, slot: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -247,72 +299,34 @@ class MaskedAdamW(torch.optim.Optimizer):
                 return
             bucket = self._buckets[bi]
             bucket.check_params((slot,))
+            check_grad(bucket, slot, param.grad)
             with torch.no_grad():
-                self._impls[bi].gather(bucket, slot, param.grad, bucket.compact_grad, True)
+                self._impls[bi].gather(bucket, slot, param.grad, bucket.compact_grad, True)  # marks grad_seen
             param.grad = None  # the dense gradient is freed here, per parameter, during backward
 
         return hook
 
     # ------------------------------------------------------------------------------------------- stepping
-    def _write_hyper(self) -> None:
-        rows, tensor_lrs = [], []
-        for gi, g in enumerate(self.param_groups):
-            lr = g["lr"]
-            if isinstance(lr, torch.Tensor):
-                tensor_lrs.append((gi, lr))
-                lr = 0.0
-            rows.append((float(lr), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]), float(g["weight_decay"]), 0.0))
-        max_norm = self._pending_clip if self._pending_clip is not None else (self.max_grad_norm or 0.0)
-        rows = [r[:H_MAX_NORM] + (float(max_norm),) for r in rows]
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if tuple(rows) != self._hyper_key and not capturing:
-            host = self._stage_hyper(rows)
-            if host is not self._hyper:
-                self._hyper.copy_(host, non_blocking=True)
-            if self._hyper_event is not None:
-                self._hyper_event.record(torch.cuda.current_stream(self.device))
-            self._hyper_key = tuple(rows)
-        for gi, lr in tensor_lrs:
-            self._hyper[gi, 0].copy_(lr.reshape(()))
-
-    def _stage_hyper(self, rows: list[tuple[float, ...]]) -> torch.Tensor:
-        """Host copy of the hyperparameter rows for the upload to the device.
-
-        On CUDA: one persistent pinned buffer, rewritten in place when the copy that last read it has finished
-        (a non-blocking event query; the previous step's upload has finished long before in any real loop), so a
-        step whose learning rate changes costs no pinned allocation. Only when that copy is still in flight does
-        it fall back to a fresh pinned tensor, so the host never waits and an in-flight copy is never overwritten.
-        """
-        if self.device.type == "cpu":  # synchronous: the device tensor itself can be rewritten
-            self._hyper.numpy()[:] = rows
-            return self._hyper
-        if self.device.type != "cuda":
-            return torch.tensor(rows, dtype=torch.float64)
-        if self._hyper_host is None:  # reset by _build whenever _hyper is reallocated
-            self._hyper_host = torch.empty(self._hyper.shape, dtype=torch.float64).pin_memory()
-            self._hyper_event = torch.cuda.Event()
-        elif not self._hyper_event.query():
-            return torch.tensor(rows, dtype=torch.float64).pin_memory()
-        self._hyper_host.numpy()[:] = rows
-        return self._hyper_host
-
-    def _grads(self, bucket: CompactBucket) -> list[torch.Tensor | None]:
+    def _grads(self, bi: int) -> list[torch.Tensor | None]:
+        bucket = self._buckets[bi]
         bucket.check_params()
         if bucket.compact_grad is not None:
-            return [None] * len(bucket.params)
+            if self._hookless:
+                self._late_hooks()
+            return self._no_grads[bi]
         grads = [p.grad for p in bucket.params]
-        check_grads(bucket, grads)
+        self._complete[bi] = check_grads(bucket, grads)
         return grads
 
     def _compute_stats(self, grads: list[list[torch.Tensor | None]] | None = None) -> None:
         for bi, bucket in enumerate(self._buckets):
             part = self._partial[self._partial_at[bi] : self._partial_at[bi + 1]]
-            self._impls[bi].grad_sumsq(bucket, grads[bi] if grads is not None else self._grads(bucket), part)
+            self._impls[bi].grad_sumsq(bucket, grads[bi] if grads is not None else self._grads(bi), part)
         self._stats_ready = True
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the next ``step()``'s active gradients to global L2 norm ``max_norm``; returns the norm (device).
+        """Clip the next ``step()``'s active gradients to global L2 norm ``max_norm``; returns the norm (fp32, device).
 
         Like ``torch.nn.utils.clip_grad_norm_`` over the active elements only (the clip factor
         ``min(1, max_norm / (norm + 1e-6))`` is folded into the update; ``.grad`` is not modified). Call it after
@@ -324,7 +338,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"max_norm must be positive; got {max_norm}")
         self._compute_stats()
         self._pending_clip = float(max_norm)
-        return self._partial.sum().sqrt()
+        return self._partial.sum().sqrt().float()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -336,20 +350,31 @@ class MaskedAdamW(torch.optim.Optimizer):
         if not self._buckets:
             return loss
         self._init_master()
-        self._write_hyper()
+        _host.write_hyper(self)
         clip = self._pending_clip is not None or self.max_grad_norm is not None
         has_stats = self.nonfinite != "ignore" or clip
-        grads = [self._grads(b) for b in self._buckets]  # validated once per step, not per pass (host time)
+        grads = [self._grads(bi) for bi in range(len(self._buckets))]  # validated once per step (host time)
+        _host.stage_present(self, grads)
         if has_stats and not self._stats_ready:
             self._compute_stats(grads)
-        impl = self._impls[0]
-        impl.scalars(self._hyper, self._step, self._partial, self._coef, self._control, has_stats, self.nonfinite != "ignore")
+        self._impls[0].scalars(self._hyper, self._slot_group, self._slot_step, self._present, self._partial,
+                               self._coef, self._control, has_stats, self.nonfinite != "ignore")
         self._stats_ready, self._pending_clip = False, None
         if self.nonfinite == "raise" and bool(self._control[K_SKIP].item()):
             raise FloatingPointError(f"non-finite active gradient in {self._nonfinite_names()}; nothing was updated")
         for bi, bucket in enumerate(self._buckets):
-            self._impls[bi].update(bucket, grads[bi], self._coef, self._control)
+            self._impls[bi].update(bucket, grads[bi], self._coef_rows[bi])
+        if not self._skip_warned and self.nonfinite == "skip":
+            _host.poll_skips(self)
         return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite active gradient since the optimizer was built (reads the device: a sync)."""
+        n = int(self._control[K_SKIPPED].item())
+        if n and not self._skip_warned:
+            _host.warn_skipped(self, n)
+        return n
 
     def _nonfinite_names(self) -> list[str]:
         names = []
@@ -374,11 +399,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._master_ready = [b.master is None for b in self._buckets]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``; also zeroes the compact gradient buffers."""
+        """torch's ``zero_grad``; also zeroes the compact gradient buffers (and, with ``set_to_none``, forgets
+        which parameters had a gradient, as ``.grad = None`` does)."""
         super().zero_grad(set_to_none=set_to_none)
         for bucket in self._buckets:
             if bucket.compact_grad is not None:
                 bucket.compact_grad.zero_()
+                if set_to_none:
+                    bucket.grad_seen[:] = bytes(len(bucket.grad_seen))
         self._stats_ready = False
 
     # ----------------------------------------------------------------------------------- state and masks
@@ -397,26 +425,17 @@ class MaskedAdamW(torch.optim.Optimizer):
 
         Elements active before and after keep their moments (and master value) when ``migrate``; newly active
         elements start from zero moments (master = current parameter value); parameters absent from the new
-        mask are frozen and lose their state. ``migrate=False`` resets every moment. The step count is kept.
+        mask are frozen and lose their state. ``migrate=False`` resets every moment. Each parameter keeps its
+        step count; a parameter new to the optimizer's state starts at step 0.
         """
-        self._rebuild(self._resolve_mask(mask, strict=False), migrate)
+        resolved = _groups.resolve_mask([(n, p) for n, p, _ in self._named()], mask)
+        self._whole_by_default = False
+        self._rebuild(resolved, migrate)
 
     def _rebuild(self, mask: Mask, migrate: bool = True) -> None:
         from mu_fast.optim._state import export_state, import_state
 
         self._init_master()
-        saved = export_state(self) if migrate else {}
+        saved = export_state(self, moments=migrate)
         self._build(mask)
         import_state(self, saved)
-
-
-def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    lr_value = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.detach().cpu())
-    if not lr_value >= 0:
-        raise ValueError(f"lr must be ≥ 0; got {lr}")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas must be two values in [0, 1); got {betas}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be ≥ 0; got {eps}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be ≥ 0; got {weight_decay}")

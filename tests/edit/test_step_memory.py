@@ -138,3 +138,33 @@ def test_bad_memory_settings_are_clear_errors():
         EditConfig(state_bits=4)
     with pytest.raises(ValueError, match="MaskedAdamW options"):
         EditConfig(optimizer="torch", state_bits=8)
+
+
+def test_bitsandbytes_adamw8bit_option_trains_only_the_mask(rng):
+    pytest.importorskip("bitsandbytes")
+    from mu_fast.edit.loop import changed_elements, snapshot
+
+    model = make_tiny_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=256, head_dim=16)
+    # whole matrices: the authors' recipe (partial selections are refused: block-quantized moments are not exactly 0
+    # where the gradient is, so inactive elements would move)
+    mask = Mask.from_components(SiteTable(model), [Component("mlp", 0), Component("attn.o", 1)])
+    partial = Mask.from_components(SiteTable(model), [Component("attn", 1, 2)])
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="trains whole matrices.*state_bits=8"):
+        EditStep(model, partial, EditConfig(optimizer="bnb8bit"))
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}, "a refused edit changed requires_grad"
+    facts, lm, forget_targets, maintain_labels = _batches(rng, model.config.vocab_size)
+    before = snapshot(model)
+    stepper = EditStep(model, mask, EditConfig(steps=3, lr=1e-2, optimizer="bnb8bit"))
+    try:
+        assert stepper.optimizer_name == "bnb.AdamW8bit"
+        for _ in range(3):
+            stepper.step(facts, len(forget_targets), forget_targets, maintain_labels, lm)
+        state_dtypes = {s["state1"].dtype for s in stepper.optimizer.state.values()}
+    finally:
+        stepper.close()
+    changed = changed_elements(before, model)
+    assert changed and set(changed) <= set(mask)
+    for name, diff in changed.items():
+        assert not (diff & ~mask.dense(name)).any(), f"inactive elements of {name} changed"
+    assert torch.uint8 in state_dtypes  # 8-bit moments (bitsandbytes keeps tensors under 4096 elements in fp32)

@@ -25,8 +25,8 @@ from mu_fast.kernels import masked_adamw as k32  # noqa: E402
 from mu_fast.kernels import masked_adamw8bit as k8  # noqa: E402
 
 TABLE = {"tiles_ptr": "*i64", "index_ptr": "*i32", "addr_ptr": "*i64"}
-SCALAR = {"hyper_ptr": "*fp64", "step_ptr": "*fp64", "partial_ptr": "*fp32", "n_partial": "i32",
-          "coef_ptr": "*fp32", "control_ptr": "*fp32", "n_groups": "i32"}
+SCALAR = {"hyper_ptr": "*fp64", "group_ptr": "*i64", "step_ptr": "*fp64", "present_ptr": "*fp32", "n_slots": "i32",
+          "partial_ptr": "*fp64", "n_partial": "i32", "coef_ptr": "*fp32", "control_ptr": "*fp32"}
 
 
 def variants():
@@ -34,20 +34,19 @@ def variants():
     for like, tile in itertools.product(("*bf16", "*fp16", "*fp32"), (512, 4096)):
         for compact in (False, True):
             yield k32, "_grad_sumsq_kernel", {**TABLE, "cgrad_ptr": "*fp32", "like_ptr": like,
-                                              "partial_ptr": "*fp32"}, {"TILE": tile, "COMPACT_GRAD": compact}
+                                              "partial_ptr": "*fp64"}, {"TILE": tile, "COMPACT_GRAD": compact}
             yield k32, "_gather_grad_kernel", {"tiles_ptr": "*i64", "index_ptr": "*i32", "grad_ptr": like,
                                                "cgrad_ptr": "*fp32", "tile_begin": "i32"}, {"TILE": tile,
                                                                                            "ACCUMULATE": compact}
             for master in (False, True):
                 yield k32, "_masked_adamw_kernel", {**TABLE, "cgrad_ptr": "*fp32", "like_ptr": like,
                                                     "m_ptr": "*fp32", "v_ptr": "*fp32", "master_ptr": "*fp32",
-                                                    "coef_ptr": "*fp32", "control_ptr": "*fp32"}, {
+                                                    "coef_ptr": "*fp32"}, {
                     "TILE": tile, "COMPACT_GRAD": compact, "HAS_MASTER": master}
                 yield k8, "_masked_adamw8bit_kernel", {
                     **TABLE, "cgrad_ptr": "*fp32", "like_ptr": like, "cm_ptr": "*u8", "cv_ptr": "*u8",
                     "am_ptr": "*fp32", "av_ptr": "*fp32", "qmap_m_ptr": "*fp32", "qmap_v_ptr": "*fp32",
-                    "mids_m_ptr": "*fp32", "mids_v_ptr": "*fp32", "master_ptr": "*fp32", "coef_ptr": "*fp32",
-                    "control_ptr": "*fp32"}, {"BLOCKS": tile // k8.QBLOCK, "COMPACT_GRAD": compact,
+                    "mids_m_ptr": "*fp32", "mids_v_ptr": "*fp32", "master_ptr": "*fp32", "coef_ptr": "*fp32"}, {"BLOCKS": tile // k8.QBLOCK, "COMPACT_GRAD": compact,
                                               "HAS_MASTER": master}
     for stats, finite in itertools.product((False, True), repeat=2):
         yield k32, "_adamw_scalars_kernel", SCALAR, {"HAS_STATS": stats, "CHECK_FINITE": finite,

@@ -68,7 +68,7 @@ def test_8bit_step_matches_reference_quantizer(backend, dtype, structure, rng):
     opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-2, weight_decay=0.1, state_bits=8,
                       backend=backend, tile=512)
     _randomize_state(opt, rng)
-    opt._step.fill_(4.0)
+    opt._slot_step.fill_(4.0)
     bucket = opt._buckets[0]
     old = [read_slot(bucket, s) for s in range(len(bucket.params))]
     before = {n: p.detach().clone() for n, p in params.items()}
