@@ -20,7 +20,8 @@ from mu_fast.memory.estimate import CATEGORIES, optimizer_bytes, quantized_bytes
 from mu_fast.memory.plan import candidates, step_cost
 from mu_fast.memory.trace import StorageTracker, build_fake_model, trace_peak
 from mu_fast.models.sites import Component, SiteTable
-from mu_fast.models.tiny import REAL_SHAPES, make_config
+from mu_fast.models.shipped import shipped_config
+from mu_fast.models.tiny import make_config
 
 TOLERANCE = 0.10  # the issue's target: plan within ±10% of the traced peak
 TERM_SHARE = 0.05  # terms above this share of the peak must match within TOLERANCE as well
@@ -29,15 +30,8 @@ slow = pytest.mark.skipif(os.environ.get("MU_FAST_SLOW") != "1", reason="full-de
 
 
 def real_config(key: str, layers: int | None = None):
-    """The config of a paper model (tied embeddings for Gemma, as the hub configs), optionally with fewer layers."""
-    shapes = dict(REAL_SHAPES[key])
-    arch = shapes.pop("arch")
-    if layers is not None:
-        shapes["num_hidden_layers"] = layers
-    shapes.setdefault("tie_word_embeddings", arch.startswith("gemma"))
-    config = make_config(arch, **shapes)
-    config._attn_implementation = None  # what the model picks itself: eager for Gemma-2, SDPA otherwise
-    return config
+    """The shipped config of a paper model (mu_fast/models/configs), optionally with fewer layers."""
+    return shipped_config(key, **({} if layers is None else {"num_hidden_layers": layers}))
 
 
 def tiny_config(arch: str, attn: str, layers: int = 4):
@@ -317,6 +311,8 @@ def test_bad_input_is_one_line():
         plan(config, mask, frozen="fp8")
     with pytest.raises(ValueError, match="non-empty Mask"):
         plan(config, Mask())
+    with pytest.raises(ValueError, match="whole matrices"):
+        plan(config, random_partial_mask(config, torch.Generator().manual_seed(0)), EditConfig(optimizer="bnb8bit"))
 
 
 def test_edit_config_and_report():
@@ -344,10 +340,9 @@ def test_gemma2_9b_flu_fits_24gb_bf16_and_12gb_nf4():
     bf16 frozen weights and ≤ 12 GB with nf4."""
     from mu_fast.localize.paper_graphs import paper_localization
 
-    config = real_config("gemma2-9b")
-    mask = Mask.from_components(SiteTable(config), paper_localization("gemma-2-9b", "sports", "flu"))
+    mask = Mask.from_components(SiteTable(real_config("gemma-2-9b")), paper_localization("gemma-2-9b", "sports", "flu"))
     assert sorted({int(n.split(".")[2]) for n in mask}) == [2, 3, 4, 5, 6]
-    bf16 = plan(config, mask, device_bytes="24GB", frozen="bf16")
-    nf4 = plan(config, mask, device_bytes="12GB", frozen="nf4")
+    bf16 = plan("gemma-2-9b", mask, device_bytes="24GB", frozen="bf16")  # the shipped config, by name
+    nf4 = plan("gemma-2-9b", mask, device_bytes="12GB", frozen="nf4")
     assert bf16.total <= 24e9 and nf4.total <= 12e9
     assert bf16.breakdown["frozen_weights"] > 16e9 and nf4.breakdown["frozen_weights"] < 7e9

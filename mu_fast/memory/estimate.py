@@ -11,7 +11,7 @@ Terms (bytes on the device; every tensor rounded up to the 512-byte block of the
   that makes them to ``step()``), or the fp32 compact buffer (4 B per state element, ``SegmentTable.state_numel``)
   plus the one dense gradient the backward of a layer makes before the hook gathers and frees it.
 * **optimizer state**: MaskedAdamW's compact buffers, exactly as ``SegmentTable`` lays them out (fp32 m, v: 8 B per
-  state element; 8-bit: 2 B + two fp32 absmax per 256; fp32 master +4 B), its tile table and per-tile partial sums;
+  state element; 8-bit: 2 B + two fp32 absmax per 256; fp32 master +4 B), its tile table, per-tile fp64 partial sums and per-parameter scalars;
   torch AdamW: m, v in the parameter dtype (bf16: 4 B/element of every masked parameter) plus the foreach step's
   temporaries (one bf16 copy of every parameter); bitsandbytes AdamW8bit: 2 B/element + two fp32 absmax per 256
   (fp32 moments for parameters under 4096 elements); torch/bitsandbytes with a partial mask add one bf16 gradient mask
@@ -189,8 +189,9 @@ def optimizer_bytes(mask: Mask, st: Settings) -> tuple[int, int, int]:
         else:
             state = 2 * rounded(4 * n)
         state += rounded(4 * n) if st.master_weights else 0
-        state += rounded(table.tiles.numel() * 8) + rounded(table.index.numel() * 4) + rounded(4 * table.n_tiles)
-        state += 4 * ALLOC  # step, hyper-parameters, coefficients, control
+        state += rounded(table.tiles.numel() * 8) + rounded(table.index.numel() * 4) + rounded(8 * table.n_tiles)
+        slots = len(mask)  # per-slot group, step, has-grad flag and coefficient rows; hyper rows, control, counter
+        state += 3 * rounded(8 * slots) + rounded(4 * 16 * slots) + 3 * ALLOC
         return state, 0, rounded(4 * n) if st.compact_grads else 0
     masks = sum(rounded(2 * k) for k in partial)  # the bf16 gradient masks of partially selected parameters
     if st.optimizer == "torch":

@@ -231,6 +231,10 @@ def plan(model_config: Any, mask: Mask, edit_config: Any = None, frozen: str | N
     shape = ModelShape.from_config(config)
     _check_mask(mask, config)
     base_config = edit_config if edit_config is not None else EditConfig()
+    partial = [name for name in mask if mask[name].kind != "whole"]
+    if partial and base_config.optimizer == "bnb8bit":
+        raise ValueError(f"optimizer='bnb8bit' trains whole matrices, but the mask selects only part of {partial[0]!r}; "
+                         "use optimizer='masked' with state_bits=8 for partial masks")
     if batch is None:
         batch = BatchShape(n_maintain=base_config.maintain_batch, n_lm=base_config.lm_batch if base_config.lm_coef else 0,
                            lm_tokens=base_config.lm_max_tokens)

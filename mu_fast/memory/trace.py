@@ -29,9 +29,10 @@ The model and the EditStep are built inside the fake mode; the steps run outside
 to it), so that the step's host-side count of LM targets runs on the real attention mask. Small tensors the step
 makes from real inputs (targets, masks, position ids) are then real, and tracked like the rest.
 
-Four things in MaskedAdamW do not run under FakeTensorMode and are patched for the trace only
+Five things in MaskedAdamW do not run under FakeTensorMode and are patched for the trace only
 (``_fake_friendly_optimizer``): the segment table, its state-dict key and the 8-bit code of zero are computed from
-real tensors, and the host staging of hyperparameters (``.numpy()``) goes through a plain tensor. Its kernels run
+real tensors; the host views of its CPU tensors (``.numpy()``: hyperparameter staging, the skip counter) are
+throwaway arrays; the check that no two parameters share memory is skipped (fake tensors have no addresses). Its kernels run
 as the compiled extension's registered fake implementations (``mu_fast/optim/_ext_ops.py``; they check shapes and
 allocate nothing, as the fused kernels allocate nothing), or, without the extension, as no-ops.
 """
@@ -160,10 +161,11 @@ class TraceResult:
 @contextlib.contextmanager
 def _fake_friendly_optimizer():
     """Let MaskedAdamW build and step under FakeTensorMode (see the module docstring); restores on exit."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    import numpy as np
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
     import mu_fast.optim.optimizer as optimizer_module
-    from mu_fast.optim import MaskedAdamW, quantize8
+    from mu_fast.optim import _groups, quantize8
 
     def real(fn):
         def wrapper(*args, **kwargs):
@@ -171,8 +173,9 @@ def _fake_friendly_optimizer():
                 return fn(*args, **kwargs)
         return wrapper
 
-    def stage(self, rows):
-        return torch.tensor(rows, dtype=torch.float64, device=self._hyper.device)
+    def host_view(tensor):  # a throwaway host array: staged rows go nowhere, polled counters read 0
+        kinds = {torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32, torch.uint8: np.uint8}
+        return np.zeros(tuple(tensor.shape), dtype=kinds.get(tensor.dtype, np.float32))
 
     def backend(device, name="auto"):
         try:
@@ -183,17 +186,19 @@ def _fake_friendly_optimizer():
     with unset_fake_temporarily():
         quantize8.dynamic_map(True), quantize8.dynamic_map(False)  # fill the cache from real tensors
     table, saved_select = optimizer_module.SegmentTable, optimizer_module.select_backend
-    saved = (table, table.key, quantize8.code_of_zero, MaskedAdamW._stage_hyper, saved_select)
+    saved = (table, table.key, quantize8.code_of_zero, saved_select, _groups.check_distinct)
     optimizer_module.SegmentTable = real(table)
     table.key = real(table.key)
     quantize8.code_of_zero = real(saved[2])
-    MaskedAdamW._stage_hyper = stage
     optimizer_module.select_backend = backend
+    _groups.check_distinct = lambda named: None  # fake tensors have no addresses to compare
+    FakeTensor.numpy = host_view
     try:
         yield
     finally:
-        (optimizer_module.SegmentTable, table.key, quantize8.code_of_zero, MaskedAdamW._stage_hyper,
-         optimizer_module.select_backend) = saved
+        (optimizer_module.SegmentTable, table.key, quantize8.code_of_zero, optimizer_module.select_backend,
+         _groups.check_distinct) = saved
+        del FakeTensor.numpy
 
 
 class _NoAllocBackend:
