@@ -254,6 +254,7 @@ class EditStep:
                 m_sum = m_sum + m.detach()
             loss.backward()
             del logits, loss
+            f_part = None  # its view of the fp32 logits would stay alive through the LM pass and the optimizer step
         if lm is not None and cfg.lm_coef:
             mask = lm.attention_mask.bool()
             count = int((mask[:, :-1] & mask[:, 1:]).sum())

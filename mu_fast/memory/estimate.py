@@ -51,15 +51,14 @@ WORKSPACE_BYTES = 256 * 2**20  # cuBLAS workspaces + allocator slack (stated; ca
 FACT_LOGIT_COPIES = 4.0  # fp32 [B, V] tensors alive at the head's backward (fp32 logits, log-softmax, 2 gradients)
 LM_LOGIT_COPIES = 4.0  # fp32 [chunk, V] tensors alive at a chunk's backward (same list)
 SOFTCAP_LOGIT_COPIES = 0.5  # Gemma-2's final tanh soft-capping keeps one bf16 [rows, V] more
-# EditStep.step keeps a view (``f_part``) of the last forget micro-batch's fp32 logits [rows, V] until it returns,
-# through the LM pass and the optimizer step. 0 once that reference is dropped.
-FACT_LOGITS_KEPT = 1
+# fp32 fact logits [rows, V] kept alive through the LM pass and the optimizer step (EditStep drops every reference).
+FACT_LOGITS_KEPT = 0
 NORM_BACKWARD = 4  # fp32 [tokens, d] temporaries of an RMSNorm's backward (Gemma-2's post-feedforward norm)
 RECOMPUTE_LEFTOVER = 2  # bf16 [tokens, d] tensors a checkpointed layer's recompute leaves alive (its output, input copy)
-# transformers' activation_checkpointing_enable also calls enable_input_require_grads(): the embedding output then
-# requires grad, so with checkpointing every layer (not only those from the lowest trainable one) keeps its input
-# and is recomputed and differentiated in backward. False once EditStep undoes that hook.
-CHECKPOINT_FROM_EMBEDDINGS = True
+# transformers' activation_checkpointing_enable also calls enable_input_require_grads(): the embedding output would
+# then require grad, so every layer (not only those from the lowest trainable one) would keep its input and be
+# recomputed and differentiated in backward. EditStep removes that hook (non-reentrant checkpoints do not need it).
+CHECKPOINT_FROM_EMBEDDINGS = False
 _MATRIX = re.compile(r"\.layers\.(\d+)\..*\b(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 ATTN, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")

@@ -5,10 +5,9 @@ first whose peak (``mu_fast.memory.estimate``) fits. The time order, cheapest fi
 
 * frozen precision (only when ``frozen=None``): bf16, then int8, then nf4 — a quality order (quantized frozen
   weights change the function being trained), so it outranks every time cost below;
-* gradient checkpointing adds the recompute of one forward of every layer it covers, and, as transformers enables
-  it (the embedding output requires grad: ``CHECKPOINT_FROM_EMBEDDINGS``), the backward of the layers below the
-  lowest trainable one too: ``(n_layers + 2·n_below) / (3·n_above + n_below)`` of a step (forward 1, backward 2;
-  without checkpointing the layers below run forward only);
+* gradient checkpointing adds the recompute of one forward of every layer it covers (those from the lowest
+  trainable one up; ``CHECKPOINT_FROM_EMBEDDINGS`` would extend it to every layer, with their backward too, if the
+  embedding output required grad, which EditStep prevents);
 * each extra micro-batch pass (facts or LM) adds ``MICRO_BATCH_COST`` (a pass re-reads every weight and launches
   every kernel again; the FLOPs are the same);
 * 8-bit MaskedAdamW moments add ``STATE8_COST`` (a slightly slower step and quantized moments);
