@@ -128,17 +128,15 @@ def _model(model: str, frozen: str, mask: Any) -> Any:
 
 
 def _plan(config: Any, mask: Any, frozen: str, batch: dict[str, int]) -> tuple[Any, Any]:
-    """mu_fast's settings for the row's budget (None if the planner is unavailable) and the plan itself."""
+    """mu_fast's settings for the row's budget (GPU; on the CPU the plan without a budget) and the plan itself."""
     from mu_fast.edit.loop import EditConfig
+    from mu_fast.memory import BatchShape, plan
 
-    base = EditConfig(steps=EDIT_STEPS, lr=LR)
-    try:
-        from mu_fast.memory import PlanBatch, plan
-    except ImportError:
-        return base, None
     budget = BUDGETS[frozen] if GPU else None
-    p = plan(config, mask, base, frozen="bf16" if frozen == "fp32" else frozen, device_bytes=budget,
-             batch=PlanBatch(forget=batch["forget"], maintain=batch["maintain"], lm=batch["lm"], lm_tokens=batch["lm_tokens"]))
+    shape = BatchShape(n_forget=batch["forget"], n_maintain=batch["maintain"], fact_tokens=32, n_lm=batch["lm"],
+                       lm_tokens=batch["lm_tokens"])  # random_step_batch pads its 16-32-token prompts to the longest
+    p = plan(config, mask, EditConfig(steps=EDIT_STEPS, lr=LR), frozen="bf16" if frozen == "fp32" else frozen,
+             device_bytes=budget, batch=shape)
     return p.edit_config(), p
 
 

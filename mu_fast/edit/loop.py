@@ -209,7 +209,15 @@ class EditStep:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable; use a HF model or "
                                  "grad_checkpointing=False")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            had_input_grads = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if not had_input_grads and hasattr(model, "disable_input_require_grads"):
+                # transformers 5 makes the embedding output require grad for checkpointing; non-reentrant checkpoints do
+                # not need it, and it would run the backward through every frozen layer below the mask.
+                model.disable_input_require_grads()
             model.train()  # transformers checkpoints only in training mode; these models have no dropout
         else:
             model.eval()  # these models have no dropout; eval keeps numerics identical to evaluation
@@ -246,6 +254,7 @@ class EditStep:
                 m_sum = m_sum + m.detach()
             loss.backward()
             del logits, loss
+            f_part = None  # its view of the fp32 logits would stay alive through the LM pass and the optimizer step
         if lm is not None and cfg.lm_coef:
             mask = lm.attention_mask.bool()
             count = int((mask[:, :-1] & mask[:, 1:]).sum())
@@ -271,7 +280,10 @@ class EditStep:
         for handle in getattr(self.optimizer, "_hooks", []):
             handle.remove()
         if self.config.grad_checkpointing and not self._checkpointing_before:
-            self.model.gradient_checkpointing_disable()
+            if hasattr(self.model, "activation_checkpointing_disable"):
+                self.model.activation_checkpointing_disable()
+            else:
+                self.model.gradient_checkpointing_disable()
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._flags[name])
             p.grad = None

@@ -168,3 +168,19 @@ def test_bitsandbytes_adamw8bit_option_trains_only_the_mask(rng):
     for name, diff in changed.items():
         assert not (diff & ~mask.dense(name)).any(), f"inactive elements of {name} changed"
     assert torch.uint8 in state_dtypes  # 8-bit moments (bitsandbytes keeps tensors under 4096 elements in fp32)
+
+
+def test_checkpointing_does_not_run_the_backward_through_frozen_layers_below_the_mask(rng):
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    mask = Mask.from_components(SiteTable(model), [Component("mlp", 2)])  # only the top layer trains
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    facts, lm, forget_targets, maintain_labels = _batches(rng, model.config.vocab_size)
+    stepper = EditStep(model, mask, EditConfig(steps=1, grad_checkpointing=True))
+    try:
+        stepper.step(facts, len(forget_targets), forget_targets, maintain_labels, lm)
+    finally:
+        stepper.close()
+        handle.remove()
+    assert seen and not any(seen), "layer 0's output required grad: the backward ran through frozen layers"
