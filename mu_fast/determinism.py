@@ -9,7 +9,7 @@ there gave a third organism). ``use_portable_kernels`` selects the kernels every
 torch's baseline (non-AVX) kernels, MKL's conditional-numerical-reproducibility "COMPATIBLE" path (SSE2) and
 oneDNN limited to SSE4.1, with a fixed thread count (MKL and torch's reductions split work by thread). They must be
 chosen before torch is imported; later they can only be reported. Checked on one Intel Xeon (two processes trained
-bit-identical portable organisms; four fresh clones printed the same table); no AMD machine was at hand to check the
+bit-identical portable organisms; four fresh clones printed the same numbers); no AMD machine was at hand to check the
 cross-vendor claim, which rests on MKL's CNR guarantee and on the baseline kernels using no CPU-specific code path.
 """
 
