@@ -196,7 +196,7 @@ def test_edit(benchmark, model, method, frozen, recipe):
     if recipe == "mu_fast":
         info["settings"] = {k: getattr(edit_config, k) for k in ("optimizer", "state_bits", "compact_grads", "micro_batch",
                                                                   "lm_micro_batch", "grad_checkpointing", "lm_chunk_tokens")}
-        if the_plan is not None:
+        if the_plan is not None and GPU:  # the plan models a GPU (bf16 weights, CUDA allocator); the CPU rows are fp32
             info["plan_bytes"] = the_plan.total
             info["plan_breakdown"] = dict(the_plan.breakdown)
             if peak is not None:

@@ -136,6 +136,9 @@ class EditDelta:
                                                                   for n, v in self.values.items()},
                       "provenance": _jsonable(self.provenance)}
             (tmp / "delta.json").write_text(json.dumps(header, indent=2))
+            from mu_fast.files import as_new_file
+
+            as_new_file(tmp, recursive=True)  # mkdtemp / safetensors make owner-only files
             if path.exists():  # overwrite: move the old delta aside first so one of the two always exists
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
                 os.replace(path, old / "delta")

@@ -3,12 +3,14 @@
 Importing this package is cheap (torch only); peft is imported when the relearning attack runs.
 """
 
+from mu_fast.evaluate.known_facts import check_known_facts
 from mu_fast.evaluate.formats import evaluate_task, task_prompt_sets, tokenize_task, tokenized_set
 from mu_fast.evaluate.metrics import PromptScores, prompt_scores, set_accuracy
 from mu_fast.evaluate.probes import LinearProbes, collect_hidden, latent_probes, stratified_split, train_probes
 from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
 
 __all__ = [
+    "check_known_facts",
     "LinearProbes",
     "PromptScores",
     "collect_hidden",

@@ -112,6 +112,9 @@ def _build(config: OrganismConfig, path: Path, progress: bool) -> None:
                     "facts_digest": facts_digest(facts)}
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        from mu_fast.files import as_new_file
+
+        as_new_file(tmp, recursive=True)  # mkdtemp / safetensors make owner-only files
         try:
             tmp.rename(path)
         except OSError:

@@ -119,6 +119,10 @@ def test_save_load_round_trip_is_bit_exact_and_keeps_provenance(checkpoint, mask
         delta.save(stranger, overwrite=True)
     assert (stranger / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edit", "not-a-delta"]  # no temp dirs left
+    from mu_fast.files import current_umask
+
+    for item in [path, *path.rglob("*")]:  # as readable as any new file (mkdtemp and safetensors make 0700 / 0600)
+        assert item.stat().st_mode & 0o777 == (0o777 if item.is_dir() else 0o666) & ~current_umask(), item
 
 
 def test_a_crash_while_saving_leaves_no_delta_and_keeps_the_old_one(checkpoint, mask, tokenizer, tmp_path, monkeypatch):

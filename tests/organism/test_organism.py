@@ -87,6 +87,13 @@ def test_cache_hit_reloads_identical_weights_without_training(ci_organism, ci_ca
     assert torch.equal(gathered_logits(again.model, batch), gathered_logits(ci_organism.model, batch))
 
 
+def test_cached_organism_files_are_as_readable_as_any_new_file(ci_organism) -> None:
+    from mu_fast.files import current_umask
+
+    for item in [ci_organism.path, *ci_organism.path.rglob("*")]:  # mkdtemp / safetensors make 0700 / 0600
+        assert item.stat().st_mode & 0o777 == (0o777 if item.is_dir() else 0o666) & ~current_umask(), item
+
+
 @pytest.mark.parametrize("change", [dict(seed=1), dict(steps=201), dict(n_cities=3), dict(arch="gemma2")])
 def test_a_settings_change_misses_the_cache(ci_organism, ci_cache, monkeypatch, change) -> None:
     built = []
