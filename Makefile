@@ -34,7 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	@slug=$$($(PY) -c "from benchmarks.common import device_slug; print(device_slug())"); \
 	mkdir -p benchmarks/results/$$slug; \
-	for suite in optim attribution; do \
+	for suite in optim attribution edit; do \
 	  $(PY) -m pytest -q benchmarks/bench_$$suite.py --benchmark-only -p no:cacheprovider \
 	    --benchmark-json benchmarks/results/$$slug/bench_$$suite.json || exit 1; \
 	done
