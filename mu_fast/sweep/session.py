@@ -153,6 +153,9 @@ class ModelSession:
             evals = evaluate_task(self.model, self.tokenizer, task, formats=ev["formats"], batch_size=ev["batch_size"])
             summary = summarize({"trainable_params": 0}, evals, None, None, 0.0)
             summary.pop("seconds", None)
+            qa = evals.get("qa", {}).get("forget", {}).get("acc")
+            if qa is not None:
+                summary["qa_forget_err"] = 1.0 - float(qa)
             self._baselines[key] = {"evals": evals, "summary": summary}
         return self._baselines[key]
 
