@@ -60,7 +60,7 @@ def _paper_preset(name: str) -> dict[str, dict[str, Any]]:
     key = (dataset, model, experiment)
     if key not in _PAPER:
         known = sorted({e for d, _, e in _PAPER if d == dataset})
-        raise ValueError(f"no preset {name!r}: the paper's §3.4 tables cover models gemma-7b, gemma-2-9b, llama-3-8b "
+        raise ValueError(f"spec: edit.preset: no preset {name!r}: the paper's §3.4 tables cover models gemma-7b, gemma-2-9b, llama-3-8b "
                          f"and {dataset} experiments {known}; use e.g. paper_{dataset}:gemma-2-9b:{known[0]}")
     steps = 25 if experiment.endswith("_sequential") else 50
     extra = {"optimizer": "masked", "state_bits": 8} if model == "gemma-2-9b" else {}
@@ -88,6 +88,6 @@ def preset_groups(name: str, custom: Mapping[str, Mapping[str, Any]] | None = No
     names = sorted(custom) + builtin_names()
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"edit.preset: unknown preset {name!r}{hint}; use default, organism, "
+    raise ValueError(f"spec: edit.preset: unknown preset {name!r}{hint}; use default, organism, "
                      "paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>, or a "
                      "name defined under presets:")

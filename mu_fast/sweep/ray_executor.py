@@ -62,7 +62,10 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         if address is not None:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=workers or 2, **kwargs)
+            # workers import mu_fast from where this process does (a source checkout may not be the installed one)
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=workers or 2, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
         started = True
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
