@@ -11,11 +11,13 @@ export MU_FAST_DATA_DIR ?= $(DATA_DIR)
 
 .PHONY: install demo test bench bench-table clean
 
-$(STAMP): setup.py requirements.txt $(wildcard csrc/*)
+# requirements-lock.txt pins what requirements.txt resolved to (the demo's numbers depend on the versions); pip
+# installs both together, so a lock that no longer satisfies requirements.txt fails here instead of drifting.
+$(STAMP): setup.py requirements.txt requirements-lock.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-lock.txt -r requirements.txt
 	MU_FAST_BUILD_EXT=$${MU_FAST_BUILD_EXT:-1} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import mu_fast; print(mu_fast.backends())"
 	touch $@

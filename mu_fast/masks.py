@@ -390,10 +390,13 @@ def _strip_suffix(path: Path) -> Path:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    from mu_fast.files import as_new_file
+
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        as_new_file(tmp)  # mkstemp (and safetensors) create 0600 files; a mask is as readable as any other file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

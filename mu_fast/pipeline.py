@@ -2,7 +2,9 @@
 
 ``compare_localizations`` runs every method on a fresh copy of the model (so each method starts from the same
 weights), writes one JSON per method as soon as it finishes (atomically; a rerun with ``resume=True`` skips
-methods whose result exists for the same settings), then the summary table and the plots.
+methods whose result exists for the same settings and package versions), then the summary table and the plots.
+Before any method runs it checks that the model knows the facts (``mu_fast.evaluate.known_facts``). results.json
+records the environment the numbers came from (package versions, threads, CPU kernels) and a legend.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 from mu_fast.edit.loop import EditConfig, edit
 from mu_fast.report import (
+    environment,
+    legend,
     plot_localization_map,
     plot_probe_accuracy,
     plot_robustness,
@@ -115,13 +119,18 @@ def compare_localizations(
     progress: bool = True,
     resume: bool = True,
     title: str | None = None,
+    allow_unknown_facts: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method; return ``{"methods": {m: result}, "summary": ...}``.
 
     edit_configs: per method (default: ``EditConfig()`` for all). The model is never modified: each method
-    edits a deep copy.
+    edits a deep copy. Raises ``UnknownFactsError`` before any method when the model does not know the facts
+    (prompts with unknown tokens, training-format accuracy near chance) unless ``allow_unknown_facts`` (then it
+    warns). provenance: extra records for results.json (e.g. which organism checkpoint).
     """
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
+    from mu_fast.evaluate.known_facts import check_known_facts
     from mu_fast.localize import localize
     from mu_fast.localize.flu import flu_localize
     from mu_fast.models.sites import SiteTable
@@ -131,12 +140,24 @@ def compare_localizations(
     out = Path(out_dir) if out_dir else None
     table = SiteTable(model)
     start = time.perf_counter()
-    flu = flu_localize(model, tokenizer, task, seed=options.seed)
+    env = environment()
+    stages = _Stages(progress)
+    stages.start("before", ("evaluate", "check facts", "FLU probes"))
     baseline = evaluate_task(model, tokenizer, task, batch_size=options.eval_batch_size)
-    results: dict[str, Any] = {"task": task.name, "model": table.arch, "flu": flu.to_dict(), "before": baseline, "methods": {}}
+    stages.next()
+    known = check_known_facts(model, tokenizer, task, baseline=baseline)
+    known.require(allow=allow_unknown_facts)
+    stages.next()
+    flu = flu_localize(model, tokenizer, task, seed=options.seed)
+    stages.close()
+    results: dict[str, Any] = {"task": task.name, "model": table.arch, "flu": flu.to_dict(), "before": baseline,
+                               "known_facts": known.to_dict(), "environment": env, "legend": legend(),
+                               "provenance": dict(provenance or {}), "methods": {}}
     for method in methods:
         config = edit_configs.get(method, EditConfig())
-        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers)
+        # Versions and kernels are part of the settings: a result computed under others is recomputed.
+        numerics = {k: env[k] for k in ("packages", "torch_threads", "cpu_capability", "kernel_env")}
+        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers, numerics)
         path = out / f"{method}.json" if out else None
         if resume and path is not None and path.exists():
             saved = json.loads(path.read_text())
@@ -144,18 +165,24 @@ def compare_localizations(
                 results["methods"][method] = saved
                 continue
         t0 = time.perf_counter()
+        stages.start(method, ("localize", "edit", "evaluate", "relearn", "probes"))
         loc = localize(method, model, tokenizer, task, flu=flu, seed=options.seed)
         t_loc = time.perf_counter() - t0
+        stages.next()
         edited = copy.deepcopy(model)
         edit_result = edit(edited, tokenizer, task, loc.mask, config, progress=progress)
+        stages.next()
         evals = evaluate_task(edited, tokenizer, task, batch_size=options.eval_batch_size)
+        stages.next()
         relearn = (
             relearn_attack(edited, tokenizer, task, steps=options.relearn_steps, lr=options.relearn_lr,
-                           lora_rank=options.relearn_rank, seed=options.seed,
+                           lora_rank=options.relearn_rank, seed=options.seed, progress=progress,
                            eval_at=tuple(sorted({0, options.relearn_steps // 2, options.relearn_steps})))
             if options.relearn else None
         )
+        stages.next()
         probes = latent_probes(edited, tokenizer, task) if options.probes and task.classes else None
+        stages.close()
         seconds = time.perf_counter() - t0
         record = {
             "settings_hash": key,
@@ -187,7 +214,9 @@ def compare_localizations(
                               out / "localization_map.png")
         plot_robustness(summaries, out / "robustness.png")
     if progress:
-        before_row = {BEFORE_ROW: summarize({"trainable_params": 0}, baseline, None, None, 0.0)}
+        before = summarize({"trainable_params": 0}, baseline, None, None, 0.0)
+        before.pop("seconds")  # nothing ran: a dash, not "0.0"
+        before_row = {BEFORE_ROW: before}
         print_table({**before_row, **summaries}, title or f"{task.name}: localized editing compared")
         for note in results["notes"]:
             print(f"note: {note}")
@@ -195,6 +224,35 @@ def compare_localizations(
 
 
 BEFORE_ROW = "(before edit)"
+
+
+class _Stages:
+    """A progress bar over the stages of one unit of work (``method: localize > edit > ...``), or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def start(self, name: str, stages: Sequence[str]) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        self.stages = list(stages)
+        self.bar = tqdm(total=len(self.stages), desc=name, leave=False, unit="stage",
+                        bar_format="{desc}: {n}/{total} stages [{elapsed}]{postfix}")
+        self.bar.set_postfix_str(self.stages[0])
+
+    def next(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.bar.n < len(self.stages):
+                self.bar.set_postfix_str(self.stages[self.bar.n])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:

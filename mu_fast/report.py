@@ -3,7 +3,8 @@
 A report folder holds ``results.json`` (everything), one ``<method>.json`` per localization, and PNG plots:
 ``probe_accuracy.png`` (per-layer probe accuracy at the subject's last token), ``localization_map.png``
 (which attention / MLP layers each method trains) and ``robustness.png`` (forget error, MCQ and relearned
-accuracy per method).
+accuracy per method). The terminal table is plain text at most 100 columns wide, with a legend of its columns and
+of the component names (``a1``, ``m0.17``, ``a3.v``) under it; results.json holds the same legend.
 """
 
 from __future__ import annotations
@@ -16,31 +17,58 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Columns of the comparison table: (key in a method's summary, header, format).
-TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("trainable_params", "params", "{:,}"),
-    ("forget_err", "forget err ↑", "{:.2f}"),
-    ("edit_acc", "edit acc ↑", "{:.2f}"),
-    ("maintain_acc", "maintain ↑", "{:.2f}"),
-    ("qa_edit_acc", "Q/A edit ↑", "{:.2f}"),
-    ("mcq_forget_err", "MCQ forget err ↑", "{:.2f}"),
-    ("mcq_edit_acc", "MCQ edit ↑", "{:.2f}"),
-    ("paraphrase_edit_acc", "para edit ↑", "{:.2f}"),
-    ("other_attr_acc", "other attr ↑", "{:.2f}"),
-    ("relearn_acc", "relearned ↓", "{:.2f}"),
-    ("probe_true_acc", "latent probe ↓", "{:.2f}"),
-    ("seconds", "time s", "{:.1f}"),
+# Columns of the comparison table: (key in a method's summary, two header lines, format). Headers are short so
+# that the table fits 100 columns; COLUMN_LEGEND spells each one out under the table and in results.json. Seconds
+# per method are in results.json, not in the table, so that the table of a deterministic run is the same every time.
+TABLE_COLUMNS: tuple[tuple[str, tuple[str, str], str], ...] = (
+    ("trainable_params", ("", "params"), "{:,}"),
+    ("forget_err", ("forget", "err ↑"), "{:.2f}"),
+    ("edit_acc", ("edit", "acc ↑"), "{:.2f}"),
+    ("maintain_acc", ("maint", "acc ↑"), "{:.2f}"),
+    ("qa_edit_acc", ("Q/A", "edit ↑"), "{:.2f}"),
+    ("mcq_forget_err", ("MCQ", "err ↑"), "{:.2f}"),
+    ("mcq_edit_acc", ("MCQ", "edit ↑"), "{:.2f}"),
+    ("paraphrase_edit_acc", ("para", "edit ↑"), "{:.2f}"),
+    ("other_attr_acc", ("other", "attr ↑"), "{:.2f}"),
+    ("relearn_acc", ("relearn", "acc ↓"), "{:.2f}"),
+    ("probe_true_acc", ("probe", "acc ↓"), "{:.2f}"),
 )
+COLUMN_LEGEND: dict[str, str] = {
+    "params": "parameters the edit trains",
+    "forget err": "1 - accuracy of the true answer on the edited (forget) facts, training format",
+    "edit acc": "accuracy of the injected answer on the forget facts",
+    "maint acc": "accuracy on the maintain facts (must not change)",
+    "Q/A edit": "injected-answer accuracy in the question/answer format",
+    "MCQ err": "1 - multiple-choice accuracy on the forget facts",
+    "MCQ edit": "injected-answer accuracy in multiple choice",
+    "para edit": "injected-answer accuracy on paraphrased prompts",
+    "other attr": "accuracy of another attribute of the edited subjects (organism: home city)",
+    "relearn acc": "held-out forget accuracy after the LoRA relearning attack",
+    "probe acc": "best latent-probe accuracy of the true answer after the embeddings",
+    "↑ / ↓": "higher / lower is better; accuracies are probabilities normalised over the answer choices",
+}
+COMPONENT_LEGEND: dict[str, str] = {
+    "aL": "attention block of layer L (all heads: q, k, v, o)",
+    "aL.H": "head H of attention layer L",
+    "aL.q / aL.k / aL.v / aL.o": "one projection matrix of attention layer L",
+    "mL": "MLP of layer L (gate, up, down)",
+    "mL.N": "neuron N of MLP layer L",
+    "mL.gate / mL.up / mL.down": "one matrix of MLP layer L",
+}
+TABLE_WIDTH = 100
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a result."""
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a result; mode as any new file."""
+    from mu_fast.files import as_new_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=_default)
+        as_new_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -54,31 +82,105 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def results_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results") -> Any:
-    """A rich Table of per-method summaries (columns that no method reports are left out)."""
-    from rich.table import Table
-
+def format_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results",
+                 width: int = TABLE_WIDTH) -> str:
+    """The per-method summaries as plain text at most ``width`` columns wide (columns no method reports are left
+    out). Method names are never cut: when the columns do not fit beside them, they continue in a second block."""
     columns = [c for c in TABLE_COLUMNS if any(c[0] in s for s in summaries.values())]
-    table = Table(title=title, title_justify="left")
-    table.add_column("localization", style="bold")
-    for _, header, _ in columns:
-        table.add_column(header, justify="right")
-    for method, summary in summaries.items():
-        cells = []
-        for key, _, fmt in columns:
+    names = ["localization", *summaries]
+    name_width = max(len(n) for n in names)
+    cells = {}
+    for key, header, fmt in columns:
+        values = []
+        for summary in summaries.values():
             value = summary.get(key)
-            cells.append("—" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
-        table.add_row(method, *cells)
-    return table
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            values.append("—" if missing else fmt.format(value))
+        cells[key] = (header, values, max(len(v) for v in (*header, *values)))
+    blocks, block, used = [], [], name_width
+    for key, *_ in columns:
+        cost = 1 + cells[key][2]
+        if block and used + cost > width:
+            blocks.append(block)
+            block, used = [], name_width
+        block.append(key)
+        used += cost
+    if block or not blocks:
+        blocks.append(block)
+    lines = [title]
+    for keys in blocks:
+        gap = 2 if name_width + sum(2 + cells[k][2] for k in keys) <= width else 1
+        for row in range(2):
+            head = ("localization" if row == 1 else "").ljust(name_width)
+            lines.append((head + "".join(" " * gap + cells[k][0][row].rjust(cells[k][2]) for k in keys)).rstrip())
+        lines.append("-" * (name_width + sum(gap + cells[k][2] for k in keys)))
+        for i, method in enumerate(summaries):
+            lines.append(method.ljust(name_width) + "".join(" " * gap + cells[k][1][i].rjust(cells[k][2]) for k in keys))
+    return "\n".join(lines)
+
+
+def format_legend(width: int = TABLE_WIDTH) -> str:
+    """The column and component-name legend printed under the table, wrapped to ``width``."""
+    import textwrap
+
+    columns = "; ".join(f"{k}: {v}" for k, v in COLUMN_LEGEND.items())
+    components = "; ".join(f"{k} = {v}" for k, v in COMPONENT_LEGEND.items())
+    return "\n".join([*textwrap.wrap("Columns: " + columns, width), *textwrap.wrap("Components: " + components, width)])
+
+
+def legend() -> dict[str, dict[str, str]]:
+    """The legend as stored in results.json."""
+    return {"columns": dict(COLUMN_LEGEND), "components": dict(COMPONENT_LEGEND)}
 
 
 def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results") -> None:
-    from rich.console import Console
+    """Print ``format_table`` and the legend (plain text, the same in a terminal, a pipe or a log)."""
+    print(format_table(summaries, title))
+    print(format_legend())
 
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
-        console = Console(width=180)
-    console.print(results_table(summaries, title))
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on besides the code: package versions, threads, CPU kernels, platform."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    import mu_fast
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "numpy",
+                 "huggingface_hub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "mu_fast": mu_fast.__version__,
+        "python": platform.python_version(),
+        "packages": versions,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Kernel choices that change float round-off (see mu_fast.determinism).
+        "kernel_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
+                                                       "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
 
 
 def _plt():

@@ -5,10 +5,12 @@ import json
 import pytest
 
 from mu_fast.edit import EditConfig
+from mu_fast.evaluate.known_facts import UnknownFactsError, UnknownFactsWarning
 from mu_fast.localize import localize
 from mu_fast.models.sites import Component, SiteTable
 from mu_fast.models.tiny import make_tiny_model
 from mu_fast.pipeline import RunOptions, compare_localizations
+from mu_fast.report import environment
 from tests._tiny_task import tiny_task, word_tokenizer
 
 
@@ -44,7 +46,9 @@ def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     configs = {m: EditConfig(steps=2, lr=1e-2, lm_batch=4, maintain_batch=8) for m in ("flu", "atp", "all_mlps")}
     options = RunOptions(relearn=True, relearn_steps=2, relearn_rank=8, probes=True)
-    results = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False)
+    with pytest.warns(UnknownFactsWarning, match="RUNNING ANYWAY"):  # a random model knows no facts
+        results = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path,
+                                        progress=False, allow_unknown_facts=True)
     for name, p in model.named_parameters():
         assert p.equal(before[name]), f"compare_localizations modified the caller's model ({name})"
     for method in configs:
@@ -56,9 +60,54 @@ def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
         assert (tmp_path / plot).stat().st_size > 1000
     # A rerun with the same settings reuses every finished method instead of recomputing it.
     stamp = (tmp_path / "atp.json").stat().st_mtime_ns
-    again = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False)
+    again = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False,
+                                  allow_unknown_facts=True)
     assert (tmp_path / "atp.json").stat().st_mtime_ns == stamp
     assert again["summary"]["atp"] == results["summary"]["atp"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["environment"] == environment() and not saved["known_facts"]["ok"]
+    assert "mL.N" in saved["legend"]["components"]
+
+
+def test_results_from_other_package_versions_are_recomputed(setup, tmp_path, monkeypatch):
+    """Resuming must not mix numbers computed under other package versions into a report."""
+    import mu_fast.pipeline as pipeline
+
+    model, tok, task = setup
+    configs = {"all_mlps": EditConfig(steps=1, lr=1e-2, lm_batch=4, maintain_batch=8)}
+    options = RunOptions(relearn=False, probes=False)
+
+    def run():
+        compare_localizations(model, tok, task, ["all_mlps"], configs, options, out_dir=tmp_path, progress=False,
+                              allow_unknown_facts=True)
+        return (tmp_path / "all_mlps.json").stat().st_mtime_ns
+
+    first = run()
+    assert run() == first
+    real = pipeline.environment()
+    other = {**real, "packages": {**real["packages"], "transformers": "0.0.1"}}
+    monkeypatch.setattr(pipeline, "environment", lambda: other)
+    assert run() != first
+
+
+def test_unknown_facts_are_refused_before_any_method(setup, tmp_path):
+    model, tok, task = setup  # a random model: accuracy at chance, and the tiny tokenizer does not know "Fact:"
+    configs = {"flu": EditConfig(steps=1)}
+    with pytest.raises(UnknownFactsError, match="allow_unknown_facts=True"):
+        compare_localizations(model, tok, task, ["flu"], configs, RunOptions(), out_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []  # nothing localized, edited or written
+
+
+def test_progress_shows_every_stage(setup, capsys):
+    model, tok, task = setup
+    configs = {"all_mlps": EditConfig(steps=1, lr=1e-2, lm_batch=4, maintain_batch=8)}
+    options = RunOptions(relearn=True, relearn_steps=1, relearn_rank=4, probes=True)
+    with pytest.warns(UnknownFactsWarning):
+        compare_localizations(model, tok, task, ["all_mlps"], configs, options, progress=True, allow_unknown_facts=True)
+    captured = capsys.readouterr()
+    for stage in ("FLU probes", "localize", "edit", "evaluate", "relearn", "probes"):
+        assert stage in captured.err, stage
+    assert "Components:" in captured.out and all(len(line) <= 100 for line in captured.out.splitlines())
 
 
 def test_same_selection_notes_flag_repeated_rows():

@@ -1,0 +1,285 @@
+"""``mu-fast edit`` and ``mu-fast evaluate``: edits of models that fit one GPU only with frozen weights quantized or
+offloaded, saved as deltas, and evaluations that apply a delta to the full-precision model.
+
+An edit loads through ``mu_fast.models.load_for_edit`` (frozen modules in bf16 / int8 / nf4, masked modules full
+precision, accelerate's ``max_memory`` and disk offload) and saves a delta (``mu_fast.edit.delta``): the trained
+masked elements, the mask and the provenance, with the edit history in its ``delta.json``. ``--save-model`` saves
+the whole model instead (bf16 frozen weights only: quantized weights are not the model the edit is for).
+Registered on ``mu_fast.cli.app``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mu_fast.cli_common import (
+    ALLOW_UNKNOWN,
+    DATASETS,
+    DTYPE_NAMES,
+    console,
+    dataset_task,
+    load_model_ref,
+    organism_task_of,
+    require_known_facts,
+)
+from mu_fast.preflight import (
+    check_choice,
+    check_mask_input,
+    check_output,
+    check_positive,
+    check_task_options,
+    resolve_model,
+)
+
+FROZEN_CHOICES = ("bf16", "int8", "nf4")
+
+
+def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+    """``"0=22GiB,cpu=64GiB"`` -> ``{0: "22GiB", "cpu": "64GiB"}`` (accelerate's max_memory)."""
+    if not text:
+        return None
+    out: dict[Any, str] = {}
+    for part in text.split(","):
+        device, sep, amount = part.partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not sep or not device or not amount:
+            raise ValueError(f"--max-memory {text!r}: write device=amount pairs separated by commas, e.g. "
+                             "0=22GiB,cpu=64GiB")
+        if not (device.isdigit() or device in ("cpu", "disk") or device.startswith("cuda:")):
+            raise ValueError(f"--max-memory device {device!r} is not a GPU index, cuda:N, cpu or disk")
+        try:
+            from mu_fast.memory.shapes import parse_budget  # the planner's size parser, when it is installed
+
+            parse_budget(amount)
+        except ImportError:
+            if not amount[:1].isdigit():
+                raise ValueError(f"--max-memory amount {amount!r} is not a size such as 22GiB") from None
+        out[int(device) if device.isdigit() else device] = amount
+    return out
+
+
+def edit_cmd(
+    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
+    mask: Path = typer.Option(..., help="a mask saved by `mu-fast localize`"),
+    dataset: str = typer.Option("organism"),
+    forget_split: str = typer.Option("first_16_unsplit"),
+    inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
+    cf_model: str | None = typer.Option(None),
+    lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
+    steps: int = typer.Option(50),
+    lr: float = typer.Option(1e-5),
+    forget_coef: float = typer.Option(1.0),
+    optimizer: str = typer.Option("auto", help="auto, masked (MaskedAdamW), torch or bnb8bit (bitsandbytes AdamW8bit)"),
+    frozen: str = typer.Option("auto", help="storage of the weights the mask does not train: bf16, int8, nf4, or auto (bf16; with --budget the plan's choice)"),
+    budget: str | None = typer.Option(None, help="GPU memory for the edit, e.g. 24GB: the memory plan (mu-fast plan) chooses --frozen (if auto) and the settings below"),
+    max_memory: str | None = typer.Option(None, help="per-device budget for loading, e.g. 0=22GiB,cpu=64GiB"),
+    offload_dir: Path | None = typer.Option(None, help="folder for frozen layers that fit neither GPU nor CPU"),
+    micro_batch: int | None = typer.Option(None, help="prompts per forward+backward (default: the whole batch)"),
+    lm_micro_batch: int | None = typer.Option(None, help="LM texts per forward+backward (default: all)"),
+    grad_checkpointing: bool = typer.Option(False, help="recompute activations in backward (transformers')"),
+    state_bits: int = typer.Option(32, help="MaskedAdamW moment precision: 32 or 8"),
+    out: Path = typer.Option(..., help="folder for the edit: a delta (default) or, with --save-model, the whole model"),
+    save_model: bool = typer.Option(False, help="save the whole edited model (save_pretrained; --frozen bf16 only)"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out folder (kept until the new one is saved)"),
+    dtype: str = typer.Option("bf16", help="precision of the trained (masked) weights: bf16, fp16 or fp32"),
+    allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts (unknown tokens, accuracy at chance)"),
+) -> None:
+    """Edit (or unlearn) the forget facts, training only the masked parameters; save a delta (or the model)."""
+    from dataclasses import replace
+
+    from mu_fast.edit.loop import OPTIMIZERS
+
+    check_choice("--frozen", frozen, ("auto", *FROZEN_CHOICES))
+    if budget is not None:
+        chosen = [f"--{n.replace('_', '-')}" for n, v in (("micro_batch", micro_batch), ("lm_micro_batch", lm_micro_batch),
+                                                          ("grad_checkpointing", grad_checkpointing),
+                                                          ("state_bits", state_bits != 32)) if v]
+        if chosen:
+            raise ValueError(f"--budget chooses the memory settings itself; drop {', '.join(chosen)} or --budget")
+    check_choice("--dtype", dtype, DTYPE_NAMES)
+    check_choice("--optimizer", optimizer, OPTIMIZERS)
+    check_choice("--state-bits", str(state_bits), ("32", "8"))
+    check_positive("--steps", steps, integer=True)
+    check_positive("--lr", lr)
+    check_positive("--micro-batch", micro_batch, integer=True)
+    check_positive("--lm-micro-batch", lm_micro_batch, integer=True)
+    if forget_coef < 0:
+        raise ValueError(f"--forget-coef must be >= 0; got {forget_coef}")
+    if optimizer in ("torch", "bnb8bit") and state_bits != 32:
+        raise ValueError(f"--state-bits is a MaskedAdamW setting; drop it or use --optimizer masked (not {optimizer})")
+    if save_model and frozen not in ("auto", "bf16"):
+        raise ValueError(f"--save-model needs --frozen bf16: with {frozen} frozen weights the saved model would be "
+                         "quantized; drop --save-model to save a delta and apply it to the bf16 model")
+    check_output("--out", [out], overwrite)
+    if out.exists() and not save_model and not (out / "delta.json").is_file():
+        raise FileExistsError(f"--out {str(out)!r} exists and is not a mu_fast delta; choose another --out")
+    memory = parse_max_memory(max_memory)
+    mask_path = check_mask_input(mask)
+    ref = resolve_model(model)
+    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
+
+    from mu_fast.edit import EditConfig, edit
+    from mu_fast.edit.loop import snapshot
+    from mu_fast.masks import Mask
+    from mu_fast.models.edit_loading import check_offload_dir
+
+    try:
+        check_offload_dir(offload_dir)
+    except (PermissionError, ValueError) as err:
+        raise type(err)(str(err).replace("offload_dir ", "--offload-dir ", 1)) from None
+    edit_mask = Mask.load(mask_path)
+    config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer, state_bits=state_bits,
+                        micro_batch=micro_batch, lm_micro_batch=lm_micro_batch, grad_checkpointing=grad_checkpointing)
+    if budget is not None:
+        from mu_fast.cli_plan import planned_edit
+
+        has_lm = bool(lm_texts) or dataset == "organism"  # the organism's task carries its filler texts
+        config, frozen = planned_edit(ref, edit_mask, replace(config, lm_coef=1.0 if has_lm else 0.0), frozen, budget)
+        if save_model and frozen != "bf16":
+            raise ValueError(f"--save-model needs bf16 frozen weights but --budget {budget} needs {frozen}; drop "
+                             "--save-model to save a delta, or raise --budget")
+    frozen = "bf16" if frozen == "auto" else frozen
+    texts = None
+    if lm_texts and dataset == "organism":
+        from mu_fast.data import load_lm_texts
+
+        texts = load_lm_texts(lm_texts, n=2048, seed=0)
+    task = dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
+    m, tok, info = _load_for_edit(ref, edit_mask, frozen, memory, offload_dir, dtype)
+    if task is None:
+        task = organism_task_of(info, forget_split, inject_label, tok)
+        if texts is not None:
+            task.lm_texts = texts
+    require_known_facts(m, tok, task, allow_unknown_facts)
+    config = replace(config, lm_coef=1.0 if task.lm_texts else 0.0)
+    base = snapshot(m, names=list(edit_mask))
+    result = edit(m, tok, task, edit_mask, config)
+    record = {"edit_history": result.history, "edit_seconds": result.seconds, "optimizer": result.optimizer,
+              "task": task.name, "dataset": dataset, "forget_split": forget_split, "inject_label": inject_label}
+    if save_model:
+        _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history, "load": _jsonable(info)})
+        what = "model"
+    else:
+        from mu_fast.edit.delta import extract_delta
+        from mu_fast.files import as_new_file
+
+        delta = extract_delta(m, edit_mask, base=base, info=info, edit_config=config, provenance=record)
+        delta.save(out, overwrite=overwrite)
+        as_new_file(out, recursive=True)
+        what = f"delta (trained against {frozen} frozen weights; apply it with `mu-fast evaluate MODEL --delta {out}`)"
+    console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; {what} saved to {out}")
+
+
+def _load_for_edit(ref: Any, mask: Any, frozen: str, max_memory: dict[Any, str] | None, offload_dir: Path | None,
+                   dtype: str) -> tuple[Any, Any, dict[str, Any]]:
+    from mu_fast.models.edit_loading import load_for_edit
+
+    name = f"organism:{ref.value}" if ref.kind == "organism" else ref.value
+    return load_for_edit(name, mask, frozen=frozen, max_memory=max_memory, offload_dir=offload_dir, dtype=dtype)
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k != "organism"}
+
+
+def evaluate_cmd(
+    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
+    delta: Path | None = typer.Option(None, help="a delta saved by `mu-fast edit`, applied to MODEL before evaluating"),
+    dataset: str = typer.Option("organism"),
+    forget_split: str = typer.Option("first_16_unsplit"),
+    inject_label: str = typer.Option("random_without_golf"),
+    cf_model: str | None = typer.Option(None),
+    relearn: bool = typer.Option(False, help="also run the relearning attack"),
+    probes: bool = typer.Option(False, help="also run latent-knowledge probes"),
+    out: Path | None = typer.Option(None, help="write the results JSON here"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
+    dtype: str = typer.Option("bf16", help="precision the model is evaluated in: bf16, fp16 or fp32 (the organism: always fp32)"),
+) -> None:
+    """Evaluate forget / maintain accuracy in every format (and optionally relearning and probes)."""
+    check_choice("--dtype", dtype, DTYPE_NAMES)
+    if out is not None:
+        check_output("--out", [out], overwrite)
+    if delta is not None and not (Path(delta) / "delta.json").is_file():
+        raise FileNotFoundError(f"--delta {str(delta)!r} holds no delta.json; pass a folder saved by `mu-fast edit`")
+    ref = resolve_model(model)
+    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
+    task = dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
+    from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
+    from mu_fast.evaluate.known_facts import check_known_facts
+    from mu_fast.models.frozen import frozen_precision_of
+    from mu_fast.report import environment, write_json
+
+    m, tok, info = load_model_ref(ref, dtype)
+    results: dict[str, Any] = {"model": info.get("model")}
+    if delta is not None:
+        from mu_fast.edit.delta import EditDelta, apply_delta
+
+        loaded = EditDelta.load(delta)
+        apply_delta(m, loaded)
+        results["delta"] = {"path": str(delta), "trained_frozen": loaded.provenance.get("trained_frozen"),
+                            "dtype": loaded.provenance.get("dtype"), "base": loaded.provenance.get("base")}
+    # Every number below was measured on this model: its weights' precision and, for an applied delta, the frozen
+    # precision that delta was trained against (which may differ: int8 / nf4 edits are evaluated on bf16).
+    results["precision"] = {"weights": frozen_precision_of(m),
+                            "edit_trained_frozen": results.get("delta", {}).get("trained_frozen")}
+    task = task or organism_task_of(info, forget_split, inject_label, tok)
+    results["formats"] = evaluate_task(m, tok, task, progress=True)
+    known = check_known_facts(m, tok, task, baseline=results["formats"])
+    for problem in known.problems:
+        if "tokenizer does not know" in problem:  # low accuracy is expected after an edit; unknown tokens never are
+            import warnings
+
+            warnings.warn(problem + "; these numbers measure nothing", UserWarning, stacklevel=1)
+    results["unknown_tokens"] = {k: v.get("unknown_token_prompts", 0) for k, v in known.sets.items()}
+    if relearn:
+        results["relearn"] = relearn_attack(m, tok, task, progress=True)
+    if probes:
+        results["latent_probes"] = latent_probes(m, tok, task)
+    from rich.table import Table
+
+    precision = results["precision"]
+    caption = f"measured on {precision['weights']} weights" + (
+        f"; the delta was trained against {precision['edit_trained_frozen']} frozen weights" if delta is not None else "")
+    table = Table(title=f"{task.name}: accuracy per format", caption=caption)
+    for col in ("format", "split", "acc", "argmax", "edit acc", "n"):
+        table.add_column(col)
+    for fmt, splits in results["formats"].items():
+        for split, v in splits.items():
+            edit_acc = v.get("edit_acc")
+            table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}", "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
+    console().print(table)
+    if out:
+        results["environment"] = environment()
+        write_json(out, results)
+
+
+def _save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, Any]) -> None:
+    """save_pretrained into a temporary sibling folder, then swap it in: a crash never leaves half a model. The
+    folder and its files get the modes of any new file (mkdtemp and safetensors alone would make them private)."""
+    from mu_fast.files import as_new_file
+    from mu_fast.report import write_json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "mu_fast_edit.json", extra)
+        as_new_file(tmp, recursive=True)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,32 @@
+"""The demo's portable kernels: chosen before torch loads, reported honestly after."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mu_fast.determinism import PORTABLE_KERNELS, kernel_settings, use_portable_kernels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_portable_kernels_take_effect_in_a_fresh_process():
+    code = ("from mu_fast.determinism import use_portable_kernels, kernel_settings\n"
+            "assert use_portable_kernels()\n"
+            "import torch\n"
+            "s = kernel_settings()\n"
+            "assert s['portable'] and s['torch_cpu_capability'] == 'DEFAULT' and s['MKL_CBWR'] == 'COMPATIBLE', s\n")
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_after_torch_loaded_they_are_reported_as_not_in_effect(monkeypatch):
+    import torch  # noqa: F401 (loaded, as in any test process)
+
+    for key in PORTABLE_KERNELS:
+        monkeypatch.delenv(key, raising=False)
+    assert use_portable_kernels() is False  # torch is loaded: nothing can change any more
+    assert all(os.environ.get(k) is None for k in PORTABLE_KERNELS)
+    assert kernel_settings()["portable"] is False
