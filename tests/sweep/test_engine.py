@@ -152,3 +152,33 @@ def test_ray_local_cluster_two_workers_sweeps_the_ci_spec(organism_cache, tmp_pa
     # each actor loaded the model once and kept it
     assert sorted(r["session"]["runs_before"] for r in records)[-1] >= len(runs) // 2 - 1
     assert all(r["session"]["reloads"] == 0 for r in records)
+
+
+def test_worker_processes_share_the_runs(organism_cache, tmp_path):
+    spec = tiny_spec(methods=["flu"], edit={"preset": "organism", "steps": 2, "lr": [3e-3, 1e-2], "lm_batch": 4},
+                     evaluations={"formats": ["normal"]})
+    result = sweep.run(spec, store=tmp_path / "p.jsonl", executor="processes", workers=2, threads=1, progress=False)
+    assert (result.ok, result.failed) == (2, 0), [r.get("error") for r in result.records]
+    pids = {r["provenance"]["host"]["pid"] for r in result.records}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_gpu_executor_needs_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs (the GPU run is test_gpu_executor_one_worker_per_gpu)")
+    with pytest.raises(ValueError, match="executor='gpus' needs CUDA GPUs"):
+        sweep.run(tiny_spec(), store=tmp_path / "g.jsonl", executor="gpus", progress=False)
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
+def test_gpu_executor_one_worker_per_gpu(organism_cache, tmp_path):
+    import torch
+
+    result = sweep.run(tiny_spec(), store=tmp_path / "g.jsonl", executor="gpus", progress=False)
+    assert result.failed == 0 and result.ok == 4
+    devices = {(r["provenance"]["device"]["type"], r["provenance"]["device"]["cuda_visible_devices"])
+               for r in result.records}
+    assert {d[0] for d in devices} == {"cuda"} and len(devices) == min(torch.cuda.device_count(), 4)
