@@ -65,8 +65,11 @@ def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tup
         grouped[(r["config"]["model"]["ref"], _task_label(r["config"]["task"]))].append(r)
     for key, recs in grouped.items():
         varying = sorted({a for r in recs for a in r["config"].get("axes", {})})
-        table: dict[str, Any] = {"rows": {}, "before": defaultdict(list), "axes": {}, "methods": {}}
+        table: dict[str, Any] = {"rows": {}, "before": defaultdict(list), "axes": {}, "methods": {}, "selections": {}}
         for r in recs:
+            components = (r.get("localization") or {}).get("components")
+            if components is not None and r["config"].get("seed") == min(x["config"].get("seed", 0) for x in recs):
+                table["selections"].setdefault(r["config"]["method"], {"localization": {"components": components}})
             axes = {a: r["config"].get("axes", {}).get(a) for a in varying}
             label = " ".join([r["config"]["method"], *(f"{a}={_short(v)}" for a, v in axes.items() if v is not None)])
             row = table["rows"].setdefault(label, defaultdict(list))
@@ -120,8 +123,19 @@ def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width
         for label, row in cells.items():
             name = label if len(label) <= label_width else label[: label_width - 1] + "…"
             lines.append(name.ljust(label_width) + "".join(f"  {c:>{w}}" for c, w in zip(row, col_width)))
+        lines += _notes(table, width)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "no ok records"
+
+
+def _notes(table: Mapping[str, Any], width: int) -> list[str]:
+    """``mu_fast.pipeline.same_selection_notes`` for the table's methods (first seed), wrapped to ``width``."""
+    import textwrap
+
+    from mu_fast.pipeline import same_selection_notes
+
+    notes = same_selection_notes(table["selections"]) if table["selections"] else []
+    return [line for note in notes for line in textwrap.wrap(f"note: {note}", width)]
 
 
 def rich_tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> list[Any]:

@@ -37,7 +37,7 @@ def _key(value: Any) -> str:
 
 
 def load_sweep_model(ref: Mapping[str, Any], device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, tokenizer, info)`` for a resolved model reference (``spec.resolve_model``), in eval mode, on
+    """``(model, tokenizer, info)`` for a resolved model reference (``refs.resolve_model``), in eval mode, on
     ``device`` (default: the first visible GPU, else the CPU)."""
     from mu_fast.models.loading import load_model
 
@@ -76,7 +76,7 @@ def load_sweep_model(ref: Mapping[str, Any], device: str | None = None) -> tuple
 
 
 def build_task(ref: Mapping[str, Any], info: Mapping[str, Any], tokenizer: Any) -> Any:
-    """The FactTask of a resolved task reference (``spec.resolve_tasks``)."""
+    """The FactTask of a resolved task reference (``refs.resolve_tasks``)."""
     texts = None
     if ref.get("lm_texts"):
         from mu_fast.data import load_lm_texts

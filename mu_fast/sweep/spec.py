@@ -50,35 +50,22 @@ from typing import Any
 
 from mu_fast.sweep.evaluations import resolve_evaluations
 from mu_fast.sweep.presets import GROUPS, preset_groups
+from mu_fast.sweep.refs import (
+    as_list,
+    check_keys,
+    close_hint,
+    paper_model_of,
+    resolve_model,
+    resolve_tasks,
+    spec_error,
+)
 
 RUN_FORMAT = 1
 SPEC_KEYS = ("name", "vars", "models", "tasks", "methods", "budget", "edit", "presets", "seeds", "evaluations", "store")
-TASK_KEYS = ("dataset", "forget_splits", "forget_split", "inject_labels", "inject_label", "maintain_split", "lm_texts",
-             "cf_model")
-MODEL_KEYS = ("name", "dtype", "tokenizer", "paper_model", "layers")
-DATASETS = ("organism", "sports", "counterfact")
 BUDGET_METHODS = ("atp", "ct", "atp_mlps", "ct_mlps", "random")
 PAPER_METHODS = ("ap", "ct", "ap_mlps", "ct_mlps", "flu")
 PAPER_GROUP = {"flu": "lookup", "ap_mlps": "lookup", "ct_mlps": "lookup", "ap": "tracing", "ct": "tracing"}
-DTYPES = ("bf16", "fp16", "fp32")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _fail(where: str, message: str) -> ValueError:
-    return ValueError(f"spec: {where}: {message}")
-
-
-def _hint(name: str, known: Any) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_keys(where: str, data: Mapping[str, Any], known: tuple[str, ...]) -> None:
-    for key in data:
-        if key not in known:
-            raise _fail(where, f"unknown key {key!r}{_hint(key, known)}; known keys: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +139,7 @@ def _substitute(value: Any, values: Mapping[str, Any], where: str) -> Any:
         whole = _VAR.fullmatch(value)
         for name in _VAR.findall(value):
             if name not in values:
-                raise _fail(where or "vars", f"${{{name}}} is not defined; add it under vars: or pass vars={{'{name}': ...}}")
+                raise spec_error(where or "vars", f"${{{name}}} is not defined; add it under vars: or pass vars={{'{name}': ...}}")
         if whole:
             return values[whole.group(1)]
         return _VAR.sub(lambda m: str(values[m.group(1)]), value)
@@ -161,137 +148,6 @@ def _substitute(value: Any, values: Mapping[str, Any], where: str) -> Any:
     if isinstance(value, list):
         return [_substitute(v, values, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
-
-
-# ------------------------------------------------------------------------------------------------ models
-def resolve_model(entry: Any, where: str) -> dict[str, Any]:
-    """The canonical model reference of a ``models:`` entry (no weights are read)."""
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
-        raise _fail(where, f"a model is a name or a mapping with name:; got {entry!r}")
-    _check_keys(where, entry, MODEL_KEYS)
-    name = entry["name"].strip()
-    dtype = entry.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise _fail(f"{where}.dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
-    out: dict[str, Any] = {}
-    if name == "organism" or name.startswith("organism:"):
-        from mu_fast.organism import OrganismConfig
-
-        preset = name.split(":", 1)[1] if ":" in name else "demo"
-        if preset not in ("demo", "ci"):
-            raise _fail(where, f"unknown organism preset {preset!r}; use organism (demo) or organism:ci")
-        if dtype not in (None, "fp32"):
-            raise _fail(f"{where}.dtype", "the organism is trained and evaluated in fp32; drop dtype or set fp32")
-        out = {"ref": f"organism:{preset}", "kind": "organism", "dtype": "fp32",
-               "organism_hash": getattr(OrganismConfig, preset)().config_hash()}
-    elif name.startswith("random:"):
-        from mu_fast.models.shipped import shipped_name
-
-        try:
-            shipped = shipped_name(name.split(":", 1)[1])
-        except ValueError as err:
-            raise _fail(where, str(err)) from None
-        if not entry.get("tokenizer"):
-            raise _fail(where, f"random:{shipped} has random weights and no tokenizer; add tokenizer: <a folder with "
-                        "the model's tokenizer> (the facts must tokenize)")
-        out = {"ref": f"random:{shipped}", "kind": "random", "dtype": dtype or "bf16",
-               "tokenizer": os.path.abspath(os.path.expanduser(entry["tokenizer"])), "layers": entry.get("layers")}
-    else:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise _fail(where, f"{str(path)!r} has no config.json; pass a folder written by save_pretrained")
-            out = {"ref": str(path.resolve()), "kind": "checkpoint", "dtype": dtype or "bf16"}
-        elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not name.startswith((".", "/")):
-            out = {"ref": name, "kind": "hub", "dtype": dtype or "bf16"}
-        else:
-            raise _fail(where, f"no checkpoint folder at {str(path.absolute())!r} and {name!r} is not a hub id "
-                        "(org/name); use organism, organism:ci, a save_pretrained folder, a hub id or random:<shipped>")
-    if entry.get("tokenizer") and out["kind"] in ("checkpoint", "hub"):
-        out["tokenizer"] = os.path.abspath(os.path.expanduser(entry["tokenizer"]))
-    if entry.get("paper_model"):
-        from mu_fast.data.datadir import paper_model
-
-        try:
-            out["paper_model"] = paper_model(entry["paper_model"]).key
-        except ValueError as err:
-            raise _fail(f"{where}.paper_model", str(err)) from None
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def paper_model_of(model: Mapping[str, Any]) -> str | None:
-    """The paper model (gemma-7b / gemma-2-9b / llama-3-8b) a model reference stands for, if any."""
-    if model.get("paper_model"):
-        return model["paper_model"]
-    from mu_fast.data.datadir import paper_model
-
-    try:
-        return paper_model(str(model["ref"]).removeprefix("random:")).key
-    except ValueError:
-        return None
-
-
-# ------------------------------------------------------------------------------------------------ tasks
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def resolve_tasks(entry: Any, where: str, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The tasks of one ``tasks:`` entry (its forget splits x inject labels), checked against the models."""
-    from mu_fast.data.sports import FORGET_SPLIT_NAMES, INJECT_LABELS, parse_forget_split
-
-    if not isinstance(entry, Mapping):
-        raise _fail(where, f"a task is a mapping with dataset:, forget_splits:, ...; got {entry!r}")
-    _check_keys(where, entry, TASK_KEYS)
-    dataset = entry.get("dataset")
-    if dataset not in DATASETS:
-        raise _fail(f"{where}.dataset", f"unknown dataset {dataset!r}{_hint(dataset, DATASETS)}; use {', '.join(DATASETS)}")
-    splits = _as_list(entry.get("forget_splits", entry.get("forget_split", "first_16_unsplit")))
-    default_label = "target_false" if dataset == "counterfact" else "random_without_golf"
-    labels = ["None" if x is None else str(x) for x in _as_list(entry.get("inject_labels", entry.get("inject_label", default_label)))]
-    if not splits or not labels:
-        raise _fail(where, "forget_splits and inject_labels must not be empty lists")
-    names = FORGET_SPLIT_NAMES if dataset != "counterfact" else ("first_16", "first_64", "random_16", "random_64")
-    for split in splits:
-        try:
-            parse_forget_split(str(split), names)
-        except ValueError as err:
-            raise _fail(f"{where}.forget_splits", str(err)) from None
-    allowed = ("target_false",) if dataset == "counterfact" else INJECT_LABELS
-    for label in labels:
-        if label not in allowed:
-            raise _fail(f"{where}.inject_labels", f"{label!r} is not one of {', '.join(allowed)}")
-    maintain = entry.get("maintain_split", "split")
-    if maintain not in ("split", "unsplit") or (dataset == "counterfact" and maintain != "split"):
-        raise _fail(f"{where}.maintain_split", f"{maintain!r}: use split" + (" or unsplit" if dataset != "counterfact" else ""))
-    organism = [m["ref"] for m in models if m["kind"] == "organism"]
-    others = [m["ref"] for m in models if m["kind"] != "organism"]
-    if dataset == "organism" and others:
-        raise _fail(f"{where}.dataset", f"the organism's facts are known only to the organism, not to {others[0]}; "
-                    "give organism tasks in a spec whose models are organisms")
-    if dataset != "organism" and organism:
-        raise _fail(f"{where}.dataset", f"{organism[0]} knows only its own facts; use dataset: organism for it")
-    lm_texts = entry.get("lm_texts")
-    if lm_texts is not None and lm_texts != "pile" and not Path(str(lm_texts)).expanduser().is_file():
-        raise _fail(f"{where}.lm_texts", f"{lm_texts!r} is neither 'pile' nor an existing text file")
-    cf_model = entry.get("cf_model")
-    if dataset == "counterfact" and cf_model is None:
-        guessed = {paper_model_of(m) for m in models}
-        if len(guessed) != 1 or None in guessed:
-            raise _fail(where, "counterfact needs cf_model: gemma-7b, gemma-2-9b or llama-3-8b (the filtered table)")
-        cf_model = guessed.pop()
-    out = []
-    for split in splits:
-        for label in labels:
-            task = {"dataset": dataset, "forget_split": str(split), "inject_label": label, "maintain_split": maintain}
-            if lm_texts is not None:
-                task["lm_texts"] = str(lm_texts) if lm_texts == "pile" else str(Path(lm_texts).expanduser().resolve())
-            if dataset == "counterfact":
-                task["cf_model"] = cf_model
-            out.append(task)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ edit grid
@@ -309,27 +165,27 @@ def _coerce(name: str, value: Any, kind: Any, where: str) -> Any:
     text = str(kind)
     if name == "betas":
         if not (isinstance(value, (list, tuple)) and len(value) == 2):
-            raise _fail(where, f"betas is a pair [beta1, beta2]; got {value!r}")
+            raise spec_error(where, f"betas is a pair [beta1, beta2]; got {value!r}")
         return [float(v) for v in value]
     if value is None:
         if "None" not in text:
-            raise _fail(where, f"{name} cannot be null")
+            raise spec_error(where, f"{name} cannot be null")
         return None
     if kind is bool or text.startswith("bool"):
         if not isinstance(value, bool):
-            raise _fail(where, f"{name} must be true or false; got {value!r}")
+            raise spec_error(where, f"{name} must be true or false; got {value!r}")
         return value
     if kind is float:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise _fail(where, f"{name} must be a number; got {value!r}") from None
+            raise spec_error(where, f"{name} must be a number; got {value!r}") from None
     if kind is int or text.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(where, f"{name} must be an integer; got {value!r}")
+            raise spec_error(where, f"{name} must be an integer; got {value!r}")
         return value
     if kind is str and not isinstance(value, str):
-        raise _fail(where, f"{name} must be a string; got {value!r}")
+        raise spec_error(where, f"{name} must be a string; got {value!r}")
     return value
 
 
@@ -338,13 +194,13 @@ def _axes(settings: Mapping[str, Any], fields: Mapping[str, Any], where: str) ->
     out = {}
     for name, value in settings.items():
         if name == "seed":
-            raise _fail(f"{where}.seed", "a run's seed comes from seeds:; remove seed from edit")
+            raise spec_error(f"{where}.seed", "a run's seed comes from seeds:; remove seed from edit")
         if name not in fields:
-            raise _fail(f"{where}", f"unknown EditConfig field {name!r}{_hint(name, fields)}; fields: {', '.join(fields)}")
+            raise spec_error(f"{where}", f"unknown EditConfig field {name!r}{close_hint(name, fields)}; fields: {', '.join(fields)}")
         is_axis = isinstance(value, list) and (name != "betas" or (value and isinstance(value[0], (list, tuple))))
         values = value if is_axis else [value]
         if not values:
-            raise _fail(f"{where}.{name}", "an empty list gives an empty grid; give at least one value")
+            raise spec_error(f"{where}.{name}", "an empty list gives an empty grid; give at least one value")
         out[name] = [_coerce(name, v, fields[name], f"{where}.{name}") for v in values]
     return out
 
@@ -356,7 +212,7 @@ def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | 
     groups = dict(edit.pop("groups", None) or {})
     for g in groups:
         if g not in GROUPS:
-            raise _fail("edit.groups", f"unknown method group {g!r}; groups are {', '.join(GROUPS)}")
+            raise spec_error("edit.groups", f"unknown method group {g!r}; groups are {', '.join(GROUPS)}")
     base = preset_groups(str(edit.pop("preset", "default")), presets)[group]
     axes = {k: [_coerce(k, v, fields[k], f"edit.preset.{k}")] for k, v in base.items() if k in fields and k != "seed"}
     axes.update(_axes(edit, fields, "edit"))
@@ -377,7 +233,7 @@ def resolved_edit(settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
     try:
         config = EditConfig(**{**settings, "seed": seed})
     except (TypeError, ValueError) as err:
-        raise _fail("edit", f"{err}") from None
+        raise spec_error("edit", f"{err}") from None
     data = dataclasses.asdict(config)
     data["betas"] = list(data["betas"])
     return data
@@ -396,70 +252,70 @@ def _check_methods(methods: Any, models: list[dict[str, Any]], tasks: list[dict[
     from mu_fast.localize import METHODS
 
     if not isinstance(methods, list) or not methods:
-        raise _fail("methods", "give a non-empty list of localization methods, e.g. [flu, atp, ct]")
+        raise spec_error("methods", "give a non-empty list of localization methods, e.g. [flu, atp, ct]")
     usable = [m for m in METHODS if m != "manual"]
     for m in methods:
         if isinstance(m, str) and m.startswith("paper:"):
             kind = m.split(":", 1)[1]
             if kind not in PAPER_METHODS:
-                raise _fail("methods", f"{m!r}: the paper's selections are paper:{', paper:'.join(PAPER_METHODS)}")
+                raise spec_error("methods", f"{m!r}: the paper's selections are paper:{', paper:'.join(PAPER_METHODS)}")
             missing = [x["ref"] for x in models if paper_model_of(x) is None]
             if missing:
-                raise _fail("methods", f"{m} needs a paper model (gemma-7b, gemma-2-9b, llama-3-8b); {missing[0]} is "
+                raise spec_error("methods", f"{m} needs a paper model (gemma-7b, gemma-2-9b, llama-3-8b); {missing[0]} is "
                             "none: add paper_model: to its models entry")
             if any(t["dataset"] == "organism" for t in tasks):
-                raise _fail("methods", f"{m} is the paper's selection for its own models, not for the organism")
+                raise spec_error("methods", f"{m} is the paper's selection for its own models, not for the organism")
         elif m not in usable:
-            raise _fail("methods", f"unknown method {m!r}{_hint(m, usable)}; use {', '.join(usable)} or paper:<method>")
+            raise spec_error("methods", f"unknown method {m!r}{close_hint(m, usable)}; use {', '.join(usable)} or paper:<method>")
     if len(set(methods)) != len(methods):
-        raise _fail("methods", "a method is listed twice; list each once")
+        raise spec_error("methods", "a method is listed twice; list each once")
     return list(methods)
 
 
 def _check_budgets(value: Any) -> list[int | None]:
     out = []
-    for b in _as_list(value):
+    for b in as_list(value):
         if b in (None, "paper"):
             out.append(None)
         elif isinstance(b, int) and not isinstance(b, bool) and b > 0:
             out.append(b)
         else:
-            raise _fail("budget", f"{b!r}: use paper (FLU layers x MLP size), a positive parameter count, or a list")
+            raise spec_error("budget", f"{b!r}: use paper (FLU layers x MLP size), a positive parameter count, or a list")
     return out
 
 
 def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Check a loaded spec (``load_spec``) and return its resolved parts; ``ValueError`` naming the key and the fix."""
-    _check_keys("top level", spec, SPEC_KEYS)
+    check_keys("top level", spec, SPEC_KEYS)
     models_in = spec.get("models")
     if not isinstance(models_in, list) or not models_in:
-        raise _fail("models", "give a non-empty list of models, e.g. [organism:ci]")
+        raise spec_error("models", "give a non-empty list of models, e.g. [organism:ci]")
     models = [resolve_model(m, f"models[{i}]") for i, m in enumerate(models_in)]
     tasks_in = spec.get("tasks")
     if not isinstance(tasks_in, list) or not tasks_in:
-        raise _fail("tasks", "give a non-empty list of tasks, e.g. [{dataset: organism, forget_splits: [first_16_unsplit]}]")
+        raise spec_error("tasks", "give a non-empty list of tasks, e.g. [{dataset: organism, forget_splits: [first_16_unsplit]}]")
     tasks = [t for i, entry in enumerate(tasks_in) for t in resolve_tasks(entry, f"tasks[{i}]", models)]
     methods = _check_methods(spec.get("methods"), models, tasks)
     budgets = _check_budgets(spec.get("budget", "paper"))
-    seeds = _as_list(spec.get("seeds", [0]))
+    seeds = as_list(spec.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise _fail("seeds", f"give a non-empty list of non-negative integers; got {spec.get('seeds')!r}")
+        raise spec_error("seeds", f"give a non-empty list of non-negative integers; got {spec.get('seeds')!r}")
     edit = spec.get("edit") or {}
     if not isinstance(edit, Mapping):
-        raise _fail("edit", f"a mapping of EditConfig fields, preset: and groups:; got {edit!r}")
+        raise spec_error("edit", f"a mapping of EditConfig fields, preset: and groups:; got {edit!r}")
     presets = spec.get("presets") or {}
     if not isinstance(presets, Mapping) or not all(isinstance(v, Mapping) for v in presets.values()):
-        raise _fail("presets", "a mapping {name: {group: {field: value}}}")
+        raise spec_error("presets", "a mapping {name: {group: {field: value}}}")
     grids = {g: edit_grid(edit, g, presets) for g in {method_group(m) for m in methods}}
     evaluations = resolve_evaluations(spec.get("evaluations"))
     for task in tasks:
         lm = any(settings.get("lm_coef", 1.0) for g in grids.values() for settings, _ in g)
         if lm and task["dataset"] != "organism" and "lm_texts" not in task:
-            raise _fail("tasks", f"{task['dataset']} has no LM texts for the LM retain loss (lm_coef > 0); add "
+            raise spec_error("tasks", f"{task['dataset']} has no LM texts for the LM retain loss (lm_coef > 0); add "
                         "lm_texts: <text file or pile> to the task, or set edit: {lm_coef: 0}")
     store = spec.get("store")
     if store is not None and not isinstance(store, str):
-        raise _fail("store", f"a file path for the results (JSON lines); got {store!r}")
+        raise spec_error("store", f"a file path for the results (JSON lines); got {store!r}")
     return {"name": str(spec.get("name", "sweep")), "models": models, "tasks": tasks, "methods": methods,
             "budgets": budgets, "seeds": seeds, "grids": grids, "evaluations": evaluations, "store": store}
 

@@ -30,6 +30,7 @@ def fake_records(rng_values, methods=("flu", "a_very_long_method_name_that_must_
                     "metrics": {**metrics, "trainable_params": 10},
                     "results": {"evals": {"qa": {"forget": {"acc": qa}}}},
                     "before": {"forget_err": 0.01, "maintain_acc": 0.99, "mcq_forget_err": 0.05},
+                    "localization": {"components": ["m0"] if seed == 0 else [f"m{seed}"]},
                 })
     return records, values
 
@@ -48,6 +49,7 @@ def test_table_is_mean_std_over_seeds_within_100_columns(rng):
         expected = f"{statistics.fmean(seeds):.2f}±{statistics.stdev(seeds):.2f}"
         assert row.split()[2 + column] == expected, key
     assert any("…" in line for line in lines)  # the long label was cut, not the columns
+    assert lines[-2].startswith("note: a_very_long_method_name") and "same components as flu" in lines[-2]
     tables = report.rich_tables(records)
     assert len(tables) == 1 and tables[0].row_count == 1 + 4
 
