@@ -9,14 +9,16 @@ the last records; a killed process never does).
 
 Reading: every line that parses as a JSON object with a ``run_id`` is a record; anything else (a torn last line, a
 torn line ended by a later writer) is skipped and counted in ``Store.skipped``. A run may have several records (a
-failure, then a retry): ``latest()`` keeps the last one per run id.
+failure, then a retry): ``latest()`` keeps the last one per run id. Two sweeps started on one store at the same
+time may both run a run (each reads the store when it starts); the file stays consistent and ``latest()`` keeps one.
 
 Record format (``RECORD_FORMAT``)::
 
     {"format": 1, "run_id", "status": "ok" | "failed", "config": RunConfig.to_dict(), "metrics": {summary numbers},
      "before": {summary numbers of the unedited model}, "results": {"evals", "relearn", "latent_probes", ...},
      "localization": {method, components, trainable_params, budget, cached}, "edit": {optimizer, history, ...},
-     "timings": {seconds per stage}, "provenance": mu_fast.provenance.provenance_block(...),
+     "timings": {seconds per stage}, "session": {"load_seconds", "runs_before", "reloads"} (the worker's model),
+     "provenance": mu_fast.provenance.provenance_block(...),
      "error": {"type", "message", "traceback"} (failed runs only)}
 """
 
