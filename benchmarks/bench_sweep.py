@@ -18,7 +18,7 @@ shared). The forget accuracies of both are printed side by side as a check that 
 
 Run:  python benchmarks/bench_sweep.py [--steps 20] [--relearn] [--probes] [--naive-runs N]
 (``--naive-runs N``: time N chains spread evenly over the grid; runs/hour is then N / their time.)
-Writes benchmarks/results/<device>/bench_sweep.json.
+Writes benchmarks/results/<device>/bench_sweep_steps<S>[_relearn][_probes].json.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     print(f"ratio: {sweep_rate / naive_rate:.1f}x (steps {args.steps}, relearn {args.relearn}, probes {args.probes})")
     for tag, c in checks.items():
         print(f"  {tag:16s} forget acc naive {c['naive_forget_acc']:.4f}  sweep {c['sweep_forget_acc']:.4f}")
-    suffix = "" if not (args.relearn or args.probes) else "_full"
+    suffix = f"_steps{args.steps}" + ("_relearn" if args.relearn else "") + ("_probes" if args.probes else "")
     out = RESULTS / device_slug() / f"bench_sweep{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
