@@ -123,7 +123,10 @@ class CachedTokenizer:
         return hit
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
+        tokenizer = self.__dict__.get("_tokenizer")
+        if tokenizer is None:  # a copy made without __init__
+            raise AttributeError(name)
+        return getattr(tokenizer, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._tokenizer, name, value)
