@@ -87,8 +87,10 @@ def test_dry_run_guesses_then_measures(tmp_path):
 
 def test_dry_run_plans_memory_of_a_shipped_model(tmp_path):
     spec = {"models": [{"name": "random:llama-3-8b", "tokenizer": str(tmp_path)}], "tasks": [{"dataset": "sports"}],
-            "methods": ["flu", "all_mlps", "nonlocalized"], "edit": {"lm_coef": 0}}
+            "methods": ["flu", "all_mlps", "nonlocalized", "paper:ap"], "edit": {"lm_coef": 0}}
     est = dry_run(spec, store=tmp_path / "none.jsonl", print_fn=None)
+    assert est.memory[("random:llama-3-8b", "paper:ap")][1] == "the paper's selection"
+    assert est.memory[("random:llama-3-8b", "flu")][1] == "stand-in: 4 MLP layers"  # the paper's FLU layers 1-4
     peaks = {method: est.memory[("random:llama-3-8b", method)][0] for method in ("flu", "all_mlps", "nonlocalized")}
     # more trained parameters need more memory; an 8B model in bf16 needs more than its 16 GB of weights
     assert 16e9 < peaks["flu"] < peaks["all_mlps"] < peaks["nonlocalized"]

@@ -108,6 +108,8 @@ def test_round_trip_and_yaml_vars(tmp_path):
     ({"metods": ["flu"]}, "unknown key 'metods' (did you mean 'methods'?)"),
     ({"methods": ["flux"]}, "unknown method 'flux' (did you mean 'flu'?)"),
     ({"methods": []}, "methods: give a non-empty list"),
+    ({"methods": ["paper:flu"]}, "paper:flu needs a paper model"),
+    ({"methods": ["paper:xyz"]}, "the paper's selections are paper:ap"),
     ({"tasks": [{"dataset": "sport"}]}, "unknown dataset 'sport'"),
     ({"tasks": [{"dataset": "organism", "forget_splits": ["first_17_unsplit"]}]}, "forget_splits"),
     ({"tasks": [{"dataset": "organism", "inject_labels": ["tennis"]}]}, "inject_labels: 'tennis'"),
