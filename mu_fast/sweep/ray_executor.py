@@ -18,7 +18,9 @@ no dashboard) and stops it at the end. On a real cluster::
 
 ``ray_address="auto"`` connects to the cluster started with ``ray start`` on this node (or set ``RAY_ADDRESS``);
 ``workers`` defaults to the cluster's GPU count (else 2). Check the cluster with ``ray status``; stop it with
-``ray stop``. Ray's old ``local_mode`` is not used (deprecated in Ray 2.x): tests run a real local cluster on CPUs.
+``ray stop``. Ray 2.60 (the version tested, with ``ray start --head`` and ``ray_address="auto"`` on one machine)
+says "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out": nodes that join
+need the cluster's token (Ray's docs, ray-security/token-auth). Ray's old ``local_mode`` is not used (deprecated in Ray 2.x): tests run a real local cluster on CPUs.
 """
 
 from __future__ import annotations
