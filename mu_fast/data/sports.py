@@ -2,7 +2,8 @@
 
 ``sports.csv`` (1,559 athletes of football, baseball and basketball, already shuffled) fixes every split by
 its row order. ``forget_split`` is ``<name>_<split|unsplit>``: ``first_16``/``first_64`` take rows 0..15 /
-0..63 (the paper's "16/64 athletes"), ``random_16``/``random_64`` a torch randperm seeded with 16/64,
+0..63 (the paper's "16/64 athletes"), ``next_16``/``next_64`` rows 16..31 / 64..127 (disjoint sets of the same size, for
+choosing hyperparameters), ``random_16``/``random_64`` a torch randperm seeded with 16/64,
 ``basketball``/``baseball``/``football`` every athlete of that sport. ``unsplit``: forget train = test = the
 forget set; ``split``: train the first half, test the second half (relearning and Full-Sports). Maintain is
 every other row, train the first 80% and test the last 20%, in row order. Labels are the **last** token of
@@ -27,7 +28,9 @@ MCQ_CHOICES = (" A", " B", " C", " D")
 MCQ_LETTER = {"football": " A", "baseball": " B", "basketball": " C", "golf": " D"}
 INJECT_LABELS = ("random_without_golf", "random_with_golf", "golf", "None")
 SPORTS_FORMATS = ("normal", "qa", "mcq")
-FORGET_SPLIT_NAMES = ("first_16", "first_64", "random_16", "random_64") + SPORTS
+# next_N: rows N..2N-1, the facts after first_N, a disjoint set of the same size to choose hyperparameters on
+# (mu_fast.sweep.lr_rule) without touching first_N.
+FORGET_SPLIT_NAMES = ("first_16", "first_64", "random_16", "random_64", "next_16", "next_64") + SPORTS
 
 _GOLFER = "Tiger Woods"
 _SYSTEM = (
@@ -81,6 +84,11 @@ def forget_rows(name: str, n_rows: int, sports: Sequence[str] | None = None) -> 
         if k > n_rows:
             raise ValueError(f"forget split {name!r} needs {k} rows but the table has {n_rows}")
         return list(range(k))
+    if name.startswith("next_"):
+        k = int(name.split("_")[1])
+        if 2 * k > n_rows:
+            raise ValueError(f"forget split {name!r} needs {2 * k} rows (rows {k}..{2 * k - 1}) but the table has {n_rows}")
+        return list(range(k, 2 * k))
     if name.startswith("random_"):
         k = int(name.split("_")[1])
         return seeded_randperm(n_rows, k)[:k]
@@ -119,7 +127,7 @@ def load_sports_task(
 ) -> FactTask:
     """The paper's Sports Facts task.
 
-    forget_split: ``<first_16|first_64|random_16|random_64|basketball|baseball|football>_<split|unsplit>``.
+    forget_split: ``<first_16|first_64|random_16|random_64|next_16|next_64|basketball|baseball|football>_<split|unsplit>``.
     inject_label: ``random_without_golf`` (Sports-Athlete-Editing), ``golf`` (Full-Sports-Editing),
     ``random_with_golf``, or ``"None"``/None (Sports-Unlearning: ``unlearn=True``, no edit answers).
     maintain_split: ``split`` (80/20, the paper) or ``unsplit`` (train = test = every maintain row).

@@ -41,7 +41,7 @@ def organism_task(
     """The organism's facts as a FactTask.
 
     config_or_facts: an ``OrganismConfig``, its ``OrganismFacts`` or a loaded ``Organism``.
-    forget_split: ``<first_16|first_64|random_16|random_64|basketball|baseball|football>_<split|unsplit>``.
+    forget_split: ``<first_16|first_64|random_16|random_64|next_16|next_64|basketball|baseball|football>_<split|unsplit>``.
     inject_label: ``random_without_golf``, ``random_with_golf``, ``golf`` or ``"None"``/None (unlearning).
     maintain_split: ``split`` (first 80% train, last 20% test) or ``unsplit``.
     tokenizer: optional; when given, every prompt and answer is checked to tokenize without unknown tokens.
