@@ -1,4 +1,5 @@
-"""Evaluation: forget/maintain accuracy in every format, the relearning attack, latent-knowledge probes.
+"""Evaluation: forget/maintain accuracy in every format, the relearning and soft-prompt attacks, latent-knowledge
+probes, general capability through lm-eval.
 
 Importing this package is cheap (torch only); peft is imported when the relearning attack runs.
 """
@@ -8,6 +9,7 @@ from mu_fast.evaluate.formats import evaluate_task, task_prompt_sets, tokenize_t
 from mu_fast.evaluate.metrics import PromptScores, prompt_scores, set_accuracy
 from mu_fast.evaluate.probes import LinearProbes, collect_hidden, latent_probes, stratified_split, train_probes
 from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
+from mu_fast.evaluate.softprompt import SoftPromptAdversaries, softprompt_attack
 
 __all__ = [
     "check_known_facts",
@@ -20,6 +22,8 @@ __all__ = [
     "relearn_attack",
     "relearn_halves",
     "set_accuracy",
+    "SoftPromptAdversaries",
+    "softprompt_attack",
     "stratified_split",
     "task_prompt_sets",
     "tokenize_task",
