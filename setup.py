@@ -134,7 +134,8 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "packaging>=23",
+        "pyyaml>=6.0",
     ],
-    extras_require={"triton": ["triton>=3.2"], "test": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={"triton": ["triton>=3.2"], "ray": ["ray>=2.9"], "test": ["pytest>=8", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["mu-fast=mu_fast.cli:main"]},
 )

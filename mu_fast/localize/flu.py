@@ -146,16 +146,27 @@ def flu_localize(
     probes = train_probes(stacked[:, train], labels[train], len(classes))
     acc = probes.accuracy(stacked[:, test], labels[test]).float()
     acc_pre, acc_mid, acc_post = acc[:L], acc[L : 2 * L], acc[2 * L :]
-    gain = acc_post - acc_mid
-    top = float(acc_post.max())
-    reached = torch.nonzero(acc_post >= saturation * top).flatten()
-    last = int(reached[0]) if reached.numel() else L - 1
-    layers = [layer for layer in range(last + 1) if gain[layer] >= min_gain]
-    if not layers:
-        layers = [int(gain.argmax())]
+    layers = select_flu_layers(acc_mid, acc_post, int(test.numel()), min_gain, saturation)
     chance = float(torch.bincount(labels[test]).max()) / max(int(test.numel()), 1)
     meta = {"min_gain": min_gain, "saturation": saturation, "n_facts": len(pooled), "n_test": int(test.numel())}
     return FLUResult(layers, acc_pre, acc_mid, acc_post, chance, meta)
+
+
+def select_flu_layers(acc_mid: torch.Tensor, acc_post: torch.Tensor, n_test: int, min_gain: float = 0.05,
+                      saturation: float = 0.95) -> list[int]:
+    """The FLU rule on held-out probe accuracies ``[L]`` measured on ``n_test`` facts (see the module docstring).
+
+    Accuracies are fractions of ``n_test``, so the rule compares counts of correctly probed facts: a gain of exactly
+    ``min_gain`` (e.g. 0.9583333 − 0.9083333 = 0.05 at ``n_test`` = 120, which is 0.04999995 in float32) qualifies.
+    """
+    n = max(int(n_test), 1)
+    post = torch.round(acc_post.double() * n)  # correct counts per layer
+    gain = post - torch.round(acc_mid.double() * n)
+    tol = 1e-6
+    reached = torch.nonzero(post >= saturation * float(post.max()) - tol).flatten()
+    last = int(reached[0]) if reached.numel() else len(post) - 1
+    layers = [layer for layer in range(last + 1) if float(gain[layer]) >= min_gain * n - tol]
+    return layers or [int(gain.argmax())]
 
 
 def _pool(sets: list[PromptSet]) -> PromptSet:

@@ -1,0 +1,130 @@
+"""Provenance: one block that says how a result was made (software, source tree, machine, device, model).
+
+``provenance_block(model=..., device=...)`` is what every stored result carries::
+
+    {"versions": {"mu_fast", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "peft",
+                  "numpy", "python"},
+     "git": {"commit", "dirty"} or None,
+     "host": {"name", "machine", "processor", "torch_threads", "cpu_capability", "pid"},
+     "device": {"type", "index", "name", "total_memory", "cuda", "cuda_visible_devices"},
+     "model": the model identity (``model_identity``), "created": UTC ISO time}
+
+Versions and the git commit come from ``mu_fast.models.identity`` (the same functions edit deltas use). The
+versions and git commit are looked up once per process: a sweep stamps thousands of records, and ``git`` costs a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+PROVENANCE_FORMAT = 1
+
+
+@functools.cache
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata
+
+    from mu_fast.models.identity import versions
+
+    out = dict(versions())
+    for dist in ("peft", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+@functools.cache
+def _git() -> dict[str, Any] | None:
+    from mu_fast.models.identity import git_commit
+
+    return git_commit()
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_info() -> dict[str, Any]:
+    """The machine and the torch CPU settings that change float round-off (threads, kernel dispatch level)."""
+    import torch
+
+    return {"name": platform.node(), "machine": platform.machine(), "processor": _cpu_model(),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "pid": os.getpid()}
+
+
+def device_info(device: Any = None) -> dict[str, Any]:
+    """What ``device`` (a torch device, ``"cuda:0"``, ``"cpu"``, or None: the first GPU if any, else the CPU) is."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    out: dict[str, Any] = {"type": device.type, "index": device.index,
+                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        out.update(index=index, name=props.name, total_memory=int(props.total_memory), cuda=torch.version.cuda)
+    else:
+        out["name"] = _cpu_model()
+    return out
+
+
+def model_identity(ref: str, info: Mapping[str, Any] | None = None, model: Any = None,
+                   dtype: str | None = None) -> dict[str, Any]:
+    """Which model a result was made with: the reference as given, its kind, the checkpoint path or hub id and
+    revision or organism hash, and ``config_hash`` (``mu_fast.models.identity``) of the loaded model's config.
+
+    info: the ``info`` dict of ``load_model`` / ``load_for_edit`` (its ``organism`` entry, if any, gives the
+    organism hash and checkpoint path)."""
+    from mu_fast.models.identity import config_hash
+
+    info = dict(info or {})
+    out: dict[str, Any] = {"ref": ref, "dtype": dtype or info.get("dtype")}
+    organism = info.get("organism")
+    if organism is not None:
+        out.update(kind="organism", organism_hash=organism.config.config_hash(), path=str(organism.path))
+    elif ref.startswith("random:"):
+        out.update(kind="random")
+    elif os.path.isdir(ref):
+        out.update(kind="checkpoint", path=os.path.abspath(ref))
+    else:
+        out.update(kind="hub", revision=getattr(getattr(model, "config", None), "_commit_hash", None))
+    for key in ("path", "revision", "organism_hash", "source"):
+        if info.get(key) is not None and key not in out:
+            out[key] = info[key]
+    if model is not None and hasattr(model, "config"):
+        out["config_hash"] = config_hash(model.config)
+        out["arch"] = getattr(model.config, "model_type", None)
+    return out
+
+
+def provenance_block(model: Mapping[str, Any] | None = None, device: Any = None) -> dict[str, Any]:
+    """The provenance of one result (module docstring): versions, git commit, host, device, model identity."""
+    return {
+        "format": PROVENANCE_FORMAT,
+        "versions": dict(_versions()),
+        "git": _git(),
+        "host": host_info(),
+        "device": device_info(device),
+        "model": dict(model) if model is not None else None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

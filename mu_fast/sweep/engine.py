@@ -1,0 +1,185 @@
+"""Running a sweep: skip what the store holds, group the rest by model, execute, append one record per run.
+
+``run(spec)`` expands the spec, reads the store, and hands every run without a record (``retry_failed=True``:
+also those whose latest record failed) to an executor:
+
+* ``local`` (default): this process, one model at a time (loaded once, restored between runs).
+* ``gpus``: one worker process per visible GPU (``CUDA_VISIBLE_DEVICES`` set to one GPU in each; ``gpus=[...]``
+  picks them); ``processes``: ``workers`` CPU worker processes (the same machinery without GPUs).
+* ``ray``: Ray actors, one GPU each when the cluster has GPUs (``mu_fast.sweep.ray_executor``).
+
+Every executor schedules the same way: a free worker takes the next run of the model it holds, else the first run
+of the model with the most runs left, so each worker loads as few models as it can. Records come back to this
+process, which appends them to the store (``mu_fast.sweep.store``) as they arrive: a killed sweep loses only the
+runs in flight, and started again it skips every recorded run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mu_fast.sweep.spec import RunConfig, expand, load_spec
+from mu_fast.sweep.store import Store
+
+EXECUTORS = ("local", "gpus", "processes", "ray")
+RecordCallback = Callable[[dict[str, Any]], None]
+RunCallback = Callable[[RunConfig], None]
+
+
+@dataclass
+class SweepResult:
+    """What ``run`` did: counts, the store path, the records it wrote, wall time."""
+
+    store: Path
+    total: int
+    skipped: int
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"{self.total} runs: {self.skipped} already in {self.store}, {self.ok} ok, {self.failed} failed, "
+                f"{self.seconds:.1f} s")
+
+
+class Scheduler:
+    """Pending runs by model; ``next_for(model_key)`` keeps a worker on its model while that model has runs."""
+
+    def __init__(self, runs: Iterable[RunConfig]):
+        self.queues: OrderedDict[str, list[RunConfig]] = OrderedDict()
+        for run in runs:
+            self.queues.setdefault(run.model_key, []).append(run)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def next_for(self, model_key: str | None) -> RunConfig | None:
+        if model_key in self.queues and self.queues[model_key]:
+            return self._pop(model_key)
+        if not len(self):
+            return None
+        return self._pop(max(self.queues, key=lambda k: len(self.queues[k])))
+
+    def _pop(self, key: str) -> RunConfig:
+        run = self.queues[key].pop(0)
+        if not self.queues[key]:
+            del self.queues[key]
+        return run
+
+
+class _Sink:
+    """Appends each record to the store, counts it, and calls the caller's callback."""
+
+    def __init__(self, store: Store, result: SweepResult, on_record: RecordCallback | None, bar: Any):
+        self.store, self.result, self.on_record, self.bar = store, result, on_record, bar
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.store.append(record)
+        self.result.records.append(record)
+        if record.get("status") == "ok":
+            self.result.ok += 1
+        else:
+            self.result.failed += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(ok=self.result.ok, failed=self.result.failed)
+        if self.on_record is not None:
+            self.on_record(record)
+
+
+def store_path(spec: Mapping[str, Any], store: str | os.PathLike | None) -> Path:
+    """The store: ``store``, else the spec's ``store:``, else ``sweeps/<name>.jsonl``."""
+    if store is not None:
+        return Path(store).expanduser()
+    if spec.get("store"):
+        return Path(spec["store"]).expanduser()
+    return Path("sweeps") / f"{spec.get('name', 'sweep')}.jsonl"
+
+
+def pending_runs(runs: list[RunConfig], store: Store, retry_failed: bool = False) -> list[RunConfig]:
+    """The runs ``store`` has no finished record of (failed ones count as finished unless ``retry_failed``)."""
+    done = store.finished(include_failed=not retry_failed)
+    return [r for r in runs if r.run_id not in done]
+
+
+def run(
+    spec: str | os.PathLike | Mapping[str, Any],
+    *,
+    vars: Mapping[str, Any] | None = None,
+    store: str | os.PathLike | None = None,
+    executor: str = "local",
+    retry_failed: bool = False,
+    workers: int | None = None,
+    gpus: list[int] | None = None,
+    ray_address: str | None = None,
+    on_record: RecordCallback | None = None,
+    on_run_start: RunCallback | None = None,
+    progress: bool = True,
+    fsync: bool = True,
+    setup: Callable[[], None] | None = None,
+    threads: int | None = None,
+) -> SweepResult:
+    """Run every run of ``spec`` that ``store`` does not hold yet; return a ``SweepResult``.
+
+    executor: ``local`` | ``gpus`` | ``processes`` | ``ray`` (module docstring). workers: worker count for
+    ``processes`` and ``ray`` (default: 2, or the cluster's GPU count for Ray). ray_address: an existing Ray cluster
+    (``"auto"``); None starts a local one. on_record(record): after each record is stored; on_run_start(run): before
+    a run is handed out (the local executor calls it right before the run starts). setup: called once in every worker
+    process or actor before any run (e.g. to ``register_evaluation``). threads: torch CPU threads per worker (None:
+    torch's default locally, cores / workers in worker processes and CPU actors; on a busy machine 1 is often
+    fastest). Nothing loads before the spec is checked.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}; choose one of {EXECUTORS}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer; got {workers!r}")
+    start = time.perf_counter()
+    data = load_spec(spec, vars)
+    runs = expand(data)
+    st = Store(store_path(data, store), fsync=fsync)
+    todo = pending_runs(runs, st, retry_failed)
+    result = SweepResult(st.path, len(runs), len(runs) - len(todo))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"sweep {data.get('name', '')}".strip(), unit="run")
+    sink = _Sink(st, result, on_record, bar)
+    try:
+        if not todo:
+            pass
+        elif executor == "local":
+            _run_local(todo, sink, on_run_start, setup, threads)
+        elif executor in ("gpus", "processes"):
+            from mu_fast.sweep.processes import run_processes
+
+            run_processes(todo, sink, on_run_start, gpus=gpus if executor == "gpus" else None,
+                          workers=workers, use_gpus=executor == "gpus", setup=setup, threads=threads)
+        else:
+            from mu_fast.sweep.ray_executor import run_ray
+
+            run_ray(todo, sink, on_run_start, workers=workers, address=ray_address, setup=setup, threads=threads)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_local(todo: list[RunConfig], sink: _Sink, on_run_start: RunCallback | None,
+               setup: Callable[[], None] | None, threads: int | None) -> None:
+    from mu_fast.sweep.worker import Worker
+
+    worker = Worker(None, setup, threads)
+    scheduler = Scheduler(todo)
+    while (run_config := scheduler.next_for(worker.model_key)) is not None:
+        if on_run_start is not None:
+            on_run_start(run_config)
+        sink(worker.execute(run_config.to_dict()))

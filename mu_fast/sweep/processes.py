@@ -1,0 +1,124 @@
+"""The per-GPU executor: one worker process per GPU, each pinned to its GPU by ``CUDA_VISIBLE_DEVICES``.
+
+Workers are started with the ``spawn`` method (a fresh interpreter: CUDA cannot be shared with a forked child) and
+each holds one model at a time (``mu_fast.sweep.worker``). The parent hands a worker its next run when the worker
+returns a record, and appends the record to the store. A worker that dies (killed, out of host memory, a crash in
+native code) fails its run in flight with the exit code and is replaced by a fresh one on the same device.
+With ``use_gpus=False`` the same machinery runs ``workers`` CPU processes (each with ``torch`` threads = cores /
+workers), which is how it is tested on machines without GPUs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mu_fast.sweep.spec import RunConfig
+
+POLL_SECONDS = 1.0
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process may use (after ``CUDA_VISIBLE_DEVICES``), without initializing CUDA here."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _visible_value(index: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` entry of visible GPU ``index`` (respecting the parent's own list)."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if parent:
+        entries = [e.strip() for e in parent.split(",") if e.strip()]
+        return entries[index]
+    return str(index)
+
+
+class _Slot:
+    def __init__(self, ctx: Any, worker_id: int, device: str, visible: str | None, results: Any,
+                 setup: Callable[[], None] | None, threads: int | None):
+        from mu_fast.sweep.worker import process_main
+
+        self.worker_id, self.device, self.visible = worker_id, device, visible
+        self.tasks = ctx.Queue()
+        self.process = ctx.Process(target=process_main, args=(worker_id, device, visible, self.tasks, results, setup,
+                                                               threads), daemon=True)
+        self.process.start()
+        self.run: RunConfig | None = None
+        self.model_key: str | None = None
+
+
+def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
+                  on_run_start: Callable[[RunConfig], None] | None = None, gpus: list[int] | None = None,
+                  workers: int | None = None, use_gpus: bool = True,
+                  setup: Callable[[], None] | None = None, threads: int | None = None) -> None:
+    """Execute ``todo`` in worker processes; each record goes to ``sink`` (module docstring)."""
+    from mu_fast.sweep.engine import Scheduler
+    from mu_fast.sweep.session import error_info
+
+    if use_gpus:
+        available = visible_gpus()
+        if not available:
+            raise ValueError("executor='gpus' needs CUDA GPUs and this machine shows none; use executor='local' or "
+                             "executor='processes' (CPU workers)")
+        chosen = gpus if gpus is not None else available
+        bad = [g for g in chosen if g not in available]
+        if bad:
+            raise ValueError(f"gpus={chosen}: GPU {bad[0]} is not visible (visible: {available}); pick from those")
+        devices = [("cuda", _visible_value(g)) for g in chosen]
+    else:
+        count = workers or 2
+        devices = [("cpu", None)] * count
+        threads = threads or max(1, (os.cpu_count() or 1) // count)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    slots = {i: _Slot(ctx, i, dev, vis, results, setup, threads) for i, (dev, vis) in enumerate(devices)}
+    scheduler = Scheduler(todo)
+    busy = 0
+
+    def hand_out(slot: _Slot) -> bool:
+        run = scheduler.next_for(slot.model_key)
+        if run is None:
+            slot.run = None
+            return False
+        if on_run_start is not None:
+            on_run_start(run)
+        slot.run, slot.model_key = run, run.model_key
+        slot.tasks.put(run.to_dict())
+        return True
+
+    try:
+        for slot in slots.values():
+            busy += hand_out(slot)
+        while busy:
+            try:
+                worker_id, record = results.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                for i, slot in list(slots.items()):
+                    if slot.run is not None and not slot.process.is_alive():
+                        dead = RuntimeError(f"worker {i} ({slot.device} {slot.visible}) died with exit code "
+                                            f"{slot.process.exitcode} while running this run")
+                        sink({"format": 1, "run_id": slot.run.run_id, "config": slot.run.to_dict(), "status": "failed",
+                              "error": {**error_info(dead), "stage": "worker"}, "timings": {}})
+                        slots[i] = _Slot(ctx, i, slot.device, slot.visible, results, setup, threads)
+                        busy -= 1
+                        busy += hand_out(slots[i])
+                continue
+            if "ready" in record:
+                continue
+            sink(record)
+            busy -= 1
+            busy += hand_out(slots[worker_id])
+    finally:
+        for slot in slots.values():
+            if slot.process.is_alive():
+                slot.tasks.put(None)
+        deadline = time.time() + 30
+        for slot in slots.values():
+            slot.process.join(timeout=max(0.0, deadline - time.time()))
+            if slot.process.is_alive():
+                slot.process.terminate()

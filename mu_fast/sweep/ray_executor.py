@@ -1,0 +1,111 @@
+"""The Ray executor: actors that each hold one loaded model and take runs of it; records gathered by the driver.
+
+Each actor is a ``mu_fast.sweep.worker.Worker`` (one model at a time, restored between runs) with one GPU when the
+cluster has GPUs (``num_gpus=1``; Ray sets the actor's ``CUDA_VISIBLE_DEVICES``) and one CPU otherwise. The driver
+(the process that called ``mu_fast.sweep.run``) hands each free actor the next run of the model it holds
+(``engine.Scheduler``), and appends every record to its store as it arrives, so the store needs no shared file
+system and a killed driver loses only the runs in flight.
+
+On one machine, ``run(spec, executor="ray")`` starts a private local cluster (``ray.init`` with ``workers`` CPUs,
+no dashboard) and stops it at the end. On a real cluster::
+
+    # on the head node
+    ray start --head --port=6379
+    # on every other node (mu_fast and its requirements installed, the same Python, models/data reachable)
+    ray start --address=<head-ip>:6379
+    # on the head node (or any node with the store's folder): drive the sweep
+    python -c "import mu_fast.sweep as s; s.run('specs/paper_table1_sports.yaml', executor='ray', ray_address='auto')"
+
+``ray_address="auto"`` connects to the cluster started with ``ray start`` on this node (or set ``RAY_ADDRESS``);
+``workers`` defaults to the cluster's GPU count (else 2). Check the cluster with ``ray status``; stop it with
+``ray stop``. Ray 2.60 (the version tested, with ``ray start --head`` and ``ray_address="auto"`` on one machine)
+says "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out": nodes that join
+need the cluster's token (Ray's docs, ray-security/token-auth). Ray's old ``local_mode`` is not used (deprecated in Ray 2.x): tests run a real local cluster on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from mu_fast.sweep.spec import RunConfig
+
+
+class _Actor:
+    """Ray actor body: a Worker on this actor's device."""
+
+    def __init__(self, setup: Callable[[], None] | None, threads: int | None):
+        from mu_fast.sweep.worker import Worker
+
+        self.worker = Worker(None, setup, threads)
+
+    def execute(self, run_data: dict[str, Any]) -> dict[str, Any]:
+        return self.worker.execute(run_data)
+
+    def where(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
+            on_run_start: Callable[[RunConfig], None] | None = None, workers: int | None = None,
+            address: str | None = None, setup: Callable[[], None] | None = None, threads: int | None = None) -> None:
+    """Execute ``todo`` on Ray actors; each record goes to ``sink`` (module docstring)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ValueError(f"executor='ray' needs Ray ({err}); pip install 'mu_fast[ray]' or use executor='local'") from None
+    from mu_fast.sweep.engine import Scheduler
+    from mu_fast.sweep.session import error_info
+
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address is not None:
+            ray.init(address=address, **kwargs)
+        else:
+            # workers import mu_fast from where this process does (a source checkout may not be the installed one)
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=workers or 2, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
+        started = True
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = workers or gpus or 2
+        count = min(count, len(todo))
+        if threads is None and not gpus:
+            threads = max(1, int(ray.cluster_resources().get("CPU", count)) // count)
+        actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_Actor)
+        actors = [actor_class.remote(setup, threads) for _ in range(count)]
+        scheduler = Scheduler(todo)
+        holding: dict[int, str | None] = {i: None for i in range(count)}
+        pending: dict[Any, tuple[int, RunConfig]] = {}
+
+        def hand_out(i: int) -> None:
+            run = scheduler.next_for(holding[i])
+            if run is None:
+                return
+            if on_run_start is not None:
+                on_run_start(run)
+            holding[i] = run.model_key
+            pending[actors[i].execute.remote(run.to_dict())] = (i, run)
+
+        for i in range(count):
+            hand_out(i)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, run = pending.pop(ref)
+            try:
+                record = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - an actor that died fails its run; a new one takes its place
+                record = {"format": 1, "run_id": run.run_id, "config": run.to_dict(), "status": "failed",
+                          "error": {**error_info(err), "stage": "ray actor"}, "timings": {}}
+                actors[i] = actor_class.remote(setup, threads)
+                holding[i] = None
+            sink(record)
+            hand_out(i)
+        for actor in actors:
+            ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,275 @@
+"""Tables and plots of a sweep's records (``mu_fast.sweep.load_results``), in the paper's layout.
+
+Records are grouped into one table per (model, task). Rows are a method plus the grid values that vary within the
+table (``flu lr=0.001``); each cell is the mean ± sample standard deviation over seeds (``n`` seeds, no ± for one).
+Columns (``COLUMNS``): forget error, maintain accuracy, Q/A forget error, MCQ forget error, relearned accuracy,
+latent-probe accuracy of the true answer; the ``(before edit)`` row is the unedited model. ``format_table`` gives
+plain text at most 100 columns wide, ``rich_tables`` rich Tables.
+
+Plots (matplotlib, Agg backend): ``plot_robustness`` (bars per method with ± error bars and dashed before-edit
+references), ``plot_tradeoff`` (forget error vs maintain accuracy, one line per method across the grid) and
+``plot_metric_vs_lr`` (a metric against the learning rate, one line per method). ``write_report`` writes
+``table.txt`` and the three plots of every table into a folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("forget_err", "forget err"),
+    ("maintain_acc", "maintain"),
+    ("qa_forget_err", "Q/A err"),
+    ("mcq_forget_err", "MCQ err"),
+    ("relearn_acc", "relearned"),
+    ("probe_true_acc", "probe"),
+)
+BEFORE = "(before edit)"
+WIDTH = 100
+
+
+def metrics_of(record: Mapping[str, Any]) -> dict[str, float]:
+    """A record's summary numbers plus ``qa_forget_err`` (1 - Q/A accuracy on the forget facts) where scored."""
+    out = {k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    qa = ((record.get("results") or {}).get("evals") or {}).get("qa", {}).get("forget", {}).get("acc")
+    if isinstance(qa, (int, float)):
+        out["qa_forget_err"] = 1.0 - float(qa)
+    return out
+
+
+def _task_label(task: Mapping[str, Any]) -> str:
+    return f"{task['dataset']}:{task['forget_split']}:{task['inject_label']}"
+
+
+def _records(records_or_path: Iterable[Mapping[str, Any]] | str | os.PathLike) -> list[Mapping[str, Any]]:
+    if isinstance(records_or_path, (str, os.PathLike)):
+        from mu_fast.sweep.store import load_results
+
+        return load_results(records_or_path)
+    return [r for r in records_or_path if r.get("status", "ok") == "ok"]
+
+
+def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(model, task): {"rows": {label: {metric: [values over seeds]}}, "before": {metric: [values]},
+    "axes": {label: {axis: value}}, "methods": {label: method}}}``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in _records(records):
+        grouped[(r["config"]["model"]["ref"], _task_label(r["config"]["task"]))].append(r)
+    for key, recs in grouped.items():
+        varying = sorted({a for r in recs for a in r["config"].get("axes", {})})
+        table: dict[str, Any] = {"rows": {}, "before": defaultdict(list), "axes": {}, "methods": {}, "selections": {}}
+        for r in recs:
+            components = (r.get("localization") or {}).get("components")
+            if components is not None and r["config"].get("seed") == min(x["config"].get("seed", 0) for x in recs):
+                table["selections"].setdefault(r["config"]["method"], {"localization": {"components": components}})
+            axes = {a: r["config"].get("axes", {}).get(a) for a in varying}
+            label = " ".join([r["config"]["method"], *(f"{a}={_short(v)}" for a, v in axes.items() if v is not None)])
+            row = table["rows"].setdefault(label, defaultdict(list))
+            table["axes"][label], table["methods"][label] = axes, r["config"]["method"]
+            for metric, value in metrics_of(r).items():
+                row[metric].append(value)
+            before = dict(r.get("before") or {})
+            if "forget_err" in before:
+                for metric, value in before.items():
+                    table["before"][metric].append(value)
+        out[key] = table
+    return out
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(values: Sequence[float] | None) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
+
+
+def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width: int = WIDTH) -> str:
+    """Every table as plain text at most ``width`` columns wide (labels are cut with … when they would not fit)."""
+    blocks = []
+    for (model, task), table in tables(records).items():
+        columns = [(k, h) for k, h in COLUMNS if any(k in row for row in table["rows"].values())]
+        cells = {label: [_cell(row.get(k)) for k, _ in columns] for label, row in table["rows"].items()}
+        n_seeds = max((len(v) for row in table["rows"].values() for v in row.values()), default=0)
+        if table["before"]:
+            cells = {BEFORE: [_cell(table["before"].get(k)[:1] if table["before"].get(k) else None) for k, _ in columns],
+                     **cells}
+        col_width = [max(len(h), *(len(c[i]) for c in cells.values())) for i, (_, h) in enumerate(columns)]
+        label_width = min(max(len("method"), *(len(x) for x in cells)), max(12, width - sum(w + 2 for w in col_width)))
+        title = f"{model} · {task} · mean±std over {n_seeds} seed{'s' * (n_seeds != 1)}"
+        lines = [title[:width], ("method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width)))]
+        lines.append("-" * min(width, len(lines[-1])))
+        for label, row in cells.items():
+            name = label if len(label) <= label_width else label[: label_width - 1] + "…"
+            lines.append(name.ljust(label_width) + "".join(f"  {c:>{w}}" for c, w in zip(row, col_width)))
+        lines += _notes(table, width)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else "no ok records"
+
+
+def _notes(table: Mapping[str, Any], width: int) -> list[str]:
+    """``mu_fast.pipeline.same_selection_notes`` for the table's methods (first seed), wrapped to ``width``."""
+    import textwrap
+
+    from mu_fast.pipeline import same_selection_notes
+
+    notes = same_selection_notes(table["selections"]) if table["selections"] else []
+    return [line for note in notes for line in textwrap.wrap(f"note: {note}", width)]
+
+
+def rich_tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> list[Any]:
+    """The same tables as ``rich.table.Table`` objects."""
+    from rich.table import Table
+
+    out = []
+    for (model, task), table in tables(records).items():
+        columns = [(k, h) for k, h in COLUMNS if any(k in row for row in table["rows"].values())]
+        t = Table(title=f"{model} · {task}", title_justify="left")
+        t.add_column("method", style="bold")
+        for _, header in columns:
+            t.add_column(header, justify="right")
+        if table["before"]:
+            t.add_row(BEFORE, *(_cell(table["before"].get(k, [])[:1]) for k, _ in columns), style="dim")
+        for label, row in table["rows"].items():
+            t.add_row(label, *(_cell(row.get(k)) for k, _ in columns))
+        out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+ROBUSTNESS = (("forget_err", "forget err"), ("mcq_forget_err", "MCQ err"), ("relearn_acc", "relearned acc"),
+              ("probe_true_acc", "probe acc"))
+
+
+def plot_robustness(table: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Grouped bars (metric per method row, mean ± std over seeds); dashed lines: the unedited model's forget error,
+    MCQ error and true-answer accuracy (what relearning would restore)."""
+    plt = _pyplot()
+    metrics = [(k, h) for k, h in ROBUSTNESS if any(k in row for row in table["rows"].values())]
+    labels = list(table["rows"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * max(len(metrics), 1) / 2 + 3), 4.2))
+    width = 0.8 / max(len(metrics), 1)
+    for j, (key, header) in enumerate(metrics):
+        stats = [mean_std(table["rows"][label].get(key, [])) for label in labels]
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(labels))]
+        bars = ax.bar(xs, [m for m, _ in stats], width, yerr=[s or 0.0 for _, s in stats], capsize=3, label=header)
+        before = table["before"].get("forget_err" if key != "mcq_forget_err" else "mcq_forget_err")
+        if before and key in ("forget_err", "mcq_forget_err", "relearn_acc"):
+            ref = before[0] if key != "relearn_acc" else 1.0 - before[0]
+            ax.axhline(ref, color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean over seeds (± std)")
+    ax.set_title(title or "robustness per method (dashed: before edit)", fontsize=9)
+    ax.legend(fontsize=7, ncol=len(metrics))
+    return _save(fig, path)
+
+
+def _points(table: Mapping[str, Any], x_key: str, y_key: str) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per method: (x mean, y mean, x std, y std) of every grid point, sorted by lr when the grid varies it."""
+    out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for label, row in table["rows"].items():
+        if x_key == "lr":
+            x, sx = table["axes"][label].get("lr"), 0.0
+            if x is None:
+                continue
+        else:
+            x, sx = mean_std(row.get(x_key, []))
+        y, sy = mean_std(row.get(y_key, []))
+        if not (math.isnan(float(x)) or math.isnan(y)):
+            out[table["methods"][label]].append((table["axes"][label].get("lr") or 0.0, float(x), y, sx or 0.0, sy or 0.0))
+    return {m: [p[1:] for p in sorted(pts)] for m, pts in out.items()}
+
+
+def plot_tradeoff(table: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Forget error (x) against maintain accuracy (y), one line per method through its grid points (by lr)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for method, pts in _points(table, "forget_err", "maintain_acc").items():
+        xs, ys, sx, sy = zip(*pts)
+        ax.errorbar(xs, ys, xerr=sx, yerr=sy, marker="o", capsize=2, label=method)
+    if table["before"].get("forget_err"):
+        ax.plot([table["before"]["forget_err"][0]], [table["before"].get("maintain_acc", [math.nan])[0]], "k*",
+                markersize=10, label=BEFORE)
+    ax.set_xlabel("forget error ↑")
+    ax.set_ylabel("maintain accuracy ↑")
+    ax.set_title(title or "forget vs maintain across the grid", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_metric_vs_lr(table: Mapping[str, Any], path: str | os.PathLike, metric: str = "forget_err",
+                      title: str = "") -> Path:
+    """``metric`` (mean ± std over seeds) against the learning rate, one line per method (log x axis)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for method, pts in _points(table, "lr", metric).items():
+        xs, ys, _, sy = zip(*pts)
+        ax.errorbar(xs, ys, yerr=sy, marker="o", capsize=2, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(dict(COLUMNS).get(metric, metric))
+    ax.set_title(title or f"{metric} vs learning rate", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: Iterable[Mapping[str, Any]] | str | os.PathLike, out_dir: str | os.PathLike,
+                 metric: str = "forget_err") -> dict[str, Any]:
+    """Write ``table.txt`` and, per table, ``robustness_<slug>.png``, ``tradeoff_<slug>.png`` and
+    ``<metric>_vs_lr_<slug>.png`` into ``out_dir``; return ``{"table": path, "text": str, "plots": [paths]}``."""
+    recs = _records(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_table(recs)
+    (out / "table.txt").write_text(text + "\n")
+    plots = []
+    for (model, task), table in tables(recs).items():
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(model).name}_{task}").strip("_")
+        title = f"{model} · {task}"
+        plots.append(plot_robustness(table, out / f"robustness_{slug}.png", title))
+        plots.append(plot_tradeoff(table, out / f"tradeoff_{slug}.png", title))
+        plots.append(plot_metric_vs_lr(table, out / f"{metric}_vs_lr_{slug}.png", metric, title))
+    return {"table": out / "table.txt", "text": text, "plots": plots}

@@ -1,0 +1,339 @@
+"""Sweep specs: read (YAML file, YAML text or dict), checked before anything loads, expanded to runs with stable ids.
+
+A spec (every key but ``models``, ``tasks`` and ``methods`` is optional)::
+
+    name: ci_organism
+    vars: {model: "organism:ci"}     # ${model} in any string; load_spec(..., vars={"model": ...}) overrides
+    models: ["${model}"]             # organism[:ci], a checkpoint folder, a hub id, random:<shipped name>,
+                                     # or {name: ..., dtype: bf16, tokenizer: <folder>, paper_model: gemma-2-9b}
+    tasks:
+      - dataset: organism            # organism | sports | counterfact
+        forget_splits: [first_16_unsplit]
+        inject_labels: [random_without_golf]      # "None": unlearning (log(1-p)); CounterFact: target_false only
+        maintain_split: split
+        lm_texts: null               # sports / counterfact: a text file or "pile" (the LM retain loss); cf_model:
+    methods: [flu, atp, random]      # mu_fast.localize.METHODS (not manual), or paper:<ap|ct|ap_mlps|ct_mlps|flu>
+    budget: paper                    # the paper's (FLU layers x MLP size), an int, or a list (an axis)
+    edit:
+      preset: organism               # mu_fast.sweep.presets
+      lr: [1.0e-3, 3.0e-3]           # any EditConfig field; a list is an axis (betas: a list of pairs)
+      steps: 10
+      groups: {broad: {lr: 3.0e-4}}  # per method group (lookup / tracing / broad): overrides, axes allowed
+    seeds: [0, 1]
+    evaluations: {formats: all, relearn: {steps: 4, lr: 1.0e-3, lora_rank: 16}, probes: true}
+    store: sweeps/ci.jsonl
+
+A run's EditConfig: the preset's fields for the method's group, then ``edit``'s fields, then ``edit.groups[group]``;
+then one point of the grid (the product of every list-valued field, in field order); ``seed`` is the run's seed.
+
+Run id (``RunConfig.run_id``): 16 hex digits of sha256 over the canonical JSON (sorted keys) of ``RUN_FORMAT`` and
+the resolved model (reference, kind, dtype, organism hash, tokenizer, paper model), task (dataset, forget split, inject
+label, maintain split, LM texts, CounterFact table), method, budget (None for methods that take none), seed, every
+EditConfig field and every evaluation setting. Not included: the spec's name, vars, store path, the executor and
+anything about the machine (those are provenance). Integer values of float fields are stored as floats, so
+``lr: 1`` and ``lr: 1.0`` are one run. Runs that resolve to the same id are run once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mu_fast.sweep.evaluations import resolve_evaluations
+from mu_fast.sweep.presets import GROUPS, preset_groups
+from mu_fast.sweep.refs import (
+    as_list,
+    check_keys,
+    close_hint,
+    paper_model_of,
+    resolve_model,
+    resolve_tasks,
+    spec_error,
+)
+
+RUN_FORMAT = 1
+SPEC_KEYS = ("name", "vars", "models", "tasks", "methods", "budget", "edit", "presets", "seeds", "evaluations", "store")
+BUDGET_METHODS = ("atp", "ct", "atp_mlps", "ct_mlps", "random")
+PAPER_METHODS = ("ap", "ct", "ap_mlps", "ct_mlps", "flu")
+PAPER_GROUP = {"flu": "lookup", "ap_mlps": "lookup", "ct_mlps": "lookup", "ap": "tracing", "ct": "tracing"}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run, fully resolved. ``axes``: the grid values that set it apart (for reports; not hashed)."""
+
+    model: dict[str, Any]
+    task: dict[str, Any]
+    method: str
+    budget: int | None
+    seed: int
+    edit: dict[str, Any]
+    evaluations: dict[str, Any]
+    group: str
+    axes: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What the run id hashes (module docstring)."""
+        return {"format": RUN_FORMAT, "model": self.model, "task": self.task, "method": self.method,
+                "budget": self.budget, "seed": self.seed, "edit": self.edit, "evaluations": self.evaluations}
+
+    @property
+    def run_id(self) -> str:
+        payload = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @property
+    def model_key(self) -> str:
+        """Runs with equal keys share one loaded model."""
+        return json.dumps(self.model, sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        return cls(**{f.name: copy.deepcopy(data[f.name]) for f in dataclasses.fields(cls) if f.name in data})
+
+    def label(self) -> str:
+        """``method`` plus the grid values, e.g. ``flu lr=0.001``."""
+        return " ".join([self.method, *(f"{k}={v}" for k, v in sorted(self.axes.items()))])
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def load_spec(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The spec as a dict with ``${var}`` substituted: from a dict, a YAML file path, or YAML text."""
+    if isinstance(spec, Mapping):
+        data = copy.deepcopy(dict(spec))
+    else:
+        import yaml
+
+        text = str(spec)
+        path = Path(text).expanduser()
+        if isinstance(spec, os.PathLike) or (("\n" not in text) and text.endswith((".yaml", ".yml", ".json"))):
+            if not path.is_file():
+                raise FileNotFoundError(f"spec file {str(path)!r} does not exist; pass a YAML spec path, YAML text or a dict")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            first = " ".join(str(err).split())
+            raise ValueError(f"spec: not valid YAML ({first}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"spec: the top level must be a mapping of keys ({', '.join(SPEC_KEYS)}); got {type(data).__name__}")
+    values = {**dict(data.get("vars") or {}), **dict(vars or {})}
+    return _substitute(data, values, "")
+
+
+def _substitute(value: Any, values: Mapping[str, Any], where: str) -> Any:
+    if isinstance(value, str):
+        whole = _VAR.fullmatch(value)
+        for name in _VAR.findall(value):
+            if name not in values:
+                raise spec_error(where or "vars", f"${{{name}}} is not defined; add it under vars: or pass vars={{'{name}': ...}}")
+        if whole:
+            return values[whole.group(1)]
+        return _VAR.sub(lambda m: str(values[m.group(1)]), value)
+    if isinstance(value, Mapping):
+        return {k: (v if k == "vars" else _substitute(v, values, f"{where}.{k}".lstrip("."))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, values, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ edit grid
+def _edit_fields() -> dict[str, Any]:
+    import typing
+
+    from mu_fast.edit.loop import EditConfig
+
+    hints = typing.get_type_hints(EditConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(EditConfig)}
+
+
+def _coerce(name: str, value: Any, kind: Any, where: str) -> Any:
+    """``value`` as the EditConfig field ``name`` wants it (YAML reads 1e-3 as a string)."""
+    text = str(kind)
+    if name == "betas":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise spec_error(where, f"betas is a pair [beta1, beta2]; got {value!r}")
+        return [float(v) for v in value]
+    if value is None:
+        if "None" not in text:
+            raise spec_error(where, f"{name} cannot be null")
+        return None
+    if kind is bool or text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise spec_error(where, f"{name} must be true or false; got {value!r}")
+        return value
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise spec_error(where, f"{name} must be a number; got {value!r}") from None
+    if kind is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise spec_error(where, f"{name} must be an integer; got {value!r}")
+        return value
+    if kind is str and not isinstance(value, str):
+        raise spec_error(where, f"{name} must be a string; got {value!r}")
+    return value
+
+
+def _axes(settings: Mapping[str, Any], fields: Mapping[str, Any], where: str) -> dict[str, list[Any]]:
+    """Each field's values (one for a scalar, several for a list: an axis), coerced."""
+    out = {}
+    for name, value in settings.items():
+        if name == "seed":
+            raise spec_error(f"{where}.seed", "a run's seed comes from seeds:; remove seed from edit")
+        if name not in fields:
+            raise spec_error(f"{where}", f"unknown EditConfig field {name!r}{close_hint(name, fields)}; fields: {', '.join(fields)}")
+        is_axis = isinstance(value, list) and (name != "betas" or (value and isinstance(value[0], (list, tuple))))
+        values = value if is_axis else [value]
+        if not values:
+            raise spec_error(f"{where}.{name}", "an empty list gives an empty grid; give at least one value")
+        out[name] = [_coerce(name, v, fields[name], f"{where}.{name}") for v in values]
+    return out
+
+
+def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``[(EditConfig fields, axis values)]`` of one method group: preset, then edit's fields, then the group's."""
+    fields = _edit_fields()
+    edit = dict(edit or {})
+    groups = dict(edit.pop("groups", None) or {})
+    for g in groups:
+        if g not in GROUPS:
+            raise spec_error("edit.groups", f"unknown method group {g!r}; groups are {', '.join(GROUPS)}")
+    base = preset_groups(str(edit.pop("preset", "default")), presets)[group]
+    axes = {k: [_coerce(k, v, fields[k], f"edit.preset.{k}")] for k, v in base.items() if k in fields and k != "seed"}
+    axes.update(_axes(edit, fields, "edit"))
+    axes.update(_axes(dict(groups.get(group) or {}), fields, f"edit.groups.{group}"))
+    names = sorted(axes)
+    varying = [n for n in names if len(axes[n]) > 1]
+    out = []
+    for point in itertools.product(*(axes[n] for n in names)):
+        settings = dict(zip(names, point))
+        out.append((settings, {n: settings[n] for n in varying}))
+    return out
+
+
+def resolved_edit(settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """Every EditConfig field (defaults filled in, checked by EditConfig itself) as JSON-ready values."""
+    from mu_fast.edit.loop import EditConfig
+
+    try:
+        config = EditConfig(**{**settings, "seed": seed})
+    except (TypeError, ValueError) as err:
+        raise spec_error("edit", f"{err}") from None
+    data = dataclasses.asdict(config)
+    data["betas"] = list(data["betas"])
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+def method_group(method: str) -> str:
+    from mu_fast.pipeline import METHOD_GROUP
+
+    if method.startswith("paper:"):
+        return PAPER_GROUP[method.split(":", 1)[1]]
+    return METHOD_GROUP.get(method, "lookup")
+
+
+def _check_methods(methods: Any, models: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> list[str]:
+    from mu_fast.localize import METHODS
+
+    if not isinstance(methods, list) or not methods:
+        raise spec_error("methods", "give a non-empty list of localization methods, e.g. [flu, atp, ct]")
+    usable = [m for m in METHODS if m != "manual"]
+    for m in methods:
+        if isinstance(m, str) and m.startswith("paper:"):
+            kind = m.split(":", 1)[1]
+            if kind not in PAPER_METHODS:
+                raise spec_error("methods", f"{m!r}: the paper's selections are paper:{', paper:'.join(PAPER_METHODS)}")
+            missing = [x["ref"] for x in models if paper_model_of(x) is None]
+            if missing:
+                raise spec_error("methods", f"{m} needs a paper model (gemma-7b, gemma-2-9b, llama-3-8b); {missing[0]} is "
+                            "none: add paper_model: to its models entry")
+            if any(t["dataset"] == "organism" for t in tasks):
+                raise spec_error("methods", f"{m} is the paper's selection for its own models, not for the organism")
+        elif m not in usable:
+            raise spec_error("methods", f"unknown method {m!r}{close_hint(m, usable)}; use {', '.join(usable)} or paper:<method>")
+    if len(set(methods)) != len(methods):
+        raise spec_error("methods", "a method is listed twice; list each once")
+    return list(methods)
+
+
+def _check_budgets(value: Any) -> list[int | None]:
+    out = []
+    for b in as_list(value):
+        if b in (None, "paper"):
+            out.append(None)
+        elif isinstance(b, int) and not isinstance(b, bool) and b > 0:
+            out.append(b)
+        else:
+            raise spec_error("budget", f"{b!r}: use paper (FLU layers x MLP size), a positive parameter count, or a list")
+    return out
+
+
+def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a loaded spec (``load_spec``) and return its resolved parts; ``ValueError`` naming the key and the fix."""
+    check_keys("top level", spec, SPEC_KEYS)
+    models_in = spec.get("models")
+    if not isinstance(models_in, list) or not models_in:
+        raise spec_error("models", "give a non-empty list of models, e.g. [organism:ci]")
+    models = [resolve_model(m, f"models[{i}]") for i, m in enumerate(models_in)]
+    tasks_in = spec.get("tasks")
+    if not isinstance(tasks_in, list) or not tasks_in:
+        raise spec_error("tasks", "give a non-empty list of tasks, e.g. [{dataset: organism, forget_splits: [first_16_unsplit]}]")
+    tasks = [t for i, entry in enumerate(tasks_in) for t in resolve_tasks(entry, f"tasks[{i}]", models)]
+    methods = _check_methods(spec.get("methods"), models, tasks)
+    budgets = _check_budgets(spec.get("budget", "paper"))
+    seeds = as_list(spec.get("seeds", [0]))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise spec_error("seeds", f"give a non-empty list of non-negative integers; got {spec.get('seeds')!r}")
+    edit = spec.get("edit") or {}
+    if not isinstance(edit, Mapping):
+        raise spec_error("edit", f"a mapping of EditConfig fields, preset: and groups:; got {edit!r}")
+    presets = spec.get("presets") or {}
+    if not isinstance(presets, Mapping) or not all(isinstance(v, Mapping) for v in presets.values()):
+        raise spec_error("presets", "a mapping {name: {group: {field: value}}}")
+    grids = {g: edit_grid(edit, g, presets) for g in {method_group(m) for m in methods}}
+    evaluations = resolve_evaluations(spec.get("evaluations"))
+    for task in tasks:
+        lm = any(settings.get("lm_coef", 1.0) for g in grids.values() for settings, _ in g)
+        if lm and task["dataset"] != "organism" and "lm_texts" not in task:
+            raise spec_error("tasks", f"{task['dataset']} has no LM texts for the LM retain loss (lm_coef > 0); add "
+                        "lm_texts: <text file or pile> to the task, or set edit: {lm_coef: 0}")
+    store = spec.get("store")
+    if store is not None and not isinstance(store, str):
+        raise spec_error("store", f"a file path for the results (JSON lines); got {store!r}")
+    return {"name": str(spec.get("name", "sweep")), "models": models, "tasks": tasks, "methods": methods,
+            "budgets": budgets, "seeds": seeds, "grids": grids, "evaluations": evaluations, "store": store}
+
+
+def expand(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any] | None = None) -> list[RunConfig]:
+    """Every run of ``spec`` in a fixed order (model, task, method, budget, grid point, seed), each once."""
+    parts = validate(load_spec(spec, vars))
+    runs: dict[str, RunConfig] = {}
+    for model in parts["models"]:
+        for task in parts["tasks"]:
+            for method in parts["methods"]:
+                group = method_group(method)
+                budgets = parts["budgets"] if method in BUDGET_METHODS else [None]
+                for budget in budgets:
+                    for settings, axes in parts["grids"][group]:
+                        for seed in parts["seeds"]:
+                            labels = dict(axes, **({"budget": budget} if len(budgets) > 1 else {}))
+                            run = RunConfig(model, task, method, budget, seed, resolved_edit(settings, seed),
+                                            parts["evaluations"], group, labels)
+                            runs.setdefault(run.run_id, run)
+    return list(runs.values())

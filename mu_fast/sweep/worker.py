@@ -1,0 +1,75 @@
+"""The loop every sweep worker runs (a GPU worker process, a Ray actor): hold one model, execute runs of it.
+
+``Worker.execute(run)`` loads the run's model if it does not hold it yet (dropping the previous one), then runs it
+(``ModelSession.execute``). A model that fails to load fails each of its runs with the load error, without loading
+again. ``process_main`` is the entry point of a worker process: it pins the process to one device through
+``CUDA_VISIBLE_DEVICES`` before torch is imported, then serves runs from a queue. This module imports nothing heavy
+at import time, so that the environment is set first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class Worker:
+    """A worker's state: the current ``ModelSession`` (or the error that stopped its model from loading)."""
+
+    def __init__(self, device: str | None = None, setup: Callable[[], None] | None = None, threads: int | None = None):
+        if setup is not None:
+            setup()
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.device = device
+        self.session: Any = None
+        self.load_error: tuple[str, dict[str, Any]] | None = None
+
+    def execute(self, run_data: Mapping[str, Any]) -> dict[str, Any]:
+        from mu_fast.sweep.session import ModelSession, error_info
+        from mu_fast.sweep.spec import RunConfig
+        from mu_fast.sweep.store import RECORD_FORMAT
+
+        run = RunConfig.from_dict(run_data)
+        if self.session is None or self.session.key != run.model_key:
+            if self.load_error is not None and self.load_error[0] == run.model_key:
+                error = self.load_error[1]
+            else:
+                self.session = None  # free the previous model before loading the next
+                self.load_error = None
+                try:
+                    self.session = ModelSession(run.model, self.device)
+                    error = None
+                except Exception as err:  # noqa: BLE001 - recorded as the run's failure
+                    error = {**error_info(err), "stage": "model load"}
+                    self.load_error = (run.model_key, error)
+            if error is not None:
+                from mu_fast.provenance import provenance_block
+
+                return {"format": RECORD_FORMAT, "run_id": run.run_id, "config": run.to_dict(), "status": "failed",
+                        "error": error, "timings": {}, "provenance": provenance_block(model={"ref": run.model["ref"]},
+                                                                                      device=self.device)}
+        return self.session.execute(run)
+
+    @property
+    def model_key(self) -> str | None:
+        return None if self.session is None else self.session.key
+
+
+def process_main(worker_id: int, device: str, visible: str | None, tasks: Any, results: Any,
+                 setup: Callable[[], None] | None, threads: int | None) -> None:
+    """A worker process: ``device`` is ``cuda`` (the one GPU in ``visible``) or ``cpu``; runs arrive on ``tasks``
+    (None ends), records go to ``results`` as ``(worker_id, record)``."""
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    worker = Worker(device, setup, threads)
+    results.put((worker_id, {"ready": time.time()}))
+    while True:
+        run_data = tasks.get()
+        if run_data is None:
+            return
+        results.put((worker_id, worker.execute(run_data)))

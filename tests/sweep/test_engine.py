@@ -1,0 +1,214 @@
+"""The sweep engine on the CI organism: records with provenance, restore between runs, failures recorded and
+retried, a killed sweep resumed with nothing lost or repeated, and the Ray executor (local cluster, 2 workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mu_fast.sweep as sweep
+from mu_fast.sweep import evaluations
+from mu_fast.sweep.session import ModelSession, _check_finite
+from mu_fast.sweep.snapshot import fingerprint
+
+REPO = Path(__file__).resolve().parents[2]
+CI_SPEC = REPO / "specs" / "ci_organism.yaml"
+
+
+@pytest.fixture
+def organism_cache(ci_organism, cache_root, monkeypatch):
+    """The session's CI organism, found by ``load_model("organism:ci")`` through ``$MU_FAST_CACHE_DIR``."""
+    monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))
+    return cache_root
+
+
+def tiny_spec(**overrides):
+    spec = {
+        "name": "tiny",
+        "models": ["organism:ci"],
+        "tasks": [{"dataset": "organism", "forget_splits": ["first_16_unsplit"]}],
+        "methods": ["flu", "random"],
+        "edit": {"preset": "organism", "steps": 3, "lr": [3e-3, 1e-2], "maintain_batch": 16, "lm_batch": 4},
+        "seeds": [0],
+        "evaluations": {"formats": ["normal", "mcq"], "batch_size": 128, "relearn": {"steps": 1, "lora_rank": 4,
+                                                                                       "batch_size": 4},
+                        "probes": {"steps": 10}},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_session_restores_the_model_and_repeats_runs_exactly(organism_cache):
+    runs = sweep.expand(tiny_spec())
+    session = ModelSession(runs[0].model)
+    start = fingerprint(session.model)
+    first = [session.execute(r) for r in runs]
+    assert [r["status"] for r in first] == ["ok"] * 4, [r.get("error") for r in first]
+    assert fingerprint(session.model) == start  # every edit undone through its mask
+    # the second lr of a method reuses the localization; a run repeated after others gives the same numbers
+    assert [r["localization"]["cached"] for r in first] == [False, True, False, True]
+    again = session.execute(runs[0])
+    assert again["metrics"] == {**first[0]["metrics"], "seconds": again["metrics"]["seconds"]}
+    record = first[1]
+    prov = record["provenance"]
+    assert prov["versions"]["torch"] and prov["device"]["type"] == "cpu" and "commit" in (prov["git"] or {"commit": 0})
+    assert prov["model"]["organism_hash"] == runs[0].model["organism_hash"] and prov["model"]["config_hash"]
+    assert record["config"]["run_id"] == record["run_id"] == runs[1].run_id
+    assert {"edit", "evaluate", "relearn", "probes", "restore", "total"} <= set(record["timings"])
+    assert 0 < record["metrics"]["maintain_acc"] <= 1 and "relearn_acc" in record["metrics"]
+    assert record["before"]["forget_err"] < 0.2 and record["localization"]["trainable_params"] > 0
+
+
+def _flaky(model, tokenizer, task, settings, seed):
+    if seed == 1 and os.environ.get("SWEEP_TEST_FAIL") == "1":
+        raise RuntimeError("flaky evaluation failed on purpose")
+    return {"seed": seed}
+
+
+def test_failed_runs_are_recorded_and_retried(organism_cache, tmp_path, monkeypatch):
+    evaluations.register_evaluation("flaky", _flaky)
+    try:
+        spec = tiny_spec(methods=["flu"], edit={"preset": "organism", "steps": 2, "lr": 3e-3, "lm_batch": 4},
+                         seeds=[0, 1], evaluations={"formats": ["normal"], "flaky": True})
+        store = tmp_path / "r.jsonl"
+        monkeypatch.setenv("SWEEP_TEST_FAIL", "1")
+        result = sweep.run(spec, store=store, progress=False)
+        assert (result.ok, result.failed) == (1, 1)
+        failed = next(r for r in sweep.load_results(store, status=None) if r["status"] == "failed")
+        assert failed["error"]["type"] == "RuntimeError" and "on purpose" in failed["error"]["message"]
+        assert "_flaky" in failed["error"]["traceback"] and failed["config"]["seed"] == 1
+        assert sweep.run(spec, store=store, progress=False).skipped == 2  # a failure counts as done ...
+        monkeypatch.setenv("SWEEP_TEST_FAIL", "0")
+        started = []
+        retried = sweep.run(spec, store=store, retry_failed=True, progress=False, on_run_start=started.append)
+        assert [r.seed for r in started] == [1] and (retried.ok, retried.failed) == (1, 0)  # ... until retried
+        assert {r["config"]["seed"] for r in sweep.load_results(store)} == {0, 1}
+        assert sweep.load_results(store)[1]["results"]["flaky"] == {"seed": 1}
+    finally:
+        evaluations.REGISTRY.pop("flaky", None)
+
+
+def test_a_model_that_fails_to_load_fails_its_runs_and_the_sweep_goes_on(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    spec = {"models": [str(broken)], "tasks": [{"dataset": "sports"}], "methods": ["flu", "all_mlps"],
+            "edit": {"lm_coef": 0}}
+    result = sweep.run(spec, store=tmp_path / "r.jsonl", progress=False)
+    assert (result.ok, result.failed) == (0, 2)
+    assert all(r["error"]["stage"] == "model load" for r in result.records)
+
+
+def test_non_finite_numbers_fail_the_run():
+    with pytest.raises(FloatingPointError, match="forget_loss is nan at step 3"):
+        _check_finite("edit", {"forget_loss": float("nan")}, 3)
+
+
+KILLER = """
+import os, signal, sys, threading
+import mu_fast.sweep as sweep
+count = [0]
+def start(run):
+    count[0] += 1
+    if count[0] == int(sys.argv[2]) + 1:  # kill in the middle of the next run
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+sweep.run(sys.argv[1], store=sys.argv[3], progress=False, threads=1, on_run_start=start)
+"""
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_runs(organism_cache, tmp_path):
+    store = tmp_path / "ci.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done_before_kill = 5
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(CI_SPEC), str(done_before_kill), str(store)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    first = store.read_bytes()
+    assert len(sweep.load_results(store)) == done_before_kill
+    resumed = sweep.run(CI_SPEC, store=store, progress=False, threads=1)
+    runs = sweep.expand(CI_SPEC)
+    assert len(runs) >= 12 and resumed.skipped == done_before_kill
+    assert resumed.ok == len(runs) - done_before_kill and resumed.failed == 0
+    assert store.read_bytes().startswith(first)  # finished records untouched
+    ids = [json.loads(line)["run_id"] for line in store.read_bytes().splitlines()]
+    assert sorted(ids) == sorted(r.run_id for r in runs)  # every run exactly once
+
+
+def test_ray_local_cluster_two_workers_sweeps_the_ci_spec(organism_cache, tmp_path):
+    pytest.importorskip("ray")
+    store = tmp_path / "ray.jsonl"
+    result = sweep.run(CI_SPEC, store=store, executor="ray", workers=2, threads=1, progress=False)
+    runs = sweep.expand(CI_SPEC)
+    records = sweep.load_results(store, status=None)
+    assert len(runs) >= 12 and result.ok == len(runs) and result.failed == 0
+    assert sorted(r["run_id"] for r in records) == sorted(r.run_id for r in runs)
+    workers = {r["provenance"]["host"]["pid"] for r in records}
+    assert len(workers) == 2 and os.getpid() not in workers
+    # each actor loaded the model once and kept it
+    assert sorted(r["session"]["runs_before"] for r in records)[-1] >= len(runs) // 2 - 1
+    assert all(r["session"]["reloads"] == 0 for r in records)
+
+
+def test_worker_processes_share_the_runs(organism_cache, tmp_path):
+    spec = tiny_spec(methods=["flu"], edit={"preset": "organism", "steps": 2, "lr": [3e-3, 1e-2], "lm_batch": 4},
+                     evaluations={"formats": ["normal"]})
+    result = sweep.run(spec, store=tmp_path / "p.jsonl", executor="processes", workers=2, threads=1, progress=False)
+    assert (result.ok, result.failed) == (2, 0), [r.get("error") for r in result.records]
+    pids = {r["provenance"]["host"]["pid"] for r in result.records}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_gpu_executor_needs_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs (the GPU run is test_gpu_executor_one_worker_per_gpu)")
+    with pytest.raises(ValueError, match="executor='gpus' needs CUDA GPUs"):
+        sweep.run(tiny_spec(), store=tmp_path / "g.jsonl", executor="gpus", progress=False)
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (GPU-only check)")
+def test_gpu_executor_one_worker_per_gpu(organism_cache, tmp_path):
+    import torch
+
+    result = sweep.run(tiny_spec(), store=tmp_path / "g.jsonl", executor="gpus", progress=False)
+    assert result.failed == 0 and result.ok == 4
+    devices = {(r["provenance"]["device"]["type"], r["provenance"]["device"]["cuda_visible_devices"])
+               for r in result.records}
+    assert {d[0] for d in devices} == {"cuda"} and len(devices) == min(torch.cuda.device_count(), 4)
+
+
+def test_sweep_of_a_local_checkpoint_on_sports(tmp_path, data_dir):
+    """A save_pretrained folder (a tiny random Llama with a word tokenizer of the sports prompts) on the paper's
+    sports facts: the checkpoint and sports paths of the engine, without the organism."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mu_fast.data import load_sports_task
+    from mu_fast.models.tiny import make_tiny_model
+
+    task = load_sports_task("first_16_unsplit")
+    sets = [task.forget_train, task.maintain_train, *(s for f in task.formats.values() for s in f.values())]
+    words = sorted({w for s in sets for text in [*s.prompts, *s.answers, *(s.choices or [])] for w in text.split()})
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    checkpoint = tmp_path / "ckpt"
+    make_tiny_model("llama", vocab_size=len(vocab), num_hidden_layers=2).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    spec = {"models": [{"name": str(checkpoint), "dtype": "fp32"}], "tasks": [{"dataset": "sports"}],
+            "methods": ["flu", "all_mlps"], "edit": {"lm_coef": 0, "steps": 2, "lr": 1e-3, "maintain_batch": 16},
+            "evaluations": {"formats": ["normal", "mcq"], "batch_size": 256}}
+    result = sweep.run(spec, store=tmp_path / "r.jsonl", progress=False)
+    assert (result.ok, result.failed) == (2, 0), [r.get("error") for r in result.records]
+    model = result.records[0]["provenance"]["model"]
+    assert model["kind"] == "checkpoint" and model["path"] == str(checkpoint.resolve()) and model["config_hash"]
+    assert {r["results"]["evals"]["normal"]["forget"]["n"] for r in result.records} == {16}
