@@ -53,6 +53,10 @@ _OFFLINE_MARKERS = ("offline", "couldn't reach", "connection", "not found on the
                     "cannot find the requested files")
 
 
+class DatasetUnavailable(RuntimeError):
+    """An lm-eval task's dataset is neither in the local Hugging Face cache nor reachable on the hub."""
+
+
 def capability_eval(
     model: Any,
     tokenizer: Any,
@@ -85,6 +89,7 @@ def capability_eval(
     if task_dir is not None and not os.path.isdir(task_dir):
         raise ValueError(f"task_dir={str(task_dir)!r} is not a directory; pass a folder holding lm-eval task YAML files")
     start = time.perf_counter()
+    tokenizer = _unwrapped(tokenizer)
     if getattr(tokenizer, "pad_token_id", None) is None:
         tokenizer = copy.deepcopy(tokenizer)  # HFLM would set a pad token on the caller's tokenizer
     was_training = bool(model.training)
@@ -121,6 +126,16 @@ def capability_eval(
     }
 
 
+def _unwrapped(tokenizer: Any) -> Any:
+    """The transformers tokenizer inside a wrapper that keeps it in ``_tokenizer`` (the sweep's ``CachedTokenizer``):
+    HFLM accepts only transformers tokenizer classes."""
+    from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
+
+    while not isinstance(tokenizer, (PreTrainedTokenizer, PreTrainedTokenizerFast)) and "_tokenizer" in vars(tokenizer):
+        tokenizer = vars(tokenizer)["_tokenizer"]
+    return tokenizer
+
+
 def _task_manager(task_manager_cls: Any, names: list[str], task_dir: Any) -> Any:
     """A TaskManager over ``task_dir`` only when every name is defined there (indexing lm-eval's ~10k built-in task
     files takes ~10 s), else over the built-in tasks plus ``task_dir``."""
@@ -148,7 +163,7 @@ def _build(manager: Any, name: str) -> Any:
     except Exception as err:  # lm-eval and datasets raise many types; only hub/cache misses are rephrased
         if not _looks_offline(err):
             raise
-        raise RuntimeError(
+        raise DatasetUnavailable(
             f"capability_eval: the dataset of lm-eval task {name!r} is not in the local Hugging Face cache and could not "
             f"be fetched from the hub ({type(err).__name__}: {str(err).splitlines()[0][:160]}); run once online to cache it "
             "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset), or pass task_dir= a folder with a local lm-eval task"

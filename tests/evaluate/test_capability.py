@@ -126,3 +126,15 @@ def test_tiny_mmlu_is_the_authors_argmax_accuracy():
     assert TINY_MMLU_TASK["dataset_path"] == "tinyBenchmarks/tinyMMLU"
     assert TINY_MMLU_TASK["doc_to_text"] == "{{input_formatted}}" and TINY_MMLU_TASK["doc_to_choice"] == list("ABCD")
     assert TINY_MMLU_TASK["metric_list"] == [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+
+
+def test_sweep_capability_without_offline_data_is_skipped_with_the_reason(tokenizer, make_model, tmp_path, offline):
+    """The registered sweep evaluation turns a dataset that is not available offline into a skipped result."""
+    from mu_fast.sweep.evaluations import resolve_evaluations
+    from mu_fast.sweep.protocol_evaluations import run_capability
+
+    write_task(tmp_path, [{"question": "x", "choices": CHOICES, "answer": 0}], name="hub_only",
+               dataset_path="mu-fast-tests/no-such-dataset")
+    settings = resolve_evaluations({"capability": {"tasks": "hub_only", "task_dir": str(tmp_path)}})["extra"]["capability"]
+    out = run_capability(make_model("llama"), tokenizer, None, settings, 0)
+    assert out["metrics"] == {} and "task 'hub_only'" in out["skipped"] and "run once online" in out["skipped"]
