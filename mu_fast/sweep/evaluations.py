@@ -29,7 +29,7 @@ from typing import Any
 # relearn_attack's keyword defaults (the paper's protocol); tests/sweep check that they match its signature.
 RELEARN_DEFAULTS: dict[str, Any] = {
     "steps": 20, "lr": 2e-4, "lora_rank": 512, "lora_alpha": 32.0, "lora_dropout": 0.05, "batch_size": 32,
-    "cf_target_false_bug": False, "lm_batch_size": 2, "lm_max_tokens": 100,
+    "cf_target_false_bug": False, "lm_batch_size": 16, "lm_max_tokens": 128, "mcq_system_prompt": False,
 }
 PROBE_DEFAULTS: dict[str, Any] = {"position": "last", "test_fraction": 0.2, "seed": 42, "steps": 200,
                                   "weight_decay": None}
