@@ -71,7 +71,8 @@ def paper_evaluations(dataset: str, experiment: str) -> dict[str, Any]:
         "formats": "all",
         "batch_size": 64,
         "relearn": True,       # relearn_attack's defaults are the authors' (§4.5), CF toward the true answer
-        "softprompt": True,    # 4 attacks, the authors' steps / batch (paper_schedule), lr 1e-5, eps 6
+        # 4 attacks, the authors' steps / batch (paper_schedule), lr 1e-5, eps 6, bf16 autocast for Gemma-2 (CUDA)
+        "softprompt": {"autocast": "paper"},
         "capability": {"tasks": ["mmlu", "sciq"], "num_fewshot": 0},
     }
     if kind == "sports" and experiment != "sport_golf":  # §4.7: athlete editing only

@@ -133,7 +133,7 @@ def test_spec_expands_to_the_authors_runs(data_dir, dataset, experiment, probes)
         assert run.model["paper_model"] == "llama-3-8b"
         ev = run.evaluations
         assert ev["formats"] is None and ev["relearn"] == RELEARN_DEFAULTS
-        assert ev["extra"]["softprompt"]["steps"] is None  # the authors' schedule
+        assert ev["extra"]["softprompt"]["steps"] is None and ev["extra"]["softprompt"]["autocast"] == "paper"
         assert ev["extra"]["capability"]["tasks"] == ["mmlu", "sciq"]
         assert ("paper_probes" in ev["extra"]) == probes and ev["probes"] is None
     labels = {r.task["inject_label"] for r in runs}
