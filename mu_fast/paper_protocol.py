@@ -43,18 +43,18 @@ def _check(model_key: str, dataset: str, experiment: str) -> tuple[str, str, str
     return paper_model(model_key).key, kind, experiment
 
 
-def _tasks(kind: str, experiment: str, model: str) -> list[dict[str, Any]]:
+def _tasks(kind: str, experiment: str, model: str, lm_texts: str | None) -> list[dict[str, Any]]:
     """The sweep task entries of the experiment (authors_repo.md §1)."""
     if kind == "cf":
         size = experiment.split("_")[1]
         return [{"dataset": "counterfact", "forget_splits": [f"first_{size}_unsplit"], "inject_labels": ["target_false"],
-                 "maintain_split": "split", "cf_model": model, "lm_texts": "pile"}]
+                 "maintain_split": "split", "cf_model": model, "lm_texts": lm_texts}]
     if experiment == "sport_golf":  # Full-Sports-Editing: every athlete of a sport to golf, trained on half
         return [{"dataset": "sports", "forget_splits": [f"{s}_split" for s in SPORTS], "inject_labels": ["golf"],
-                 "maintain_split": "split", "lm_texts": "pile"}]
+                 "maintain_split": "split", "lm_texts": lm_texts}]
     size = experiment.split("_")[1]
     return [{"dataset": "sports", "forget_splits": [f"first_{size}_unsplit"], "inject_labels": ["random_without_golf"],
-             "maintain_split": "split", "lm_texts": "pile"}]
+             "maintain_split": "split", "lm_texts": lm_texts}]
 
 
 def _localizations(model: str, dataset: str, forget_range: str) -> dict[str, dict[str, Any]]:
@@ -80,10 +80,13 @@ def paper_evaluations(dataset: str, experiment: str) -> dict[str, Any]:
     return evaluations
 
 
-def paper_protocol(model_key: str, dataset: str, experiment: str) -> dict[str, Any]:
+def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str | None = None,
+                   lm_texts: str | None = "pile", seeds: tuple[int, ...] | list[int] = (0,)) -> dict[str, Any]:
     """The authors' protocol for ``model_key`` (gemma-7b | gemma-2-9b | llama-3-8b, or their hub ids), ``dataset``
     (sports | counterfact) and ``experiment`` (sports: forget_16 | forget_64 | sport_golf; counterfact:
-    forget_16 | forget_64 | forget_64_sequential).
+    forget_16 | forget_64 | forget_64_sequential). Spec only: ``model_ref`` loads another checkpoint of that model (a
+    local folder or hub id; default the hub id), ``lm_texts`` is the LM retain text ("pile" streams it as the
+    authors, online; or a local text file; None: no LM term), ``seeds`` the runs' seeds (the authors ran one).
 
     Returns ``{"model", "hf_id", "dataset", "experiment", "edit_preset", "edit_groups" ({group: EditConfig fields}),
     "methods" ({method: {"group", "edit", "localization" ({"attn", "mlp", "params"}) or None}}), "flu_layers",
@@ -120,12 +123,12 @@ def paper_protocol(model_key: str, dataset: str, experiment: str) -> dict[str, A
         return out
     out["spec"] = {
         "name": f"paper_{data}_{model}_{experiment}",
-        "models": [{"name": paper_model(model).hf_id, "dtype": "bf16", "paper_model": model}],
-        "tasks": _tasks(kind, experiment, model),
+        "models": [{"name": model_ref or paper_model(model).hf_id, "dtype": "bf16", "paper_model": model}],
+        "tasks": _tasks(kind, experiment, model, lm_texts),
         "methods": list(METHODS),
         "budget": budget,
         "edit": {"preset": preset},
-        "seeds": [0],
+        "seeds": [int(s) for s in seeds],
         "evaluations": out["evaluations"],
         "store": f"sweeps/paper_{data}_{model}_{experiment}.jsonl",
     }

@@ -141,6 +141,21 @@ def test_spec_expands_to_the_authors_runs(data_dir, dataset, experiment, probes)
     assert {r.budget for r in runs if r.method == "random"} == {protocol["budget"]}
 
 
+def test_spec_options_reach_the_runs(data_dir, tmp_path):
+    import mu_fast.sweep as sweep
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma"}))  # a local checkpoint folder
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Some text.\nMore text.\n")
+    spec = paper_protocol("gemma-7b", "counterfact", "forget_64", model_ref=str(tmp_path), lm_texts=str(texts),
+                          seeds=[3, 4])["spec"]
+    assert spec["models"][0]["name"] == str(tmp_path) and spec["models"][0]["paper_model"] == "gemma-7b"
+    runs = sweep.expand(spec)
+    assert {r.seed for r in runs} == {3, 4} and len(runs) == 2 * len(METHODS)
+    assert {r.model["ref"] for r in runs} == {str(tmp_path)} and {r.task["lm_texts"] for r in runs} == {str(texts)}
+    assert {r.task["forget_split"] for r in runs} == {"first_64_unsplit"} and {r.task["cf_model"] for r in runs} == {"gemma-7b"}
+
+
 def test_bad_arguments_name_the_choices():
     with pytest.raises(ValueError, match="'sports' and 'counterfact'"):
         paper_protocol("gemma-7b", "wikipedia", "forget_16")
