@@ -12,7 +12,7 @@ the authors ran, reusing the modules that already hold each part:
   relearning attack with its defaults (LoRA 512, 20 steps, lr 2e-4), the soft-prompt attack on the authors'
   schedule, lm-eval ``mmlu`` + ``sciq`` zero-shot, and (sports athlete editing only) latent probes as the authors;
 * ``spec``: a sweep spec (``mu_fast.sweep.run(spec)``) that runs all of it, ``None`` for the sequential CounterFact
-  experiment (run it with ``mu_fast.edit.sequential.sequential_edit`` and the per-partition localizations here).
+  experiment (run it with ``mu_fast.edit.sequential.sequential_edit`` and ``paper_sequential_masks``).
 
 Differences that remain are listed in docs/protocol_differences.md.
 """
@@ -133,3 +133,18 @@ def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str
         "store": f"sweeps/paper_{data}_{model}_{experiment}.jsonl",
     }
     return out
+
+
+def paper_sequential_masks(model: Any, method: str, model_key: str | None = None) -> list[Any]:
+    """The 4 masks of the sequential CounterFact experiment for ``sequential_edit`` (§3.6: each partition its own
+    localization): ``localize("paper:<method>")`` over ``model`` for the ranges 0_16, 16_32, 32_48, 48_64.
+    method: flu | ap | ct | ap_mlps | ct_mlps (``paper:`` optional); model_key: default the model's name_or_path."""
+    from types import SimpleNamespace
+
+    from mu_fast.localize import localize
+
+    kind = method.removeprefix("paper:")
+    if kind not in PAPER_SELECTIONS:
+        raise ValueError(f"method={method!r}; the paper's per-partition selections are {PAPER_SELECTIONS}")
+    task = SimpleNamespace(name="counterfact_sequential", meta={"dataset": "counterfact"})
+    return [localize(f"paper:{kind}", model, task=task, paper_model=model_key, forget_range=r).mask for r in CF_PARTITIONS]

@@ -163,3 +163,25 @@ def test_bad_arguments_name_the_choices():
         paper_protocol("gemma-7b", "counterfact", "sport_golf")
     with pytest.raises(ValueError, match="unknown paper model"):
         paper_protocol("gpt-2", "sports", "forget_16")
+
+
+def test_sequential_masks_follow_each_partition(data_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mu_fast.data.datadir import paper_model
+    from mu_fast.models.shipped import shipped_config
+    from mu_fast.models.sites import Component, SiteTable
+    from mu_fast.paper_protocol import paper_sequential_masks
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shipped_config(paper_model("gemma-2-9b").shapes))
+    masks = paper_sequential_masks(model, "paper:flu", model_key="gemma-2-9b")
+    table = SiteTable(model)
+    for mask, r in zip(masks, CF_PARTITIONS, strict=True):
+        layers = flu_from_data(data_dir, "gemma-2-9b", "counterfact", r)
+        assert mask.param_count() == len(layers) * table.component_size(Component("mlp", 0))
+        assert {int(re.search(r"layers\.(\d+)\.", n)[1]) for n in mask} == set(layers)
+    with pytest.raises(ValueError, match="per-partition selections"):
+        paper_sequential_masks(model, "random")
+
