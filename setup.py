@@ -124,6 +124,7 @@ setup(
         "accelerate>=1.0",
         "bitsandbytes>=0.50,<0.51",
         "peft>=0.13",
+        "lm-eval>=0.4.13,<0.5",
         "safetensors>=0.4",
         "numpy>=1.26",
         "pandas>=2.0",

@@ -1,15 +1,20 @@
-"""Evaluation: forget/maintain accuracy in every format, the relearning attack, latent-knowledge probes.
+"""Evaluation: forget/maintain accuracy in every format, the relearning and soft-prompt attacks, latent-knowledge
+probes, general capability through lm-eval.
 
-Importing this package is cheap (torch only); peft is imported when the relearning attack runs.
+Importing this package is cheap (torch only); peft is imported when the relearning attack runs, lm-eval when
+``capability_eval`` runs.
 """
 
+from mu_fast.evaluate.capability import capability_eval
 from mu_fast.evaluate.known_facts import check_known_facts
 from mu_fast.evaluate.formats import evaluate_task, task_prompt_sets, tokenize_task, tokenized_set
 from mu_fast.evaluate.metrics import PromptScores, prompt_scores, set_accuracy
 from mu_fast.evaluate.probes import LinearProbes, collect_hidden, latent_probes, stratified_split, train_probes
 from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
+from mu_fast.evaluate.softprompt import SoftPromptAdversaries, softprompt_attack
 
 __all__ = [
+    "capability_eval",
     "check_known_facts",
     "LinearProbes",
     "PromptScores",
@@ -20,6 +25,8 @@ __all__ = [
     "relearn_attack",
     "relearn_halves",
     "set_accuracy",
+    "SoftPromptAdversaries",
+    "softprompt_attack",
     "stratified_split",
     "task_prompt_sets",
     "tokenize_task",

@@ -12,7 +12,13 @@ minimum is every layer's own minimum) and minimised by full-batch L-BFGS. The ob
 ``mean CE + weight_decay/2 · ||W||²`` (bias unpenalised), i.e. sklearn's ``LogisticRegression(C)`` with
 ``weight_decay = 1/(C·N)``; the default, ``1/N``, is sklearn's default ``C=1`` that the paper used.
 
-``latent_probes`` is the paper's latent-knowledge probe (authors_repo.md §4.7).
+``latent_probes`` is the paper's latent-knowledge probe (authors_repo.md §4.7) in two settings. ``"paper"`` is the
+authors' exactly: raw (unstandardised) residual streams at boundaries 0..L-1 (the last one skipped), collected with
+left padding and the model's default position ids, maintain-train facts grouped by answer in order of first
+appearance, classes numbered alphabetically (their ``sport_dict``), sklearn's ``train_test_split(test_size=0.2,
+random_state=42, stratify=y)`` and ``LogisticRegression(max_iter=1000)`` per layer (without scikit-learn: this
+module's stratified split and the same objective solved by L-BFGS on raw features; the result says which).
+``"standardized"`` (the default) standardises features per layer, probes every boundary 0..L and uses right padding.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from mu_fast.evaluate.metrics import check_token_ids, eval_mode, length_sorted_b
 from mu_fast.models.forward import decoder_of
 
 POSITIONS = ("last", "subject_last")
+PADDING_SIDES = ("right", "left")
+SETTINGS = ("standardized", "paper")
+PROBE_BACKENDS = ("auto", "sklearn", "torch")
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -39,13 +48,17 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 
 def collect_hidden(
-    model: Any, tokenized: TokenizedPrompts, position: str = "last", batch_size: int = 64
+    model: Any, tokenized: TokenizedPrompts, position: str = "last", batch_size: int = 64, padding: str = "right"
 ) -> torch.Tensor:
     """Residual stream at one token per prompt for every layer boundary: ``[L+1, N, d]`` float32 on the
     model's device (prompt order). ``position`` is "last" (the last prompt token, which predicts the answer)
-    or "subject_last" (the subject's last token; needs subjects in the PromptSet)."""
+    or "subject_last" (the subject's last token; needs subjects in the PromptSet). ``padding``: "right" (position
+    ids count real tokens) or "left" with the model's default position ids, as the authors' probe called HF
+    (RoPE scores depend on relative positions only, so both agree up to rounding)."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}; got {position!r}")
+    if padding not in PADDING_SIDES:
+        raise ValueError(f"padding must be one of {PADDING_SIDES}; got {padding!r}")
     n = len(tokenized)
     if n == 0:
         raise ValueError(f"the prompt set {tokenized.source.name!r} is empty; there is nothing to probe")
@@ -83,13 +96,17 @@ def collect_hidden(
         with eval_mode(model):
             for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], batch_size):
                 rows = torch.tensor(idx, dtype=torch.int64)
-                batch = pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side="right").to(device)
-                pos = batch.last_pos if position == "last" else tokenized.subject_last[rows].to(device)
+                batch = pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side=padding).to(device)
+                if position == "last":
+                    pos = batch.last_pos
+                else:  # subject indices count real tokens; left padding shifts them by the row's pad count
+                    shift = batch.input_ids.shape[1] - batch.attention_mask.sum(1) if padding == "left" else 0
+                    pos = tokenized.subject_last[rows].to(device) + shift
                 current.update(rows=rows.to(device), pos=pos)
                 decoder_of(model)(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
+                    position_ids=batch.position_ids if padding == "right" else None,
                     use_cache=False,
                 )
     finally:
@@ -157,6 +174,7 @@ def train_probes(
     lr: float = 1.0,
     tolerance: float = 1e-5,
     dtype: torch.dtype = torch.float64,
+    standardize: bool = True,
 ) -> LinearProbes:
     """Fit one multinomial logistic regression per layer, all layers in one batched problem.
 
@@ -167,7 +185,8 @@ def train_probes(
     entry of the summed objective falls below it (measured on L=5, N=1000, d=128, CPU: 1e-7 took 9x longer
     than 1e-5 for the same predictions and probabilities within 5e-4). dtype: fp64 by default: each
     evaluation is one ``[L, N, d] x [L, d, C]`` product, and in fp32 the line search stalls once objective
-    changes drop below fp32 resolution (measured: class probabilities ~2e-4 from the optimum).
+    changes drop below fp32 resolution (measured: class probabilities ~2e-4 from the optimum). standardize: False
+    fits the raw features (mean 0, scale 1 in the result), sklearn's setting and the paper's.
 
     Each evaluation reads all features twice (forward and backward), so on CPU the solve is memory-bound
     and was not faster than a per-layer sklearn loop (2-core CPU, see the evaluate report); the batched
@@ -196,6 +215,8 @@ def train_probes(
     # Constant features (e.g. the embedding of a token shared by every prompt) carry no signal; scale 1
     # keeps them at 0 instead of dividing by zero.
     scale = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))
+    if not standardize:
+        mean, scale = torch.zeros_like(mean), torch.ones_like(scale)
     x = (x - mean[:, None]) / scale[:, None]
     y = labels.to(device=x.device, dtype=torch.int64)
     weight = torch.zeros(L, d, n_classes, dtype=dtype, device=x.device, requires_grad=True)
@@ -257,8 +278,14 @@ def latent_probes(
     batch_size: int = 64,
     weight_decay: float | None = None,
     steps: int = 200,
+    setting: str = "standardized",
+    probe_backend: str = "auto",
 ) -> dict[str, Any]:
     """The paper's latent-knowledge probe (authors_repo.md §4.7), for every layer boundary at once.
+
+    setting: "standardized" (below) or "paper" (the authors' exact recipe, module docstring; ``test_fraction``,
+    ``seed``, ``weight_decay`` and ``steps`` do not apply, probe_backend "auto" | "sklearn" | "torch" picks the
+    solver). Both results carry ``"setting"``, ``"padding"`` and ``"probe"`` (which solver ran).
 
     Features: the residual stream at the last prompt token (``position``) of the training-format prompts.
     Probes are trained on the maintain-train facts (a seeded stratified ``1-test_fraction`` part; the rest
@@ -272,6 +299,12 @@ def latent_probes(
     """
     from mu_fast.evaluate.formats import tokenized_set
 
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}; got {setting!r}")
+    if setting == "paper":
+        from mu_fast.evaluate.probes_paper import paper_latent_probes
+
+        return paper_latent_probes(model, tokenizer, task, position, batch_size, probe_backend)
     maintain = tokenized_set(tokenizer, task, task.maintain_train)
     forget = tokenized_set(tokenizer, task, task.forget_test)
     order = list(task.classes) if task.classes else sorted(set(task.maintain_train.answers))
@@ -310,4 +343,7 @@ def latent_probes(
         "n_test": int(test_idx.numel()),
         "n_forget": len(task.forget_test),
         "position": position,
+        "setting": "standardized",
+        "padding": "right",
+        "probe": "torch L-BFGS multinomial logistic regression on per-layer standardised features",
     }

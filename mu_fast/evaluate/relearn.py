@@ -4,13 +4,18 @@ forgotten facts bring back the other, held-out half?
 Protocol, as the paper's code: LoRA (peft, ``target_modules="all-linear"``) of rank 512, α=32, dropout
 0.05; AdamW lr 2e-4, weight decay 0; cosine schedule with T_max = steps; 20 steps. Every step trains on the
 relearn half (true labels, cross-entropy over the full vocabulary at the last prompt token), the maintain
-set (true labels) and generic LM text (next-token CE over ≤ 100 tokens, 2 texts per step), each term with
-coefficient 1. The held-out half is evaluated in the training format and in MCQ (when the task has it)
-before training and after the steps in ``eval_at``.
+set (true labels) and generic LM text, each term with coefficient 1. The LM term is, by default, the authors'
+8 micro-batches × 2 texts of 128 tokens per step (``lm_batch_size=16``, ``lm_max_tokens=128``); without texts in
+``task.lm_texts`` the term is off and the result says so (``"lm_text"``). The held-out half is evaluated in the
+training format and in MCQ (when the task has it) before training and after the steps in ``eval_at``; the
+authors scored both *without* the system prompt (``use_system_prompt=False``), so a sports task built with the
+deep eval's preamble gets its held-out MCQ rebuilt without it (``mcq_system_prompt=False``, the default).
 
 Differences from the paper's code, on purpose:
 * Packed batches: relearn and maintain examples share one forward per step (the paper ran 8 micro-batches
   of 4 for each); the examples drawn per step are the same (``batch_size`` of each, from reshuffled passes).
+  The 16 LM texts are one batch whose loss is the mean over all their tokens (the paper: the mean of 8
+  micro-batch means), and they are drawn from ``task.lm_texts`` where the paper streamed the Pile.
 * CounterFact relearns toward ``target_true``. The paper's code built the CF relearning tasks from the
   injection class and so trained relearn *and* maintain toward ``target_false`` (its "CF is too hard to
   relearn" result is that bug); ``cf_target_false_bug=True`` reproduces it and the result records the mode.
@@ -23,6 +28,7 @@ Differences from the paper's code, on purpose:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -87,6 +93,39 @@ def held_out_format_set(task: FactTask, fmt: str, held: list[int] | None) -> Pro
     return prompt_set.subset(held, name=f"{fmt}_held_out")
 
 
+def relearn_mcq_set(task: FactTask, held: list[int] | None, system_prompt: bool = False) -> tuple[PromptSet | None, str]:
+    """The held-out facts' MCQ set scored during relearning, and a description of its template.
+
+    Sports tasks record in ``meta["system_prompt"]`` whether their ``mcq`` format carries the deep eval's system
+    preamble; when that differs from ``system_prompt`` the held-out prompts are rebuilt with
+    ``sports_prompt(athlete, "mcq", system_prompt)`` (the authors' relearning eval: without it). Other datasets
+    have a single MCQ template and keep theirs.
+    """
+    mcq = held_out_format_set(task, "mcq", held)
+    if mcq is None or len(mcq) == 0:
+        return None, "none (the task has no mcq format)"
+    if str(task.meta.get("dataset", "")) == "sports" and bool(task.meta.get("system_prompt", False)) != system_prompt:
+        from mu_fast.data.sports import sports_prompt
+
+        if mcq.subjects is None:
+            raise ValueError(f"task {task.name!r}: the sports mcq set has no subjects to rebuild its prompts from")
+        prompts = [sports_prompt(athlete, "mcq", system_prompt) for athlete in mcq.subjects]
+        return replace(mcq, prompts=prompts, name=f"{mcq.name}_relearn"), (
+            f"sports mcq {'with' if system_prompt else 'without'} the system prompt (rebuilt; the paper's relearning eval "
+            "has none)")
+    return mcq, "the task's own mcq format"
+
+
+def lm_text_status(texts: list[list[int]], task: FactTask, lm_max_tokens: int) -> dict[str, Any]:
+    """Whether the LM retain term runs, on what, and if not, why (for the result)."""
+    if texts:
+        return {"used": True, "n_texts": len(texts), "max_tokens": lm_max_tokens,
+                "source": task.meta.get("lm_text", "task.lm_texts")}  # meta["lm_text"]: an LMText.describe() record
+    reason = ("task.lm_texts is empty" if not task.lm_texts else "every text in task.lm_texts is shorter than 2 tokens")
+    return {"used": False, "n_texts": 0, "reason": reason + "; the paper streams the Pile here: load texts with "
+            "mu_fast.data.lm_text.resolve_lm_texts (a local Pile-style file, or 'pile' online) into task.lm_texts"}
+
+
 def training_labels(prompt_set: PromptSet, tokenized: Any, toward_false: bool, what: str) -> torch.Tensor:
     """Label ids ``[N]`` a relearning step trains toward: the true answers, or the edit answers (the CF bug)."""
     if not toward_false:
@@ -147,16 +186,19 @@ def relearn_attack(
     eval_at: tuple[int, ...] = (0, 10, 20),
     seed: int = 0,
     progress: bool = False,
-    lm_batch_size: int = 2,
-    lm_max_tokens: int = 100,
+    lm_batch_size: int = 16,
+    lm_max_tokens: int = 128,
     eval_batch_size: int = 64,
+    mcq_system_prompt: bool = False,
 ) -> dict[str, Any]:
     """Run the relearning attack on ``model`` (left unchanged) and return the held-out accuracies.
 
     Returns ``{"mode", "dataset_is_counterfact", "steps", "lora_rank", "requested_lora_rank", "n_relearn",
     "n_held_out", "halves" ("unsplit: first/second half" or "split: forget_train/forget_test"),
     "evals": {step: {"normal": set_accuracy, "mcq": set_accuracy (if present), "maintain": set_accuracy}},
-    "final": evals at the last evaluated step, "losses": [{"relearn", "maintain", "lm"} per step]}``.
+    "final": evals at the last evaluated step, "losses": [{"relearn", "maintain", "lm"} per step], "mcq_format",
+    "lm_text": {"used", "n_texts", ...; "reason" when off}}``. lm_batch_size / lm_max_tokens: LM texts per step and
+    tokens per text (the paper's 8 × 2 texts of 128 tokens). mcq_system_prompt: see ``relearn_mcq_set``.
     Step 0 is before any update. ``set_accuracy`` reports the true answer's accuracy (``acc``, ``argmax_acc``)
     and the edit answer's (``edit_acc``, ...), whichever mode trained.
     """
@@ -175,8 +217,8 @@ def relearn_attack(
         )
     held, relearn_set, held_set = relearn_halves(task)
     eval_sets = {"normal": held_set, "maintain": task.maintain_test}
-    mcq = held_out_format_set(task, "mcq", held)
-    if mcq is not None and len(mcq):
+    mcq, mcq_format = relearn_mcq_set(task, held, mcq_system_prompt)
+    if mcq is not None:
         eval_sets["mcq"] = mcq
     eval_tok = {k: _tokenized(tokenizer, task, v) for k, v in eval_sets.items()}
     relearn_tok = _tokenized(tokenizer, task, relearn_set)
@@ -192,6 +234,7 @@ def relearn_attack(
         else []
     )
     lm_ids = [ids for ids in lm_ids if len(ids) >= 2]
+    lm_status = lm_text_status(lm_ids, task, lm_max_tokens)
     device = model_device(model)
 
     def evaluate() -> dict[str, Any]:
@@ -265,4 +308,6 @@ def relearn_attack(
         "evals": evals,
         "final": None if last is None else evals[last],
         "losses": losses,
+        "mcq_format": mcq_format,
+        "lm_text": {**lm_status, "batch_size": lm_batch_size if lm_status["used"] else 0},
     }

@@ -121,8 +121,13 @@ def localize(
     attn_layers: tuple[int, ...] = (),
     mlp_layers: tuple[int, ...] = (),
     backend: str = "auto",
+    paper_model: str | None = None,
+    forget_range: str = "0_16",
 ) -> Localization:
     """Localize ``task``'s facts in ``model`` with ``method`` (see module docstring) and return the Localization.
+
+    ``paper:<ap|ct|ap_mlps|ct_mlps|flu>``: the paper's selection for ``paper_model`` (default: from the model's
+    ``config.name_or_path``), the task's dataset (CounterFact or sports) and ``forget_range`` (CounterFact files).
 
     budget: parameter budget for the budget-matched methods (default: the paper's, len(FLU layers) × MLP
     size; FLU runs first if ``flu`` — a precomputed ``FLUResult`` — is not given).
@@ -130,8 +135,10 @@ def localize(
     from mu_fast.localize import baselines
     from mu_fast.localize.flu import flu_localize
 
+    if isinstance(method, str) and method.startswith("paper:"):
+        return _paper_localize(method, model, task, paper_model, forget_range)
     if method not in METHODS:
-        raise ValueError(f"unknown localization method {method!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown localization method {method!r}; choose one of {METHODS} or paper:<ap|ct|ap_mlps|ct_mlps|flu>")
     table = SiteTable(model)
     needs_flu = method == "flu" or method == "random_mlps" or (budget is None and method in ("atp", "ct", "atp_mlps", "ct_mlps", "random"))
     if needs_flu and flu is None:
@@ -165,3 +172,28 @@ def localize(
         comps = baselines.manual(table, attn_layers, mlp_layers)
     mask = Mask.from_components(table, comps, meta={"method": method})
     return Localization(method, comps, mask, {str(c): float(s) for c, s in scores.items()}, budget, info)
+
+
+def _paper_localize(method: str, model: Any, task: Any, paper_model: str | None, forget_range: str) -> Localization:
+    """``localize("paper:<kind>", ...)``: the paper's committed selection as a Mask over ``model``'s own sites."""
+    from mu_fast.localize.paper_graphs import METHODS as PAPER_METHODS
+    from mu_fast.localize.paper_graphs import paper_localization, paper_localization_budget
+
+    kind = method.split(":", 1)[1]
+    if kind not in PAPER_METHODS:
+        raise ValueError(f"unknown paper selection {method!r}; choose paper:<{'|'.join(PAPER_METHODS)}>")
+    name = paper_model or getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    if not name:
+        raise ValueError(f"{method}: pass paper_model= (gemma-7b, gemma-2-9b or llama-3-8b); the model has no name_or_path")
+    if task is None:
+        raise ValueError(f"{method}: pass task= (its dataset, sports or CounterFact, picks the paper's files)")
+    dataset = "counterfact" if str(task.meta.get("dataset", task.name)).lower().startswith("counterfact") else "sports"
+    comps = paper_localization(name, dataset, kind, forget_range)
+    table = SiteTable(model)
+    if max(c.layer for c in comps) >= table.n_layers:
+        raise ValueError(f"{method}: the paper's selection for {name!r} uses layer {max(c.layer for c in comps)}, but "
+                         f"the model has {table.n_layers} layers; load that paper model")
+    mask = Mask.from_components(table, comps, meta={"method": method})
+    budget = paper_localization_budget(name, dataset, forget_range)
+    return Localization(method, comps, mask, {}, budget, {"paper_model": name, "dataset": dataset,
+                                                          "forget_range": forget_range})

@@ -9,7 +9,11 @@ Built in (spec key ``evaluations:``):
   steps // 2 and steps, as ``mu_fast.pipeline`` does.
 * ``probes``: latent-knowledge probes (``mu_fast.evaluate.latent_probes``), ``false`` / ``true`` / its arguments.
 
-Later evaluations plug in with ``register_evaluation(name, fn, defaults)``: ``fn(model, tokenizer, task, settings,
+Registered at import (``mu_fast.sweep.protocol_evaluations``): ``softprompt`` (the soft-prompt attack),
+``capability`` (lm-eval; skipped with the reason when its data is not available offline) and ``paper_probes``
+(latent probes exactly as the authors).
+
+Later evaluations plug in with ``register_evaluation(name, fn, defaults, check=None)``: ``fn(model, tokenizer, task, settings,
 seed) -> dict`` (JSON-ready), run after the built-in ones on the edited model, which it must leave unchanged; its
 result is stored under ``record["results"][name]``. A spec turns it on with ``evaluations: {name: true | {...}}``.
 Registered evaluations must be registered in every process that runs sweeps (Ray actors, GPU workers): register
@@ -25,7 +29,7 @@ from typing import Any
 # relearn_attack's keyword defaults (the paper's protocol); tests/sweep check that they match its signature.
 RELEARN_DEFAULTS: dict[str, Any] = {
     "steps": 20, "lr": 2e-4, "lora_rank": 512, "lora_alpha": 32.0, "lora_dropout": 0.05, "batch_size": 32,
-    "cf_target_false_bug": False, "lm_batch_size": 2, "lm_max_tokens": 100,
+    "cf_target_false_bug": False, "lm_batch_size": 16, "lm_max_tokens": 128, "mcq_system_prompt": False,
 }
 PROBE_DEFAULTS: dict[str, Any] = {"position": "last", "test_fraction": 0.2, "seed": 42, "steps": 200,
                                   "weight_decay": None}
@@ -39,16 +43,19 @@ class Evaluation:
     name: str
     fn: Callable[..., dict[str, Any]]
     defaults: dict[str, Any] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None  # raises ValueError on bad resolved settings
 
 
 REGISTRY: dict[str, Evaluation] = {}
 
 
-def register_evaluation(name: str, fn: Callable[..., dict[str, Any]], defaults: Mapping[str, Any] | None = None) -> None:
-    """Make ``evaluations: {name: ...}`` available to specs (see the module docstring)."""
+def register_evaluation(name: str, fn: Callable[..., dict[str, Any]], defaults: Mapping[str, Any] | None = None,
+                        check: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Make ``evaluations: {name: ...}`` available to specs (see the module docstring). ``check(settings)``, if
+    given, validates the resolved settings when a spec is resolved (before any run) and may normalise them."""
     if name in EVALUATION_DEFAULTS:
         raise ValueError(f"{name!r} is a built-in evaluation key; register yours under another name")
-    REGISTRY[name] = Evaluation(name, fn, dict(defaults or {}))
+    REGISTRY[name] = Evaluation(name, fn, dict(defaults or {}), check)
 
 
 def _settings(key: str, value: Any, defaults: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -106,6 +113,14 @@ def resolve_evaluations(value: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"spec: evaluations.relearn.steps must be >= 0; got {out['relearn']['steps']}")
     extra = {k: _settings(k, value[k], REGISTRY[k].defaults) for k in REGISTRY if k in value}
     extra = {k: v for k, v in extra.items() if v is not None}
+    for k, settings in extra.items():
+        if REGISTRY[k].check is not None:
+            REGISTRY[k].check(settings)
     if extra:
         out["extra"] = extra
     return out
+
+
+from mu_fast.sweep.protocol_evaluations import register_protocol_evaluations  # noqa: E402  (needs REGISTRY above)
+
+register_protocol_evaluations()

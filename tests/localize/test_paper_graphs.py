@@ -186,3 +186,34 @@ def test_sports_probe_results(data_dir):
         load_manual_results("gemma-7b", "sports", "probe", data_dir=data_dir)
     with pytest.raises(FileNotFoundError, match="meta-llama_Meta-Llama-3-8B_extraction_head_scores.json"):
         load_manual_results("llama-3-8b", "sports", "extraction_head_scores", data_dir=data_dir)
+
+
+@pytest.mark.parametrize("model_key, dataset, method, forget_range", [("gemma-7b", "sports", "ap", "0_16"),
+                                                                      ("llama-3-8b", "counterfact", "ct_mlps", "0_64")])
+def test_localize_paper_methods(data_dir, model_key, dataset, method, forget_range):
+    """localize("paper:<kind>") gives the paper's selection as a mask over a model of the paper's shapes (meta device),
+    the paper model taken from the model's name_or_path, the dataset from the task."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from mu_fast.data.datadir import paper_model
+    from mu_fast.localize import localize
+    from mu_fast.models.shipped import shipped_config
+
+    config = shipped_config(paper_model(model_key).shapes)
+    config.num_hidden_layers = paper_site_table(model_key).n_layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.config.name_or_path = paper_model(model_key).hf_id
+    task = SimpleNamespace(name=f"{dataset}_x", meta={"dataset": dataset})
+    loc = localize(f"paper:{method}", model, task=task, forget_range=forget_range)
+    want = paper_localization(model_key, dataset, method, forget_range, data_dir)
+    assert loc.components == want and loc.method == f"paper:{method}"
+    assert loc.mask.param_count() == describe_localization(model_key, want)["params"]
+    loc.mask.validate(model)  # the mask names the model's own parameters with their shapes
+    assert loc.budget == paper_localization_budget(model_key, dataset, forget_range, data_dir)
+    with pytest.raises(ValueError, match="paper selection"):
+        localize("paper:atp", model, task=task)
+    with pytest.raises(ValueError, match="pass task="):
+        localize(f"paper:{method}", model)

@@ -1,0 +1,150 @@
+"""The authors' full protocol for one paper model, dataset and experiment, as plain dicts (``--preset paper``).
+
+``paper_protocol(model_key, dataset, experiment)`` gathers what reference/authors_repo.md and the committed data say
+the authors ran, reusing the modules that already hold each part:
+
+* localization per method: the paper's own selections (``paper:<flu|ap|ct|ap_mlps|ct_mlps>``,
+  ``mu_fast.localize.paper_graphs.paper_localization`` over the graphs in shared/data) and the baselines
+  (``random`` at the paper's budget, ``random_mlps``, ``all_mlps``, ``nonlocalized``);
+* edit settings per method group: the §3.4 table (``mu_fast.sweep.presets``, ``paper_<sports|cf>:<model>:<exp>``);
+* FLU layers: ``paper_flu_layers`` (sports: fixed per model; CounterFact: the manual-layers file of the range);
+* evaluations as the authors: every format (the deep evals' Normal / MCQ / paraphrase / neighbourhood), the
+  relearning attack with its defaults (LoRA 512, 20 steps, lr 2e-4), the soft-prompt attack on the authors'
+  schedule, lm-eval ``mmlu`` + ``sciq`` zero-shot, and (sports athlete editing only) latent probes as the authors;
+* ``spec``: a sweep spec (``mu_fast.sweep.run(spec)``) that runs all of it, ``None`` for the sequential CounterFact
+  experiment (run it with ``mu_fast.edit.sequential.sequential_edit`` and ``paper_sequential_masks``).
+
+Differences that remain are listed in docs/protocol_differences.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mu_fast.data.datadir import paper_model
+
+DATASETS = {"sports": "sports", "counterfact": "cf", "cf": "cf"}
+EXPERIMENTS = {"sports": ("forget_16", "forget_64", "sport_golf"),
+               "cf": ("forget_16", "forget_64", "forget_64_sequential")}
+PAPER_SELECTIONS = ("flu", "ap", "ct", "ap_mlps", "ct_mlps")
+BASELINES = ("random", "random_mlps", "all_mlps", "nonlocalized")
+SPORTS = ("baseball", "basketball", "football")
+CF_PARTITIONS = ("0_16", "16_32", "32_48", "48_64")
+# The authors' methods (§3.4 columns) in the sweep's names: paper selections first, then the baselines.
+METHODS = tuple(f"paper:{m}" for m in PAPER_SELECTIONS) + BASELINES
+
+
+def _check(model_key: str, dataset: str, experiment: str) -> tuple[str, str, str]:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset={dataset!r}; the paper's protocol covers 'sports' and 'counterfact'")
+    kind = DATASETS[dataset]
+    if experiment not in EXPERIMENTS[kind]:
+        raise ValueError(f"experiment={experiment!r}; the paper's {dataset} experiments are {EXPERIMENTS[kind]}")
+    return paper_model(model_key).key, kind, experiment
+
+
+def _tasks(kind: str, experiment: str, model: str, lm_texts: str | None) -> list[dict[str, Any]]:
+    """The sweep task entries of the experiment (authors_repo.md §1)."""
+    if kind == "cf":
+        size = experiment.split("_")[1]
+        return [{"dataset": "counterfact", "forget_splits": [f"first_{size}_unsplit"], "inject_labels": ["target_false"],
+                 "maintain_split": "split", "cf_model": model, "lm_texts": lm_texts}]
+    if experiment == "sport_golf":  # Full-Sports-Editing: every athlete of a sport to golf, trained on half
+        return [{"dataset": "sports", "forget_splits": [f"{s}_split" for s in SPORTS], "inject_labels": ["golf"],
+                 "maintain_split": "split", "lm_texts": lm_texts}]
+    size = experiment.split("_")[1]
+    return [{"dataset": "sports", "forget_splits": [f"first_{size}_unsplit"], "inject_labels": ["random_without_golf"],
+             "maintain_split": "split", "lm_texts": lm_texts}]
+
+
+def _localizations(model: str, dataset: str, forget_range: str) -> dict[str, dict[str, Any]]:
+    from mu_fast.localize.paper_graphs import describe_localization, paper_localization
+
+    return {f"paper:{m}": describe_localization(model, paper_localization(model, dataset, m, forget_range))
+            for m in PAPER_SELECTIONS}
+
+
+def paper_evaluations(dataset: str, experiment: str) -> dict[str, Any]:
+    """The sweep ``evaluations:`` of the authors' evals for this experiment (``resolve_evaluations`` accepts it)."""
+    kind = DATASETS[dataset]
+    evaluations: dict[str, Any] = {
+        "formats": "all",
+        "batch_size": 64,
+        "relearn": True,       # relearn_attack's defaults are the authors' (§4.5), CF toward the true answer
+        # 4 attacks, the authors' steps / batch (paper_schedule), lr 1e-5, eps 6, bf16 autocast for Gemma-2 (CUDA)
+        "softprompt": {"autocast": "paper"},
+        "capability": {"tasks": ["mmlu", "sciq"], "num_fewshot": 0},
+    }
+    if kind == "sports" and experiment != "sport_golf":  # §4.7: athlete editing only
+        evaluations["paper_probes"] = True
+    return evaluations
+
+
+def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str | None = None,
+                   lm_texts: str | None = "pile", seeds: tuple[int, ...] | list[int] = (0,)) -> dict[str, Any]:
+    """The authors' protocol for ``model_key`` (gemma-7b | gemma-2-9b | llama-3-8b, or their hub ids), ``dataset``
+    (sports | counterfact) and ``experiment`` (sports: forget_16 | forget_64 | sport_golf; counterfact:
+    forget_16 | forget_64 | forget_64_sequential). Spec only: ``model_ref`` loads another checkpoint of that model (a
+    local folder or hub id; default the hub id), ``lm_texts`` is the LM retain text ("pile" streams it as the
+    authors, online; or a local text file; None: no LM term), ``seeds`` the runs' seeds (the authors ran one).
+
+    Returns ``{"model", "hf_id", "dataset", "experiment", "edit_preset", "edit_groups" ({group: EditConfig fields}),
+    "methods" ({method: {"group", "edit", "localization" ({"attn", "mlp", "params"}) or None}}), "flu_layers",
+    "budget" (parameters), "partitions" (sequential CF: [{"range", "flu_layers", "budget", "localizations"}]),
+    "evaluations", "spec" (a sweep spec dict, or None with "spec_note")}``; all plain JSON-ready values.
+    """
+    from mu_fast.localize.paper_graphs import paper_flu_layers, paper_localization_budget
+    from mu_fast.sweep.presets import preset_groups
+    from mu_fast.sweep.spec import method_group
+
+    model, kind, experiment = _check(model_key, dataset, experiment)
+    data = "sports" if kind == "sports" else "counterfact"
+    preset = f"paper_{kind}:{model}:{experiment}"
+    groups = preset_groups(preset)
+    forget_range = "0_64" if experiment.startswith("forget_64") else "0_16"
+    group_of = {m: method_group(m) for m in METHODS}
+    localizations = _localizations(model, data, forget_range)
+    methods = {m: {"group": group_of[m], "edit": dict(groups[group_of[m]]), "localization": localizations.get(m)}
+               for m in METHODS}
+    budget = paper_localization_budget(model, data, forget_range)
+    out: dict[str, Any] = {
+        "model": model, "hf_id": paper_model(model).hf_id, "dataset": data, "experiment": experiment,
+        "edit_preset": preset, "edit_groups": groups, "methods": methods,
+        "flu_layers": paper_flu_layers(model, data, forget_range), "budget": budget, "partitions": None,
+        "evaluations": paper_evaluations(data, experiment),
+    }
+    if experiment.endswith("_sequential"):  # §3.6: each partition its own localization, budget and FLU layers
+        out["partitions"] = [{"range": r, "flu_layers": paper_flu_layers(model, data, r),
+                              "budget": paper_localization_budget(model, data, r),
+                              "localizations": _localizations(model, data, r)} for r in CF_PARTITIONS]
+        out["spec"] = None
+        out["spec_note"] = ("sweeps edit one forget set at a time; run the 4 partitions with "
+                            "mu_fast.edit.sequential.sequential_edit and the per-partition localizations in 'partitions'")
+        return out
+    out["spec"] = {
+        "name": f"paper_{data}_{model}_{experiment}",
+        "models": [{"name": model_ref or paper_model(model).hf_id, "dtype": "bf16", "paper_model": model}],
+        "tasks": _tasks(kind, experiment, model, lm_texts),
+        "methods": list(METHODS),
+        "budget": budget,
+        "edit": {"preset": preset},
+        "seeds": [int(s) for s in seeds],
+        "evaluations": out["evaluations"],
+        "store": f"sweeps/paper_{data}_{model}_{experiment}.jsonl",
+    }
+    return out
+
+
+def paper_sequential_masks(model: Any, method: str, model_key: str | None = None) -> list[Any]:
+    """The 4 masks of the sequential CounterFact experiment for ``sequential_edit`` (§3.6: each partition its own
+    localization): ``localize("paper:<method>")`` over ``model`` for the ranges 0_16, 16_32, 32_48, 48_64.
+    method: flu | ap | ct | ap_mlps | ct_mlps (``paper:`` optional); model_key: default the model's name_or_path."""
+    from types import SimpleNamespace
+
+    from mu_fast.localize import localize
+
+    kind = method.removeprefix("paper:")
+    if kind not in PAPER_SELECTIONS:
+        raise ValueError(f"method={method!r}; the paper's per-partition selections are {PAPER_SELECTIONS}")
+    task = SimpleNamespace(name="counterfact_sequential", meta={"dataset": "counterfact"})
+    return [localize(f"paper:{kind}", model, task=task, paper_model=model_key, forget_range=r).mask for r in CF_PARTITIONS]
