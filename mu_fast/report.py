@@ -139,50 +139,6 @@ def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fas
     print(format_legend())
 
 
-def environment() -> dict[str, Any]:
-    """What the numbers depend on besides the code: package versions, threads, CPU kernels, platform."""
-    import platform
-    from importlib import metadata
-
-    import torch
-
-    import mu_fast
-
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "numpy",
-                 "huggingface_hub"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "mu_fast": mu_fast.__version__,
-        "python": platform.python_version(),
-        "packages": versions,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        # Kernel choices that change float round-off (see mu_fast.determinism).
-        "kernel_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
-                                                       "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        "machine": platform.machine(),
-        "processor": _cpu_model(),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
-
-
 def _plt():
     import matplotlib
 
