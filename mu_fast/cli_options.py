@@ -141,8 +141,8 @@ def with_flags(target: str, flags: Sequence[Flag]) -> Callable[[Callable[..., An
 
         @functools.wraps(func)
         def command(**kwargs: Any) -> Any:
-            given = {by_param[name].field: kwargs.pop(name) for name in list(kwargs)
-                     if name in by_param and kwargs[name] is not None}
+            values = {name: kwargs.pop(name) for name in list(kwargs) if name in by_param}
+            given = {by_param[name].field: value for name, value in values.items() if value is not None}
             return func(**kwargs, **{target: given})
 
         command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
