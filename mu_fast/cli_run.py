@@ -165,6 +165,7 @@ def sweep_cmd(
     workers: int | None = typer.Option(None, help="workers for processes / ray (default 2, or the Ray cluster's GPUs)"),
     ray_address: str | None = typer.Option(None, help="an existing Ray cluster (auto, or host:port of `ray start --head`); default: a local one"),
     threads: int | None = typer.Option(None, help="torch CPU threads per worker"),
+    var: list[str] | None = typer.Option(None, help="set a spec variable (its vars:), e.g. --var model=google/gemma-2-9b; repeatable"),
 ) -> None:
     """Run every run of a sweep spec the store does not hold yet (a killed sweep resumes where it stopped)."""
     import mu_fast.sweep as sweep
@@ -180,14 +181,26 @@ def sweep_cmd(
         raise ValueError(f"--ray-address is for --executor ray; add --executor ray (not {executor})")
     if out is not None and out.is_dir():
         raise IsADirectoryError(f"--out {str(out)!r} is a folder; pass the store's file path, e.g. {out}/sweep.jsonl")
+    variables = parse_vars(var or [])
     if dry_run:
-        sweep.dry_run(spec, store=out, print_fn=print)
+        sweep.dry_run(spec, vars=variables, store=out, print_fn=print)
         return
-    result = sweep.run(spec, store=out, executor=executor, retry_failed=retry_failed, workers=workers,
+    result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed, workers=workers,
                        ray_address=ray_address, threads=threads)
     console().print(str(result), highlight=False)
     if result.failed:
         console().print("failed runs are kept in the store; fix the cause and rerun with --retry-failed")
+
+
+def parse_vars(items: list[str]) -> dict[str, str]:
+    """``["model=google/gemma-2-9b"]`` -> ``{"model": "google/gemma-2-9b"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--var {item!r}: write NAME=VALUE, e.g. --var model=google/gemma-2-9b")
+        out[key.strip()] = value
+    return out
 
 
 def report_cmd(

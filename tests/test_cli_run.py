@@ -163,6 +163,12 @@ def test_sweep_dry_run_prints_the_runs_and_estimates(tmp_path, capsys, no_loadin
     assert f"{len(runs)} runs, 0 already stored" in stdout and "estimated" in stdout and "peak memory" in stdout
     assert all(r.run_id in stdout for r in runs)
     assert not store.exists()
+    # spec variables from the command line: the paper's Table 1 grid on another model
+    code, stdout, err = run_main(["sweep", str(REPO / "specs" / "paper_table1_sports.yaml"), "--dry-run", "--var",
+                                  "model=meta-llama/Meta-Llama-3-8B", "--var", "paper_model=llama-3-8b", "--out",
+                                  str(tmp_path / "t1.jsonl")], capsys)
+    assert code == 0, err
+    assert "meta-llama/Meta-Llama-3-8B" in stdout and "google/gemma-2-9b" not in stdout
 
 
 def test_sweep_then_report_prints_the_papers_table(ci_organism, cli_env, tmp_path, capsys):
@@ -233,6 +239,7 @@ RUN_ERRORS = {
     "sweep bad executor": (["sweep", "specs/ci_organism.yaml", "--executor", "slurm"], "--executor 'slurm'"),
     "ray address without ray": (["sweep", "specs/ci_organism.yaml", "--ray-address", "auto"], "--executor ray"),
     "report of nothing": (["report", "{tmp}/none.jsonl"], "RESULTS"),
+    "sweep var without value": (["sweep", "specs/ci_organism.yaml", "--var", "model"], "--var 'model'"),
 }
 
 
