@@ -139,6 +139,21 @@ def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fas
     print(format_legend())
 
 
+def environment() -> dict[str, Any]:
+    """The numerics part of the provenance block (``mu_fast.provenance.provenance_block``, which every JSON carries)
+    in the older flat layout: ``mu_fast``, ``python``, ``packages``, ``torch_threads``, ``cpu_capability``,
+    ``kernel_env``, ``machine``, ``processor``, ``cuda``."""
+    from mu_fast.provenance import provenance_block
+
+    block = provenance_block()
+    versions, host = block["versions"], block["host"]
+    return {"mu_fast": versions["mu_fast"], "python": versions["python"],
+            "packages": {k: v for k, v in versions.items() if k not in ("mu_fast", "python")},
+            "torch_threads": host["torch_threads"], "cpu_capability": host["cpu_capability"],
+            "kernel_env": host["kernel_env"], "machine": host["machine"], "processor": host["processor"],
+            "cuda": block["device"].get("cuda")}
+
+
 def _plt():
     import matplotlib
 
