@@ -243,7 +243,7 @@ def test_no_third_party_bars_or_warnings_in_a_command(ci_organism, cache_root, t
     for noise in ("Loading weights", "Warning:", "warnings.warn", "deprecated"):
         assert noise not in text, (noise, text[-2000:])
     results = json.loads(out.read_text())
-    assert results["unknown_tokens"]["normal/forget"] == 0 and "environment" in results
+    assert results["unknown_tokens"]["normal/forget"] == 0 and "provenance" in results
 
 
 def test_library_messages_are_printed_in_option_words(monkeypatch, capsys, no_loading):
