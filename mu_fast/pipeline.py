@@ -12,8 +12,8 @@ plots. Before any method runs it checks that the model knows the facts (``mu_fas
 results.json carries the provenance block (``mu_fast.provenance``: versions, threads, CPU kernels, model identity)
 and a legend.
 
-Named presets (``run_preset``): the per-group edit settings of ``mu_fast.sweep.presets`` (``organism`` is
-``ORGANISM_EDIT_GROUPS`` below) with the evaluation options of ``RUN_PRESETS``.
+Named presets: the per-group edit settings are ``mu_fast.sweep.presets`` (``organism`` is ``ORGANISM_EDIT_GROUPS``
+below), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``, ``mu_fast.cli_run.run_settings``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +96,6 @@ ORGANISM_RUN_OPTIONS = RunOptions(relearn_lr=1e-3, relearn_rank=16)
 # Evaluation options of the named presets; the edit settings of every preset are in mu_fast.sweep.presets. The
 # paper's presets evaluate with the paper's relearning protocol (RunOptions' defaults).
 RUN_PRESETS = {"default": RunOptions(), "organism": ORGANISM_RUN_OPTIONS}
-
-
-def run_preset(name: str, overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, EditConfig], RunOptions]:
-    """``({group: EditConfig}, RunOptions)`` of the preset ``name`` (``default``, ``organism``,
-    ``paper_sports:<model>:<experiment>``, ...; ``mu_fast.sweep.presets``), each group's fields then ``overrides``."""
-    from mu_fast.sweep.presets import preset_groups
-
-    groups = preset_groups(name)
-    configs = {g: EditConfig(**{**fields, **dict(overrides or {})}) for g, fields in groups.items()}
-    return configs, replace(RUN_PRESETS.get(name, RUN_PRESETS["default"]))
 
 
 def summarize(loc_summary: Mapping[str, Any], evals: Mapping[str, Any], relearn: Mapping[str, Any] | None,
@@ -384,13 +374,3 @@ def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
             seen[comps] = method
     return notes
 
-
-def group_configs(methods: Sequence[str], groups: Mapping[str, EditConfig]) -> dict[str, EditConfig]:
-    """Per-method configs from per-group ones (``lookup`` / ``tracing`` / ``broad``), as the paper tunes them."""
-    out = {}
-    for m in methods:
-        group = METHOD_GROUP.get(m, "lookup")
-        if group not in groups:
-            raise ValueError(f"no EditConfig for group {group!r} (method {m!r}); give one of {sorted(groups)}")
-        out[m] = replace(groups[group])
-    return out
