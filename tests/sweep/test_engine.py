@@ -193,9 +193,10 @@ def test_ray_sweep_killed_by_sigkill_resumes_without_losing_or_repeating_runs(or
     ids = [r["run_id"] for r in records]
     assert len(ids) == len(set(ids)) == len(runs) and set(ids) == {r.run_id for r in runs}
     assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
-    resumed = records[done:]
-    workers = {r["provenance"]["host"]["pid"] for r in resumed}
-    assert len(workers) == 2 and os.getpid() not in workers  # two Ray actors, not the driver
+    # Ray actors ran them, at most 2 per driver, never the driver (an actor that loads slower may get no run)
+    for part, driver in ((records[:done], proc.pid), (records[done:], again.pid)):
+        workers = {r["provenance"]["host"]["pid"] for r in part}
+        assert 1 <= len(workers) <= 2 and driver not in workers
     assert all(r["session"]["reloads"] == 0 for r in records)
 
 
