@@ -261,7 +261,11 @@ def evaluate_cmd(
             warnings.warn(problem + "; these numbers measure nothing", UserWarning, stacklevel=1)
     results["unknown_tokens"] = {k: v.get("unknown_token_prompts", 0) for k, v in known.sets.items()}
     if relearn:
-        results["relearn"] = relearn_attack(m, tok, task, progress=True, **relearn_settings)
+        from mu_fast.sweep.evaluations import RELEARN_DEFAULTS
+
+        steps = relearn_settings.get("steps", RELEARN_DEFAULTS["steps"])  # scored at 0, half-way and the end
+        results["relearn"] = relearn_attack(m, tok, task, progress=True, eval_at=tuple(sorted({0, steps // 2, steps})),
+                                            **relearn_settings)
         results["relearn_settings"] = relearn_settings
     if probes:
         results["latent_probes"] = latent_probes(m, tok, task, **probe_settings)

@@ -52,9 +52,11 @@ def test_localize_edit_evaluate_the_organism(ci_organism, cli_env, tmp_path, cap
     assert header["preset"] == "organism" and header["method_group"] == "lookup"
 
     report = tmp_path / "eval.json"
-    code, _, err = run_main(["evaluate", "organism:ci", "--delta", str(delta), "--out", str(report)], capsys)
+    code, _, err = run_main(["evaluate", "organism:ci", "--delta", str(delta), "--out", str(report), "--relearn",
+                             "--relearn-steps", "1", "--relearn-lora-rank", "4", "--relearn-batch-size", "4"], capsys)
     assert code == 0, err
     edited = json.loads(report.read_text())
+    assert edited["relearn_settings"] == {"steps": 1, "lora_rank": 4, "batch_size": 4} and edited["relearn"]
     assert_provenance(edited["provenance"], "organism")
 
     # a whole edited organism saved as a model folder: evaluate knows its facts are the organism's
