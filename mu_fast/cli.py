@@ -1,5 +1,5 @@
 """The ``mu-fast`` command line: ``demo``, ``localize``, ``edit`` / ``evaluate`` (``mu_fast.cli_edit``), ``plan``
-(``mu_fast.cli_plan``) and ``env``.
+(``mu_fast.cli_plan``), ``run`` / ``sweep`` / ``report`` (``mu_fast.cli_run``) and ``env``.
 
 Every command checks its options, paths and names before any slow work (``mu_fast.preflight``): a bad option
 costs a second, not a model load. User errors are one line on stderr (exit 2); ``--debug`` shows the traceback.
@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -24,12 +25,15 @@ from mu_fast.cli_common import (
     DTYPE_NAMES,
     console,
     dataset_task,
+    identity_of,
     load_model_ref,
     organism_task_of,
     require_known_facts,
 )
 from mu_fast.cli_edit import edit_cmd, evaluate_cmd
+from mu_fast.cli_options import edit_flags, probe_flags, relearn_flags, with_flags
 from mu_fast.cli_plan import plan_cmd
+from mu_fast.cli_run import DEMO_METHODS, parse_methods, report_cmd, run_cmd, run_settings, report_run, sweep_cmd
 from mu_fast.preflight import (
     ModelRef,
     check_choice,
@@ -62,27 +66,34 @@ def _options(ctx: typer.Context,
 
 
 @app.command()
+@with_flags("probe_settings", probe_flags())
+@with_flags("relearn_settings", relearn_flags())
+@with_flags("settings", edit_flags())
 def demo(
     out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots); finished methods are reused"),
     preset: str = typer.Option("demo", help="organism preset: demo (600 athletes, about 2 minutes to train) or ci (150 athletes, under a minute)"),
     forget_split: str = typer.Option("first_64_unsplit", help="forget split, as in the paper"),
-    methods: str = typer.Option(",".join(("flu", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")), help="comma-separated localization methods"),
-    relearn: bool = typer.Option(True, help="run the relearning attack"),
+    methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
+    edit_preset: str = typer.Option("organism", help="edit settings the flags override (as `mu-fast run --preset`): organism (tuned on the organism), default, ..."),
+    relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
+    probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
     fresh: bool = typer.Option(False, help="recompute every method even if its result exists"),
     portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
+    settings: dict[str, Any] | None = None,
+    relearn_settings: dict[str, Any] | None = None,
+    probe_settings: dict[str, Any] | None = None,
 ) -> None:
-    """Train (or load) the model organism, then localize / edit / evaluate it with every method and compare."""
+    """Train (or load) the model organism, then localize / edit / evaluate it with every method and compare.
+    Every EditConfig field has a flag of its name (over --edit-preset); --relearn-* / --probe-* set the evaluations."""
     from mu_fast.determinism import DEMO_THREADS, use_portable_kernels
 
     t0 = time.perf_counter()
     wanted = portable
     portable = use_portable_kernels() if wanted else False  # before torch is imported
     check_choice("--preset", preset, ("demo", "ci"))
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    if not method_list:
-        raise ValueError("--methods is empty; pass a comma-separated list such as flu,atp,ct")
-    for method in method_list:
-        check_choice("--methods entry", method, CLI_METHODS)
+    method_list = parse_methods(methods)
+    configs, options = run_settings(edit_preset, method_list, settings or {}, relearn, probes,
+                                    relearn_settings or {}, probe_settings or {})
     check_task_options("organism", ModelRef("organism", preset), forget_split, "random_without_golf", None, DATASETS)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
@@ -93,17 +104,15 @@ def demo(
     if wanted:  # one thread even when the kernels could not be chosen: 2 threads stall on a loaded 2-core machine
         torch.set_num_threads(DEMO_THREADS)
     try:
-        _demo(out, preset, forget_split, method_list, relearn, fresh, portable, wanted, t0)
+        _demo(out, preset, forget_split, method_list, configs, options, fresh, portable, wanted, t0)
     finally:
         torch.set_num_threads(threads)
 
 
-def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], relearn: bool, fresh: bool,
-          portable: bool, wanted: bool, t0: float) -> None:
-    from dataclasses import replace
-
+def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], configs: dict[str, Any], options: Any,
+          fresh: bool, portable: bool, wanted: bool, t0: float) -> None:
     from mu_fast.organism import OrganismConfig, cache_root, load_organism, organism_task
-    from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, ORGANISM_RUN_OPTIONS, compare_localizations, group_configs
+    from mu_fast.provenance import model_identity
 
     screen = console()
     screen.rule("[bold]mu_fast demo: the model organism")
@@ -119,19 +128,13 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], rel
     provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
                                "trained_with": org.report.get("versions"),
                                "train_threads": org.report.get("train", {}).get("threads")}}
-    results = compare_localizations(
-        org.model, org.tokenizer, task, method_list, group_configs(method_list, ORGANISM_EDIT_GROUPS),
-        ORGANISM_RUN_OPTIONS if relearn else replace(ORGANISM_RUN_OPTIONS, relearn=False), out_dir=out, resume=not fresh,
-        title=f"organism ({preset}), {forget_split}, edit to a random other sport", provenance=provenance,
-    )
-    env = results["environment"]
-    versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
-    screen.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")
+    identity = model_identity(f"organism:{preset}", {"organism": org}, org.model, "fp32")
+    report_run(org.model, org.tokenizer, task, method_list, configs, options, out, fresh,
+               f"organism ({preset}), {forget_split}, edit to a random other sport", identity,
+               {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
+               provenance)
     kernels = "portable" if portable else "native"
-    screen.print(f"versions: {versions}; {kernels} {env['cpu_capability']} kernels, {env['torch_threads']} torch "
-                  f"thread(s) on {env['processor']} (all in results.json)", highlight=False)
-    screen.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
-    screen.print(f"total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
+    screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
 
 
 @app.command("localize")
@@ -159,9 +162,15 @@ def localize_cmd(
     from mu_fast.localize import localize
 
     m, tok, info = load_model_ref(ref, dtype)
-    task = task or organism_task_of(info, forget_split, inject_label, tok)
+    task = task or organism_task_of(info, forget_split, inject_label, tok, ref)
     require_known_facts(m, tok, task, allow_unknown_facts)
     loc = localize(method, m, tok, task, budget=budget)
+    from mu_fast.provenance import provenance_block
+
+    identity = identity_of(ref, info, m, dtype)
+    loc.mask.set_model(identity)  # applying the mask to another model is then refused (Mask.check_model)
+    loc.mask.meta["provenance"] = provenance_block(model=identity, device=m.get_input_embeddings().weight.device)
+    loc.mask.meta.setdefault("method", method)
     path = loc.mask.save(out, overwrite=overwrite)
     console().print(f"{method}: {[str(c) for c in loc.components]} — {loc.mask.param_count():,} parameters → {path}")
 
@@ -223,6 +232,9 @@ def option_words(message: str) -> str:
 app.command("edit")(edit_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("plan")(plan_cmd)
+app.command("run")(run_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("report")(report_cmd)
 
 if __name__ == "__main__":
     main()

@@ -30,11 +30,30 @@ def dataset_task(dataset: str, forget_split: str, inject_label: str, cf_model: s
     return load_counterfact_task(model=cf_model, forget_split=forget_split, lm_texts=texts)
 
 
-def organism_task_of(info: dict[str, Any], forget_split: str, inject_label: str, tokenizer: Any) -> Any:
-    from mu_fast.organism import organism_task
+def organism_task_of(info: dict[str, Any], forget_split: str, inject_label: str, tokenizer: Any,
+                     ref: ModelRef | None = None) -> Any:
+    """The organism's FactTask: from the loaded organism (``info["organism"]``) or, for a saved edited organism
+    (``ref.organism``), from its preset's facts (they are generated from the preset's settings)."""
+    from mu_fast.organism import OrganismConfig, organism_task
 
-    return organism_task(info["organism"].facts, forget_split=forget_split, inject_label=inject_label,
-                         tokenizer=tokenizer)
+    source = info.get("organism")
+    if source is None and ref is not None and ref.organism:
+        source = getattr(OrganismConfig, ref.organism)()
+    return organism_task(source, forget_split=forget_split, inject_label=inject_label, tokenizer=tokenizer)
+
+
+def identity_of(ref: ModelRef, info: dict[str, Any], model: Any, dtype: str | None = None) -> dict[str, Any]:
+    """The model identity of a loaded MODEL (``mu_fast.provenance.model_identity``)."""
+    from mu_fast.provenance import model_identity
+
+    out = model_identity(model_name(ref), info, model, dtype)
+    if ref.organism:
+        out["edited_from"] = f"organism:{ref.organism}"
+    return out
+
+
+def model_name(ref: ModelRef) -> str:
+    return f"organism:{ref.value}" if ref.kind == "organism" else ref.value
 
 
 def require_known_facts(model: Any, tokenizer: Any, task: Any, allow: bool) -> Any:
@@ -49,8 +68,7 @@ def require_known_facts(model: Any, tokenizer: Any, task: Any, allow: bool) -> A
 def load_model_ref(ref: ModelRef, dtype: str) -> tuple[Any, Any, dict[str, Any]]:
     from mu_fast.models.loading import load_model
 
-    name = f"organism:{ref.value}" if ref.kind == "organism" else ref.value
-    return load_model(name, dtype=dtype)
+    return load_model(model_name(ref), dtype=dtype)
 
 
 def console():

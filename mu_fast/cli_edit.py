@@ -4,8 +4,10 @@ offloaded, saved as deltas, and evaluations that apply a delta to the full-preci
 An edit loads through ``mu_fast.models.load_for_edit`` (frozen modules in bf16 / int8 / nf4, masked modules full
 precision, accelerate's ``max_memory`` and disk offload) and saves a delta (``mu_fast.edit.delta``): the trained
 masked elements, the mask and the provenance, with the edit history in its ``delta.json``. ``--save-model`` saves
-the whole model instead (bf16 frozen weights only: quantized weights are not the model the edit is for).
-Registered on ``mu_fast.cli.app``.
+the whole model instead (bf16 frozen weights only: quantized weights are not the model the edit is for). Every
+``EditConfig`` field has a flag of its name (``mu_fast.cli_options``), over a named ``--preset``. ``evaluate``
+takes the organism with ``--delta`` or a model folder saved from it, and every relearning / probe keyword as a flag.
+Every JSON written carries the provenance block (``mu_fast.provenance``). Registered on ``mu_fast.cli.app``.
 """
 
 from __future__ import annotations
@@ -24,20 +26,34 @@ from mu_fast.cli_common import (
     DTYPE_NAMES,
     console,
     dataset_task,
+    identity_of,
     load_model_ref,
     organism_task_of,
     require_known_facts,
+)
+from mu_fast.cli_options import (
+    check_edit_values,
+    check_flag_values,
+    edit_config,
+    edit_flags,
+    flag_name,
+    preset_fields,
+    probe_flags,
+    relearn_flags,
+    with_flags,
 )
 from mu_fast.preflight import (
     check_choice,
     check_mask_input,
     check_output,
-    check_positive,
     check_task_options,
     resolve_model,
 )
 
 FROZEN_CHOICES = ("bf16", "int8", "nf4")
+# The settings `--budget` lets the memory plan choose.
+PLANNED_SETTINGS = ("micro_batch", "lm_micro_batch", "grad_checkpointing", "state_bits", "master_weights",
+                    "compact_grads", "lm_chunk_tokens")
 
 
 def parse_max_memory(text: str | None) -> dict[Any, str] | None:
@@ -64,6 +80,7 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
     return out
 
 
+@with_flags("settings", edit_flags())
 def edit_cmd(
     model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
     mask: Path = typer.Option(..., help="a mask saved by `mu-fast localize`"),
@@ -72,47 +89,30 @@ def edit_cmd(
     inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
     cf_model: str | None = typer.Option(None),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
-    steps: int = typer.Option(50),
-    lr: float = typer.Option(1e-5),
-    forget_coef: float = typer.Option(1.0),
-    optimizer: str = typer.Option("auto", help="auto, masked (MaskedAdamW), torch or bnb8bit (bitsandbytes AdamW8bit)"),
+    preset: str = typer.Option("default", help="edit settings the flags below override: default (the paper's loop: 50 steps, lr 1e-5), organism (tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; per method group of the mask's method"),
     frozen: str = typer.Option("auto", help="storage of the weights the mask does not train: bf16, int8, nf4, or auto (bf16; with --budget the plan's choice)"),
-    budget: str | None = typer.Option(None, help="GPU memory for the edit, e.g. 24GB: the memory plan (mu-fast plan) chooses --frozen (if auto) and the settings below"),
+    budget: str | None = typer.Option(None, help="GPU memory for the edit, e.g. 24GB: the memory plan (mu-fast plan) chooses --frozen (if auto) and the memory settings"),
     max_memory: str | None = typer.Option(None, help="per-device budget for loading, e.g. 0=22GiB,cpu=64GiB"),
     offload_dir: Path | None = typer.Option(None, help="folder for frozen layers that fit neither GPU nor CPU"),
-    micro_batch: int | None = typer.Option(None, help="prompts per forward+backward (default: the whole batch)"),
-    lm_micro_batch: int | None = typer.Option(None, help="LM texts per forward+backward (default: all)"),
-    grad_checkpointing: bool = typer.Option(False, help="recompute activations in backward (transformers')"),
-    state_bits: int = typer.Option(32, help="MaskedAdamW moment precision: 32 or 8"),
     out: Path = typer.Option(..., help="folder for the edit: a delta (default) or, with --save-model, the whole model"),
     save_model: bool = typer.Option(False, help="save the whole edited model (save_pretrained; --frozen bf16 only)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder (kept until the new one is saved)"),
     dtype: str = typer.Option("bf16", help="precision of the trained (masked) weights: bf16, fp16 or fp32"),
     allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts (unknown tokens, accuracy at chance)"),
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """Edit (or unlearn) the forget facts, training only the masked parameters; save a delta (or the model)."""
+    """Edit (or unlearn) the forget facts, training only the masked parameters; save a delta (or the model).
+    Every EditConfig field has a flag of its name (--lr, --forget-coef, --maintain-batch, ...)."""
     from dataclasses import replace
 
-    from mu_fast.edit.loop import OPTIMIZERS
-
+    settings = check_edit_values(settings or {})
     check_choice("--frozen", frozen, ("auto", *FROZEN_CHOICES))
     if budget is not None:
-        chosen = [f"--{n.replace('_', '-')}" for n, v in (("micro_batch", micro_batch), ("lm_micro_batch", lm_micro_batch),
-                                                          ("grad_checkpointing", grad_checkpointing),
-                                                          ("state_bits", state_bits != 32)) if v]
+        chosen = [flag_name(n) for n in PLANNED_SETTINGS if settings.get(n) not in (None, False)
+                  and not (n == "state_bits" and settings[n] == 32)]
         if chosen:
             raise ValueError(f"--budget chooses the memory settings itself; drop {', '.join(chosen)} or --budget")
     check_choice("--dtype", dtype, DTYPE_NAMES)
-    check_choice("--optimizer", optimizer, OPTIMIZERS)
-    check_choice("--state-bits", str(state_bits), ("32", "8"))
-    check_positive("--steps", steps, integer=True)
-    check_positive("--lr", lr)
-    check_positive("--micro-batch", micro_batch, integer=True)
-    check_positive("--lm-micro-batch", lm_micro_batch, integer=True)
-    if forget_coef < 0:
-        raise ValueError(f"--forget-coef must be >= 0; got {forget_coef}")
-    if optimizer in ("torch", "bnb8bit") and state_bits != 32:
-        raise ValueError(f"--state-bits is a MaskedAdamW setting; drop it or use --optimizer masked (not {optimizer})")
     if save_model and frozen not in ("auto", "bf16"):
         raise ValueError(f"--save-model needs --frozen bf16: with {frozen} frozen weights the saved model would be "
                          "quantized; drop --save-model to save a delta and apply it to the bf16 model")
@@ -123,24 +123,30 @@ def edit_cmd(
     mask_path = check_mask_input(mask)
     ref = resolve_model(model)
     check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
+    has_lm = bool(lm_texts) or dataset == "organism"  # the organism's task carries its filler texts
+    if settings.get("lm_coef") and not has_lm:
+        raise ValueError(f"--lm-coef {settings['lm_coef']} needs LM texts for --dataset {dataset}: pass --lm-texts "
+                         "FILE (or 'pile' online), or --lm-coef 0")
 
-    from mu_fast.edit import EditConfig, edit
+    from mu_fast.edit import edit
     from mu_fast.edit.loop import snapshot
     from mu_fast.masks import Mask
     from mu_fast.models.edit_loading import check_offload_dir
+    from mu_fast.provenance import provenance_block
 
     try:
         check_offload_dir(offload_dir)
     except (PermissionError, ValueError) as err:
         raise type(err)(str(err).replace("offload_dir ", "--offload-dir ", 1)) from None
     edit_mask = Mask.load(mask_path)
-    config = EditConfig(steps=steps, lr=lr, forget_coef=forget_coef, optimizer=optimizer, state_bits=state_bits,
-                        micro_batch=micro_batch, lm_micro_batch=lm_micro_batch, grad_checkpointing=grad_checkpointing)
+    group, base = preset_fields(preset, edit_mask.meta.get("method"))
+    if "lm_coef" not in settings and not has_lm:
+        settings["lm_coef"] = 0.0
+    config = edit_config(base, settings)
     if budget is not None:
         from mu_fast.cli_plan import planned_edit
 
-        has_lm = bool(lm_texts) or dataset == "organism"  # the organism's task carries its filler texts
-        config, frozen = planned_edit(ref, edit_mask, replace(config, lm_coef=1.0 if has_lm else 0.0), frozen, budget)
+        config, frozen = planned_edit(ref, edit_mask, config, frozen, budget)
         if save_model and frozen != "bf16":
             raise ValueError(f"--save-model needs bf16 frozen weights but --budget {budget} needs {frozen}; drop "
                              "--save-model to save a delta, or raise --budget")
@@ -153,23 +159,29 @@ def edit_cmd(
     task = dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
     m, tok, info = _load_for_edit(ref, edit_mask, frozen, memory, offload_dir, dtype)
     if task is None:
-        task = organism_task_of(info, forget_split, inject_label, tok)
+        task = organism_task_of(info, forget_split, inject_label, tok, ref)
         if texts is not None:
             task.lm_texts = texts
     require_known_facts(m, tok, task, allow_unknown_facts)
-    config = replace(config, lm_coef=1.0 if task.lm_texts else 0.0)
-    base = snapshot(m, names=list(edit_mask))
+    if not task.lm_texts:
+        config = replace(config, lm_coef=0.0)
+    base_values = snapshot(m, names=list(edit_mask))
     result = edit(m, tok, task, edit_mask, config)
+    identity = identity_of(ref, info, m, dtype)
+    device = m.get_input_embeddings().weight.device
     record = {"edit_history": result.history, "edit_seconds": result.seconds, "optimizer": result.optimizer,
-              "task": task.name, "dataset": dataset, "forget_split": forget_split, "inject_label": inject_label}
+              "task": task.name, "dataset": dataset, "forget_split": forget_split, "inject_label": inject_label,
+              "preset": preset, "method_group": group, **provenance_block(model=identity, device=device)}
     if save_model:
-        _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history, "load": _jsonable(info)})
+        _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history, "load": _jsonable(info),
+                                             "preset": preset, "method_group": group,
+                                             "provenance": provenance_block(model=identity, device=device)})
         what = "model"
     else:
         from mu_fast.edit.delta import extract_delta
         from mu_fast.files import as_new_file
 
-        delta = extract_delta(m, edit_mask, base=base, info=info, edit_config=config, provenance=record)
+        delta = extract_delta(m, edit_mask, base=base_values, info=info, edit_config=config, provenance=record)
         delta.save(out, overwrite=overwrite)
         as_new_file(out, recursive=True)
         what = f"delta (trained against {frozen} frozen weights; apply it with `mu-fast evaluate MODEL --delta {out}`)"
@@ -188,20 +200,31 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k != "organism"}
 
 
+@with_flags("probe_settings", probe_flags())
+@with_flags("relearn_settings", relearn_flags())
 def evaluate_cmd(
-    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
+    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder (also one saved by `mu-fast edit --save-model`) or a hub id"),
     delta: Path | None = typer.Option(None, help="a delta saved by `mu-fast edit`, applied to MODEL before evaluating"),
     dataset: str = typer.Option("organism"),
     forget_split: str = typer.Option("first_16_unsplit"),
     inject_label: str = typer.Option("random_without_golf"),
     cf_model: str | None = typer.Option(None),
-    relearn: bool = typer.Option(False, help="also run the relearning attack"),
-    probes: bool = typer.Option(False, help="also run latent-knowledge probes"),
+    relearn: bool = typer.Option(False, help="also run the relearning attack (settings: --relearn-*, default the paper's)"),
+    probes: bool = typer.Option(False, help="also run latent-knowledge probes (settings: --probe-*)"),
     out: Path | None = typer.Option(None, help="write the results JSON here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out file"),
     dtype: str = typer.Option("bf16", help="precision the model is evaluated in: bf16, fp16 or fp32 (the organism: always fp32)"),
+    relearn_settings: dict[str, Any] | None = None,
+    probe_settings: dict[str, Any] | None = None,
 ) -> None:
     """Evaluate forget / maintain accuracy in every format (and optionally relearning and probes)."""
+    relearn_settings, probe_settings = dict(relearn_settings or {}), dict(probe_settings or {})
+    for given, wanted, what in ((relearn_settings, relearn, "relearn"), (probe_settings, probes, "probe")):
+        if given and not wanted:
+            flag = "--probes" if what == "probe" else "--relearn"
+            raise ValueError(f"{flag_name(next(iter(given)), what)} sets the {what} evaluation; add {flag}")
+    check_flag_values(relearn_settings, "relearn")
+    check_flag_values(probe_settings, "probe")
     check_choice("--dtype", dtype, DTYPE_NAMES)
     if out is not None:
         check_output("--out", [out], overwrite)
@@ -213,7 +236,7 @@ def evaluate_cmd(
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
     from mu_fast.evaluate.known_facts import check_known_facts
     from mu_fast.models.frozen import frozen_precision_of
-    from mu_fast.report import environment, write_json
+    from mu_fast.report import write_json
 
     m, tok, info = load_model_ref(ref, dtype)
     results: dict[str, Any] = {"model": info.get("model")}
@@ -228,7 +251,7 @@ def evaluate_cmd(
     # precision that delta was trained against (which may differ: int8 / nf4 edits are evaluated on bf16).
     results["precision"] = {"weights": frozen_precision_of(m),
                             "edit_trained_frozen": results.get("delta", {}).get("trained_frozen")}
-    task = task or organism_task_of(info, forget_split, inject_label, tok)
+    task = task or organism_task_of(info, forget_split, inject_label, tok, ref)
     results["formats"] = evaluate_task(m, tok, task, progress=True)
     known = check_known_facts(m, tok, task, baseline=results["formats"])
     for problem in known.problems:
@@ -238,9 +261,15 @@ def evaluate_cmd(
             warnings.warn(problem + "; these numbers measure nothing", UserWarning, stacklevel=1)
     results["unknown_tokens"] = {k: v.get("unknown_token_prompts", 0) for k, v in known.sets.items()}
     if relearn:
-        results["relearn"] = relearn_attack(m, tok, task, progress=True)
+        from mu_fast.sweep.evaluations import RELEARN_DEFAULTS
+
+        steps = relearn_settings.get("steps", RELEARN_DEFAULTS["steps"])  # scored at 0, half-way and the end
+        results["relearn"] = relearn_attack(m, tok, task, progress=True, eval_at=tuple(sorted({0, steps // 2, steps})),
+                                            **relearn_settings)
+        results["relearn_settings"] = relearn_settings
     if probes:
-        results["latent_probes"] = latent_probes(m, tok, task)
+        results["latent_probes"] = latent_probes(m, tok, task, **probe_settings)
+        results["probe_settings"] = probe_settings
     from rich.table import Table
 
     precision = results["precision"]
@@ -255,7 +284,10 @@ def evaluate_cmd(
             table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}", "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
     console().print(table)
     if out:
-        results["environment"] = environment()
+        from mu_fast.provenance import provenance_block
+
+        device = m.get_input_embeddings().weight.device
+        results["provenance"] = provenance_block(model=identity_of(ref, info, m, dtype), device=device)
         write_json(out, results)
 
 

@@ -5,6 +5,12 @@ of columns (dim 1) or, as a fallback, an arbitrary boolean tensor. Head slices a
 columns through the site table (``Mask.from_components``). Masks count their parameters, combine by union
 and intersection, save to ``<path>.safetensors`` + ``<path>.json`` and load back, and check themselves
 against a model. ``budget_match`` implements the paper's parameter-budget rule.
+
+A mask may record the model it was made for (``mask.set_model(identity)``; ``mu-fast localize`` always does):
+``meta["model"]`` = ``{"name", "arch", "config_hash", ...}`` (``config_hash`` from ``mu_fast.models.identity``: the
+same in every precision). ``mask.check_model(model_or_config, name)`` then refuses another model; a mask without
+one (older files, masks built by hand) is checked by parameter names and shapes only, with a warning when it was
+loaded from a file.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +131,8 @@ class Mask(Mapping[str, Selection]):
         self._sel: dict[str, Selection] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self.meta: dict[str, Any] = dict(meta or {})
+        self.path: Path | None = None  # the file it was loaded from, if any
+        self._identity_warned = False
 
     # ---------------------------------------------------------------- build
     def add(self, name: str, shape: Iterable[int], kind: str = "whole", index: Any = None) -> Mask:
@@ -252,7 +261,9 @@ class Mask(Mapping[str, Selection]):
 
     # ---------------------------------------------------------- model glue
     def validate(self, model: torch.nn.Module) -> None:
-        """Raise ``ValueError`` if a masked parameter is missing from ``model`` or has another shape."""
+        """Raise ``ValueError`` if the mask records another model (``check_model``), or a masked parameter is
+        missing from ``model`` or has another shape."""
+        self.check_model(model)
         params = dict(model.named_parameters())
         for name, shape in self._shape.items():
             if name not in params:
@@ -265,6 +276,41 @@ class Mask(Mapping[str, Selection]):
                     f"mask for {name!r} has shape {shape} but the parameter has {tuple(params[name].shape)}; "
                     "build the mask from the same model"
                 )
+
+    def set_model(self, identity: Mapping[str, Any]) -> Mask:
+        """Record the model the mask is made for: ``identity`` holds ``config_hash`` (and ``name``, ``arch``, ...;
+        ``mu_fast.provenance.model_identity`` gives one, with ``ref`` as the name). Returns self."""
+        if not identity.get("config_hash"):
+            raise ValueError("a mask's model identity needs config_hash (mu_fast.models.identity.config_hash(model))")
+        ident = {k: v for k, v in identity.items() if v is not None}
+        ident.setdefault("name", ident.get("ref"))
+        self.meta["model"] = _jsonable(ident)
+        return self
+
+    def check_model(self, model_or_config: Any, name: str | None = None) -> None:
+        """``ValueError`` (naming both models and the fix) when the mask records another model than
+        ``model_or_config`` (a model or its transformers config; compared by ``config_hash``). A mask that records
+        none passes; loaded from a file, it warns once that only names and shapes can be checked."""
+        from mu_fast.models.identity import config_hash
+
+        config = getattr(model_or_config, "config", model_or_config)
+        made_for = self.meta.get("model") or {}
+        if not made_for.get("config_hash"):
+            if self.path is not None and not self._identity_warned:
+                self._identity_warned = True
+                warnings.warn(f"the mask {self.path} records no model identity (saved by an older mu_fast or built by "
+                              "hand), so it is checked against the model only by parameter names and shapes; save it "
+                              "again with `mu-fast localize` to record one", UserWarning, stacklevel=2)
+            return
+        if config is None or not hasattr(config, "to_dict"):
+            return
+        got = config_hash(config)
+        if got != made_for["config_hash"]:
+            target = name or getattr(config, "_name_or_path", None) or "this model"
+            raise ValueError(
+                f"the mask was made for {made_for.get('name') or 'another model'} ({made_for.get('arch')}, config "
+                f"{made_for['config_hash']}) but is applied to {target} ({getattr(config, 'model_type', None)}, config "
+                f"{got}); localize on {target} (mu-fast localize {target} ...) or use the model the mask was made for")
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         """Validate, then set ``requires_grad`` on exactly the masked parameters; return them (name order)."""
@@ -319,6 +365,7 @@ class Mask(Mapping[str, Selection]):
                 index = f.get_tensor(f"{i}.{entry['kind']}") if entry["kind"] != "whole" else None
                 mask._shape[entry["name"]] = tuple(entry["shape"])
                 mask._sel[entry["name"]] = Selection(entry["kind"], index)
+        mask.path = st_path
         return mask
 
     def _header(self) -> dict[str, Any]:

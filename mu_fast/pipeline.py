@@ -1,10 +1,19 @@
 """The end-to-end job: localize → edit → evaluate, for several localization methods, with a report.
 
+``edit_and_evaluate`` is the work of one run after its localization: edit the model in place under the mask, then
+the evaluations (formats, relearning attack, latent probes, registered ones) and the summary numbers. It is the one
+per-run body of both ``compare_localizations`` (the demo and ``mu-fast run``: each method edits a deep copy) and the
+sweep engine (``mu_fast.sweep.session``: the model is restored from a masked snapshot after each run).
+
 ``compare_localizations`` runs every method on a fresh copy of the model (so each method starts from the same
 weights), writes one JSON per method as soon as it finishes (atomically; a rerun with ``resume=True`` skips
-methods whose result exists for the same settings and package versions), then the summary table and the plots.
-Before any method runs it checks that the model knows the facts (``mu_fast.evaluate.known_facts``). results.json
-records the environment the numbers came from (package versions, threads, CPU kernels) and a legend.
+methods whose result exists for the same model, settings and package versions), then the summary table and the
+plots. Before any method runs it checks that the model knows the facts (``mu_fast.evaluate.known_facts``).
+results.json carries the provenance block (``mu_fast.provenance``: versions, threads, CPU kernels, model identity)
+and a legend.
+
+Named presets: the per-group edit settings are ``mu_fast.sweep.presets`` (``organism`` is ``ORGANISM_EDIT_GROUPS``
+below), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``, ``mu_fast.cli_run.run_settings``).
 """
 
 from __future__ import annotations
@@ -12,15 +21,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mu_fast.edit.loop import EditConfig, edit
+from mu_fast.provenance import model_identity, numerics, provenance_block
 from mu_fast.report import (
-    environment,
     legend,
     plot_localization_map,
     plot_probe_accuracy,
@@ -53,7 +63,8 @@ ORGANISM_EDIT_GROUPS = {
 
 @dataclass
 class RunOptions:
-    """What to evaluate after each edit, and at what cost."""
+    """What to evaluate after each edit, and at what cost. relearn_settings / probe_settings: further keywords of
+    ``relearn_attack`` (lora_alpha, batch_size, ...) / ``latent_probes`` (steps, position, ...); formats: None = all."""
 
     relearn: bool = True
     relearn_steps: int = 20
@@ -62,6 +73,19 @@ class RunOptions:
     probes: bool = True
     eval_batch_size: int = 64
     seed: int = 0
+    relearn_settings: dict[str, Any] = field(default_factory=dict)
+    probe_settings: dict[str, Any] = field(default_factory=dict)
+    formats: list[str] | None = None
+
+    def evaluations(self) -> dict[str, Any]:
+        """The resolved evaluation settings ``edit_and_evaluate`` takes (the sweep spec's ``evaluations:`` form)."""
+        from mu_fast.sweep.evaluations import resolve_evaluations
+
+        relearn = {**self.relearn_settings, "steps": self.relearn_steps, "lr": self.relearn_lr,
+                   "lora_rank": self.relearn_rank}
+        return resolve_evaluations({"formats": self.formats or "all", "batch_size": self.eval_batch_size,
+                                    "relearn": relearn if self.relearn else False,
+                                    "probes": dict(self.probe_settings) if self.probes else False})
 
 
 # The organism's relearning attack: at the paper's lr 2e-4 (tuned for 7-9B models) 20 LoRA steps moved held-out
@@ -69,6 +93,9 @@ class RunOptions:
 # higher lr (1e-3: flu 0.17 -> 0.64, nonlocalized 0.02 -> 0.40). d_model is 64, so rank 16 is already a quarter
 # of full rank (64 gave the same accuracies within 0.02).
 ORGANISM_RUN_OPTIONS = RunOptions(relearn_lr=1e-3, relearn_rank=16)
+# Evaluation options of the named presets; the edit settings of every preset are in mu_fast.sweep.presets. The
+# paper's presets evaluate with the paper's relearning protocol (RunOptions' defaults).
+RUN_PRESETS = {"default": RunOptions(), "organism": ORGANISM_RUN_OPTIONS}
 
 
 def summarize(loc_summary: Mapping[str, Any], evals: Mapping[str, Any], relearn: Mapping[str, Any] | None,
@@ -108,6 +135,85 @@ def settings_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_finite(what: str, values: Mapping[str, Any], step: Any = None) -> None:
+    """``FloatingPointError`` when a number in ``values`` is NaN or infinite (a diverged edit)."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            where = f" at step {step}" if step is not None else ""
+            raise FloatingPointError(f"{what} {key} is {value}{where}; the edit diverged: lower lr or forget_coef")
+
+
+def edit_and_evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    loc: Any,
+    config: EditConfig,
+    evaluations: Mapping[str, Any],
+    seed: int = 0,
+    progress: bool = False,
+    stages: _Stages | None = None,
+    timings: dict[str, float] | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """One run after its localization ``loc``: edit ``model`` in place under ``loc.mask``, then evaluate it.
+
+    evaluations: resolved settings (``RunOptions.evaluations()`` or a sweep run's ``evaluations``): ``formats``
+    (None: all), ``batch_size``, ``relearn`` / ``probes`` (None, or the keywords of ``relearn_attack`` /
+    ``latent_probes``; relearning is scored at steps 0, steps // 2 and steps) and ``extra`` (registered evaluations,
+    ``mu_fast.sweep.evaluations``). stages: a progress bar advanced after each stage; timings: filled with seconds
+    per stage; started: when the run began (``time.perf_counter()``; default now), for ``summary["seconds"]``.
+    Returns ``{"edit", "evals", "relearn", "latent_probes", <extra names>..., "summary"}``. The caller undoes the
+    edit (a deep copy, or ``mu_fast.sweep.snapshot``). ``FloatingPointError`` when the edit diverges.
+    """
+    from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
+
+    timings = {} if timings is None else timings
+    started = time.perf_counter() if started is None else started
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = now - t
+        t = now
+        if stages is not None:
+            stages.next()
+
+    edited = edit(model, tokenizer, task, loc.mask, config, progress=progress)
+    for row in edited.history:
+        check_finite("edit", row, row.get("step"))
+    lap("edit")
+    out: dict[str, Any] = {
+        "edit": {"optimizer": edited.optimizer, "seconds": edited.seconds, "config": edited.config,
+                 "history": edited.history, "trainable_elements": edited.trainable_elements},
+        "evals": evaluate_task(model, tokenizer, task, formats=evaluations["formats"],
+                               batch_size=evaluations["batch_size"]),
+    }
+    lap("evaluate")
+    relearn = None
+    if evaluations.get("relearn") is not None:
+        settings = dict(evaluations["relearn"])
+        steps = settings["steps"]
+        relearn = relearn_attack(model, tokenizer, task, seed=seed, eval_batch_size=evaluations["batch_size"],
+                                 progress=progress, eval_at=tuple(sorted({0, steps // 2, steps})), **settings)
+        lap("relearn")
+    probes = None
+    if evaluations.get("probes") is not None and task.classes:
+        probes = latent_probes(model, tokenizer, task, batch_size=evaluations["batch_size"], **evaluations["probes"])
+        lap("probes")
+    out["relearn"], out["latent_probes"] = relearn, probes
+    if evaluations.get("extra"):
+        from mu_fast.sweep.evaluations import REGISTRY
+
+        for name, settings in evaluations["extra"].items():
+            out[name] = REGISTRY[name].fn(model, tokenizer, task, settings, seed)
+            lap(name)
+    out["summary"] = summarize(loc.summary(), out["evals"], relearn, probes, time.perf_counter() - started)
+    check_finite("metric", out["summary"])
+    return out
+
+
 def compare_localizations(
     model: Any,
     tokenizer: Any,
@@ -121,26 +227,36 @@ def compare_localizations(
     title: str | None = None,
     allow_unknown_facts: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
+    task_info: Mapping[str, Any] | None = None,
+    show_table: bool | None = None,
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method; return ``{"methods": {m: result}, "summary": ...}``.
 
     edit_configs: per method (default: ``EditConfig()`` for all). The model is never modified: each method
-    edits a deep copy. Raises ``UnknownFactsError`` before any method when the model does not know the facts
-    (prompts with unknown tokens, training-format accuracy near chance) unless ``allow_unknown_facts`` (then it
-    warns). provenance: extra records for results.json (e.g. which organism checkpoint).
+    edits a deep copy (``edit_and_evaluate``). Raises ``UnknownFactsError`` before any method when the model does
+    not know the facts (prompts with unknown tokens, training-format accuracy near chance) unless
+    ``allow_unknown_facts`` (then it warns). provenance: extra fields of results.json's provenance block (e.g.
+    ``{"organism": {...}}``); identity: the model identity (``mu_fast.provenance.model_identity``; default: from the
+    model's config); task_info: ``{"dataset", "forget_split", "inject_label"}`` for reports. show_table: print the
+    table (default: ``progress``).
     """
-    from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
+    from mu_fast.evaluate import evaluate_task
     from mu_fast.evaluate.known_facts import check_known_facts
     from mu_fast.localize import localize
     from mu_fast.localize.flu import flu_localize
     from mu_fast.models.sites import SiteTable
 
     options = options or RunOptions()
+    evaluations = options.evaluations()
     edit_configs = dict(edit_configs or {})
     out = Path(out_dir) if out_dir else None
     table = SiteTable(model)
     start = time.perf_counter()
-    env = environment()
+    if identity is None:
+        identity = model_identity(str(getattr(model.config, "_name_or_path", "") or table.arch), model=model)
+    device = model.get_input_embeddings().weight.device
+    block = provenance_block(model=identity, device=device, **dict(provenance or {}))
     stages = _Stages(progress)
     stages.start("before", ("evaluate", "check facts", "FLU probes"))
     baseline = evaluate_task(model, tokenizer, task, batch_size=options.eval_batch_size)
@@ -150,14 +266,14 @@ def compare_localizations(
     stages.next()
     flu = flu_localize(model, tokenizer, task, seed=options.seed)
     stages.close()
-    results: dict[str, Any] = {"task": task.name, "model": table.arch, "flu": flu.to_dict(), "before": baseline,
-                               "known_facts": known.to_dict(), "environment": env, "legend": legend(),
-                               "provenance": dict(provenance or {}), "methods": {}}
+    results: dict[str, Any] = {"task": task.name, "task_info": dict(task_info or {}), "model": table.arch,
+                               "flu": flu.to_dict(), "before": baseline, "known_facts": known.to_dict(),
+                               "seed": options.seed, "provenance": block, "legend": legend(), "methods": {}}
+    # The model, versions and kernels are part of the settings: a result computed under others is recomputed.
+    model_key = {k: identity.get(k) for k in ("ref", "config_hash", "organism_hash", "path", "revision", "dtype")}
     for method in methods:
         config = edit_configs.get(method, EditConfig())
-        # Versions and kernels are part of the settings: a result computed under others is recomputed.
-        numerics = {k: env[k] for k in ("packages", "torch_threads", "cpu_capability", "kernel_env")}
-        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers, numerics)
+        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers, numerics(block), model_key)
         path = out / f"{method}.json" if out else None
         if resume and path is not None and path.exists():
             saved = json.loads(path.read_text())
@@ -165,37 +281,19 @@ def compare_localizations(
                 results["methods"][method] = saved
                 continue
         t0 = time.perf_counter()
-        stages.start(method, ("localize", "edit", "evaluate", "relearn", "probes"))
+        stages.start(method, ("localize", "edit", "evaluate", *(("relearn",) if options.relearn else ()),
+                              *(("probes",) if options.probes and task.classes else ())))
         loc = localize(method, model, tokenizer, task, flu=flu, seed=options.seed)
         t_loc = time.perf_counter() - t0
         stages.next()
         edited = copy.deepcopy(model)
-        edit_result = edit(edited, tokenizer, task, loc.mask, config, progress=progress)
-        stages.next()
-        evals = evaluate_task(edited, tokenizer, task, batch_size=options.eval_batch_size)
-        stages.next()
-        relearn = (
-            relearn_attack(edited, tokenizer, task, steps=options.relearn_steps, lr=options.relearn_lr,
-                           lora_rank=options.relearn_rank, seed=options.seed, progress=progress,
-                           eval_at=tuple(sorted({0, options.relearn_steps // 2, options.relearn_steps})))
-            if options.relearn else None
-        )
-        stages.next()
-        probes = latent_probes(edited, tokenizer, task) if options.probes and task.classes else None
+        run = edit_and_evaluate(edited, tokenizer, task, loc, config, evaluations, seed=options.seed,
+                                progress=progress, stages=stages, timings={"localize": t_loc}, started=t0)
         stages.close()
-        seconds = time.perf_counter() - t0
-        record = {
-            "settings_hash": key,
-            "localization": loc.summary(),
-            "layer_fractions": loc.layer_fractions(table),
-            "edit": {"optimizer": edit_result.optimizer, "seconds": edit_result.seconds, "config": edit_result.config,
-                     "history": edit_result.history},
-            "evals": evals,
-            "relearn": relearn,
-            "latent_probes": probes,
-            "localize_seconds": t_loc,
-            "summary": summarize(loc.summary(), evals, relearn, probes, seconds),
-        }
+        summary = run.pop("summary")
+        record = {"settings_hash": key, "localization": loc.summary(), "layer_fractions": loc.layer_fractions(table),
+                  **run, "localize_seconds": t_loc, "summary": summary,
+                  "provenance": provenance_block(model=identity, device=device, **dict(provenance or {}))}
         results["methods"][method] = record
         if path is not None:
             write_json(path, record)
@@ -213,14 +311,19 @@ def compare_localizations(
         plot_localization_map({m: r["layer_fractions"] for m, r in results["methods"].items()}, table.n_layers,
                               out / "localization_map.png")
         plot_robustness(summaries, out / "robustness.png")
-    if progress:
-        before = summarize({"trainable_params": 0}, baseline, None, None, 0.0)
-        before.pop("seconds")  # nothing ran: a dash, not "0.0"
-        before_row = {BEFORE_ROW: before}
+    if progress if show_table is None else show_table:
+        before_row = {BEFORE_ROW: before_summary(baseline)}
         print_table({**before_row, **summaries}, title or f"{task.name}: localized editing compared")
         for note in results["notes"]:
             print(f"note: {note}")
     return results
+
+
+def before_summary(evals: Mapping[str, Any]) -> dict[str, Any]:
+    """The unedited model's row: ``summarize`` of its evaluation, without the per-run fields (params, seconds)."""
+    before = summarize({"trainable_params": 0}, evals, None, None, 0.0)
+    before.pop("seconds")  # nothing ran: a dash, not "0.0"
+    return before
 
 
 BEFORE_ROW = "(before edit)"
@@ -271,13 +374,3 @@ def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
             seen[comps] = method
     return notes
 
-
-def group_configs(methods: Sequence[str], groups: Mapping[str, EditConfig]) -> dict[str, EditConfig]:
-    """Per-method configs from per-group ones (``lookup`` / ``tracing`` / ``broad``), as the paper tunes them."""
-    out = {}
-    for m in methods:
-        group = METHOD_GROUP.get(m, "lookup")
-        if group not in groups:
-            raise ValueError(f"no EditConfig for group {group!r} (method {m!r}); give one of {sorted(groups)}")
-        out[m] = replace(groups[group])
-    return out

@@ -85,10 +85,35 @@ def check_mask_input(path: Path) -> Path:
 # ------------------------------------------------------------------ models
 @dataclass(frozen=True)
 class ModelRef:
-    """What MODEL names: ``kind`` "organism" (``value`` = preset), "local" (a checkpoint folder) or "hub"."""
+    """What MODEL names: ``kind`` "organism" (``value`` = preset), "local" (a checkpoint folder) or "hub".
+    ``organism``: for a folder saved by ``mu-fast edit --save-model`` from the organism, the organism's preset (its
+    facts are the organism's)."""
 
     kind: str
     value: str
+    organism: str | None = None
+
+
+EDIT_RECORD = "mu_fast_edit.json"
+
+
+def saved_organism_preset(folder: Path) -> str | None:
+    """The organism preset a saved edited model folder was edited from (its ``mu_fast_edit.json``), else None."""
+    import json
+
+    record = folder / EDIT_RECORD
+    if not record.is_file():
+        return None
+    try:
+        load = json.loads(record.read_text()).get("load") or {}
+    except (ValueError, AttributeError):
+        raise ValueError(f"MODEL {str(folder)!r}: {EDIT_RECORD} is not valid JSON; save the model again with "
+                         "`mu-fast edit --save-model`") from None
+    name = str(load.get("model") or "")
+    if load.get("source") != "organism" and not name.startswith("organism"):
+        return None
+    preset = name.split(":", 1)[1] if ":" in name else "demo"
+    return preset if preset in ORGANISM_PRESETS else None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -113,7 +138,7 @@ def resolve_model(name: str, hub_timeout: float = HUB_CHECK_SECONDS) -> ModelRef
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"MODEL {name!r} is a folder without config.json; pass a folder written by "
                                     "save_pretrained (or `mu-fast edit --save-model`)")
-        return ModelRef("local", str(path))
+        return ModelRef("local", str(path), saved_organism_preset(path))
     if _looks_like_path(name) or not _HUB_ID.match(name):
         raise FileNotFoundError(f"MODEL {name!r} does not exist; pass an existing checkpoint folder, a hub id "
                                 "such as google/gemma-2-9b, or organism")
@@ -190,9 +215,9 @@ def check_task_options(dataset: str, model: ModelRef, forget_split: str, inject_
                        cf_model: str | None, datasets: Sequence[str]) -> None:
     """Dataset, split, edit target and CounterFact table, each named by its option."""
     check_choice("--dataset", dataset, datasets)
-    if dataset == "organism" and model.kind != "organism":
-        raise ValueError("--dataset organism needs MODEL organism (or organism:ci); for another model use "
-                         "--dataset sports or --dataset counterfact")
+    if dataset == "organism" and model.kind != "organism" and not model.organism:
+        raise ValueError("--dataset organism needs MODEL organism (or organism:ci, or a model saved from it by "
+                         "`mu-fast edit --save-model`); for another model use --dataset sports or --dataset counterfact")
     if dataset == "counterfact":
         from mu_fast.data.counterfact import CF_FORGET_SPLITS as names
         from mu_fast.data.datadir import PAPER_MODELS

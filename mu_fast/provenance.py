@@ -1,17 +1,19 @@
 """Provenance: one block that says how a result was made (software, source tree, machine, device, model).
 
-``provenance_block(model=..., device=...)`` is what every stored result carries::
+``provenance_block(model=..., device=...)`` is what every JSON mu_fast writes carries (the demo's and ``run``'s
+results.json, ``evaluate --out``, an edit's delta.json and saved model, a mask's metadata, every sweep record)::
 
-    {"versions": {"mu_fast", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "peft",
-                  "numpy", "python"},
+    {"format": 2,
+     "versions": {"mu_fast", "python", "torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft",
+                  "bitsandbytes", "numpy", "huggingface_hub"},
      "git": {"commit", "dirty"} or None,
-     "host": {"name", "machine", "processor", "torch_threads", "cpu_capability", "pid"},
+     "host": {"name", "machine", "processor", "torch_threads", "cpu_capability", "kernel_env", "pid"},
      "device": {"type", "index", "name", "total_memory", "cuda", "cuda_visible_devices"},
-     "model": the model identity (``model_identity``), "created": UTC ISO time}
+     "model": the model identity (``model_identity``) or None, "created": UTC ISO time, **extra}
 
-Versions and the git commit come from ``mu_fast.models.identity`` (the same functions edit deltas use). The
-versions and git commit are looked up once per process: a sweep stamps thousands of records, and ``git`` costs a
-subprocess.
+``numerics(block)`` is the part of it that changes float round-off (versions, threads, CPU kernels): results
+computed under another are recomputed, not reused. The versions and git commit are looked up once per process: a
+sweep stamps thousands of records, and ``git`` costs a subprocess.
 """
 
 from __future__ import annotations
@@ -23,23 +25,32 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
-PROVENANCE_FORMAT = 1
+PROVENANCE_FORMAT = 2
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "bitsandbytes", "numpy",
+            "huggingface_hub")
+# Environment variables that choose CPU kernels or threads, and so change float round-off (mu_fast.determinism).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+BLOCK_KEYS = ("format", "versions", "git", "host", "device", "model", "created")
 
 
 @functools.cache
 def _versions() -> dict[str, str | None]:
     import importlib.metadata
 
-    from mu_fast.models.identity import versions
+    import mu_fast
 
-    out = dict(versions())
-    for dist in ("peft", "numpy"):
+    out: dict[str, str | None] = {"mu_fast": mu_fast.__version__, "python": platform.python_version()}
+    for dist in PACKAGES:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
-    out["python"] = platform.python_version()
     return out
+
+
+def versions() -> dict[str, str | None]:
+    """mu_fast, Python and the installed version of each of ``PACKAGES`` (None where one is not installed)."""
+    return dict(_versions())
 
 
 @functools.cache
@@ -67,7 +78,7 @@ def host_info() -> dict[str, Any]:
 
     return {"name": platform.node(), "machine": platform.machine(), "processor": _cpu_model(),
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "pid": os.getpid()}
+            "kernel_env": {k: os.environ.get(k) for k in KERNEL_ENV}, "pid": os.getpid()}
 
 
 def device_info(device: Any = None) -> dict[str, Any]:
@@ -91,10 +102,10 @@ def device_info(device: Any = None) -> dict[str, Any]:
 def model_identity(ref: str, info: Mapping[str, Any] | None = None, model: Any = None,
                    dtype: str | None = None) -> dict[str, Any]:
     """Which model a result was made with: the reference as given, its kind, the checkpoint path or hub id and
-    revision or organism hash, and ``config_hash`` (``mu_fast.models.identity``) of the loaded model's config.
+    revision or organism hash, and ``config_hash`` (``mu_fast.models.identity``) and ``arch`` of its config.
 
     info: the ``info`` dict of ``load_model`` / ``load_for_edit`` (its ``organism`` entry, if any, gives the
-    organism hash and checkpoint path)."""
+    organism hash and checkpoint path). model: the loaded model, or its transformers config."""
     from mu_fast.models.identity import config_hash
 
     info = dict(info or {})
@@ -102,29 +113,46 @@ def model_identity(ref: str, info: Mapping[str, Any] | None = None, model: Any =
     organism = info.get("organism")
     if organism is not None:
         out.update(kind="organism", organism_hash=organism.config.config_hash(), path=str(organism.path))
+    elif info.get("source") == "organism" or ref == "organism" or ref.startswith("organism:"):
+        out.update(kind="organism")
     elif ref.startswith("random:"):
         out.update(kind="random")
     elif os.path.isdir(ref):
         out.update(kind="checkpoint", path=os.path.abspath(ref))
     else:
-        out.update(kind="hub", revision=getattr(getattr(model, "config", None), "_commit_hash", None))
-    for key in ("path", "revision", "organism_hash", "source"):
+        out.update(kind="hub", revision=getattr(getattr(model, "config", model), "_commit_hash", None))
+    for key in ("path", "revision", "organism_hash", "source", "edited_from"):
         if info.get(key) is not None and key not in out:
             out[key] = info[key]
-    if model is not None and hasattr(model, "config"):
-        out["config_hash"] = config_hash(model.config)
-        out["arch"] = getattr(model.config, "model_type", None)
+    config = getattr(model, "config", model)
+    if config is not None and hasattr(config, "to_dict"):
+        out["config_hash"] = config_hash(config)
+        out["arch"] = getattr(config, "model_type", None)
     return out
 
 
-def provenance_block(model: Mapping[str, Any] | None = None, device: Any = None) -> dict[str, Any]:
-    """The provenance of one result (module docstring): versions, git commit, host, device, model identity."""
-    return {
+def provenance_block(model: Mapping[str, Any] | None = None, device: Any = None, **extra: Any) -> dict[str, Any]:
+    """The provenance of one result (module docstring): versions, git commit, host, device, model identity, and
+    ``extra`` fields (e.g. ``organism={...}``: how the organism was trained)."""
+    block = {
         "format": PROVENANCE_FORMAT,
-        "versions": dict(_versions()),
+        "versions": versions(),
         "git": _git(),
         "host": host_info(),
         "device": device_info(device),
         "model": dict(model) if model is not None else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    clash = sorted(set(extra) & set(block))
+    if clash:
+        raise ValueError(f"provenance_block: extra field {clash[0]!r} is a field of the block itself; rename it")
+    block.update(extra)
+    return block
+
+
+def numerics(block: Mapping[str, Any]) -> dict[str, Any]:
+    """What in a provenance block changes float round-off: package versions, torch threads, CPU kernels."""
+    host = block["host"]
+    return {"versions": {k: v for k, v in block["versions"].items() if k != "mu_fast"},
+            "torch_threads": host["torch_threads"], "cpu_capability": host["cpu_capability"],
+            "kernel_env": host["kernel_env"], "device": block["device"].get("type")}

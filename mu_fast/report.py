@@ -140,47 +140,18 @@ def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fas
 
 
 def environment() -> dict[str, Any]:
-    """What the numbers depend on besides the code: package versions, threads, CPU kernels, platform."""
-    import platform
-    from importlib import metadata
+    """The numerics part of the provenance block (``mu_fast.provenance.provenance_block``, which every JSON carries)
+    in the older flat layout: ``mu_fast``, ``python``, ``packages``, ``torch_threads``, ``cpu_capability``,
+    ``kernel_env``, ``machine``, ``processor``, ``cuda``."""
+    from mu_fast.provenance import provenance_block
 
-    import torch
-
-    import mu_fast
-
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "numpy",
-                 "huggingface_hub"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "mu_fast": mu_fast.__version__,
-        "python": platform.python_version(),
-        "packages": versions,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        # Kernel choices that change float round-off (see mu_fast.determinism).
-        "kernel_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
-                                                       "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        "machine": platform.machine(),
-        "processor": _cpu_model(),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
+    block = provenance_block()
+    versions, host = block["versions"], block["host"]
+    return {"mu_fast": versions["mu_fast"], "python": versions["python"],
+            "packages": {k: v for k, v in versions.items() if k not in ("mu_fast", "python")},
+            "torch_threads": host["torch_threads"], "cpu_capability": host["cpu_capability"],
+            "kernel_env": host["kernel_env"], "machine": host["machine"], "processor": host["processor"],
+            "cuda": block["device"].get("cuda")}
 
 
 def _plt():

@@ -51,7 +51,7 @@ def test_demo_runs_the_job_and_writes_the_report(ci_organism, cache_root, tmp_pa
     assert record["edit"]["config"]["steps"] == 100  # the organism's group settings, not EditConfig defaults
 
     # What the numbers came from, and what the names mean, are in the report.
-    assert results["environment"]["packages"]["transformers"] == transformers.__version__
+    assert results["provenance"]["versions"]["transformers"] == transformers.__version__
     assert results["provenance"]["organism"]["config_hash"] == ci_organism.config.config_hash()
     assert "m0" not in results["legend"]["components"] and "mL" in results["legend"]["components"]
     assert results["known_facts"]["ok"]
@@ -243,7 +243,7 @@ def test_no_third_party_bars_or_warnings_in_a_command(ci_organism, cache_root, t
     for noise in ("Loading weights", "Warning:", "warnings.warn", "deprecated"):
         assert noise not in text, (noise, text[-2000:])
     results = json.loads(out.read_text())
-    assert results["unknown_tokens"]["normal/forget"] == 0 and "environment" in results
+    assert results["unknown_tokens"]["normal/forget"] == 0 and "provenance" in results
 
 
 def test_library_messages_are_printed_in_option_words(monkeypatch, capsys, no_loading):

@@ -10,7 +10,8 @@ from mu_fast.localize import localize
 from mu_fast.models.sites import Component, SiteTable
 from mu_fast.models.tiny import make_tiny_model
 from mu_fast.pipeline import RunOptions, compare_localizations
-from mu_fast.report import environment
+from mu_fast.models.identity import config_hash
+from mu_fast.provenance import numerics, provenance_block
 from tests._tiny_task import tiny_task, word_tokenizer
 
 
@@ -65,7 +66,10 @@ def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
     assert (tmp_path / "atp.json").stat().st_mtime_ns == stamp
     assert again["summary"]["atp"] == results["summary"]["atp"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["environment"] == environment() and not saved["known_facts"]["ok"]
+    prov = saved["provenance"]
+    assert numerics(prov) == numerics(provenance_block()) and not saved["known_facts"]["ok"]
+    assert prov["model"]["config_hash"] == config_hash(model.config) and prov["model"]["arch"] == "llama"
+    assert saved["methods"]["atp"]["provenance"]["versions"] == prov["versions"]
     assert "mL.N" in saved["legend"]["components"]
 
 
@@ -84,9 +88,13 @@ def test_results_from_other_package_versions_are_recomputed(setup, tmp_path, mon
 
     first = run()
     assert run() == first
-    real = pipeline.environment()
-    other = {**real, "packages": {**real["packages"], "transformers": "0.0.1"}}
-    monkeypatch.setattr(pipeline, "environment", lambda: other)
+    real = pipeline.provenance_block
+
+    def other_versions(*args, **kwargs):
+        block = real(*args, **kwargs)
+        return {**block, "versions": {**block["versions"], "transformers": "0.0.1"}}
+
+    monkeypatch.setattr(pipeline, "provenance_block", other_versions)
     assert run() != first
 
 

@@ -9,15 +9,14 @@ on every call), the before-edit evaluation and FLU results are cached too. Any e
 caught and becomes a ``failed`` record (type, message, traceback excerpt); then the model is checked against its
 fingerprint and reloaded if the failure left it changed.
 
-This repeats the per-method body of ``mu_fast.pipeline.compare_localizations`` (localize, edit, evaluate_task,
-relearn_attack, latent_probes, summarize) on a model that is restored instead of deep-copied; the two should be
-unified into one per-run function once the pipeline's own changes have landed.
+The edit and the evaluations are ``mu_fast.pipeline.edit_and_evaluate``, the per-run body the demo and
+``mu-fast run`` use too; here it runs on the loaded model, which is restored from a masked snapshot afterwards
+instead of deep-copied.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 import traceback
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mu_fast.pipeline import check_finite as _check_finite  # noqa: F401 (the per-run body's check, importable here)
 from mu_fast.sweep.snapshot import MaskedSnapshot, fingerprint
 from mu_fast.sweep.spec import BUDGET_METHODS, RunConfig, paper_model_of
 from mu_fast.sweep.store import RECORD_FORMAT
@@ -135,13 +135,6 @@ class CachedTokenizer:
         return len(self._tokenizer)
 
 
-def _check_finite(what: str, values: Mapping[str, Any], step: Any = None) -> None:
-    for key, value in values.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            where = f" at step {step}" if step is not None else ""
-            raise FloatingPointError(f"{what} {key} is {value}{where}; the edit diverged: lower lr or forget_coef")
-
-
 def error_info(err: BaseException) -> dict[str, Any]:
     """``{"type", "message", "traceback"}`` of an exception (the traceback's last ``TRACEBACK_CHARS`` characters)."""
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
@@ -183,14 +176,13 @@ class ModelSession:
     def baseline(self, run: RunConfig, task: Any) -> dict[str, Any]:
         """The unedited model's evaluation in the run's formats: ``{"evals", "summary"}`` (once per task)."""
         from mu_fast.evaluate import evaluate_task
-        from mu_fast.pipeline import summarize
+        from mu_fast.pipeline import before_summary
 
         ev = run.evaluations
         key = _key([run.task, ev["formats"], ev["batch_size"]])
         if key not in self._baselines:
             evals = evaluate_task(self.model, self.tokenizer, task, formats=ev["formats"], batch_size=ev["batch_size"])
-            summary = summarize({"trainable_params": 0}, evals, None, None, 0.0)
-            summary.pop("seconds", None)
+            summary = before_summary(evals)
             qa = evals.get("qa", {}).get("forget", {}).get("acc")
             if qa is not None:
                 summary["qa_forget_err"] = 1.0 - float(qa)
@@ -269,10 +261,8 @@ class ModelSession:
             self.reloads += 1
 
     def _run(self, run: RunConfig, timings: dict[str, float]) -> dict[str, Any]:
-        from mu_fast.edit.loop import EditConfig, edit
-        from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
-        from mu_fast.pipeline import summarize
-        from mu_fast.sweep.evaluations import REGISTRY
+        from mu_fast.edit.loop import EditConfig
+        from mu_fast.pipeline import edit_and_evaluate
 
         def lap(name: str, t0: float) -> float:
             now = time.perf_counter()
@@ -284,49 +274,25 @@ class ModelSession:
         task = self.task(run.task)
         t = lap("task", t)
         before = self.baseline(run, task)
-        t = lap("before", t)
+        t = started = lap("before", t)
         loc, cached = self.localization(run, task)
         t = lap("localize", t)
         snap = MaskedSnapshot.take(self.model, loc.mask)
-        t = lap("snapshot", t)
-        ev = run.evaluations
-        results: dict[str, Any] = {}
+        lap("snapshot", t)
+        config = EditConfig(**{**run.edit, "betas": tuple(run.edit["betas"])})
         try:
-            config = EditConfig(**{**run.edit, "betas": tuple(run.edit["betas"])})
-            edited = edit(self.model, self.tokenizer, task, loc.mask, config, progress=False)
-            for row in edited.history:
-                _check_finite("edit", row, row.get("step"))
-            t = lap("edit", t)
-            results["evals"] = evaluate_task(self.model, self.tokenizer, task, formats=ev["formats"],
-                                             batch_size=ev["batch_size"])
-            t = lap("evaluate", t)
-            relearn = None
-            if ev["relearn"] is not None:
-                settings = dict(ev["relearn"])
-                steps = settings["steps"]
-                relearn = relearn_attack(self.model, self.tokenizer, task, seed=run.seed, eval_batch_size=ev["batch_size"],
-                                         eval_at=tuple(sorted({0, steps // 2, steps})), **settings)
-                t = lap("relearn", t)
-            probes = None
-            if ev["probes"] is not None and task.classes:
-                probes = latent_probes(self.model, self.tokenizer, task, batch_size=ev["batch_size"], **ev["probes"])
-                t = lap("probes", t)
-            results["relearn"], results["latent_probes"] = relearn, probes
-            for name, settings in (ev.get("extra") or {}).items():
-                results[name] = REGISTRY[name].fn(self.model, self.tokenizer, task, settings, run.seed)
-                t = lap(name, t)
+            out = edit_and_evaluate(self.model, self.tokenizer, task, loc, config, run.evaluations, seed=run.seed,
+                                    timings=timings, started=started)
         finally:
             t0 = time.perf_counter()
             snap.restore(self.model)
             timings["restore"] = time.perf_counter() - t0
-        seconds = sum(v for k, v in timings.items() if k not in ("task", "before"))
-        metrics = summarize(loc.summary(), results["evals"], relearn, probes, seconds)
-        _check_finite("metric", metrics)
+        metrics = out.pop("summary")
+        edit = out.pop("edit")
         return {
             "metrics": metrics,
             "before": before["summary"],
-            "results": results,
+            "results": out,
             "localization": {**loc.summary(), "cached": cached, "layer_fractions": loc.layer_fractions(self.table)},
-            "edit": {"optimizer": edited.optimizer, "seconds": edited.seconds, "history": edited.history,
-                     "trainable_elements": edited.trainable_elements},
+            "edit": edit,
         }
