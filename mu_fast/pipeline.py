@@ -24,10 +24,11 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mu_fast.aggregate import DEMO_COLUMNS, aggregate_runs, run_file, selection_lines, RunsBar
 from mu_fast.edit.loop import EditConfig, edit
 from mu_fast.provenance import model_identity, numerics, provenance_block
 from mu_fast.report import (
@@ -230,8 +231,16 @@ def compare_localizations(
     identity: Mapping[str, Any] | None = None,
     task_info: Mapping[str, Any] | None = None,
     show_table: bool | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Localize, edit and evaluate ``task`` once per method; return ``{"methods": {m: result}, "summary": ...}``.
+    """Localize, edit and evaluate ``task`` once per method and seed; return ``{"methods": {m: aggregate},
+    "summary": {m: means}, "summary_std": {m: stds}, ...}``.
+
+    seeds: every seeded step draws anew per seed (FLU's probes, AtP/CT's corruption noise, random selections, the
+    edit's batch order, the relearning attack, the latent probes); default ``(options.seed,)``. Each method's
+    aggregate (``mu_fast.aggregate.aggregate_runs``) holds the mean and sample std of every summary number over the
+    seeds, the components each seed selected and every seed's full record under ``runs``. One JSON per method and
+    seed is written as soon as it finishes (``<method>.json`` for one seed, ``<method>.seed<S>.json`` otherwise).
 
     edit_configs: per method (default: ``EditConfig()`` for all). The model is never modified: each method
     edits a deep copy (``edit_and_evaluate``). Raises ``UnknownFactsError`` before any method when the model does
@@ -249,6 +258,9 @@ def compare_localizations(
 
     options = options or RunOptions()
     evaluations = options.evaluations()
+    seeds = [int(s) for s in (seeds if seeds is not None else (options.seed,))]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, at least one; got {seeds}")
     edit_configs = dict(edit_configs or {})
     out = Path(out_dir) if out_dir else None
     table = SiteTable(model)
@@ -264,44 +276,62 @@ def compare_localizations(
     known = check_known_facts(model, tokenizer, task, baseline=baseline)
     known.require(allow=allow_unknown_facts)
     stages.next()
-    flu = flu_localize(model, tokenizer, task, seed=options.seed)
+    flus = {seeds[0]: flu_localize(model, tokenizer, task, seed=seeds[0])}
     stages.close()
+    flu = flus[seeds[0]]
     results: dict[str, Any] = {"task": task.name, "task_info": dict(task_info or {}), "model": table.arch,
                                "flu": flu.to_dict(), "before": baseline, "known_facts": known.to_dict(),
-                               "seed": options.seed, "provenance": block, "legend": legend(), "methods": {}}
+                               "seed": seeds[0], "seeds": seeds, "provenance": block, "legend": legend(),
+                               "methods": {}}
     # The model, versions and kernels are part of the settings: a result computed under others is recomputed.
     model_key = {k: identity.get(k) for k in ("ref", "config_hash", "organism_hash", "path", "revision", "dtype")}
-    for method in methods:
-        config = edit_configs.get(method, EditConfig())
-        key = settings_hash(task.name, method, asdict(config), asdict(options), flu.layers, numerics(block), model_key)
-        path = out / f"{method}.json" if out else None
-        if resume and path is not None and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("settings_hash") == key:
-                results["methods"][method] = saved
-                continue
-        t0 = time.perf_counter()
-        stages.start(method, ("localize", "edit", "evaluate", *(("relearn",) if options.relearn else ()),
-                              *(("probes",) if options.probes and task.classes else ())))
-        loc = localize(method, model, tokenizer, task, flu=flu, seed=options.seed)
-        t_loc = time.perf_counter() - t0
-        stages.next()
-        edited = copy.deepcopy(model)
-        run = edit_and_evaluate(edited, tokenizer, task, loc, config, evaluations, seed=options.seed,
-                                progress=progress, stages=stages, timings={"localize": t_loc}, started=t0)
-        stages.close()
-        summary = run.pop("summary")
-        record = {"settings_hash": key, "localization": loc.summary(), "layer_fractions": loc.layer_fractions(table),
-                  **run, "localize_seconds": t_loc, "summary": summary,
-                  "provenance": provenance_block(model=identity, device=device, **dict(provenance or {}))}
-        results["methods"][method] = record
-        if path is not None:
-            write_json(path, record)
-        del edited
+    runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    bar = RunsBar(progress, len(methods) * len(seeds))
+    for seed in seeds:
+        if seed not in flus:  # the FLU probes are seeded too: FLU's layers (and random-MLPs' count) per seed
+            flus[seed] = flu_localize(model, tokenizer, task, seed=seed)
+        seed_options = replace(options, seed=seed)
+        for method in methods:
+            base = edit_configs.get(method, EditConfig())
+            config = replace(base, seed=base.seed + seed)  # batch order: one more thing each seed draws anew
+            key = settings_hash(task.name, method, asdict(config), asdict(seed_options), flus[seed].layers,
+                                numerics(block), model_key)
+            path = out / run_file(method, seed, len(seeds)) if out else None
+            if resume and path is not None and path.exists():
+                saved = json.loads(path.read_text())
+                if saved.get("settings_hash") == key:
+                    runs[method][seed] = saved
+                    bar.done(method, seed)
+                    continue
+            t0 = time.perf_counter()
+            stages.start(f"{method} seed {seed}", ("localize", "edit", "evaluate",
+                                                   *(("relearn",) if options.relearn else ()),
+                                                   *(("probes",) if options.probes and task.classes else ())))
+            loc = localize(method, model, tokenizer, task, flu=flus[seed], seed=seed)
+            t_loc = time.perf_counter() - t0
+            stages.next()
+            edited = copy.deepcopy(model)
+            run = edit_and_evaluate(edited, tokenizer, task, loc, config, evaluations, seed=seed,
+                                    progress=progress, stages=stages, timings={"localize": t_loc}, started=t0)
+            stages.close()
+            summary = run.pop("summary")
+            record = {"settings_hash": key, "seed": seed, "flu_layers": flus[seed].layers,
+                      "localization": loc.summary(), "layer_fractions": loc.layer_fractions(table), **run,
+                      "localize_seconds": t_loc, "summary": summary,
+                      "provenance": provenance_block(model=identity, device=device, **dict(provenance or {}))}
+            runs[method][seed] = record
+            if path is not None:
+                write_json(path, record)
+            del edited
+            bar.done(method, seed)
+    bar.close()
+    results["flu_by_seed"] = {str(s): f.layers for s, f in flus.items()}
+    results["methods"] = {m: aggregate_runs(runs[m], table.n_layers) for m in methods}
     results["seconds"] = time.perf_counter() - start
     summaries = {m: r["summary"] for m, r in results["methods"].items()}
-    results["summary"] = summaries
-    results["notes"] = same_selection_notes(results["methods"])
+    stds = {m: r["std"] for m, r in results["methods"].items()}
+    results["summary"], results["summary_std"] = summaries, stds
+    results["notes"] = same_selection_notes({m: r["runs"][str(seeds[0])] for m, r in results["methods"].items()})
     if out is not None:
         write_json(out / "results.json", results)
         plot_probe_accuracy(
@@ -309,11 +339,17 @@ def compare_localizations(
             out / "probe_accuracy.png", chance=flu.chance, selected=flu.layers,
         )
         plot_localization_map({m: r["layer_fractions"] for m, r in results["methods"].items()}, table.n_layers,
-                              out / "localization_map.png")
-        plot_robustness(summaries, out / "robustness.png")
+                              out / "localization_map.png", n_seeds=len(seeds))
+        plot_robustness(summaries, out / "robustness.png", stds=stds, before=before_summary(baseline))
     if progress if show_table is None else show_table:
         before_row = {BEFORE_ROW: before_summary(baseline)}
-        print_table({**before_row, **summaries}, title or f"{task.name}: localized editing compared")
+        columns = DEMO_COLUMNS if len(seeds) > 1 else None
+        heading = title or f"{task.name}: localized editing compared"
+        if len(seeds) > 1:
+            heading += f" · mean±std over {len(seeds)} seeds"
+        print_table({**before_row, **summaries}, heading, stds=stds, columns=columns)
+        for line in selection_lines(results["methods"], len(seeds)):
+            print(line)
         for note in results["notes"]:
             print(f"note: {note}")
     return results

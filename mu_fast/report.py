@@ -83,22 +83,31 @@ def _default(value: Any) -> Any:
 
 
 def format_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results",
-                 width: int = TABLE_WIDTH) -> str:
+                 width: int = TABLE_WIDTH, stds: Mapping[str, Mapping[str, Any]] | None = None,
+                 columns: Sequence[str] | None = None) -> str:
     """The per-method summaries as plain text at most ``width`` columns wide (columns no method reports are left
-    out). Method names are never cut: when the columns do not fit beside them, they continue in a second block."""
-    columns = [c for c in TABLE_COLUMNS if any(c[0] in s for s in summaries.values())]
+    out). Method names are never cut: when the columns do not fit beside them, they continue in a second block.
+    stds: per method, the sample std of a number over seeds: its cell reads ``0.87±0.03``. columns: the summary keys
+    to show (default every column of ``TABLE_COLUMNS``)."""
+    stds = stds or {}
+    chosen = [c for c in TABLE_COLUMNS if columns is None or c[0] in columns]
+    columns_ = [c for c in chosen if any(c[0] in s for s in summaries.values())]
     names = ["localization", *summaries]
     name_width = max(len(n) for n in names)
     cells = {}
-    for key, header, fmt in columns:
+    for key, header, fmt in columns_:
         values = []
-        for summary in summaries.values():
+        for method, summary in summaries.items():
             value = summary.get(key)
             missing = value is None or (isinstance(value, float) and math.isnan(value))
-            values.append("—" if missing else fmt.format(value))
+            text = "—" if missing else fmt.format(value)
+            spread = (stds.get(method) or {}).get(key)
+            if not missing and spread is not None and key != "trainable_params":
+                text += f"±{spread:.2f}"
+            values.append(text)
         cells[key] = (header, values, max(len(v) for v in (*header, *values)))
     blocks, block, used = [], [], name_width
-    for key, *_ in columns:
+    for key, *_ in columns_:
         cost = 1 + cells[key][2]
         if block and used + cost > width:
             blocks.append(block)
@@ -133,9 +142,10 @@ def legend() -> dict[str, dict[str, str]]:
     return {"columns": dict(COLUMN_LEGEND), "components": dict(COMPONENT_LEGEND)}
 
 
-def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results") -> None:
+def print_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fast results",
+                stds: Mapping[str, Mapping[str, Any]] | None = None, columns: Sequence[str] | None = None) -> None:
     """Print ``format_table`` and the legend (plain text, the same in a terminal, a pipe or a log)."""
-    print(format_table(summaries, title))
+    print(format_table(summaries, title, stds=stds, columns=columns))
     print(format_legend())
 
 
@@ -188,8 +198,10 @@ def plot_probe_accuracy(curves: Mapping[str, Sequence[float]], path: str | os.Pa
     return Path(path)
 
 
-def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]], n_layers: int, path: str | os.PathLike) -> Path:
-    """Heat map: rows = methods × {attn, mlp}, columns = layers, value = fraction of that block trained."""
+def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]], n_layers: int, path: str | os.PathLike,
+                          n_seeds: int = 1) -> Path:
+    """Heat map: rows = methods × {attn, mlp}, columns = layers, value = fraction of that block trained (averaged
+    over ``n_seeds`` seeds: a block one seed in three trains shows at 1/3)."""
     plt = _plt()
     import numpy as np
 
@@ -204,7 +216,8 @@ def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
-    ax.set_title("What each localization trains (fraction of the block)", fontsize=10)
+    ax.set_title("What each localization trains (fraction of the block" +
+                 (f", mean over {n_seeds} seeds)" if n_seeds > 1 else ")"), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -214,24 +227,36 @@ def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]
 
 def plot_robustness(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathLike,
                     keys: Sequence[tuple[str, str]] = (("forget_err", "forget error"), ("mcq_forget_err", "MCQ forget error"),
-                                                       ("relearn_acc", "relearned accuracy"))) -> Path:
-    """Grouped bar chart of robustness metrics per localization method."""
+                                                       ("relearn_acc", "relearned accuracy"),
+                                                       ("probe_true_acc", "latent probe accuracy")),
+                    stds: Mapping[str, Mapping[str, Any]] | None = None,
+                    before: Mapping[str, Any] | None = None) -> Path:
+    """Grouped bar chart of robustness metrics per localization method; ``stds`` (per method and key: the sample
+    std over seeds) draws error bars, ``before`` (the unedited model's summary) a dashed reference per metric."""
     plt = _plt()
     import numpy as np
 
+    stds = stds or {}
     methods = list(summaries)
     keys = [k for k in keys if any(k[0] in s for s in summaries.values())]
     width = 0.8 / max(len(keys), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) + 2), 3.9))
     x = np.arange(len(methods))
     for i, (key, label) in enumerate(keys):
         vals = [float(summaries[m].get(key, float("nan"))) for m in methods]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=label)
+        errs = [float((stds.get(m) or {}).get(key) or 0.0) for m in methods]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=label,
+                      yerr=errs if any(errs) else None, capsize=2, error_kw={"lw": 0.8})
+        ref = (before or {}).get(key)
+        if isinstance(ref, (int, float)) and math.isfinite(ref):
+            ax.axhline(ref, color=bars.patches[0].get_facecolor(), ls="--", lw=0.8, alpha=0.7)
     ax.set_xticks(x, methods, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy / error")
-    ax.set_title("Edit robustness per localization (higher error, lower relearned = more robust)", fontsize=10)
-    ax.legend(fontsize=8)
+    n = max((len(v) for v in stds.values()), default=0)
+    title = "Edit robustness per localization (higher error, lower relearned / probe = more robust)"
+    ax.set_title(title + ("\nbars: mean ± std over seeds; dashed: before the edit" if n else ""), fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

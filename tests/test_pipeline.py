@@ -132,3 +132,32 @@ def test_same_selection_notes_flag_repeated_rows():
     assert notes[0].startswith("random_mlps selected the same components as flu")
     assert notes[1].startswith("ct selected the same components as atp")
     assert same_selection_notes({"flu": methods["flu"], "atp": methods["atp"]}) == []
+
+
+def test_seeds_give_mean_and_std_per_method(setup, tmp_path, capsys):
+    """Several seeds: one JSON per method and seed, the aggregate is their mean ± sample std, and every seed's
+    selection is kept (random draws anew per seed); the printed table shows mean±std cells."""
+    import statistics
+
+    model, tok, task = setup
+    configs = {m: EditConfig(steps=2, lr=1e-2, lm_batch=4, maintain_batch=8) for m in ("random", "all_mlps")}
+    options = RunOptions(relearn=False, probes=False)
+    with pytest.warns(UnknownFactsWarning):
+        results = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path,
+                                        progress=False, show_table=True, allow_unknown_facts=True, seeds=(0, 1, 2))
+    assert results["seeds"] == [0, 1, 2]
+    for method in configs:
+        runs = [json.loads((tmp_path / f"{method}.seed{s}.json").read_text()) for s in (0, 1, 2)]
+        assert [r["seed"] for r in runs] == [0, 1, 2]
+        assert [r["edit"]["config"]["seed"] for r in runs] == [0, 1, 2]  # batch order drawn per seed
+        agg = results["methods"][method]
+        values = [r["summary"]["maintain_acc"] for r in runs]
+        assert agg["summary"]["maintain_acc"] == pytest.approx(statistics.fmean(values))
+        if len(set(values)) > 1:
+            assert agg["std"]["maintain_acc"] == pytest.approx(statistics.stdev(values))
+        assert agg["selections"] == {str(s): r["localization"]["components"] for s, r in zip((0, 1, 2), runs)}
+    printed = capsys.readouterr().out
+    assert "mean±std over 3 seeds" in printed and "selections over 3 seeds" in printed
+    assert "all_mlps: the same on every seed" in printed
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        compare_localizations(model, tok, task, ["random"], configs, options, progress=False, seeds=(1, 1))

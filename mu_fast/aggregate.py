@@ -1,0 +1,119 @@
+"""Several seeds of one method folded into one row: mean ± sample std of every summary number, and the spread of
+what each seed selected (``mu_fast.pipeline.compare_localizations(seeds=...)``).
+
+Seeds matter because much of a run is random: AtP / CT corrupt prompts with noise, the random baselines draw their
+components, FLU's probes and the latent probes are trained from random initialisations, the edit draws its batch
+order and the relearning attack its LoRA initialisation and batches. On the organism one seed's AtP and CT rows moved
+by more than the gaps between methods, so a comparison without the spread says nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# The table the demo prints over several seeds: "0.87±0.03" cells are wider than single numbers, so the columns
+# that repeat another are left to results.json (edit acc ~ forget err for a 4-way sport edit; MCQ edit and
+# paraphrase edit ~ MCQ err and Q/A edit), to stay within 100 columns.
+DEMO_COLUMNS = ("trainable_params", "forget_err", "maintain_acc", "qa_edit_acc", "mcq_forget_err", "other_attr_acc",
+                "relearn_acc", "probe_true_acc")
+
+
+def run_file(method: str, seed: int, n_seeds: int) -> str:
+    """The file name of one method's run: ``<method>.json`` for a single seed, ``<method>.seed<S>.json`` otherwise."""
+    return f"{method}.json" if n_seeds == 1 else f"{method}.seed{seed}.json"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation of the finite values (std None for fewer than two)."""
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    if not finite:
+        return math.nan, None
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else None)
+
+
+def aggregate_runs(runs: Mapping[int, Mapping[str, Any]], n_layers: int) -> dict[str, Any]:
+    """One method's runs ``{seed: record}`` as ``{"summary": means, "std": stds, "n_seeds", "selections": {seed:
+    components}, "flu_layers": {seed: layers}, "layer_fractions": mean over seeds, "localization" / "edit": the first
+    seed's, "provenance", "runs": {str(seed): record}}``. Integer counts (trainable parameters) stay integers when every seed has
+    the same one."""
+    if not runs:
+        raise ValueError("aggregate_runs needs at least one seed's record")
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    keys = sorted({k for r in runs.values() for k, v in r["summary"].items() if isinstance(v, (int, float))})
+    summary: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for key in keys:
+        values = [r["summary"][key] for r in runs.values() if isinstance(r["summary"].get(key), (int, float))]
+        mean, spread = mean_std(values)
+        if all(isinstance(v, int) for v in values) and len(set(values)) == 1:
+            summary[key] = values[0]
+        else:
+            summary[key] = mean
+        if spread is not None:
+            std[key] = spread
+    fractions: dict[str, list[float]] = {}
+    for kind in ("attn", "mlp"):
+        rows = [list(r.get("layer_fractions", {}).get(kind, [0.0] * n_layers)) for r in runs.values()]
+        fractions[kind] = [statistics.fmean(col) for col in zip(*rows)] if rows else [0.0] * n_layers
+    return {"summary": summary, "std": std, "n_seeds": len(seeds),
+            "selections": {str(s): list(runs[s].get("localization", {}).get("components", [])) for s in seeds},
+            "flu_layers": {str(s): runs[s].get("flu_layers") for s in seeds},
+            "layer_fractions": fractions, "localization": first.get("localization"), "edit": first.get("edit"),
+            "provenance": first.get("provenance"),
+            "runs": {str(s): dict(runs[s]) for s in seeds}}
+
+
+def selection_spread(selections: Mapping[str, Sequence[str]]) -> str:
+    """``"a0 3/3, m1 3/3, a2 1/3"``: each component with the number of seeds that selected it, most often first."""
+    n = len(selections)
+    counts = Counter(c for comps in selections.values() for c in set(comps))
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{c} {k}/{n}" for c, k in ordered)
+
+
+def selection_lines(methods: Mapping[str, Mapping[str, Any]], n_seeds: int, width: int = 100,
+                    max_components: int = 8) -> list[str]:
+    """Lines under the table: which components each method selected over the seeds (only methods whose selection
+    is not the same on every seed are spelled out component by component; the rest say so)."""
+    if n_seeds < 2:
+        return []
+    lines = [f"selections over {n_seeds} seeds (component: seeds that picked it):"]
+    for method, agg in methods.items():
+        sel = agg.get("selections") or {}
+        distinct = {tuple(sorted(c)) for c in sel.values()}
+        if len(distinct) == 1:
+            comps = next(iter(distinct))
+            shown = ", ".join(comps[:max_components]) + (f", … ({len(comps)})" if len(comps) > max_components else "")
+            text = f"  {method}: the same on every seed: {shown}"
+        else:
+            parts = selection_spread(sel).split(", ")
+            shown = ", ".join(parts[:max_components]) + (f", … ({len(parts)} in all)" if len(parts) > max_components else "")
+            text = f"  {method}: {shown}"
+        lines.append(text if len(text) <= width else text[: width - 1] + "…")
+    return lines
+
+
+class RunsBar:
+    """A progress bar over (method, seed) runs, or nothing."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="runs", unit="run", leave=False)
+
+    def done(self, method: str, seed: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{method} seed {seed}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
