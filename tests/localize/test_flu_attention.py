@@ -103,3 +103,27 @@ def test_components_add_implicated_attention_only_for_the_variant():
     assert record["attn_layers"] == [0] and record["include_attention"] is True
     assert record["attn_gain"] == pytest.approx((mid - pre).tolist())
     assert variant.enrichment_shares()["attn_share"] == pytest.approx(20 / 65)
+
+
+def test_localize_flu_attn_edits_the_implicated_attention_next_to_the_flu_mlps():
+    from mu_fast.localize import METHODS, localize
+    from mu_fast.models.sites import SiteTable
+    from mu_fast.models.tiny import make_tiny_model
+
+    model = make_tiny_model("llama", seed=3, num_hidden_layers=3)
+    table = SiteTable(model)
+    pre, mid, post = curves(100, 30, [(20, 20), (0, 25), (0, 0)])
+    flu = FLUResult([0, 1], pre, mid, post, 0.34, {"n_test": 100, "saturation": 0.95}, attn_layers=[0])
+    assert "flu_attn" in METHODS
+    paper = localize("flu", model, flu=flu)
+    variant = localize("flu_attn", model, flu=flu)
+    assert paper.components == [Component("mlp", 0), Component("mlp", 1)]
+    assert variant.components == [Component("attn", 0), Component("mlp", 0), Component("mlp", 1)]
+    # The mask trains exactly the chosen blocks; the variant adds attention 0 on top of the same MLPs.
+    assert paper.mask.param_count() == sum(table.component_size(c) for c in paper.components)
+    assert variant.mask.param_count() == paper.mask.param_count() + table.component_size(Component("attn", 0))
+    assert variant.info["flu"]["include_attention"] is True and paper.info["flu"]["include_attention"] is False
+    # The method name decides, whatever the precomputed result says; both keep the paper's budget.
+    flipped = FLUResult([0, 1], pre, mid, post, 0.34, {"n_test": 100}, attn_layers=[0], include_attention=True)
+    assert localize("flu", model, flu=flipped).components == paper.components
+    assert variant.budget == paper.budget
