@@ -65,6 +65,12 @@ def candidates() -> list[Candidate]:
         # A weak first attention: if layer 0 cannot gather the whole name, a later layer has to finish the lookup.
         Candidate("conj_L4_1head16", lambda: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=16),
                   "conjunctive, 4 layers, one attention head of width 16 per layer"),
+        Candidate("conj_L6_1head16_mlp64", lambda: C.demo(conjunctive=True, steps=800, n_layers=6, n_heads=1,
+                                                          n_kv_heads=1, head_dim=16, d_mlp=64),
+                  "conjunctive, 6 layers, one attention head of width 16, MLP width 64"),
+        Candidate("conj_L4_1head8_mlp64", lambda: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1,
+                                                         head_dim=8, d_mlp=64),
+                  "conjunctive, 4 layers, one attention head of width 8, MLP width 64"),
         Candidate("conj_L6_mlp32", lambda: C.demo(conjunctive=True, steps=800, n_layers=6, d_mlp=32),
                   "conjunctive, 6 layers, MLP width 32"),
     ]
