@@ -71,6 +71,15 @@ def candidates() -> list[Candidate]:
         Candidate("conj_L4_1head8_mlp64", lambda: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1,
                                                          head_dim=8, d_mlp=64),
                   "conjunctive, 4 layers, one attention head of width 8, MLP width 64"),
+        # The same settings on other seeds (other facts and initialisation): is the spread a property of the settings?
+        *(Candidate(f"conj_L4_1head8_mlp64_seed{seed}",
+                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=64,
+                                             seed=seed),
+                    f"conj_L4_1head8_mlp64 with seed {seed}") for seed in (1, 2)),
+        Candidate("conj_L6_1head16_mlp64_seed1",
+                  lambda: C.demo(conjunctive=True, steps=800, n_layers=6, n_heads=1, n_kv_heads=1, head_dim=16, d_mlp=64,
+                                 seed=1),
+                  "conj_L6_1head16_mlp64 with seed 1"),
         Candidate("conj_L6_mlp32", lambda: C.demo(conjunctive=True, steps=800, n_layers=6, d_mlp=32),
                   "conjunctive, 6 layers, MLP width 32"),
     ]
