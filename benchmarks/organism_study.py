@@ -76,10 +76,27 @@ def candidates() -> list[Candidate]:
                     lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=64,
                                              seed=seed),
                     f"conj_L4_1head8_mlp64 with seed {seed}") for seed in (1, 2)),
-        Candidate("conj_L6_1head16_mlp64_seed1",
-                  lambda: C.demo(conjunctive=True, steps=800, n_layers=6, n_heads=1, n_kv_heads=1, head_dim=16, d_mlp=64,
-                                 seed=1),
-                  "conj_L6_1head16_mlp64 with seed 1"),
+        *(Candidate(f"conj_L6_1head16_mlp64_seed{seed}",
+                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_layers=6, n_heads=1, n_kv_heads=1,
+                                             head_dim=16, d_mlp=64, seed=seed),
+                    f"conj_L6_1head16_mlp64 with seed {seed}") for seed in (1, 2)),
+        # Narrower still: MLP 0 alone should hold even less of the lookup.
+        *(Candidate("conj_L4_1head8_mlp32" + (f"_seed{seed}" if seed else ""),
+                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=32,
+                                             seed=seed),
+                    f"conjunctive, 4 layers, one attention head of width 8, MLP width 32 (seed {seed})")
+          for seed in (0, 1, 2)),
+        # Seed 1's facts let MLP 0 finish alone at MLP width 32: narrower MLPs, or a narrower head.
+        *(Candidate("conj_L4_1head8_mlp16" + (f"_seed{seed}" if seed else ""),
+                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=16,
+                                             seed=seed),
+                    f"conjunctive, 4 layers, one attention head of width 8, MLP width 16 (seed {seed})")
+          for seed in (0, 1, 2)),
+        *(Candidate("conj_L4_1head4_mlp32" + (f"_seed{seed}" if seed else ""),
+                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=4, d_mlp=32,
+                                             seed=seed),
+                    f"conjunctive, 4 layers, one attention head of width 4, MLP width 32 (seed {seed})")
+          for seed in (0, 1, 2)),
         Candidate("conj_L6_mlp32", lambda: C.demo(conjunctive=True, steps=800, n_layers=6, d_mlp=32),
                   "conjunctive, 6 layers, MLP width 32"),
     ]
