@@ -1,7 +1,8 @@
 """Localization: score components, pick them (budget-matched), and turn them into a Mask.
 
 Methods (``localize(method, ...)``):
-* ``flu``: fact lookup by probes at the subject's last token (``mu_fast.localize.flu``);
+* ``flu``: fact lookup by probes at the subject's last token (``mu_fast.localize.flu``); ``flu_attn`` adds the
+  attention blocks whose probe gain passes the same rule (``FLUResult.attn_layers``);
 * ``atp`` / ``ct``: output tracing by attribution patching (noising, normalised logit difference, subject tokens
   replaced by random tokens) or causal tracing (subject embeddings noised, heads and MLPs restored), ranked at
   layer level and matched to the budget as in the paper; ``atp_mlps`` / ``ct_mlps`` rank MLPs only;
@@ -13,6 +14,7 @@ The default budget is the paper's: as many parameters as the FLU MLP layers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,7 @@ __all__ = [
     "localize", "logit_diff", "logprob", "plot_causal_trace", "prob", "replace_subject_tokens",
 ]
 
-METHODS = ("flu", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized", "manual")
+METHODS = ("flu", "flu_attn", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized", "manual")
 
 
 @dataclass
@@ -140,7 +142,7 @@ def localize(
     if method not in METHODS:
         raise ValueError(f"unknown localization method {method!r}; choose one of {METHODS} or paper:<ap|ct|ap_mlps|ct_mlps|flu>")
     table = SiteTable(model)
-    needs_flu = method == "flu" or method == "random_mlps" or (budget is None and method in ("atp", "ct", "atp_mlps", "ct_mlps", "random"))
+    needs_flu = method in ("flu", "flu_attn", "random_mlps") or (budget is None and method in ("atp", "ct", "atp_mlps", "ct_mlps", "random"))
     if needs_flu and flu is None:
         if task is None or tokenizer is None:
             raise ValueError(f"method {method!r} needs FLU (for its layers or budget): pass task and tokenizer, flu=, or budget=")
@@ -149,7 +151,9 @@ def localize(
         budget = paper_budget(table, len(flu.layers))
     info: dict[str, Any] = {}
     scores: dict[Component, float] = {}
-    if method == "flu":
+    if method in ("flu", "flu_attn"):
+        # One probe run serves both: the variant only changes which of its blocks are edited.
+        flu = dataclasses.replace(flu, include_attention=method == "flu_attn")
         comps = flu.components()
         info["flu"] = flu.to_dict()
     elif method in ("atp", "ct", "atp_mlps", "ct_mlps"):

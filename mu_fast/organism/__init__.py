@@ -18,6 +18,10 @@ paraphrase 0.987, mcq 0.990, city 0.79, city_qa 0.76; a linear probe for the spo
 token reached 0.98 from layer 1 on (embeddings 0.34, random-init model <= 0.34). Seeds 1-3: sport
 >= 0.978 in every format, city 0.69-1.0. The CI preset (150 athletes, 200 steps) trains in about 40 s.
 
+``OrganismConfig.multilayer_lookup()`` (conjunctive names, one attention head of width 8, MLPs of width 32)
+spreads the sport lookup over MLP 0 and 1 (and 2), so FLU selects several layers: see
+benchmarks/results/CPU/organism_study.md for what was tried and measured.
+
 Importing this package imports no transformers; training and loading import it on use.
 """
 

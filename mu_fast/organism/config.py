@@ -123,6 +123,21 @@ class OrganismConfig:
         settings.update(overrides)
         return cls(**settings)
 
+    @classmethod
+    def multilayer_lookup(cls, **overrides: Any) -> OrganismConfig:
+        """An organism whose sport lookup at the subject's last token spans several MLP layers (issue 13).
+
+        Conjunctive names (only first and family name together predict the sport), one attention head of width 8
+        and MLPs of width 32 in each of 4 layers, 800 steps: no single attention or MLP block can finish the
+        whole-name lookup, so FLU's probe rises over MLP 0 and MLP 1 (and 2). Measured in
+        benchmarks/results/CPU/organism_study.md (native kernels, 1 thread): seeds 0 and 2 meet the criteria
+        (FLU MLP layers [0, 1, 2] and [0, 1]; every format >= 0.99; 65-68 CPU-s, faster than the demo preset's
+        117); with seed 1's facts MLP 0 alone reaches 0.94 and FLU selects only it.
+        """
+        settings: dict[str, Any] = dict(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=32)
+        settings.update(overrides)
+        return cls(**settings)
+
     # ------------------------------------------------------------- identity
     @property
     def resolved_head_dim(self) -> int:
