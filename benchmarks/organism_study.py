@@ -52,50 +52,50 @@ def candidates() -> list[Candidate]:
 
     return [
         Candidate("demo", C.demo, "today's demo preset: 4 layers, width 64, 600 athletes, 600 steps"),
-        Candidate("conjunctive", lambda: C.demo(conjunctive=True, steps=800),
+        Candidate("conjunctive", lambda: C(conjunctive=True, steps=800),
                   "issue 13's conjunctive organism: sports balanced within every name part"),
         # Narrow MLPs: if one MLP cannot hold every whole-name lookup, the lookup has to spread over layers.
-        Candidate("conj_L6_mlp96", lambda: C.demo(conjunctive=True, steps=800, n_layers=6, d_mlp=96),
+        Candidate("conj_L6_mlp96", lambda: C(conjunctive=True, steps=800, n_layers=6, d_mlp=96),
                   "conjunctive, 6 layers, MLP width 96 (of 256)"),
-        Candidate("conj_L4_mlp64", lambda: C.demo(conjunctive=True, steps=800, d_mlp=64),
+        Candidate("conj_L4_mlp64", lambda: C(conjunctive=True, steps=800, d_mlp=64),
                   "conjunctive, 4 layers, MLP width 64"),
         # A weak first attention: if layer 0 cannot gather the whole name, a later layer has to finish the lookup.
-        Candidate("conj_L4_1head16", lambda: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=16),
+        Candidate("conj_L4_1head16", lambda: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=16),
                   "conjunctive, 4 layers, one attention head of width 16 per layer"),
-        Candidate("conj_L6_1head16_mlp64", lambda: C.demo(conjunctive=True, steps=800, n_layers=6, n_heads=1,
+        Candidate("conj_L6_1head16_mlp64", lambda: C(conjunctive=True, steps=800, n_layers=6, n_heads=1,
                                                           n_kv_heads=1, head_dim=16, d_mlp=64),
                   "conjunctive, 6 layers, one attention head of width 16, MLP width 64"),
-        Candidate("conj_L4_1head8_mlp64", lambda: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1,
+        Candidate("conj_L4_1head8_mlp64", lambda: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1,
                                                          head_dim=8, d_mlp=64),
                   "conjunctive, 4 layers, one attention head of width 8, MLP width 64"),
         # The same settings on other seeds (other facts and initialisation): is the spread a property of the settings?
         *(Candidate(f"conj_L4_1head8_mlp64_seed{seed}",
-                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=64,
+                    lambda seed=seed: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=64,
                                              seed=seed),
                     f"conj_L4_1head8_mlp64 with seed {seed}") for seed in (1, 2)),
         *(Candidate(f"conj_L6_1head16_mlp64_seed{seed}",
-                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_layers=6, n_heads=1, n_kv_heads=1,
+                    lambda seed=seed: C(conjunctive=True, steps=800, n_layers=6, n_heads=1, n_kv_heads=1,
                                              head_dim=16, d_mlp=64, seed=seed),
                     f"conj_L6_1head16_mlp64 with seed {seed}") for seed in (1, 2)),
         # Narrower still: MLP 0 alone should hold even less of the lookup.
         *(Candidate("conj_L4_1head8_mlp32" + (f"_seed{seed}" if seed else ""),
-                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=32,
+                    lambda seed=seed: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=32,
                                              seed=seed),
                     f"conjunctive, 4 layers, one attention head of width 8, MLP width 32 (seed {seed})")
           for seed in (0, 1, 2)),
         # Seed 1's facts let MLP 0 finish alone at MLP width 32: narrower MLPs, or a narrower head.
         *(Candidate("conj_L4_1head8_mlp16" + (f"_seed{seed}" if seed else ""),
-                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=16,
+                    lambda seed=seed: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=16,
                                              seed=seed),
                     f"conjunctive, 4 layers, one attention head of width 8, MLP width 16 (seed {seed})")
           for seed in (0, 1, 2)),
         *(Candidate("conj_L4_1head8_mlp24" + (f"_seed{seed}" if seed else ""),
-                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=24,
+                    lambda seed=seed: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=8, d_mlp=24,
                                              seed=seed),
                     f"conjunctive, 4 layers, one attention head of width 8, MLP width 24 (seed {seed})")
           for seed in (0, 1, 2)),
         *(Candidate("conj_L4_1head4_mlp32" + (f"_seed{seed}" if seed else ""),
-                    lambda seed=seed: C.demo(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=4, d_mlp=32,
+                    lambda seed=seed: C(conjunctive=True, steps=800, n_heads=1, n_kv_heads=1, head_dim=4, d_mlp=32,
                                              seed=seed),
                     f"conjunctive, 4 layers, one attention head of width 4, MLP width 32 (seed {seed})")
           for seed in (1,)),

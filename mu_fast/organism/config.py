@@ -113,8 +113,11 @@ class OrganismConfig:
     # ------------------------------------------------------------- presets
     @classmethod
     def demo(cls, **overrides: Any) -> OrganismConfig:
-        """The `make demo` organism: 600 athletes, 4 layers of width 64; about 2 minutes on one CPU core."""
-        return cls(**overrides)
+        """The `make demo` organism: ``multilayer_lookup()`` (600 athletes with conjunctive names, 4 layers of one
+        attention head of width 8 and MLPs of width 32), whose sport lookup at the subject's last token spans MLPs
+        0-2 (benchmarks/results/CPU/organism_study.md); about 70-100 CPU seconds to train. The earlier demo
+        organism (one MLP finished the lookup) is ``OrganismConfig()``."""
+        return cls.multilayer_lookup(**overrides)
 
     @classmethod
     def ci(cls, **overrides: Any) -> OrganismConfig:

@@ -52,13 +52,16 @@ def organism_facts(config: OrganismConfig) -> OrganismFacts:
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where checkpoints live: ``cache_dir``, else ``$MU_FAST_CACHE_DIR/organism``, else ``~/.cache/mu_fast/organism``."""
+    """Where checkpoints live: ``cache_dir``, else ``$MU_FAST_CACHE_DIR/organism``, else ``~/.cache/mu_fast/organism``;
+    without ``cache_dir``, a process running the portable kernels (``mu_fast.determinism``: the demo) uses the sibling
+    folder ``organism-portable``: an organism trained with other kernels is another organism."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
+    from mu_fast.determinism import portable_kernels_in_effect
+
     env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser() / "organism"
-    return Path.home() / ".cache" / "mu_fast" / "organism"
+    root = Path(env).expanduser() / "organism" if env else Path.home() / ".cache" / "mu_fast" / "organism"
+    return root.with_name("organism-portable") if portable_kernels_in_effect() else root
 
 
 def checkpoint_dir(config: OrganismConfig, cache_dir: str | os.PathLike | None = None) -> Path:

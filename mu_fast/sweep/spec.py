@@ -19,11 +19,13 @@ A spec (every key but ``models``, ``tasks`` and ``methods`` is optional)::
       lr: [1.0e-3, 3.0e-3]           # any EditConfig field; a list is an axis (betas: a list of pairs)
       steps: 10
       groups: {broad: {lr: 3.0e-4}}  # per method group (lookup / tracing / broad): overrides, axes allowed
+      methods: {flu: {lr: 2.0e-3}}   # per method: overrides after the group's (e.g. the lr rule's choices)
     seeds: [0, 1]
     evaluations: {formats: all, relearn: {steps: 4, lr: 1.0e-3, lora_rank: 16}, probes: true}
     store: sweeps/ci.jsonl
 
-A run's EditConfig: the preset's fields for the method's group, then ``edit``'s fields, then ``edit.groups[group]``;
+A run's EditConfig: the preset's fields for the method's group, then ``edit``'s fields, then ``edit.groups[group]``,
+then ``edit.methods[method]``;
 then one point of the grid (the product of every list-valued field, in field order); ``seed`` is the run's seed.
 
 Run id (``RunConfig.run_id``): 16 hex digits of sha256 over the canonical JSON (sorted keys) of ``RUN_FORMAT`` and
@@ -205,11 +207,14 @@ def _axes(settings: Mapping[str, Any], fields: Mapping[str, Any], where: str) ->
     return out
 
 
-def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """``[(EditConfig fields, axis values)]`` of one method group: preset, then edit's fields, then the group's."""
+def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | None,
+              method: str | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``[(EditConfig fields, axis values)]`` of one method group: preset, then edit's fields, then the group's, then
+    (with ``method``) the method's own (``edit.methods``)."""
     fields = _edit_fields()
     edit = dict(edit or {})
     groups = dict(edit.pop("groups", None) or {})
+    per_method = dict(edit.pop("methods", None) or {})
     for g in groups:
         if g not in GROUPS:
             raise spec_error("edit.groups", f"unknown method group {g!r}; groups are {', '.join(GROUPS)}")
@@ -217,6 +222,8 @@ def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | 
     axes = {k: [_coerce(k, v, fields[k], f"edit.preset.{k}")] for k, v in base.items() if k in fields and k != "seed"}
     axes.update(_axes(edit, fields, "edit"))
     axes.update(_axes(dict(groups.get(group) or {}), fields, f"edit.groups.{group}"))
+    if method is not None:
+        axes.update(_axes(dict(per_method.get(method) or {}), fields, f"edit.methods.{method}"))
     names = sorted(axes)
     varying = [n for n in names if len(axes[n]) > 1]
     out = []
@@ -306,7 +313,14 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     presets = spec.get("presets") or {}
     if not isinstance(presets, Mapping) or not all(isinstance(v, Mapping) for v in presets.values()):
         raise spec_error("presets", "a mapping {name: {group: {field: value}}}")
-    grids = {g: edit_grid(edit, g, presets) for g in {method_group(m) for m in methods}}
+    per_method = edit.get("methods") or {}
+    if not isinstance(per_method, Mapping) or not all(isinstance(v, Mapping) for v in per_method.values()):
+        raise spec_error("edit.methods", f"a mapping {{method: {{field: value}}}}; got {per_method!r}")
+    unknown = sorted(set(per_method) - set(methods))
+    if unknown:
+        raise spec_error("edit.methods", f"settings for {unknown[0]!r}, which is not among methods {methods}; add it "
+                         "to methods: or drop its entry")
+    grids = {m: edit_grid(edit, method_group(m), presets, m) for m in methods}
     evaluations = resolve_evaluations(spec.get("evaluations"))
     for task in tasks:
         lm = any(settings.get("lm_coef", 1.0) for g in grids.values() for settings, _ in g)
@@ -330,7 +344,7 @@ def expand(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any] 
                 group = method_group(method)
                 budgets = parts["budgets"] if method in BUDGET_METHODS else [None]
                 for budget in budgets:
-                    for settings, axes in parts["grids"][group]:
+                    for settings, axes in parts["grids"][method]:
                         for seed in parts["seeds"]:
                             labels = dict(axes, **({"budget": budget} if len(budgets) > 1 else {}))
                             run = RunConfig(model, task, method, budget, seed, resolved_edit(settings, seed),

@@ -54,6 +54,18 @@ def test_group_overrides_and_budget_axis():
     assert len([r for r in runs if r.method == "flu"]) == 2 * 2 * 2  # tasks x lrs x seeds, not x budgets
 
 
+def test_method_overrides_come_last_and_name_a_listed_method():
+    spec = small_spec(methods=["flu", "random_mlps", "atp"],
+                      edit={"lr": 1e-3, "groups": {"lookup": {"lr": 2e-3}}, "methods": {"flu": {"lr": [5e-3, 1e-2]}}})
+    runs = expand(spec)
+    lrs = {m: sorted({r.edit["lr"] for r in runs if r.method == m}) for m in ("flu", "random_mlps", "atp")}
+    # flu: its own values beat its group's; random_mlps (same group) keeps the group's; atp the spec-wide one
+    assert lrs == {"flu": [5e-3, 1e-2], "random_mlps": [2e-3], "atp": [1e-3]}
+    assert {tuple(r.axes) for r in runs if r.method == "flu"} == {("lr",)}
+    with pytest.raises(ValueError, match="edit.methods.*'ct'.*not among methods"):
+        expand(small_spec(edit={"methods": {"ct": {"lr": 1e-3}}}))
+
+
 def test_run_ids_ignore_key_order_and_number_spelling():
     spec = small_spec()
     reordered = json.loads(json.dumps(dict(reversed(list(spec.items())))))
