@@ -2,7 +2,8 @@
 
 On the demo organism (Llama, 4 layers, width 64, d_mlp 256; trained on CPU and cached), cast to bf16: the
 paper's FLU edit (the fact-lookup MLP layers chosen by ``localize("flu")``) of the first 64 athletes, injecting
-a random other sport, with the organism's "lookup" edit settings (``ORGANISM_EDIT_GROUPS``), three ways: every
+a random other sport, with the organism preset's "lookup" edit settings (``organism_groups()``; results committed before issue 13 used
+the earlier demo organism and its hand-tuned settings, both recorded in the JSON), three ways: every
 non-masked Linear frozen in bf16, int8 (bitsandbytes LLM.int8()) or nf4 (QLoRA NF4). Each edit's delta (the
 masked elements only) is then applied to the same bf16 base. Every accuracy is reported with the precision it
 was measured in: ``trained`` (frozen precision the edit ran against) and ``evaluated`` (bf16 base with the
@@ -34,7 +35,9 @@ from mu_fast.localize import localize  # noqa: E402
 from mu_fast.models import load_for_edit  # noqa: E402
 from mu_fast.models.identity import versions  # noqa: E402
 from mu_fast.organism import organism_task  # noqa: E402
-from mu_fast.pipeline import ORGANISM_EDIT_GROUPS, summarize  # noqa: E402
+from mu_fast.edit import EditConfig  # noqa: E402
+from mu_fast.organism.lr_choice import organism_groups  # noqa: E402
+from mu_fast.pipeline import summarize  # noqa: E402
 
 FROZEN = ("bf16", "int8", "nf4")
 EXTRA_BF16_SEEDS = (1, 2)
@@ -64,7 +67,7 @@ def main() -> dict[str, Any]:
     task = organism_task(organism, forget_split="first_64_unsplit", inject_label="random_without_golf")
     loc = localize("flu", base, tokenizer, task)
     mask = loc.mask
-    config = ORGANISM_EDIT_GROUPS["lookup"]
+    config = EditConfig(**organism_groups()["lookup"])
     print(f"organism {organism.path.name}: FLU layers {loc.info['flu']['layers']}, {mask.param_count():,} masked "
           f"elements, edit {config.steps} steps lr {config.lr}", flush=True)
     from mu_fast.edit.delta import compact

@@ -12,9 +12,7 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -30,12 +28,11 @@ from mu_fast.cli_common import (
     organism_task_of,
     require_known_facts,
 )
+from mu_fast.cli_demo import demo_cmd
 from mu_fast.cli_edit import edit_cmd, evaluate_cmd
-from mu_fast.cli_options import edit_flags, probe_flags, relearn_flags, with_flags
 from mu_fast.cli_plan import plan_cmd
-from mu_fast.cli_run import DEMO_METHODS, parse_methods, report_cmd, run_cmd, run_settings, report_run, sweep_cmd
+from mu_fast.cli_run import report_cmd, run_cmd, sweep_cmd
 from mu_fast.preflight import (
-    ModelRef,
     check_choice,
     check_output,
     check_positive,
@@ -63,78 +60,6 @@ def _options(ctx: typer.Context,
         from mu_fast.console import quiet_third_party
 
         ctx.call_on_close(quiet_third_party())
-
-
-@app.command()
-@with_flags("probe_settings", probe_flags())
-@with_flags("relearn_settings", relearn_flags())
-@with_flags("settings", edit_flags())
-def demo(
-    out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots); finished methods are reused"),
-    preset: str = typer.Option("demo", help="organism preset: demo (600 athletes, about 2 minutes to train) or ci (150 athletes, under a minute)"),
-    forget_split: str = typer.Option("first_64_unsplit", help="forget split, as in the paper"),
-    methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
-    edit_preset: str = typer.Option("organism", help="edit settings the flags override (as `mu-fast run --preset`): organism (tuned on the organism), default, ..."),
-    relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
-    probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
-    fresh: bool = typer.Option(False, help="recompute every method even if its result exists"),
-    portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
-    settings: dict[str, Any] | None = None,
-    relearn_settings: dict[str, Any] | None = None,
-    probe_settings: dict[str, Any] | None = None,
-) -> None:
-    """Train (or load) the model organism, then localize / edit / evaluate it with every method and compare.
-    Every EditConfig field has a flag of its name (over --edit-preset); --relearn-* / --probe-* set the evaluations."""
-    from mu_fast.determinism import DEMO_THREADS, use_portable_kernels
-
-    t0 = time.perf_counter()
-    wanted = portable
-    portable = use_portable_kernels() if wanted else False  # before torch is imported
-    check_choice("--preset", preset, ("demo", "ci"))
-    method_list = parse_methods(methods)
-    configs, options = run_settings(edit_preset, method_list, settings or {}, relearn, probes,
-                                    relearn_settings or {}, probe_settings or {})
-    check_task_options("organism", ModelRef("organism", preset), forget_split, "random_without_golf", None, DATASETS)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
-
-    import torch
-
-    threads = torch.get_num_threads()
-    if wanted:  # one thread even when the kernels could not be chosen: 2 threads stall on a loaded 2-core machine
-        torch.set_num_threads(DEMO_THREADS)
-    try:
-        _demo(out, preset, forget_split, method_list, configs, options, fresh, portable, wanted, t0)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], configs: dict[str, Any], options: Any,
-          fresh: bool, portable: bool, wanted: bool, t0: float) -> None:
-    from mu_fast.organism import OrganismConfig, cache_root, load_organism, organism_task
-    from mu_fast.provenance import model_identity
-
-    screen = console()
-    screen.rule("[bold]mu_fast demo: the model organism")
-    if not portable:
-        why = "torch was loaded before the demo could choose" if wanted else "--native-kernels"
-        screen.print(f"kernels: this CPU's own ({why}); the numbers can differ on another CPU", highlight=False)
-    # An organism trained with other kernels is another organism: the portable one has its own cache folder.
-    cache = cache_root().with_name("organism-portable") if portable else None
-    org = load_organism(getattr(OrganismConfig, preset)(), cache_dir=cache, progress=True)
-    t_org = time.perf_counter() - t0
-    screen.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps({k: round(v, 3) for k, v in org.report.get('accuracy', {}).items()})}")
-    task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
-    provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
-                               "trained_with": org.report.get("versions"),
-                               "train_threads": org.report.get("train", {}).get("threads")}}
-    identity = model_identity(f"organism:{preset}", {"organism": org}, org.model, "fp32")
-    report_run(org.model, org.tokenizer, task, method_list, configs, options, out, fresh,
-               f"organism ({preset}), {forget_split}, edit to a random other sport", identity,
-               {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
-               provenance)
-    kernels = "portable" if portable else "native"
-    screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s)")
 
 
 @app.command("localize")
@@ -229,6 +154,7 @@ def option_words(message: str) -> str:
     return _KEYWORD.sub(cli, message)
 
 
+app.command("demo")(demo_cmd)
 app.command("edit")(edit_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("plan")(plan_cmd)

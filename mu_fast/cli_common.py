@@ -8,7 +8,7 @@ from mu_fast.preflight import ModelRef
 
 DATASETS = ("organism", "sports", "counterfact")
 # `manual` needs layer lists the command line does not take.
-CLI_METHODS = ("flu", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized")
+CLI_METHODS = ("flu", "flu_attn", "atp", "ct", "atp_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized")
 DTYPE_NAMES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 ALLOW_UNKNOWN = "--allow-unknown-facts"
 

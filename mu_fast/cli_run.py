@@ -54,9 +54,11 @@ def parse_methods(methods: str) -> list[str]:
 
 
 def run_settings(preset: str, methods: list[str], settings: Mapping[str, Any], relearn: bool, probes: bool,
-                 relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+                 relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any],
+                 edit_preset: str | None = None) -> tuple[dict[str, Any], Any]:
     """``({method: EditConfig}, RunOptions)`` of ``--preset`` with the given flags over it; every value is checked
-    (errors name the flag) before anything loads."""
+    (errors name the flag) before anything loads. edit_preset: take the edit settings from this preset instead
+    (the evaluation options still from ``preset``)."""
     from mu_fast.cli_options import edit_config
     from mu_fast.pipeline import METHOD_GROUP, RUN_PRESETS
     from mu_fast.sweep.presets import preset_groups
@@ -69,7 +71,7 @@ def run_settings(preset: str, methods: list[str], settings: Mapping[str, Any], r
     check_flag_values(relearn_settings, "relearn")
     check_flag_values(probe_settings, "probe")
     try:
-        groups = preset_groups(preset)
+        groups = preset_groups(edit_preset or preset)
     except ValueError as err:
         raise ValueError(str(err).replace("spec: edit.preset: ", "--preset: ").replace(
             ", or a name defined under presets:", "")) from None
@@ -84,20 +86,26 @@ def run_settings(preset: str, methods: list[str], settings: Mapping[str, Any], r
 
 def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], configs: Mapping[str, Any], options: Any,
                out: Path, fresh: bool, title: str, identity: Mapping[str, Any], task_info: Mapping[str, Any],
-               allow_unknown_facts: bool, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``compare_localizations`` with the command line's report lines; the LM retain loss is off without texts."""
+               allow_unknown_facts: bool, provenance: Mapping[str, Any] | None = None,
+               seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``compare_localizations`` with the command line's report lines; the LM retain loss is off without texts.
+    seeds: every method over these seeds (mean ± std); extra: more fields of results.json (the demo's lr choice)."""
     from mu_fast.pipeline import compare_localizations
 
     if not task.lm_texts:
         configs = {m: replace(c, lm_coef=0.0) for m, c in configs.items()}
     results = compare_localizations(model, tokenizer, task, methods, configs, options, out_dir=out, resume=not fresh,
                                     title=title, allow_unknown_facts=allow_unknown_facts, provenance=provenance,
-                                    identity=identity, task_info=task_info)
+                                    identity=identity, task_info=task_info, seeds=seeds, extra=extra)
     screen = console()
     block = results["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in block["versions"].items() if v)
     host = block["host"]
-    screen.print(f"FLU layers (probe gain at the subject's last token): {results['flu']['layers']}")
+    flu = results["flu"]
+    by_seed = {tuple(v) for v in results.get("flu_by_seed", {}).values()}
+    screen.print(f"FLU layers (probe gain at the subject's last token): {flu['layers']}"
+                 + (f" (other seeds: {sorted(by_seed)})" if len(by_seed) > 1 else "")
+                 + (f"; attention the probe implicates: {flu.get('attn_layers')}" if flu.get("attn_layers") else ""))
     screen.print(f"versions: {versions}; {host['cpu_capability']} kernels, {host['torch_threads']} torch thread(s) on "
                  f"{host['processor']} (all in results.json)", highlight=False)
     screen.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")

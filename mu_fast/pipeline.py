@@ -12,8 +12,8 @@ plots. Before any method runs it checks that the model knows the facts (``mu_fas
 results.json carries the provenance block (``mu_fast.provenance``: versions, threads, CPU kernels, model identity)
 and a legend.
 
-Named presets: the per-group edit settings are ``mu_fast.sweep.presets`` (``organism`` is ``ORGANISM_EDIT_GROUPS``
-below), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``, ``mu_fast.cli_run.run_settings``).
+Named presets: the per-group edit settings are ``mu_fast.sweep.presets`` (``organism``: the lr rule's choices,
+``mu_fast.organism.lr_choice``), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``, ``mu_fast.cli_run.run_settings``).
 """
 
 from __future__ import annotations
@@ -43,23 +43,13 @@ from mu_fast.report import (
 # The paper tunes lr / forget coefficient per group of methods (authors_repo.md §3.4): fact-lookup-sized MLP
 # selections, output-tracing and random selections, and the broad selections. Values below are for the organism.
 METHOD_GROUP = {
-    "flu": "lookup", "random_mlps": "lookup", "atp_mlps": "lookup", "ct_mlps": "lookup",
+    "flu": "lookup", "flu_attn": "lookup", "random_mlps": "lookup", "atp_mlps": "lookup", "ct_mlps": "lookup",
     "atp": "tracing", "ct": "tracing", "random": "tracing",
     "all_mlps": "broad", "nonlocalized": "broad", "manual": "lookup",
 }
-DEMO_METHODS = ("flu", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")
-# Per-group edit settings for the organism, tuned on the demo organism (first_64_unsplit, inject a random other
-# sport) by a small partial sweep (lr 3e-4 / 1e-3 / 3e-3 at 50 steps and maintain_coef 1; lr 1e-3 / 3e-3 / 1e-2 at
-# maintain_coef 5 with 50 and 100 steps), picking per group the lr with the highest forget error at maintain
-# accuracy >= 0.8. The organism stores 600 facts in 4 layers of
-# width 64, so an edit of 64 of them pulls hard on its neighbours: maintain_coef 5 and 100 steps were needed to
-# reach high forget error without collapsing maintain (at the paper's coefficient 1 and 50 steps, maintain fell to
-# 0.6-0.7 before forget error passed 0.7). The organism's LM retain texts are short, so a smaller LM batch.
-ORGANISM_EDIT_GROUPS = {
-    "lookup": EditConfig(steps=100, lr=1e-2, forget_coef=1.0, maintain_coef=5.0, maintain_batch=64, lm_batch=16),
-    "tracing": EditConfig(steps=100, lr=3e-3, forget_coef=1.0, maintain_coef=5.0, maintain_batch=64, lm_batch=16),
-    "broad": EditConfig(steps=100, lr=3e-3, forget_coef=1.0, maintain_coef=5.0, maintain_batch=64, lm_batch=16),
-}
+DEMO_METHODS = ("flu", "flu_attn", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")
+# The organism's edit settings are no longer hand-tuned per group: every method's lr comes from one rule applied to
+# a sweep on a validation forget set (mu_fast.organism.lr_choice; the per-group ``organism`` preset reads it).
 
 
 @dataclass
@@ -232,6 +222,7 @@ def compare_localizations(
     task_info: Mapping[str, Any] | None = None,
     show_table: bool | None = None,
     seeds: Sequence[int] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method and seed; return ``{"methods": {m: aggregate},
     "summary": {m: means}, "summary_std": {m: stds}, ...}``.
@@ -241,6 +232,7 @@ def compare_localizations(
     aggregate (``mu_fast.aggregate.aggregate_runs``) holds the mean and sample std of every summary number over the
     seeds, the components each seed selected and every seed's full record under ``runs``. One JSON per method and
     seed is written as soon as it finishes (``<method>.json`` for one seed, ``<method>.seed<S>.json`` otherwise).
+    extra: further fields of results.json (e.g. the demo's learning-rate choice).
 
     edit_configs: per method (default: ``EditConfig()`` for all). The model is never modified: each method
     edits a deep copy (``edit_and_evaluate``). Raises ``UnknownFactsError`` before any method when the model does
@@ -282,7 +274,7 @@ def compare_localizations(
     results: dict[str, Any] = {"task": task.name, "task_info": dict(task_info or {}), "model": table.arch,
                                "flu": flu.to_dict(), "before": baseline, "known_facts": known.to_dict(),
                                "seed": seeds[0], "seeds": seeds, "provenance": block, "legend": legend(),
-                               "methods": {}}
+                               "methods": {}, **dict(extra or {})}
     # The model, versions and kernels are part of the settings: a result computed under others is recomputed.
     model_key = {k: identity.get(k) for k in ("ref", "config_hash", "organism_hash", "path", "revision", "dtype")}
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}

@@ -27,47 +27,92 @@ def umask_022():
 
 
 def test_demo_runs_the_job_and_writes_the_report(ci_organism, cache_root, tmp_path, monkeypatch, umask_022):
+    """The demo end to end on the CI organism: the lr rule's sweep chooses each method's learning rate (no stored
+    choice matches these settings), then every method runs over two seeds; the report holds per-seed runs, the
+    mean ± std table, the choice and its rule; a rerun recomputes nothing."""
     import transformers
+
+    from mu_fast.sweep.lr_rule import choose_learning_rates
+    from mu_fast.sweep.store import load_results
 
     monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))  # the CLI finds the session's trained CI organism
     out = tmp_path / "report"
-    args = ["demo", "--preset", "ci", "--forget-split", "first_16_unsplit", "--methods", "flu,atp", "--out", str(out)]
+    args = ["demo", "--preset", "ci", "--forget-split", "first_16_unsplit", "--methods", "flu,atp", "--seeds", "0,1",
+            "--steps", "6", "--lr-grid", "3e-3,3e-2", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "organism ready" in result.output and "(before edit)" in result.output
-    for name in ("results.json", "flu.json", "atp.json", "probe_accuracy.png", "localization_map.png", "robustness.png"):
+    assert "choosing learning rates by the rule" in result.output
+    files = ["results.json", "lr_choice.json", "lr_sweep.jsonl", "probe_accuracy.png", "localization_map.png",
+             "robustness.png"] + [f"{m}.seed{s}.json" for m in ("flu", "atp") for s in (0, 1)]
+    for name in files:
         assert (out / name).is_file(), name
         # world-readable like any file written under umask 022 (mkstemp alone makes 0600)
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["flu", "atp"]
+    assert list(results["methods"]) == ["flu", "atp"] and results["seeds"] == [0, 1]
+
+    # The lr rule: its sweep ran on the validation forget set, training format only, and its choice is the rule
+    # applied to those records; each method then edited at its own chosen lr with the demo's shared settings.
+    choice = results["lr_choice"]
+    assert choice == json.loads((out / "lr_choice.json").read_text())
+    records = load_results(out / "lr_sweep.jsonl", status=None)
+    assert len(records) == 2 * 2 * 2 and {r["config"]["task"]["forget_split"] for r in records} == {"next_64_unsplit"}  # methods x lrs x seeds
+    assert all(r["config"]["evaluations"]["formats"] == ["normal"] for r in records)
+    expected = {m: c.lr for m, c in choose_learning_rates(records).items()}
+    assert {m: c["lr"] for m, c in choice["choices"].items()} == expected
+    assert "smallest lr" in choice["rule"] and choice["validation_split"] == "next_64_unsplit"
     before = results["before"]["normal"]["forget"]["acc"]
     for method, record in results["methods"].items():
-        summary = record["summary"]
-        assert summary["trainable_params"] > 0
-        # the edit moved the forget facts (the CI organism knows them: accuracy > 0.9 before)
-        assert before > 0.9 and summary["forget_err"] > 0.3, (method, summary)
-        assert 0.0 <= summary["relearn_acc"] <= 1.0 and "probe_true_acc" in summary
-    assert record["edit"]["config"]["steps"] == 100  # the organism's group settings, not EditConfig defaults
+        summary, std = record["summary"], record["std"]
+        assert summary["trainable_params"] > 0 and set(record["selections"]) == {"0", "1"}
+        assert before > 0.9 and 0.0 <= summary["forget_err"] <= 1.0, (method, summary)
+        assert 0.0 <= summary["relearn_acc"] <= 1.0 and "probe_true_acc" in summary and "forget_err" in std
+        for seed, run in record["runs"].items():
+            assert run["edit"]["config"]["lr"] == expected[method] and run["edit"]["config"]["steps"] == 6
+            assert run["edit"]["config"]["seed"] == int(seed)
 
     # What the numbers came from, and what the names mean, are in the report.
     assert results["provenance"]["versions"]["transformers"] == transformers.__version__
     assert results["provenance"]["organism"]["config_hash"] == ci_organism.config.config_hash()
     assert "m0" not in results["legend"]["components"] and "mL" in results["legend"]["components"]
     assert results["known_facts"]["ok"]
-    # The table and its legend fit 100 columns; third-party bars and warnings stay out.
+    # The table (mean±std cells) and its legend fit 100 columns; third-party bars and warnings stay out.
     table = result.output[result.output.index("organism (ci)"):]
+    assert "mean±std over 2 seeds" in table and "±" in table.splitlines()[5]
     assert "Components:" in table and "mL = MLP of layer L" in " ".join(table.split())
     assert all(len(line) <= 100 for line in table.splitlines()[:8]), table
     for noise in ("Loading weights", "Warning:", "warnings.warn", "deprecated"):
         assert noise not in result.output, noise
 
-    # A second run with the same settings reuses every method's result: the per-method files are not rewritten.
-    stamps = {m: (out / f"{m}.json").stat().st_mtime_ns for m in ("flu", "atp")}
+    # A second run with the same settings reuses the lr choice and every run: nothing is rewritten.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seed*.json")}
+    sweep_size = (out / "lr_sweep.jsonl").stat().st_size
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert {m: (out / f"{m}.json").stat().st_mtime_ns for m in ("flu", "atp")} == stamps
+    assert "choosing learning rates" not in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.seed*.json")} == stamps
+    assert (out / "lr_sweep.jsonl").stat().st_size == sweep_size
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
+
+
+def test_the_committed_lr_choice_is_the_rule_applied_to_its_own_candidates():
+    """mu_fast/organism/demo_lr_choice.json (what `make demo` uses) is the stated rule applied to the candidate
+    numbers it records, for the demo's organism, methods and settings (its key)."""
+    from mu_fast.organism import OrganismConfig
+    from mu_fast.organism.lr_choice import BASE_EDIT, CHOICE_FILE, DEMO_RULE, LR_GRID, choice_key, load_lr_choice
+    from mu_fast.cli_demo import DEMO_METHODS
+    from mu_fast.sweep.lr_rule import LRRule, choose
+
+    key = choice_key(OrganismConfig.demo().config_hash(), DEMO_METHODS.split(","), DEMO_RULE, BASE_EDIT, LR_GRID)
+    stored = load_lr_choice(key)
+    assert stored is not None, f"{CHOICE_FILE} was not made for the demo's current settings; run mu-fast demo --choose-lr"
+    rule = LRRule(**stored["rule_settings"])
+    assert rule == DEMO_RULE and stored["rule"] == DEMO_RULE.describe()
+    for method, entry in stored["choices"].items():
+        assert [c["lr"] for c in entry["candidates"]] == list(LR_GRID)
+        again = choose(method, entry["candidates"], rule)
+        assert (again.lr, again.reason) == (entry["lr"], entry["reason"]), method
 
 
 # ------------------------------------------------------------------ user errors: one line, before any loading

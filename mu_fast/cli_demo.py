@@ -1,0 +1,181 @@
+"""``mu-fast demo``: the model organism, every localization method over several seeds, learning rates by one rule.
+
+1. Train (or load) the organism (``OrganismConfig.demo()``: its sport lookup spans MLPs 0-2).
+2. Learning rates: per method, the one ``mu_fast.organism.lr_choice`` chose by the stated rule on a validation
+   forget set (the committed choice when its key matches; otherwise, or with ``--choose-lr``, the rule's sweep runs
+   first through the sweep engine and its choice is written to the report folder).
+3. ``compare_localizations`` over ``--seeds``: mean ± std per method, the spread of selections, plots with error bars.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mu_fast.cli_common import DATASETS, console
+from mu_fast.cli_options import check_edit_values, probe_flags, relearn_flags, with_flags, edit_flags
+from mu_fast.preflight import ModelRef, check_choice, check_task_options
+
+DEMO_METHODS = "flu,flu_attn,atp,ct,random,random_mlps,all_mlps,nonlocalized"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct non-negative integers, at least one."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is not a comma-separated list of integers; pass e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r} needs distinct non-negative integers, at least one; pass e.g. --seeds 0,1,2")
+    return seeds
+
+
+@with_flags("probe_settings", probe_flags())
+@with_flags("relearn_settings", relearn_flags())
+@with_flags("settings", edit_flags())
+def demo_cmd(
+    out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots); finished runs are reused"),
+    preset: str = typer.Option("demo", help="organism preset: demo (the multilayer-lookup organism, 1-2 minutes to train) or ci (150 athletes, under a minute)"),
+    forget_split: str = typer.Option("first_64_unsplit", help="forget split, as in the paper"),
+    methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
+    seeds: str = typer.Option("0,1,2", help="seeds of everything random (localization noise, random baselines, batch order, relearning, probes)"),
+    edit_preset: str = typer.Option("organism", help="organism: every method's lr chosen by the lr rule (mu_fast.organism.lr_choice); or a preset of `mu-fast run --preset` (default, paper_sports:...)"),
+    choose_lr: bool = typer.Option(False, help="run the lr rule's sweep even if a stored choice matches"),
+    lr_grid: str | None = typer.Option(None, help="learning rates the rule chooses from, comma-separated (default: mu_fast.organism.lr_choice.LR_GRID)"),
+    relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
+    probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
+    fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
+    portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
+    settings: dict[str, Any] | None = None,
+    relearn_settings: dict[str, Any] | None = None,
+    probe_settings: dict[str, Any] | None = None,
+) -> None:
+    """Train (or load) the model organism, then localize / edit / evaluate it with every method over several seeds,
+    each method at the learning rate one rule chose for it. Every EditConfig field has a flag of its name."""
+    from mu_fast.cli_run import parse_methods, run_settings
+    from mu_fast.determinism import DEMO_THREADS, use_portable_kernels
+
+    t0 = time.perf_counter()
+    wanted = portable
+    portable = use_portable_kernels() if wanted else False  # before torch is imported
+    check_choice("--preset", preset, ("demo", "ci"))
+    method_list = parse_methods(methods)
+    seed_list = parse_seeds(seeds)
+    grid = parse_grid(lr_grid)
+    flags = check_edit_values(settings or {})
+    if "lr" in flags and edit_preset == "organism":
+        raise ValueError("--lr would override every method's chosen learning rate; drop it (the lr rule chooses "
+                         "them) or pass --edit-preset default to set one lr for all")
+    # With the organism preset the edit settings come from the lr rule's choice (below), after the organism loads.
+    configs, options = run_settings(edit_preset, method_list, flags, relearn, probes, relearn_settings or {},
+                                    probe_settings or {}, edit_preset="default" if edit_preset == "organism" else None)
+    check_task_options("organism", ModelRef("organism", preset), forget_split, "random_without_golf", None, DATASETS)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
+
+    import torch
+
+    threads = torch.get_num_threads()
+    if wanted:  # one thread even when the kernels could not be chosen: 2 threads stall on a loaded 2-core machine
+        torch.set_num_threads(DEMO_THREADS)
+    try:
+        _demo(out, preset, forget_split, method_list, seed_list, edit_preset, flags, configs, options, choose_lr,
+              grid, fresh, portable, wanted, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], seeds: list[int], edit_preset: str,
+          flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
+          fresh: bool, portable: bool, wanted: bool, t0: float) -> None:
+    from mu_fast.cli_run import report_run
+    from mu_fast.organism import OrganismConfig, load_organism, organism_task
+    from mu_fast.provenance import model_identity
+
+    screen = console()
+    screen.rule("[bold]mu_fast demo: the model organism")
+    if not portable:
+        why = "torch was loaded before the demo could choose" if wanted else "--native-kernels"
+        screen.print(f"kernels: this CPU's own ({why}); the numbers can differ on another CPU", highlight=False)
+    # An organism trained with other kernels is another organism: portable ones live in organism-portable.
+    org = load_organism(getattr(OrganismConfig, preset)(), progress=True)
+    t_org = time.perf_counter() - t0
+    accuracy = {k: round(v, 3) for k, v in org.report.get("accuracy", {}).items()}
+    screen.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps(accuracy)}")
+    lr_choice = None
+    if edit_preset == "organism":
+        lr_choice = demo_lr_choice(org, preset, method_list, out, choose_lr, portable, flags, grid)
+        from mu_fast.organism.lr_choice import edit_configs
+
+        configs = edit_configs(lr_choice, method_list)
+        screen.print(lr_lines(lr_choice, method_list), highlight=False)
+    task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
+    provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
+                               "trained_with": org.report.get("versions"),
+                               "train_threads": org.report.get("train", {}).get("threads")}}
+    identity = model_identity(f"organism:{preset}", {"organism": org}, org.model, "fp32")
+    t_runs = time.perf_counter()
+    report_run(org.model, org.tokenizer, task, method_list, configs, options, out, fresh,
+               f"organism ({preset}), {forget_split}, edit to a random other sport", identity,
+               {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
+               provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None)
+    kernels = "portable" if portable else "native"
+    screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s, "
+                 f"{len(method_list)} methods × {len(seeds)} seeds {time.perf_counter() - t_runs:.1f} s)")
+
+
+def parse_grid(text: str | None) -> tuple[float, ...] | None:
+    """``"1e-3,5e-3"`` -> ``(0.001, 0.005)`` (ascending, distinct, positive); None for the default grid."""
+    if text is None:
+        return None
+    try:
+        grid = tuple(sorted({float(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise ValueError(f"--lr-grid {text!r} is not a comma-separated list of numbers; pass e.g. --lr-grid 1e-3,5e-3") from None
+    if not grid or grid[0] <= 0:
+        raise ValueError(f"--lr-grid {text!r} needs positive learning rates, at least one; pass e.g. --lr-grid 1e-3,5e-3")
+    return grid
+
+
+def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_lr: bool, portable: bool,
+                   flags: dict[str, Any], grid: tuple[float, ...] | None) -> dict[str, Any]:
+    """The lr rule's choice for this organism, these methods and these settings (``BASE_EDIT`` with the edit flags
+    over it): the committed one, or the report folder's from an earlier run, if made under the same key; else run the
+    rule's sweep now (``choose_demo_lrs``) and keep it in ``out/lr_choice.json``."""
+    from mu_fast.organism.lr_choice import BASE_EDIT, DEMO_RULE, LR_GRID, choice_key, choose_demo_lrs, load_lr_choice
+    from mu_fast.report import write_json
+
+    base = {**BASE_EDIT, **flags}
+    grid = grid or LR_GRID
+    key = choice_key(org.config.config_hash(), methods, base=base, grid=grid, portable=portable)
+    local = out / "lr_choice.json"
+    if not choose_lr:
+        for path in (None, local):
+            found = load_lr_choice(key) if path is None else load_lr_choice(key, path)
+            if found is not None:
+                return found
+    screen = console()
+    screen.print(f"choosing learning rates by the rule: {DEMO_RULE.describe()}", highlight=False)
+    ref = "organism" if preset == "demo" else f"organism:{preset}"
+    choice = choose_demo_lrs(ref, org.config.config_hash(), methods, out / "lr_sweep.jsonl", base=base, grid=grid,
+                             portable=portable)
+    write_json(local, choice)
+    screen.print(f"lr choice written to {local} (copy it over mu_fast/organism/demo_lr_choice.json to ship it)")
+    return choice
+
+
+def lr_lines(choice: dict[str, Any], methods: list[str]) -> str:
+    """Two lines: the rule, then each method's lr (``*`` where the rule fell back: target not reached / floor)."""
+    parts = []
+    for method in methods:
+        c = choice["choices"][method]
+        mark = "" if c["reason"].startswith("smallest") else "*"
+        parts.append(f"{method} {c['lr']:g}{mark}")
+    text = f"learning rates ({choice['rule']}): " + ", ".join(parts)
+    if any(p.endswith("*") for p in parts):
+        text += " (* = no lr met the target; the rule's fallback, see results.json lr_choice)"
+    return text
