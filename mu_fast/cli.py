@@ -8,10 +8,18 @@ Third-party progress bars and warnings are silenced (``mu_fast.console``); mu_fa
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import sys
+
+from mu_fast.determinism import wants_portable_kernels, use_portable_kernels
+
+# The demo's portable kernels must be chosen before torch loads, and building the commands' flags (EditConfig's
+# fields) imports torch: so decide here, before the imports below, from the command line this process runs.
+if wants_portable_kernels(sys.argv[1:]):
+    use_portable_kernels()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re
 from pathlib import Path
 
 import typer

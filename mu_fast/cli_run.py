@@ -105,7 +105,9 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
     by_seed = {tuple(v) for v in results.get("flu_by_seed", {}).values()}
     screen.print(f"FLU layers (probe gain at the subject's last token): {flu['layers']}"
                  + (f" (other seeds: {sorted(by_seed)})" if len(by_seed) > 1 else "")
-                 + (f"; attention the probe implicates: {flu.get('attn_layers')}" if flu.get("attn_layers") else ""))
+                 + (f"; attention the probe implicates: {flu.get('attn_layers')}" if flu.get("attn_layers") else "")
+                 + (f"; attention's share of the probe's rise: {share:.2f}"
+                    if (share := (flu.get("enrichment") or {}).get("attn_share")) is not None else ""))
     screen.print(f"versions: {versions}; {host['cpu_capability']} kernels, {host['torch_threads']} torch thread(s) on "
                  f"{host['processor']} (all in results.json)", highlight=False)
     screen.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")

@@ -23,6 +23,13 @@ PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", 
 DEMO_THREADS = 1
 
 
+def wants_portable_kernels(argv: list[str]) -> bool:
+    """Whether the command line ``argv`` (without the program name) runs the demo with portable kernels (the
+    default; ``--native-kernels`` opts out)."""
+    words = [a for a in argv if not a.startswith("-")]
+    return bool(words) and words[0] == "demo" and "--native-kernels" not in argv
+
+
 def use_portable_kernels() -> bool:
     """Select the portable kernels for this process if torch is not imported yet; return whether they are in effect."""
     if "torch" not in sys.modules:

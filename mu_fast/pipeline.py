@@ -272,7 +272,7 @@ def compare_localizations(
     stages.close()
     flu = flus[seeds[0]]
     results: dict[str, Any] = {"task": task.name, "task_info": dict(task_info or {}), "model": table.arch,
-                               "flu": flu.to_dict(), "before": baseline, "known_facts": known.to_dict(),
+                               "flu": {**flu.to_dict(), "enrichment": flu.enrichment_shares()}, "before": baseline, "known_facts": known.to_dict(),
                                "seed": seeds[0], "seeds": seeds, "provenance": block, "legend": legend(),
                                "methods": {}, **dict(extra or {})}
     # The model, versions and kernels are part of the settings: a result computed under others is recomputed.
@@ -331,7 +331,7 @@ def compare_localizations(
             out / "probe_accuracy.png", chance=flu.chance, selected=flu.layers,
         )
         plot_localization_map({m: r["layer_fractions"] for m, r in results["methods"].items()}, table.n_layers,
-                              out / "localization_map.png", n_seeds=len(seeds))
+                              out / "localization_map.png", n_seeds=len(seeds), enrichment=flu.enrichment_shares())
         plot_robustness(summaries, out / "robustness.png", stds=stds, before=before_summary(baseline))
     if progress if show_table is None else show_table:
         before_row = {BEFORE_ROW: before_summary(baseline)}

@@ -199,13 +199,20 @@ def plot_probe_accuracy(curves: Mapping[str, Sequence[float]], path: str | os.Pa
 
 
 def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]], n_layers: int, path: str | os.PathLike,
-                          n_seeds: int = 1) -> Path:
+                          n_seeds: int = 1, enrichment: Mapping[str, Any] | None = None) -> Path:
     """Heat map: rows = methods × {attn, mlp}, columns = layers, value = fraction of that block trained (averaged
-    over ``n_seeds`` seeds: a block one seed in three trains shows at 1/3)."""
+    over ``n_seeds`` seeds: a block one seed in three trains shows at 1/3). enrichment (``FLUResult.
+    enrichment_shares()``): two first rows with each block's share of the probe's rise (where the lookup happens)."""
     plt = _plt()
     import numpy as np
 
     labels, rows = [], []
+    rise = (enrichment or {}).get("rise") or 0
+    if rise > 0:
+        for kind in ("attn", "mlp"):
+            gains = [max(0.0, g / rise) for g in enrichment[f"{kind}_gain"]]
+            labels.append(f"probe rise share · {kind}")
+            rows.append((gains + [0.0] * n_layers)[:n_layers])
     for method, sel in selections.items():
         for kind in ("attn", "mlp"):
             labels.append(f"{method} · {kind}")
@@ -217,7 +224,8 @@ def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]
     ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
     ax.set_title("What each localization trains (fraction of the block" +
-                 (f", mean over {n_seeds} seeds)" if n_seeds > 1 else ")"), fontsize=10)
+                 (f", mean over {n_seeds} seeds)" if n_seeds > 1 else ")") +
+                 ("\nfirst rows: each block's share of the FLU probe's rise" if rise > 0 else ""), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

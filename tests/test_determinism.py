@@ -30,3 +30,22 @@ def test_after_torch_loaded_they_are_reported_as_not_in_effect(monkeypatch):
     assert use_portable_kernels() is False  # torch is loaded: nothing can change any more
     assert all(os.environ.get(k) is None for k in PORTABLE_KERNELS)
     assert kernel_settings()["portable"] is False
+
+
+def test_the_demo_command_gets_portable_kernels_through_the_entry_point():
+    """`mu-fast demo` builds its flags from EditConfig (which loads torch) when mu_fast.cli is imported: the kernels
+    must be chosen before that, from the command line, or the demo silently runs this CPU's own kernels."""
+    code = ("import sys\n"
+            "sys.argv = ['mu-fast'] + sys.argv[1:]\n"
+            "import mu_fast.cli\n"
+            "from mu_fast.determinism import kernel_settings\n"
+            "print(kernel_settings()['portable'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+    env["PYTHONPATH"] = str(REPO)
+    seen = {}
+    for args in (["demo", "--help"], ["--debug", "demo"], ["demo", "--native-kernels"], ["run", "organism"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        seen[" ".join(args)] = proc.stdout.strip()
+    assert seen == {"demo --help": "True", "--debug demo": "True", "demo --native-kernels": "False",
+                    "run organism": "False"}
