@@ -108,7 +108,7 @@ def protocol_overrides(protocol: Mapping[str, Any], settings: Mapping[str, Any],
     for field, value in edit.items():
         value = list(value) if isinstance(value, tuple) else value
         edit[field] = value
-        authors = sorted({str(g.get(field, "default")) for g in protocol["edit_groups"].values()})
+        authors = sorted({str(g.get(field, "EditConfig default")) for g in protocol["edit_groups"].values()})
         _warn(warnings, f"--{field.replace('_', '-')} {value} replaces the authors' {field} ({' / '.join(authors)}) in every method")
     evaluations = dict(protocol["evaluations"])
     if not relearn:
@@ -167,7 +167,7 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
               relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any],
               fixed: Mapping[str, Any]) -> None:
     """``mu-fast run MODEL --preset paper`` (module docstring); every option is checked before anything loads."""
-    from mu_fast.cli_common import DTYPE_NAMES, console
+    from mu_fast.cli_common import DTYPE_NAMES
     from mu_fast.paper_protocol import paper_protocol
     from mu_fast.preflight import check_choice
 
@@ -189,10 +189,10 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
     edit, evaluations, warnings = protocol_overrides(protocol, settings, relearn, probes, relearn_settings,
                                                      probe_settings, paper_evals, dtype)
     if texts is None:
+        edit.setdefault("lm_coef", 0.0)
         _warn(warnings, "--lm-texts none drops the LM retain loss")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the results")
-    screen = console()
     print(f"paper protocol: {model} as {key}, {dataset} {experiment}; edit preset {protocol['edit_preset']}; "
           f"FLU layers {protocol['flu_layers']}; budget {protocol['budget']:,} params")
     for line in [*describe_methods(protocol, chosen, edit), *warnings]:
@@ -221,18 +221,20 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         kept = store.with_name(f"{store.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
         store.rename(kept)
         print(f"--fresh: the earlier results are kept as {kept}")
-    result = sweep.run(spec, store=store)
-    screen.print(str(result), highlight=False)
+    result = sweep.run(spec, store=store, retry_failed=True)  # a rerun after a fix retries the failed runs
+    print(str(result))
     from mu_fast.sweep.report import write_report
     from mu_fast.sweep.store import load_results
 
     records = load_results(store)
     if not any(r.get("status") == "ok" for r in records):
-        raise RuntimeError(f"no run of {store} finished; see the failed records' error fields in {store}")
+        first = next((r["error"] for r in records if r.get("error")), {"type": "?", "message": "no record"})
+        raise RuntimeError(f"no run of {store} finished (first error: {first['type']}: {first['message']}); fix the "
+                           "cause and run again (the failed runs are retried; finished ones are kept)")
     written = write_report(records, out / "report")
     print(written["text"])
-    screen.print(f"report: {out / 'report'}/ (table.txt, {len(written['plots'])} plots); store: {store}; "
-                 f"total {time.perf_counter() - t0:.1f} s", highlight=False)
+    print(f"report: {out / 'report'}/ (table.txt, {len(written['plots'])} plots); store: {store}; "
+          f"total {time.perf_counter() - t0:.1f} s")
 
 
 def run_sequential(model: str, key: str, protocol: Mapping[str, Any], methods: list[str], edit: Mapping[str, Any],
