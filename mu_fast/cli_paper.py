@@ -183,8 +183,11 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
     check_choice("--dtype", dtype, DTYPE_NAMES)
     key = infer_paper_model(model, paper_model)
     texts = None if lm_texts in ("none", "None") else (lm_texts or "pile")
-    protocol = paper_protocol(key, dataset, experiment, model_ref=model, lm_texts=texts, seeds=parse_seeds(seeds))
+    seed_list = parse_seeds(seeds)
+    protocol = paper_protocol(key, dataset, experiment, model_ref=model, lm_texts=texts, seeds=seed_list)
     sequential = protocol["spec"] is None
+    if sequential and len(seed_list) > 1:
+        raise ValueError(f"--seeds {seeds}: the sequential experiment runs one seed per call; pass one seed")
     chosen = paper_methods(methods, default_methods, sequential)
     edit, evaluations, warnings = protocol_overrides(protocol, settings, relearn, probes, relearn_settings,
                                                      probe_settings, paper_evals, dtype)
@@ -201,7 +204,7 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         for part in protocol["partitions"]:
             print(f"partition {part['range']}: FLU layers {part['flu_layers']}, budget {part['budget']:,} params")
         if not dry_run:
-            run_sequential(model, key, protocol, chosen, edit, texts, dtype, out)
+            run_sequential(model, key, protocol, chosen, edit, texts, dtype, out, seed_list[0])
         return
     spec = dict(protocol["spec"])
     spec["methods"] = chosen
@@ -238,10 +241,11 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
 
 
 def run_sequential(model: str, key: str, protocol: Mapping[str, Any], methods: list[str], edit: Mapping[str, Any],
-                   texts: str | None, dtype: str, out: Path) -> None:
+                   texts: str | None, dtype: str, out: Path, seed: int = 0) -> None:
     """The sequential CounterFact experiment: per paper selection, ``sequential_edit`` over the 4 partitions with
     their own masks (``paper_sequential_masks``); the model is restored between methods. Writes
-    ``out/<method>.json`` (partitions' records, edit settings, provenance block) and prints a short table."""
+    ``out/<method>.json`` (partitions' records, edit settings, provenance block) and prints a short table.
+    ``seed``: the edit's data order (EditConfig.seed, unless --seed overrides it)."""
     import torch
 
     from mu_fast.cli_common import identity_of, load_model_ref
@@ -263,7 +267,7 @@ def run_sequential(model: str, key: str, protocol: Mapping[str, Any], methods: l
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in methods:
-        fields = {**protocol["methods"][method]["edit"], **edit}
+        fields = {"seed": seed, **protocol["methods"][method]["edit"], **edit}
         if not texts:
             fields["lm_coef"] = 0.0
         if "betas" in fields:

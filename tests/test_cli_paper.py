@@ -16,6 +16,17 @@ from tests.test_cli import no_loading, run_main  # noqa: F401 (fixture)
 from tests.test_cli_run import _sports_checkpoint
 from tests.test_paper_protocol import authors_table
 
+@pytest.fixture
+def one_torch_thread():
+    """As tests/sweep: on the shared 2-core machine one torch thread runs the tiny edits faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 HUB_IDS = {"gemma-7b": "google/gemma-7b", "gemma-2-9b": "google/gemma-2-9b", "llama-3-8b": "meta-llama/Meta-Llama-3-8B"}
 ROW = re.compile(r"^(\S+)\s+(lookup|tracing|broad)\s+lr=(\S+)\s+forget_coef=(\S+)\s+steps=(\d+)\s+8bit=(yes|no)", re.M)
 
@@ -109,6 +120,8 @@ PAPER_ERRORS = {
                          "--paper-evals", "mmlu"], "--paper-evals 'mmlu'"),
     "bad paper model": (["google/gemma-7b", "--preset", "paper", "--dataset", "sports", "--experiment", "forget_16",
                          "--paper-model", "gpt-2"], "--paper-model 'gpt-2'"),
+    "sequential with seeds": (["google/gemma-7b", "--preset", "paper", "--dataset", "counterfact", "--experiment",
+                               "forget_64_sequential", "--seeds", "0,1"], "one seed per call"),
     "paper option without the preset": (["organism:ci", "--experiment", "forget_16"], "options of --preset paper"),
 }
 
@@ -133,7 +146,7 @@ def test_sequential_dry_run_lists_the_partitions(data_dir, tmp_path, capsys, no_
         assert f"partition {part['range']}: FLU layers {part['flu_layers']}" in stdout
 
 
-def test_tiny_paper_run_end_to_end(data_dir, tmp_path, capsys, monkeypatch):
+def test_tiny_paper_run_end_to_end(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
     """A 5-layer random Llama with a word tokenizer of the sports prompts stands in for Llama-3-8B (whose sports FLU
     layers are 1-4): paper:flu and random_mlps, 2 steps each, through the sweep engine to the table and plots."""
     monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
@@ -209,7 +222,7 @@ def _word_checkpoint(folder, tasks, layers):
     return folder
 
 
-def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch):
+def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
     """A 20-layer random Llama stands in for Gemma-7B (whose CounterFact FLU layers all lie below 20): paper:flu
     edited over the 4 CounterFact partitions (2 steps each, each partition its own FLU layers); one JSON with the
     provenance block and the authors' lr."""
