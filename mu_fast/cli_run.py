@@ -125,20 +125,36 @@ def run_cmd(
     cf_model: str | None = typer.Option(None, help="CounterFact table: gemma-7b, gemma-2-9b, llama-3-8b"),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
     methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
-    preset: str = typer.Option("default", help="edit settings the flags override: default (the paper's loop), organism (the demo's, tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>"),
+    preset: str = typer.Option("default", help="edit settings the flags override: default (the paper's loop), organism (the demo's, tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; paper: the authors' whole protocol (--experiment, mu_fast.cli_paper)"),
     out: Path = typer.Option(Path("reports/run"), help="report folder (JSON + plots); finished methods are reused"),
     relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
     fresh: bool = typer.Option(False, help="recompute every method even if its result exists"),
     dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32 (the organism: always fp32)"),
     allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts"),
+    experiment: str | None = typer.Option(None, help="--preset paper: forget_16, forget_64, sport_golf (sports), forget_64_sequential (counterfact)"),
+    paper_model: str | None = typer.Option(None, help="--preset paper: gemma-7b, gemma-2-9b or llama-3-8b (default: from MODEL's name or config.json)"),
+    seeds: str = typer.Option("0", help="--preset paper: the runs' seeds, e.g. 0,1,2 (the authors ran one)"),
+    paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
+    dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),
     settings: dict[str, Any] | None = None,
     relearn_settings: dict[str, Any] | None = None,
     probe_settings: dict[str, Any] | None = None,
 ) -> None:
     """Localize / edit / evaluate MODEL with every method and compare them (the demo's report, on any model).
-    Every EditConfig field has a flag of its name; --relearn-* / --probe-* set the evaluations."""
+    Every EditConfig field has a flag of its name; --relearn-* / --probe-* set the evaluations.
+    --preset paper runs the authors' protocol instead (mu_fast.cli_paper; flags that change it warn)."""
     t0 = time.perf_counter()
+    if preset == "paper":
+        from mu_fast.cli_paper import run_paper
+
+        return run_paper(model, dataset, experiment, paper_model, methods, DEMO_METHODS, lm_texts, seeds, out, dry_run,
+                         fresh, dtype, relearn, probes, paper_evals, settings or {}, relearn_settings or {},
+                         probe_settings or {}, {"forget_split": forget_split, "inject_label": inject_label,
+                                                "cf_model": cf_model})
+    if experiment or paper_model or dry_run or seeds != "0" or paper_evals != "all":
+        raise ValueError("--experiment, --paper-model, --seeds, --paper-evals and --dry-run are options of "
+                         "--preset paper; add --preset paper or drop them")
     method_list = parse_methods(methods)
     check_choice("--dtype", dtype, DTYPE_NAMES)
     configs, options = run_settings(preset, method_list, settings or {}, relearn, probes, relearn_settings or {},

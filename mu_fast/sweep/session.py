@@ -98,6 +98,12 @@ def build_task(ref: Mapping[str, Any], info: Mapping[str, Any], tokenizer: Any) 
                                  maintain_split=ref["maintain_split"], lm_texts=texts)
 
 
+def _paper_forget_range(run: RunConfig) -> str:
+    """The paper's files' fact range of a run's forget split: ``first_64_unsplit`` -> ``0_64``, else ``0_16``."""
+    split = run.task["forget_split"]
+    return f"0_{split.split('_')[1]}" if split.startswith("first_") else "0_16"
+
+
 class CachedTokenizer:
     """A tokenizer whose calls are memoized: the edit loop and the relearning attack tokenize the task's LM texts
     and prompts again on every call (``mu_fast.edit.loop.edit`` one text at a time), which on the organism cost
@@ -208,7 +214,16 @@ class ModelSession:
             from mu_fast.localize import localize
 
             needs_flu = run.method in ("flu", "random_mlps") or (run.budget is None and run.method in BUDGET_METHODS)
-            flu = self.flu(run, task) if needs_flu else None
+            paper = paper_model_of(self.ref) if run.method == "random_mlps" else None
+            if paper is not None:  # the authors drew as many random MLP layers as their FLU layers, not ours
+                from types import SimpleNamespace
+
+                from mu_fast.localize.paper_graphs import paper_flu_layers
+
+                dataset = "counterfact" if run.task["dataset"] == "counterfact" else "sports"
+                flu = SimpleNamespace(layers=paper_flu_layers(paper, dataset, _paper_forget_range(run)))
+            else:
+                flu = self.flu(run, task) if needs_flu else None
             loc = localize(run.method, self.model, self.tokenizer, task, budget=run.budget, flu=flu, seed=run.seed)
         self._localizations[key] = loc
         return loc, False
@@ -219,8 +234,7 @@ class ModelSession:
         from mu_fast.masks import Mask
 
         method = run.method.split(":", 1)[1]
-        size = run.task["forget_split"].split("_")[1] if run.task["forget_split"].startswith("first_") else "16"
-        comps = paper_localization(paper_model_of(self.ref), run.task["dataset"], method, f"0_{size}")
+        comps = paper_localization(paper_model_of(self.ref), run.task["dataset"], method, _paper_forget_range(run))
         mask = Mask.from_components(self.table, comps, meta={"method": run.method})
         return Localization(run.method, comps, mask, {}, run.budget, {})
 
