@@ -92,8 +92,12 @@ def selection_lines(methods: Mapping[str, Mapping[str, Any]], n_seeds: int, widt
             text = f"  {method}: the same on every seed: {shown}"
         else:
             parts = selection_spread(sel).split(", ")
-            shown = ", ".join(parts[:max_components]) + (f", … ({len(parts)} in all)" if len(parts) > max_components else "")
-            text = f"  {method}: {shown}"
+            head = f"  {method}: "
+            for k in range(min(len(parts), max_components), 0, -1):
+                rest = f", … ({len(parts)} in all)" if k < len(parts) else ""
+                text = head + ", ".join(parts[:k]) + rest
+                if len(text) <= width:
+                    break
         lines.append(text if len(text) <= width else text[: width - 1] + "…")
     return lines
 

@@ -18,7 +18,7 @@ import typer
 
 from mu_fast.cli_common import DATASETS, console
 from mu_fast.cli_options import check_edit_values, probe_flags, relearn_flags, with_flags, edit_flags
-from mu_fast.preflight import ModelRef, check_choice, check_task_options
+from mu_fast.preflight import ModelRef, check_choice, check_positive, check_task_options
 
 DEMO_METHODS = "flu,flu_attn,atp,ct,random,random_mlps,all_mlps,nonlocalized"
 
@@ -48,6 +48,7 @@ def demo_cmd(
     lr_grid: str | None = typer.Option(None, help="learning rates the rule chooses from, comma-separated (default: mu_fast.organism.lr_choice.LR_GRID)"),
     relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
+    workers: int = typer.Option(2, help="worker processes for the runs, one torch thread each (the numbers do not depend on it)"),
     fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
     portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
     settings: dict[str, Any] | None = None,
@@ -66,6 +67,7 @@ def demo_cmd(
     method_list = parse_methods(methods)
     seed_list = parse_seeds(seeds)
     grid = parse_grid(lr_grid)
+    check_positive("--workers", workers, integer=True)
     flags = check_edit_values(settings or {})
     if "lr" in flags and edit_preset == "organism":
         raise ValueError("--lr would override every method's chosen learning rate; drop it (the lr rule chooses "
@@ -84,14 +86,14 @@ def demo_cmd(
         torch.set_num_threads(DEMO_THREADS)
     try:
         _demo(out, preset, forget_split, method_list, seed_list, edit_preset, flags, configs, options, choose_lr,
-              grid, fresh, portable, wanted, t0)
+              grid, workers, fresh, portable, wanted, t0)
     finally:
         torch.set_num_threads(threads)
 
 
 def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], seeds: list[int], edit_preset: str,
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
-          fresh: bool, portable: bool, wanted: bool, t0: float) -> None:
+          workers: int, fresh: bool, portable: bool, wanted: bool, t0: float) -> None:
     from mu_fast.cli_run import report_run
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
@@ -122,7 +124,7 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
     report_run(org.model, org.tokenizer, task, method_list, configs, options, out, fresh,
                f"organism ({preset}), {forget_split}, edit to a random other sport", identity,
                {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
-               provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None)
+               provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None, workers=workers)
     kernels = "portable" if portable else "native"
     screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s, "
                  f"{len(method_list)} methods × {len(seeds)} seeds {time.perf_counter() - t_runs:.1f} s)")

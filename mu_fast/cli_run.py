@@ -37,7 +37,7 @@ from mu_fast.cli_options import (
     relearn_flags,
     with_flags,
 )
-from mu_fast.preflight import check_choice, check_task_options, resolve_model
+from mu_fast.preflight import check_choice, check_positive, check_task_options, resolve_model
 
 EXECUTORS = ("local", "processes", "gpus", "ray")
 DEMO_METHODS = "flu,atp,ct,random,random_mlps,all_mlps,nonlocalized"
@@ -87,7 +87,8 @@ def run_settings(preset: str, methods: list[str], settings: Mapping[str, Any], r
 def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], configs: Mapping[str, Any], options: Any,
                out: Path, fresh: bool, title: str, identity: Mapping[str, Any], task_info: Mapping[str, Any],
                allow_unknown_facts: bool, provenance: Mapping[str, Any] | None = None,
-               seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None,
+               workers: int = 1) -> dict[str, Any]:
     """``compare_localizations`` with the command line's report lines; the LM retain loss is off without texts.
     seeds: every method over these seeds (mean ± std); extra: more fields of results.json (the demo's lr choice)."""
     from mu_fast.pipeline import compare_localizations
@@ -96,7 +97,8 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
         configs = {m: replace(c, lm_coef=0.0) for m, c in configs.items()}
     results = compare_localizations(model, tokenizer, task, methods, configs, options, out_dir=out, resume=not fresh,
                                     title=title, allow_unknown_facts=allow_unknown_facts, provenance=provenance,
-                                    identity=identity, task_info=task_info, seeds=seeds, extra=extra)
+                                    identity=identity, task_info=task_info, seeds=seeds, extra=extra,
+                                    workers=workers)
     screen = console()
     block = results["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in block["versions"].items() if v)
@@ -104,7 +106,8 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
     flu = results["flu"]
     by_seed = {tuple(v) for v in results.get("flu_by_seed", {}).values()}
     screen.print(f"FLU layers (probe gain at the subject's last token): {flu['layers']}"
-                 + (f" (other seeds: {sorted(by_seed)})" if len(by_seed) > 1 else "")
+                 + (" (" + ", ".join(f"seed {k}: {v}" for k, v in results["flu_by_seed"].items()
+                                     if v != flu["layers"]) + ")" if len(by_seed) > 1 else "")
                  + (f"; attention the probe implicates: {flu.get('attn_layers')}" if flu.get("attn_layers") else "")
                  + (f"; attention's share of the probe's rise: {share:.2f}"
                     if (share := (flu.get("enrichment") or {}).get("attn_share")) is not None else ""))
@@ -134,7 +137,8 @@ def run_cmd(
     allow_unknown_facts: bool = typer.Option(False, ALLOW_UNKNOWN, help="run even if the model does not know the facts"),
     experiment: str | None = typer.Option(None, help="--preset paper: forget_16, forget_64, sport_golf (sports), forget_64_sequential (counterfact)"),
     paper_model: str | None = typer.Option(None, help="--preset paper: gemma-7b, gemma-2-9b or llama-3-8b (default: from MODEL's name or config.json)"),
-    seeds: str = typer.Option("0", help="--preset paper: the runs' seeds, e.g. 0,1,2 (the authors ran one)"),
+    seeds: str = typer.Option("0", help="seeds of everything random, e.g. 0,1,2: every method runs once per seed and the table shows mean ± std (the authors ran one)"),
+    workers: int = typer.Option(1, help="worker processes for the runs (one torch thread each; same numbers as one process)"),
     paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
     dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),
     settings: dict[str, Any] | None = None,
@@ -152,9 +156,13 @@ def run_cmd(
                          fresh, dtype, relearn, probes, paper_evals, settings or {}, relearn_settings or {},
                          probe_settings or {}, {"forget_split": forget_split, "inject_label": inject_label,
                                                 "cf_model": cf_model})
-    if experiment or paper_model or dry_run or seeds != "0" or paper_evals != "all":
-        raise ValueError("--experiment, --paper-model, --seeds, --paper-evals and --dry-run are options of "
+    if experiment or paper_model or dry_run or paper_evals != "all":
+        raise ValueError("--experiment, --paper-model, --paper-evals and --dry-run are options of "
                          "--preset paper; add --preset paper or drop them")
+    from mu_fast.cli_demo import parse_seeds
+
+    seed_list = parse_seeds(seeds)
+    check_positive("--workers", workers, integer=True)
     method_list = parse_methods(methods)
     check_choice("--dtype", dtype, DTYPE_NAMES)
     configs, options = run_settings(preset, method_list, settings or {}, relearn, probes, relearn_settings or {},
@@ -178,7 +186,7 @@ def run_cmd(
     report_run(m, tok, task, method_list, configs, options, out, fresh,
                f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
                {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label}, allow_unknown_facts,
-               provenance)
+               provenance, seeds=seed_list, workers=workers)
     console().print(f"total {time.perf_counter() - t0:.1f} s")
 
 

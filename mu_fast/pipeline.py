@@ -223,6 +223,7 @@ def compare_localizations(
     show_table: bool | None = None,
     seeds: Sequence[int] | None = None,
     extra: Mapping[str, Any] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method and seed; return ``{"methods": {m: aggregate},
     "summary": {m: means}, "summary_std": {m: stds}, ...}``.
@@ -232,7 +233,9 @@ def compare_localizations(
     aggregate (``mu_fast.aggregate.aggregate_runs``) holds the mean and sample std of every summary number over the
     seeds, the components each seed selected and every seed's full record under ``runs``. One JSON per method and
     seed is written as soon as it finishes (``<method>.json`` for one seed, ``<method>.seed<S>.json`` otherwise).
-    extra: further fields of results.json (e.g. the demo's learning-rate choice).
+    extra: further fields of results.json (e.g. the demo's learning-rate choice). workers > 1: the runs go to that
+    many worker processes (``mu_fast.pipeline_workers``; one torch thread each): each run is seeded and starts from
+    the same weights, so the numbers do not depend on which worker ran it.
 
     edit_configs: per method (default: ``EditConfig()`` for all). The model is never modified: each method
     edits a deep copy (``edit_and_evaluate``). Raises ``UnknownFactsError`` before any method when the model does
@@ -244,7 +247,6 @@ def compare_localizations(
     """
     from mu_fast.evaluate import evaluate_task
     from mu_fast.evaluate.known_facts import check_known_facts
-    from mu_fast.localize import localize
     from mu_fast.localize.flu import flu_localize
     from mu_fast.models.sites import SiteTable
 
@@ -279,6 +281,7 @@ def compare_localizations(
     model_key = {k: identity.get(k) for k in ("ref", "config_hash", "organism_hash", "path", "revision", "dtype")}
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
     bar = RunsBar(progress, len(methods) * len(seeds))
+    todo = []
     for seed in seeds:
         if seed not in flus:  # the FLU probes are seeded too: FLU's layers (and random-MLPs' count) per seed
             flus[seed] = flu_localize(model, tokenizer, task, seed=seed)
@@ -295,27 +298,28 @@ def compare_localizations(
                     runs[method][seed] = saved
                     bar.done(method, seed)
                     continue
-            t0 = time.perf_counter()
-            stages.start(f"{method} seed {seed}", ("localize", "edit", "evaluate",
-                                                   *(("relearn",) if options.relearn else ()),
-                                                   *(("probes",) if options.probes and task.classes else ())))
-            loc = localize(method, model, tokenizer, task, flu=flus[seed], seed=seed)
-            t_loc = time.perf_counter() - t0
-            stages.next()
-            edited = copy.deepcopy(model)
-            run = edit_and_evaluate(edited, tokenizer, task, loc, config, evaluations, seed=seed,
-                                    progress=progress, stages=stages, timings={"localize": t_loc}, started=t0)
-            stages.close()
-            summary = run.pop("summary")
-            record = {"settings_hash": key, "seed": seed, "flu_layers": flus[seed].layers,
-                      "localization": loc.summary(), "layer_fractions": loc.layer_fractions(table), **run,
-                      "localize_seconds": t_loc, "summary": summary,
-                      "provenance": provenance_block(model=identity, device=device, **dict(provenance or {}))}
-            runs[method][seed] = record
-            if path is not None:
-                write_json(path, record)
-            del edited
-            bar.done(method, seed)
+            todo.append((method, seed, config, key, path))
+
+    def finish(method: str, seed: int, key: str, path: Path | None, run: dict[str, Any]) -> None:
+        record = {"settings_hash": key, "seed": seed, "flu_layers": flus[seed].layers, **run,
+                  "provenance": provenance_block(model=identity, device=device, **dict(provenance or {}))}
+        runs[method][seed] = record
+        if path is not None:
+            write_json(path, record)
+        bar.done(method, seed)
+
+    if workers > 1 and len(todo) > 1:
+        from mu_fast.pipeline_workers import run_in_workers
+
+        jobs = [(method, seed, config, flus[seed], evaluations) for method, seed, config, _, _ in todo]
+        for index, run in run_in_workers(model, tokenizer, task, jobs, workers):
+            method, seed, _, key, path = todo[index]
+            finish(method, seed, key, path, run)
+    else:
+        for method, seed, config, key, path in todo:
+            run = localize_edit_evaluate(model, tokenizer, task, table, method, seed, flus[seed], config,
+                                         evaluations, progress, stages)
+            finish(method, seed, key, path, run)
     bar.close()
     results["flu_by_seed"] = {str(s): f.layers for s, f in flus.items()}
     results["methods"] = {m: aggregate_runs(runs[m], table.n_layers) for m in methods}
@@ -345,6 +349,32 @@ def compare_localizations(
         for note in results["notes"]:
             print(f"note: {note}")
     return results
+
+
+def localize_edit_evaluate(model: Any, tokenizer: Any, task: Any, table: Any, method: str, seed: int, flu: Any,
+                           config: EditConfig, evaluations: Mapping[str, Any], progress: bool = False,
+                           stages: _Stages | None = None) -> dict[str, Any]:
+    """One method at one seed on a deep copy of ``model``: its localization, ``edit_and_evaluate`` and the
+    record's fields (``localization``, ``layer_fractions``, the run's results, ``timings``, ``summary``)."""
+    from mu_fast.localize import localize
+
+    stages = stages or _Stages(False)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    stages.start(f"{method} seed {seed}", ("localize", "edit", "evaluate",
+                                           *(("relearn",) if evaluations.get("relearn") is not None else ()),
+                                           *(("probes",) if evaluations.get("probes") is not None and task.classes else ())))
+    loc = localize(method, model, tokenizer, task, flu=flu, seed=seed)
+    timings["localize"] = time.perf_counter() - t0
+    stages.next()
+    edited = copy.deepcopy(model)
+    run = edit_and_evaluate(edited, tokenizer, task, loc, config, evaluations, seed=seed, progress=progress,
+                            stages=stages, timings=timings, started=t0)
+    stages.close()
+    del edited
+    summary = run.pop("summary")
+    return {"localization": loc.summary(), "layer_fractions": loc.layer_fractions(table), **run,
+            "localize_seconds": timings["localize"], "timings": timings, "summary": summary}
 
 
 def before_summary(evals: Mapping[str, Any]) -> dict[str, Any]:

@@ -100,6 +100,8 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fa
         for method, summary in summaries.items():
             value = summary.get(key)
             missing = value is None or (isinstance(value, float) and math.isnan(value))
+            if not missing and key == "trainable_params":
+                value = int(round(value))  # a mean over seeds whose budget matching drew different counts
             text = "—" if missing else fmt.format(value)
             spread = (stds.get(method) or {}).get(key)
             if not missing and spread is not None and key != "trainable_params":

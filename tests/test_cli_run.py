@@ -135,22 +135,28 @@ def test_run_compares_methods_on_the_organism(ci_organism, cli_env, tmp_path, ca
     out = tmp_path / "run"
     code, stdout, err = run_main(["run", "organism:ci", "--methods", "flu,random", "--preset", "organism",
                                   *SMALL_EDIT, "--relearn-steps", "1", "--relearn-lora-rank", "4",
-                                  "--relearn-batch-size", "4", "--probe-steps", "5", "--out", str(out)], capsys)
+                                  "--relearn-batch-size", "4", "--probe-steps", "5", "--seeds", "0,1", "--out",
+                                  str(out)], capsys)
     assert code == 0, err
-    assert "(before edit)" in stdout
-    for name in ("results.json", "flu.json", "random.json", "probe_accuracy.png", "localization_map.png",
+    assert "(before edit)" in stdout and "mean±std over 2 seeds" in stdout and "selections over 2 seeds" in stdout
+    for name in ("results.json", "flu.seed0.json", "random.seed1.json", "probe_accuracy.png", "localization_map.png",
                  "robustness.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert_provenance(results["provenance"], "organism")
     assert results["provenance"]["organism"]["config_hash"] == ci_organism.config.config_hash()
-    # the organism preset's per-group lr (lookup 1e-2 for flu, tracing 3e-3 for random) under --steps 2
+    # the organism preset's per-group lr (the lr rule's choice for the group's representative) under --steps 2
+    from mu_fast.organism.lr_choice import organism_groups
+
+    groups = organism_groups()
     configs = {m: r["edit"]["config"] for m, r in results["methods"].items()}
-    assert configs["flu"]["lr"] == 1e-2 and configs["random"]["lr"] == 3e-3
+    assert configs["flu"]["lr"] == groups["lookup"]["lr"] and configs["random"]["lr"] == groups["tracing"]["lr"]
     assert configs["flu"]["steps"] == configs["random"]["steps"] == 2
     for method in ("flu", "random"):
-        record = json.loads((out / f"{method}.json").read_text())
+        assert set(results["methods"][method]["runs"]) == {"0", "1"}
+        record = json.loads((out / f"{method}.seed1.json").read_text())
         assert_provenance(record["provenance"], "organism")
+        assert record["edit"]["config"]["seed"] == 1
         assert "relearn_acc" in record["summary"] and "probe_true_acc" in record["summary"]
 
 

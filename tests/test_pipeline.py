@@ -161,3 +161,30 @@ def test_seeds_give_mean_and_std_per_method(setup, tmp_path, capsys):
     assert "all_mlps: the same on every seed" in printed
     with pytest.raises(ValueError, match="seeds must be distinct"):
         compare_localizations(model, tok, task, ["random"], configs, options, progress=False, seeds=(1, 1))
+
+
+def test_worker_processes_give_the_same_numbers(setup, tmp_path):
+    """workers=2 runs each (method, seed) in a spawned process: every number equals the in-process run's."""
+    model, tok, task = setup
+    configs = {m: EditConfig(steps=2, lr=1e-2, lm_batch=4, maintain_batch=8) for m in ("random", "atp")}
+    options = RunOptions(relearn=True, relearn_steps=2, relearn_rank=4, probes=False)
+    kwargs = dict(progress=False, allow_unknown_facts=True, seeds=(0, 1))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: float sums over other thread splits round differently
+    try:
+        with pytest.warns(UnknownFactsWarning):
+            here = compare_localizations(model, tok, task, list(configs), configs, options, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.warns(UnknownFactsWarning):
+        there = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, workers=2,
+                                      **kwargs)
+    for method in configs:
+        for seed in ("0", "1"):
+            a, b = here["methods"][method]["runs"][seed], there["methods"][method]["runs"][seed]
+            assert a["localization"]["components"] == b["localization"]["components"]
+            assert {k: v for k, v in a["summary"].items() if k != "seconds"} == \
+                   {k: v for k, v in b["summary"].items() if k != "seconds"}, (method, seed)
+        assert (tmp_path / f"{method}.seed1.json").is_file()
