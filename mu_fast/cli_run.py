@@ -1,11 +1,14 @@
 """``mu-fast run`` (the demo's job on any model), ``mu-fast sweep`` (a sweep spec) and ``mu-fast report`` (a sweep's
 table and plots). Registered on ``mu_fast.cli.app``.
 
-``run`` localizes, edits and evaluates a task once per method (``mu_fast.pipeline.compare_localizations``) and
-writes the demo's report: results.json, one JSON per method, the table and the plots. The edit settings come from a
-named ``--preset`` (``mu_fast.sweep.presets``: ``organism`` is the demo's tuned settings, ``default`` the paper's
-loop, ``paper_sports:<model>:<experiment>`` the paper's per-model ones), each field overridable by its flag
-(``mu_fast.cli_options``). ``demo`` is ``run`` on the organism with the ``organism`` preset.
+``run`` localizes, edits and evaluates a task once per method and seed (``mu_fast.pipeline.compare_localizations``;
+``--seeds 0,1,2`` gives mean ± std, ``--workers`` runs them in worker processes) and writes the demo's report:
+results.json, one JSON per method (and seed), the table and the plots. The edit settings come from a named
+``--preset`` (``mu_fast.sweep.presets``: ``organism`` the demo's settings with the lr rule's choice per group,
+``default`` the paper's loop, ``paper_sports:<model>:<experiment>`` the paper's per-model ones), each field
+overridable by its flag (``mu_fast.cli_options``). ``--preset paper`` runs the authors' whole protocol instead
+(``mu_fast.cli_paper``). ``demo`` (``mu_fast.cli_demo``) is ``run`` on the organism with every method's lr chosen
+by one rule.
 """
 
 from __future__ import annotations

@@ -28,7 +28,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mu_fast.aggregate import DEMO_COLUMNS, aggregate_runs, run_file, selection_lines, RunsBar
+from mu_fast.aggregate import (  # noqa: F401 (same_selection_notes: part of this module's interface)
+    DEMO_COLUMNS,
+    RunsBar,
+    Stages as _Stages,
+    aggregate_runs,
+    run_file,
+    same_selection_notes,
+    selection_lines,
+)
 from mu_fast.edit.loop import EditConfig, edit
 from mu_fast.provenance import model_identity, numerics, provenance_block
 from mu_fast.report import (
@@ -385,50 +393,3 @@ def before_summary(evals: Mapping[str, Any]) -> dict[str, Any]:
 
 
 BEFORE_ROW = "(before edit)"
-
-
-class _Stages:
-    """A progress bar over the stages of one unit of work (``method: localize > edit > ...``), or nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-
-    def start(self, name: str, stages: Sequence[str]) -> None:
-        if not self.enabled:
-            return
-        from tqdm.auto import tqdm
-
-        self.stages = list(stages)
-        self.bar = tqdm(total=len(self.stages), desc=name, leave=False, unit="stage",
-                        bar_format="{desc}: {n}/{total} stages [{elapsed}]{postfix}")
-        self.bar.set_postfix_str(self.stages[0])
-
-    def next(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if self.bar.n < len(self.stages):
-                self.bar.set_postfix_str(self.stages[self.bar.n])
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Say which methods chose exactly the same components as an earlier one (their rows then repeat it),
-    e.g. random-MLPs drawing FLU's layer on a 4-layer model: a coincidence the reader should not mistake for
-    two methods agreeing independently."""
-    notes, seen = [], {}
-    for method, record in methods.items():
-        comps = tuple(sorted(record.get("localization", {}).get("components", [])))
-        if not comps:
-            continue
-        if comps in seen:
-            notes.append(f"{method} selected the same components as {seen[comps]} ({', '.join(comps)}); "
-                         f"its row repeats that edit")
-        else:
-            seen[comps] = method
-    return notes
-
