@@ -220,7 +220,7 @@ def plot_localization_map(selections: Mapping[str, Mapping[str, Sequence[float]]
             labels.append(f"{method} · {kind}")
             rows.append(list(sel.get(kind, [0.0] * n_layers)))
     data = np.asarray(rows, dtype=float)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n_layers + 3), 0.32 * len(labels) + 1.2))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * n_layers + 3), 0.32 * len(labels) + 1.4))
     im = ax.imshow(data, aspect="auto", cmap="Greens", vmin=0, vmax=1)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xticks(range(n_layers))
