@@ -169,6 +169,14 @@ BAD_COMMANDS = {
     "existing evaluate output": (["evaluate", "organism", "--out", "{tmp}/file.txt"], "pass --overwrite"),
     "unknown demo preset": (["demo", "--preset", "huge", "--out", "{tmp}/r"], "--preset 'huge' is not known"),
     "unknown demo method": (["demo", "--methods", "flu,magic", "--out", "{tmp}/r"], "--methods entry 'magic'"),
+    "repeated demo seeds": (["demo", "--seeds", "1,1", "--out", "{tmp}/r"], "--seeds '1,1' needs distinct"),
+    "bad demo seeds": (["demo", "--seeds", "a", "--out", "{tmp}/r"], "--seeds 'a' is not a comma-separated"),
+    "bad lr grid": (["demo", "--lr-grid", "fast", "--out", "{tmp}/r"], "--lr-grid 'fast'"),
+    "negative lr grid": (["demo", "--lr-grid", "-1e-3", "--out", "{tmp}/r"], "needs positive learning rates"),
+    "demo lr over the rule": (["demo", "--lr", "1e-3", "--out", "{tmp}/r"], "--lr would override every method"),
+    "demo workers": (["demo", "--workers", "0", "--out", "{tmp}/r"], "--workers must be"),
+    "run workers": (["run", "organism", "--workers", "0", "--out", "{tmp}/r"], "--workers must be"),
+    "run seeds": (["run", "organism", "--seeds", "0,0", "--out", "{tmp}/r"], "--seeds '0,0' needs distinct"),
 }
 
 
