@@ -9,11 +9,12 @@ by more than the gaps between methods, so a comparison without the spread says n
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mu_fast.sweep.report import mean_std
 
 # The table the demo prints over several seeds: "0.87±0.03" cells are wider than single numbers, so the columns
 # that repeat another are left to results.json (edit acc ~ forget err for a 4-way sport edit; MCQ edit and
@@ -25,14 +26,6 @@ DEMO_COLUMNS = ("trainable_params", "forget_err", "maintain_acc", "qa_edit_acc",
 def run_file(method: str, seed: int, n_seeds: int) -> str:
     """The file name of one method's run: ``<method>.json`` for a single seed, ``<method>.seed<S>.json`` otherwise."""
     return f"{method}.json" if n_seeds == 1 else f"{method}.seed{seed}.json"
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation of the finite values (std None for fewer than two)."""
-    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    if not finite:
-        return math.nan, None
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else None)
 
 
 def aggregate_runs(runs: Mapping[int, Mapping[str, Any]], n_layers: int) -> dict[str, Any]:

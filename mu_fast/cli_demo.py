@@ -156,10 +156,9 @@ def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_
     key = choice_key(org.config.config_hash(), methods, base=base, grid=grid, portable=portable)
     local = out / "lr_choice.json"
     if not choose_lr:
-        for path in (None, local):
-            found = load_lr_choice(key) if path is None else load_lr_choice(key, path)
-            if found is not None:
-                return found
+        found = load_lr_choice(key) or load_lr_choice(key, local)  # the shipped choice, else this folder's
+        if found is not None:
+            return found
     screen = console()
     screen.print(f"choosing learning rates by the rule: {DEMO_RULE.describe()}", highlight=False)
     ref = "organism" if preset == "demo" else f"organism:{preset}"

@@ -44,3 +44,25 @@ def tiny_task(n_forget: int = 4, unlearn: bool = False) -> FactTask:
         formats={"normal": {"forget": forget, "maintain": ps(rest[cut:], "maintain_test")}},
         lm_texts=["some filler text here and more filler text"] * 8, unlearn=unlearn, classes=SPORTS[:3],
     )
+
+
+def word_checkpoint(folder, tasks, layers: int):
+    """A save_pretrained folder: a tiny random Llama of ``layers`` layers with a word-level tokenizer of every word
+    in ``tasks``' prompts, answers, edit answers and choices (all sets and formats). Returns ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mu_fast.models.tiny import make_tiny_model
+
+    sets = [s for t in tasks for s in (t.forget_train, t.forget_test, t.maintain_train, t.maintain_test,
+                                       *(x for f in t.formats.values() for x in f.values()))]
+    words = sorted({w for s in sets for text in [*s.prompts, *s.answers, *(s.edit_answers or []), *(s.choices or [])]
+                    for w in str(text).split()})
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    make_tiny_model("llama", vocab_size=len(vocab), num_hidden_layers=layers).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -13,6 +13,7 @@ import pytest
 
 from mu_fast.paper_protocol import METHODS, PAPER_SELECTIONS, paper_protocol
 from tests.test_cli import no_loading, run_main  # noqa: F401 (fixture)
+from tests._tiny_task import word_checkpoint
 from tests.test_cli_run import _sports_checkpoint
 from tests.test_paper_protocol import authors_table
 
@@ -201,27 +202,6 @@ def test_random_mlps_takes_the_paper_flu_layer_count(paper, data_dir):
     assert not cached and len(loc.components) == want and {c.kind for c in loc.components} == {"mlp"}
 
 
-def _word_checkpoint(folder, tasks, layers):
-    """A save_pretrained folder: a tiny random Llama of ``layers`` layers with a word tokenizer of the tasks' words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from mu_fast.models.tiny import make_tiny_model
-
-    sets = [s for t in tasks for s in (t.forget_train, t.forget_test, t.maintain_train, t.maintain_test,
-                                       *(x for f in t.formats.values() for x in f.values()))]
-    words = sorted({w for s in sets for text in [*s.prompts, *s.answers, *(s.edit_answers or []), *(s.choices or [])]
-                    for w in str(text).split()})
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    make_tiny_model("llama", vocab_size=len(vocab), num_hidden_layers=layers).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
     """A 20-layer random Llama stands in for Gemma-7B (whose CounterFact FLU layers all lie below 20): paper:flu
     edited over the 4 CounterFact partitions (2 steps each, each partition its own FLU layers); one JSON with the
@@ -245,7 +225,7 @@ def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(mu_fast.data, "counterfact_sequential_tasks", small_tasks)
     monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
-    ckpt = _word_checkpoint(tmp_path / "ckpt", small_tasks(model="gemma-7b"), layers=20)
+    ckpt = word_checkpoint(tmp_path / "ckpt", small_tasks(model="gemma-7b"), layers=20)
     out = tmp_path / "out"
     code, stdout, err = run_main(["run", str(ckpt), "--preset", "paper", "--paper-model", "gemma-7b", "--dataset",
                                   "counterfact", "--experiment", "forget_64_sequential", "--methods", "paper:flu",

@@ -12,6 +12,7 @@ import pytest
 
 from mu_fast.provenance import BLOCK_KEYS
 from tests.test_cli import no_loading, run_main  # noqa: F401 (fixture)
+from tests._tiny_task import word_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,23 +79,9 @@ def test_localize_edit_evaluate_the_organism(ci_organism, cli_env, tmp_path, cap
 
 def _sports_checkpoint(folder: Path, layers: int) -> Path:
     """A save_pretrained folder: a tiny random Llama with a word tokenizer of the sports prompts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from mu_fast.data import load_sports_task
-    from mu_fast.models.tiny import make_tiny_model
 
-    task = load_sports_task("first_16_unsplit")
-    sets = [task.forget_train, task.maintain_train, *(s for f in task.formats.values() for s in f.values())]
-    words = sorted({w for s in sets for text in [*s.prompts, *s.answers, *(s.choices or [])] for w in text.split()})
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    make_tiny_model("llama", vocab_size=len(vocab), num_hidden_layers=layers).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return word_checkpoint(folder, [load_sports_task("first_16_unsplit")], layers)
 
 
 def test_localize_edit_evaluate_a_local_checkpoint_and_masks_refuse_another_model(tmp_path, data_dir, capsys,

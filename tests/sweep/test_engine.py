@@ -233,23 +233,10 @@ def test_gpu_executor_one_worker_per_gpu(organism_cache, tmp_path):
 def test_sweep_of_a_local_checkpoint_on_sports(tmp_path, data_dir):
     """A save_pretrained folder (a tiny random Llama with a word tokenizer of the sports prompts) on the paper's
     sports facts: the checkpoint and sports paths of the engine, without the organism."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from mu_fast.data import load_sports_task
-    from mu_fast.models.tiny import make_tiny_model
+    from tests._tiny_task import word_checkpoint
 
-    task = load_sports_task("first_16_unsplit")
-    sets = [task.forget_train, task.maintain_train, *(s for f in task.formats.values() for s in f.values())]
-    words = sorted({w for s in sets for text in [*s.prompts, *s.answers, *(s.choices or [])] for w in text.split()})
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    checkpoint = tmp_path / "ckpt"
-    make_tiny_model("llama", vocab_size=len(vocab), num_hidden_layers=2).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    checkpoint = word_checkpoint(tmp_path / "ckpt", [load_sports_task("first_16_unsplit")], layers=2)
     spec = {"models": [{"name": str(checkpoint), "dtype": "fp32"}], "tasks": [{"dataset": "sports"}],
             "methods": ["flu", "all_mlps"], "edit": {"lm_coef": 0, "steps": 2, "lr": 1e-3, "maintain_batch": 16},
             "evaluations": {"formats": ["normal", "mcq"], "batch_size": 256}}
