@@ -14,6 +14,14 @@ maintain above the floor (reason ``"target not reached"``); when none keeps main
 maintain accuracy (``"maintain below floor"``). Every choice records its reason and the candidate numbers, so a
 report can show why.
 
+**Not a knife edge.** A threshold rule flips when a mean lands near its threshold, and then a round-off or one more
+seed picks another rate. Each candidate carries the 95% t interval of its means over the seeds, and each choice its
+*edge distance*: over the candidates the decision looked at (every rate up to the chosen one), the smallest distance
+between a mean and the threshold it was compared with. A choice is ``near_edge`` when that distance is below the
+rule's stated ``margin`` (0.02: about one fact in 64 on each of the seeds) or below the interval's half-width (the
+seeds cannot tell on which side the rate is); reports print such choices with a mark, and the demo shows how its
+answer moves between the chosen rate and its neighbours.
+
     records = sweep.load_results("sweeps/organism_lr.jsonl")
     choices = choose_learning_rates(records, LRRule())     # {method: LRChoice}
 """
@@ -38,9 +46,10 @@ class LRRule:
     maintain_floor: float = 0.9
     forget_metric: str = "forget_err"
     maintain_metric: str = "maintain_acc"
+    margin: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("forget_err_target", "maintain_floor"):
+        for name in ("forget_err_target", "maintain_floor", "margin"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"LRRule.{name} must be a fraction in [0, 1]; got {value!r}")
@@ -49,7 +58,8 @@ class LRRule:
         """The rule in one sentence, for reports."""
         return (f"per method, the smallest lr whose mean {self.forget_metric} >= {self.forget_err_target:g} while mean "
                 f"{self.maintain_metric} >= {self.maintain_floor:g} (training format, validation forget set); "
-                f"else the highest {self.forget_metric} above the floor; else the highest {self.maintain_metric}")
+                f"else the highest {self.forget_metric} above the floor; else the highest {self.maintain_metric}; "
+                f"near the edge when a mean is within {self.margin:g} of its threshold")
 
 
 @dataclass
@@ -61,6 +71,8 @@ class LRChoice:
     lr: float
     reason: str
     candidates: list[dict[str, float]] = field(default_factory=list)
+    edge_distance: float = math.inf  # smallest |mean - threshold| over the candidates the decision compared
+    near_edge: bool = False  # edge_distance below the margin or below that candidate's 95% half-width
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,9 +83,18 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else math.nan
 
 
+def _half_width(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return 0.0
+    from mu_fast.stats import t_interval
+
+    return t_interval(finite).half_width
+
+
 def candidates_of(records: Iterable[Mapping[str, Any]], rule: LRRule) -> dict[str, list[dict[str, float]]]:
-    """``{method: [{"lr", "forget_err", "maintain_acc", "n"}, ...]}`` (ascending lr), means over seeds of the ``ok``
-    records. A record whose metrics lack either number is left out; a failed run (diverged) counts as failing the
+    """``{method: [{"lr", "forget_err", "maintain_acc", "n", "forget_err_hw", "maintain_acc_hw"}, ...]}`` (ascending
+    lr): means over seeds of the ``ok`` records and the half-widths of their 95% t intervals (0 for one seed). A record whose metrics lack either number is left out; a failed run (diverged) counts as failing the
     floor, so its lr can never be chosen over one that ran."""
     by_method: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for record in records:
@@ -102,7 +123,8 @@ def candidates_of(records: Iterable[Mapping[str, Any]], rule: LRRule) -> dict[st
                              "failed": len(cell["failed"])})
             else:
                 rows.append({"lr": lr, "forget_err": _mean(cell["forget"]), "maintain_acc": _mean(cell["maintain"]),
-                             "n": n})
+                             "n": n, "forget_err_hw": _half_width(cell["forget"]),
+                             "maintain_acc_hw": _half_width(cell["maintain"])})
         out[method] = rows
     return out
 
@@ -122,7 +144,27 @@ def choose(method: str, rows: list[dict[str, float]], rule: LRRule) -> LRChoice:
         best, reason = max(ran, key=lambda r: (r["maintain_acc"], -r["lr"])), REASONS[2]
     else:
         raise ValueError(f"every lr swept for method {method!r} failed; lower the grid's learning rates")
-    return LRChoice(method, float(best["lr"]), reason, rows)
+    distance, near = _edge(ran, float(best["lr"]), rule)
+    return LRChoice(method, float(best["lr"]), reason, rows, distance, near)
+
+
+def _edge(ran: list[dict[str, float]], chosen: float, rule: LRRule) -> tuple[float, bool]:
+    """The edge distance and whether it is near the edge (``LRChoice``). A rate below the chosen one failed: it
+    would flip only if every threshold it missed flipped (its largest miss counts); the chosen rate flips if any
+    of its comparisons does (its smallest gap counts)."""
+    distance, near = math.inf, False
+    for row in ran:
+        if row["lr"] > chosen:
+            continue
+        gaps = []
+        for key, threshold in ((rule.forget_metric, rule.forget_err_target), (rule.maintain_metric, rule.maintain_floor)):
+            gap = row[key] - threshold
+            gaps.append((abs(gap), gap >= 0, max(rule.margin, row.get(f"{key}_hw", 0.0))))
+        missed = [g for g in gaps if not g[1]]
+        gap, _, tolerance = max(missed) if row["lr"] < chosen and missed else min(gaps)
+        distance = min(distance, gap)
+        near = near or gap < tolerance
+    return distance, near
 
 
 def choose_learning_rates(records: Iterable[Mapping[str, Any]], rule: LRRule | None = None) -> dict[str, LRChoice]:

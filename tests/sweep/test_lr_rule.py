@@ -74,3 +74,30 @@ def test_validation_forget_set_is_disjoint_from_the_test_one():
     assert not set(forget_rows("next_64", 600)) & set(forget_rows("first_64", 600))
     with pytest.raises(ValueError, match="needs 128 rows"):
         forget_rows("next_64", 100)
+
+
+def test_edge_distance_and_near_edge_flag():
+    # Two seeds per lr. 3e-3 misses the target by 0.05 (far), 1e-2 clears it by 0.05 and the floor by 0.08.
+    recs = [record("flu", lr, f, m, seed=s) for s in (0, 1)
+            for lr, f, m in ((3e-3, 0.75, 0.9), (1e-2, 0.85, 0.83))]
+    rule = LRRule(forget_err_target=0.8, maintain_floor=0.75, margin=0.02)
+    choice = choose_learning_rates(recs, rule)["flu"]
+    assert choice.lr == 1e-2 and choice.edge_distance == pytest.approx(0.05) and not choice.near_edge
+    assert choice.candidates[1]["forget_err_hw"] == 0.0  # identical seeds: no spread
+    # The chosen lr clears the target by 0.01 < margin: near the edge.
+    close = [record("flu", lr, f, m, seed=s) for s in (0, 1) for lr, f, m in ((3e-3, 0.7, 0.9), (1e-2, 0.81, 0.9))]
+    choice = choose_learning_rates(close, rule)["flu"]
+    assert choice.lr == 1e-2 and choice.edge_distance == pytest.approx(0.01) and choice.near_edge
+    # Far from the thresholds in the mean, but the seeds disagree so much that the interval crosses the target.
+    noisy = [record("flu", 1e-2, f, 0.9, seed=s) for s, f in enumerate((0.6, 1.0))]
+    choice = choose_learning_rates(noisy, rule)["flu"]
+    assert choice.edge_distance == pytest.approx(0.0) or choice.near_edge
+    assert choice.candidates[0]["forget_err_hw"] > 0.2 and choice.near_edge
+
+
+def test_a_failed_lower_rate_counts_by_its_largest_miss():
+    # 3e-3 misses the target by 0.001 but the floor by 0.3: both would have to flip, so it is far from the edge.
+    recs = [record("flu", lr, f, m, seed=s) for s in (0, 1)
+            for lr, f, m in ((3e-3, 0.799, 0.45), (1e-2, 0.9, 0.85))]
+    choice = choose_learning_rates(recs, LRRule(forget_err_target=0.8, maintain_floor=0.75))["flu"]
+    assert choice.lr == 1e-2 and choice.edge_distance == pytest.approx(0.1) and not choice.near_edge
