@@ -160,3 +160,91 @@ def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
         else:
             seen[comps] = method
     return notes
+
+
+# What the paired comparison looks at: the edit's strength and collateral damage, and the robustness metrics the
+# paper's question is about. (summary key, column heading, "+1" when higher is better for the edit, else "-1")
+PAIRED_METRICS = (("forget_err", "forget err ↑", 1), ("maintain_acc", "maint acc ↑", 1),
+                  ("mcq_forget_err", "MCQ err ↑", 1), ("relearn_acc", "relearn acc ↓", -1),
+                  ("probe_true_acc", "probe acc ↓", -1))
+
+
+def paired_comparison(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], reference: str = "flu",
+                      metrics: Sequence[tuple[str, str, int]] = PAIRED_METRICS, confidence: float = 0.95,
+                      ) -> dict[str, Any]:
+    """Every other method against ``reference`` on the same seeds: per metric, the mean of (method − reference) over
+    the seeds both ran, its t interval and p-value, whether the interval excludes 0, and whether that survives Holm's
+    correction over all the comparisons made. ``runs``: ``{method: {seed: record with "summary"}}``."""
+    from mu_fast.stats import holm, paired_differences
+
+    if reference not in runs:
+        raise ValueError(f"the paired comparison's reference {reference!r} is not among the methods {sorted(runs)}")
+    ref = runs[reference]
+    rows: dict[str, dict[str, Any]] = {}
+    p_values: dict[str, float] = {}
+    for method, seeds in runs.items():
+        if method == reference:
+            continue
+        row = {}
+        for key, _, _ in metrics:
+            a = {s: r["summary"][key] for s, r in seeds.items() if isinstance(r["summary"].get(key), (int, float))}
+            b = {s: r["summary"][key] for s, r in ref.items() if isinstance(r["summary"].get(key), (int, float))}
+            if len(set(a) & set(b)) < 2:
+                continue
+            interval = paired_differences(a, b, confidence)
+            row[key] = {**interval.to_dict(), "excludes_zero": interval.excludes_zero}
+            if interval.p_value is not None:
+                p_values[f"{method}/{key}"] = interval.p_value
+        rows[method] = row
+    survives = holm(p_values, 1.0 - confidence)
+    for method, row in rows.items():
+        for key, cell in row.items():
+            cell["holm"] = survives.get(f"{method}/{key}", False)
+    return {"reference": reference, "confidence": confidence, "comparisons": len(p_values), "methods": rows}
+
+
+def paired_lines(paired: Mapping[str, Any], metrics: Sequence[tuple[str, str, int]] = PAIRED_METRICS) -> list[str]:
+    """The paired comparison as lines under the table (at most 100 columns)."""
+    rows = paired["methods"]
+    if not any(rows.values()):
+        return []
+    ref, n_cmp = paired["reference"], paired["comparisons"]
+    n = max((c["n"] for row in rows.values() for c in row.values()), default=0)
+    level = round(100 * paired["confidence"])
+    lines = [f"paired with {ref} on the same seeds: method − {ref}, mean ± {level}% t half-width over {n} seeds",
+             f"(* interval excludes 0; ** also after Holm's correction over the {n_cmp} comparisons)",
+             f"{'method':<14}" + "".join(f"{heading:>15}" for _, heading, _ in metrics)]
+    for method, row in rows.items():
+        cells = []
+        for key, _, _ in metrics:
+            cell = row.get(key)
+            if cell is None:
+                cells.append(f"{'—':>15}")
+                continue
+            mark = "**" if cell["holm"] else "*" if cell["excludes_zero"] else ""
+            cells.append(f"{cell['mean']:+.2f}±{(cell['hi'] - cell['lo']) / 2:.2f}{mark:<2}".rjust(15))
+        lines.append(f"{method:<14}" + "".join(cells))
+    return lines
+
+
+def paired_verdicts(paired: Mapping[str, Any], metrics: Sequence[tuple[str, str, int]] = PAIRED_METRICS) -> list[str]:
+    """One sentence per robustness metric: which methods differ from the reference at the stated confidence (after
+    Holm's correction), in which direction, and that the rest are not distinguishable."""
+    ref = paired["reference"]
+    out = []
+    for key, heading, better in metrics:
+        name = heading.rstrip(" ↑↓")
+        cells = {m: row[key] for m, row in paired["methods"].items() if key in row}
+        if not cells:
+            continue
+        sure = {m: c for m, c in cells.items() if c["holm"]}
+        if not sure:
+            out.append(f"{name}: no method is distinguishable from {ref} (Holm-corrected)")
+            continue
+        parts = []
+        for method, cell in sure.items():
+            direction = "higher" if cell["mean"] > 0 else "lower"
+            parts.append(f"{method} {direction} ({cell['mean']:+.2f})")
+        rest = len(cells) - len(sure)
+        out.append(f"{name}: " + ", ".join(parts) + f" than {ref}; {rest} other method(s) not distinguishable")
+    return out

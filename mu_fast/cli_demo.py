@@ -1,6 +1,7 @@
 """``mu-fast demo``: the model organism, every localization method over several seeds, learning rates by one rule.
 
-1. Train (or load) the organism (``OrganismConfig.demo()``: its sport lookup spans MLPs 0-2).
+1. Load the organism (``OrganismConfig.demo()``: its sport lookup spans several MLPs), shipped as weights with a
+   checksum (``mu_fast.organism.shipped``); ``--retrain-organism`` trains it anew here instead.
 2. Learning rates: per method, the one ``mu_fast.organism.lr_choice`` chose by the stated rule on a validation
    forget set (the committed choice when its key matches; otherwise, or with ``--choose-lr``, the rule's sweep runs
    first through the sweep engine and its choice is written to the report folder).
@@ -42,9 +43,10 @@ def demo_cmd(
     preset: str = typer.Option("demo", help="organism preset: demo (the multilayer-lookup organism, 1-2 minutes to train) or ci (150 athletes, under a minute)"),
     forget_split: str = typer.Option("first_64_unsplit", help="forget split, as in the paper"),
     methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
-    seeds: str = typer.Option("0,1,2", help="seeds of everything random (localization noise, random baselines, batch order, relearning, probes)"),
+    seeds: str = typer.Option("0,1,2,3,4", help="seeds of everything random (localization noise, random baselines, batch order, relearning, probes)"),
     edit_preset: str = typer.Option("organism", help="organism: every method's lr chosen by the lr rule (mu_fast.organism.lr_choice); or a preset of `mu-fast run --preset` (default, paper_sports:...)"),
     choose_lr: bool = typer.Option(False, help="run the lr rule's sweep even if a stored choice matches"),
+    retrain_organism: bool = typer.Option(False, help="train the organism here instead of loading the shipped weights (minutes; another CPU trains another organism)"),
     lr_grid: str | None = typer.Option(None, help="learning rates the rule chooses from, comma-separated (default: mu_fast.organism.lr_choice.LR_GRID)"),
     relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
@@ -86,14 +88,14 @@ def demo_cmd(
         torch.set_num_threads(DEMO_THREADS)
     try:
         _demo(out, preset, forget_split, method_list, seed_list, edit_preset, flags, configs, options, choose_lr,
-              grid, workers, fresh, portable, wanted, t0)
+              grid, workers, fresh, portable, wanted, t0, retrain_organism)
     finally:
         torch.set_num_threads(threads)
 
 
 def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], seeds: list[int], edit_preset: str,
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
-          workers: int, fresh: bool, portable: bool, wanted: bool, t0: float) -> None:
+          workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False) -> None:
     from mu_fast.cli_run import report_run
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
@@ -103,20 +105,23 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
     if not portable:
         why = "torch was loaded before the demo could choose" if wanted else "--native-kernels"
         screen.print(f"kernels: this CPU's own ({why}); the numbers can differ on another CPU", highlight=False)
-    # An organism trained with other kernels is another organism: portable ones live in organism-portable.
-    org = load_organism(getattr(OrganismConfig, preset)(), progress=True)
+    org = load_organism(getattr(OrganismConfig, preset)(), progress=True, retrain=retrain)
     t_org = time.perf_counter() - t0
     accuracy = {k: round(v, 3) for k, v in org.report.get("accuracy", {}).items()}
-    screen.print(f"organism ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps(accuracy)}")
+    where = {"shipped": "shipped weights, checksums verified", "cache": f"trained earlier, cached in {org.path}",
+             "trained": f"trained now, cached in {org.path}"}[org.source]
+    screen.print(f"organism ({where}) ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps(accuracy)}",
+                 highlight=False)
     lr_choice = None
     if edit_preset == "organism":
-        lr_choice = demo_lr_choice(org, preset, method_list, out, choose_lr, portable, flags, grid)
+        lr_choice = demo_lr_choice(org, preset, method_list, out, choose_lr, flags, grid)
         from mu_fast.organism.lr_choice import edit_configs
 
         configs = edit_configs(lr_choice, method_list)
         screen.print(lr_lines(lr_choice, method_list), highlight=False)
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
     provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
+                               "source": org.source,
                                "trained_with": org.report.get("versions"),
                                "train_threads": org.report.get("train", {}).get("threads")}}
     identity = model_identity(f"organism:{preset}", {"organism": org}, org.model, "fp32")
@@ -143,7 +148,7 @@ def parse_grid(text: str | None) -> tuple[float, ...] | None:
     return grid
 
 
-def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_lr: bool, portable: bool,
+def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_lr: bool,
                    flags: dict[str, Any], grid: tuple[float, ...] | None) -> dict[str, Any]:
     """The lr rule's choice for this organism, these methods and these settings (``BASE_EDIT`` with the edit flags
     over it): the committed one, or the report folder's from an earlier run, if made under the same key; else run the
@@ -153,7 +158,7 @@ def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_
 
     base = {**BASE_EDIT, **flags}
     grid = grid or LR_GRID
-    key = choice_key(org.config.config_hash(), methods, base=base, grid=grid, portable=portable)
+    key = choice_key(org.config.config_hash(), methods, base=base, grid=grid)
     local = out / "lr_choice.json"
     if not choose_lr:
         found = load_lr_choice(key) or load_lr_choice(key, local)  # the shipped choice, else this folder's
@@ -162,8 +167,7 @@ def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_
     screen = console()
     screen.print(f"choosing learning rates by the rule: {DEMO_RULE.describe()}", highlight=False)
     ref = "organism" if preset == "demo" else f"organism:{preset}"
-    choice = choose_demo_lrs(ref, org.config.config_hash(), methods, out / "lr_sweep.jsonl", base=base, grid=grid,
-                             portable=portable)
+    choice = choose_demo_lrs(ref, org.config.config_hash(), methods, out / "lr_sweep.jsonl", base=base, grid=grid)
     write_json(local, choice)
     screen.print(f"lr choice written to {local} (copy it over mu_fast/organism/demo_lr_choice.json to ship it)")
     return choice
@@ -174,9 +178,11 @@ def lr_lines(choice: dict[str, Any], methods: list[str]) -> str:
     parts = []
     for method in methods:
         c = choice["choices"][method]
-        mark = "" if c["reason"].startswith("smallest") else "*"
+        mark = ("" if c["reason"].startswith("smallest") else "*") + ("~" if c.get("near_edge") else "")
         parts.append(f"{method} {c['lr']:g}{mark}")
     text = f"learning rates ({choice['rule']}): " + ", ".join(parts)
-    if any(p.endswith("*") for p in parts):
+    if any("*" in p for p in parts):
         text += " (* = no lr met the target; the rule's fallback, see results.json lr_choice)"
+    if any("~" in p for p in parts):
+        text += " (~ = near the edge: a mean within the margin or its interval of a threshold)"
     return text

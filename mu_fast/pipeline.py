@@ -33,6 +33,9 @@ from mu_fast.aggregate import (  # noqa: F401 (same_selection_notes: part of thi
     RunsBar,
     Stages as _Stages,
     aggregate_runs,
+    paired_comparison,
+    paired_lines,
+    paired_verdicts,
     run_file,
     same_selection_notes,
     selection_lines,
@@ -336,6 +339,9 @@ def compare_localizations(
     stds = {m: r["std"] for m, r in results["methods"].items()}
     results["summary"], results["summary_std"] = summaries, stds
     results["notes"] = same_selection_notes({m: r["runs"][str(seeds[0])] for m, r in results["methods"].items()})
+    reference = "flu" if "flu" in methods else methods[0]
+    if len(seeds) > 1 and len(methods) > 1:  # same seeds = same data order, relearning draws, probe inits
+        results["paired"] = paired_comparison(runs, reference)
     if out is not None:
         write_json(out / "results.json", results)
         plot_probe_accuracy(
@@ -356,6 +362,9 @@ def compare_localizations(
             print(line)
         for note in results["notes"]:
             print(f"note: {note}")
+        if results.get("paired"):
+            for line in paired_lines(results["paired"]) + paired_verdicts(results["paired"]):
+                print(line)
     return results
 
 

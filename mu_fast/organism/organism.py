@@ -7,6 +7,10 @@ settings (``organism.json``, with a digest of the generated facts) and the accur
 (``report.json``). It is written into a temporary sibling directory and renamed into place, so a crash
 never leaves a half checkpoint; loading checks that the stored settings hash to the directory's name and
 that the facts regenerate identically.
+
+The demo's and the test suite's organisms are not trained here: their weights ship with mu_fast
+(``mu_fast.organism.shipped``), so every machine loads the same organism. ``load_organism`` trains only for settings
+without shipped weights, or when asked (``retrain=True``), and says so.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +41,8 @@ class Organism:
     """A trained organism: ``model`` (HF CausalLM, float32, eval mode), ``tokenizer``
     (``PreTrainedTokenizerFast``), ``config``, ``facts`` and the ``report`` written at training time
     (``accuracy`` per format, ``subject_probe`` per layer, ``random_init_probe``, ``train`` timings).
-    ``path``: the checkpoint directory."""
+    ``path``: the checkpoint directory; ``source``: where the weights came from (``"shipped"``, ``"cache"``,
+    ``"trained"``)."""
 
     model: Any
     tokenizer: Any
@@ -44,6 +50,7 @@ class Organism:
     facts: OrganismFacts
     report: dict[str, Any]
     path: Path
+    source: str = "cache"  # "shipped" (the committed weights), "cache" (trained earlier here) or "trained" (now)
 
 
 def organism_facts(config: OrganismConfig) -> OrganismFacts:
@@ -75,20 +82,37 @@ def facts_digest(facts: OrganismFacts) -> str:
 
 
 def load_organism(
-    config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True
+    config: OrganismConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+    retrain: bool = False,
 ) -> Organism:
-    """The trained organism for ``config`` (default ``OrganismConfig.demo()``): loaded from the cache, or
-    trained (a few minutes on CPU for the demo preset), evaluated and cached first."""
+    """The trained organism for ``config`` (default ``OrganismConfig.demo()``).
+
+    Settings with shipped weights (``OrganismConfig.demo()``, ``OrganismConfig.ci()``) load those, after checking
+    their checksums and facts (``mu_fast.organism.shipped``). Other settings, or ``retrain=True``, train the
+    organism (minutes on CPU for the demo preset) into the cache, saying so when ``progress``; a later call loads it
+    from the cache (``retrain=True`` trains again and replaces the cached one)."""
+    from mu_fast.organism.shipped import shipped_name, shipped_path, verify
+
     config = OrganismConfig.demo() if config is None else config
     if not isinstance(config, OrganismConfig):
         raise TypeError(f"config must be an OrganismConfig (e.g. OrganismConfig.demo()); got {type(config).__name__}")
+    shipped = shipped_path(config)
+    if shipped is not None and not retrain:
+        verify(shipped, config)
+        return _load(config, shipped, source="shipped")
     path = checkpoint_dir(config, cache_dir)
-    if not path.exists():
-        _build(config, path, progress)
+    if retrain or not path.exists():
+        if progress:
+            why = ("retraining on request; the shipped weights stay as they are" if shipped_name(config) else
+                   "no shipped weights for these settings")
+            print(f"training the organism {config.config_hash()} ({why}); it is cached in {path}", file=sys.stderr)
+        _build(config, path, progress, replace=retrain)
+        return _load(config, path, source="trained")
     return _load(config, path)
 
 
-def _build(config: OrganismConfig, path: Path, progress: bool) -> None:
+def train_checkpoint(config: OrganismConfig, folder: Path, progress: bool) -> None:
+    """Train ``config``'s organism and write its checkpoint files into the existing ``folder``."""
     from mu_fast.organism.metrics import organism_accuracy, subject_probe_accuracy
     from mu_fast.organism.tokenizer import build_tokenizer
     from mu_fast.organism.train import make_model, torch_threads, train_model
@@ -106,18 +130,26 @@ def _build(config: OrganismConfig, path: Path, progress: bool) -> None:
             "train": log,
             "versions": _versions(),
         }
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = {"format": ORGANISM_FORMAT, "config": config.to_dict(), "config_hash": config.config_hash(),
+                "facts_digest": facts_digest(facts)}
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+
+def _build(config: OrganismConfig, path: Path, progress: bool, replace: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        settings = {"format": ORGANISM_FORMAT, "config": config.to_dict(), "config_hash": config.config_hash(),
-                    "facts_digest": facts_digest(facts)}
-        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        train_checkpoint(config, tmp, progress)
         from mu_fast.files import as_new_file
 
         as_new_file(tmp, recursive=True)  # mkdtemp / safetensors make owner-only files
+        if replace and path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             tmp.rename(path)
         except OSError:
@@ -127,7 +159,7 @@ def _build(config: OrganismConfig, path: Path, progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(config: OrganismConfig, path: Path) -> Organism:
+def _load(config: OrganismConfig, path: Path, source: str = "cache") -> Organism:
     import transformers
     from transformers import PreTrainedTokenizerFast
 
@@ -138,12 +170,12 @@ def _load(config: OrganismConfig, path: Path) -> Organism:
         raise ValueError(f"organism checkpoint {path} lacks {missing}; delete the directory to retrain it")
     settings = json.loads((path / SETTINGS_FILE).read_text())
     stored = OrganismConfig.from_dict(settings["config"])
-    if settings.get("format") != ORGANISM_FORMAT or stored.config_hash() != path.name:
+    if settings.get("format") != ORGANISM_FORMAT or (source != "shipped" and stored.config_hash() != path.name):
         raise ValueError(
             f"organism checkpoint {path} holds settings hashing to {stored.config_hash()} (format "
             f"{settings.get('format')}), not to its name; delete the directory to retrain it"
         )
-    if path.name != config.config_hash():
+    if stored.config_hash() != config.config_hash():
         raise ValueError(f"organism checkpoint {path} is not the one for {config}; load it with its own settings")
     facts = organism_facts(config)
     if settings.get("facts_digest") != facts_digest(facts):
@@ -156,7 +188,7 @@ def _load(config: OrganismConfig, path: Path) -> Organism:
         path, dtype=torch.float32, attn_implementation=attn_implementation(config)
     )
     report = json.loads((path / REPORT_FILE).read_text())
-    return Organism(model.eval(), tokenizer, config, facts, report, path)
+    return Organism(model.eval(), tokenizer, config, facts, report, path, source)
 
 
 def _versions() -> dict[str, str]:
