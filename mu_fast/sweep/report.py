@@ -116,7 +116,7 @@ def _seed_title(counts: Mapping[str, int]) -> str:
     if len(values) == 1:
         n = values.pop()
         return f"mean±std over {n} seed{'s' * (n != 1)}"
-    return f"mean±std over {min(values)}–{max(values)} seeds (n: a row's seeds)"
+    return f"mean±std over {min(values)}–{max(values)} seeds (n: per row)"
 
 
 def _short(value: Any) -> str:
@@ -159,7 +159,8 @@ def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width
         col_width = [max(len(h), *(len(c[i]) for c in cells.values())) for i, (_, h) in enumerate(columns)]
         label_width = min(max(len("method"), *(len(x) for x in cells)), max(12, width - sum(w + 2 for w in col_width)))
         title = f"{model} · {task} · {_seed_title(counts)}"
-        lines = [title[:width], ("method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width)))]
+        heading = [title] if len(title) <= width else [f"{model} · {task}"[:width], _seed_title(counts)]
+        lines = [*heading, ("method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width)))]
         lines.append("-" * min(width, len(lines[-1])))
         for label, row in cells.items():
             name = label if len(label) <= label_width else label[: label_width - 1] + "…"

@@ -255,6 +255,7 @@ def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | 
     for g in groups:
         if g not in GROUPS:
             raise spec_error("edit.groups", f"unknown method group {g!r}; groups are {', '.join(GROUPS)}")
+        _axes(dict(groups[g] or {}), fields, f"edit.groups.{g}")  # checked even where no method of the group runs
     base = preset_groups(str(edit.pop("preset", "default")), presets)[group]
     axes = {k: [_coerce(k, v, fields[k], f"edit.preset.{k}")] for k, v in base.items() if k in fields and k != "seed"}
     axes.update(_axes(edit, fields, "edit"))
