@@ -50,7 +50,6 @@ def _integer(v: Any) -> bool:
 
 Rule = tuple[str, Callable[[Any], bool]]
 POSITIVE_INT: Rule = ("a positive integer", lambda v: _integer(v) and v > 0)
-POSITIVE_INT_OR_NULL: Rule = ("a positive integer or null", lambda v: v is None or (_integer(v) and v > 0))
 NON_NEGATIVE_INT: Rule = ("an integer >= 0", lambda v: _integer(v) and v >= 0)
 POSITIVE: Rule = ("a positive number", lambda v: _number(v) and v > 0)
 SETTING_RANGES: dict[str, dict[str, Rule]] = {
@@ -60,10 +59,10 @@ SETTING_RANGES: dict[str, dict[str, Rule]] = {
     "probes": {"test_fraction": ("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1), "seed": NON_NEGATIVE_INT,
                "steps": POSITIVE_INT, "position": ("last or subject_last", lambda v: v in ("last", "subject_last")),
                "weight_decay": ("a number >= 0 or null", lambda v: v is None or (_number(v) and v >= 0))},
-    "softprompt": {"n_attacks": POSITIVE_INT, "steps": POSITIVE_INT_OR_NULL, "batch_size": POSITIVE_INT_OR_NULL,
-                   "lr": POSITIVE, "eps": POSITIVE, "length": POSITIVE_INT, "eval_batch_size": POSITIVE_INT},
-    "capability": {"batch_size": POSITIVE_INT, "num_fewshot": NON_NEGATIVE_INT,
-                   "limit": ("a positive number or null", lambda v: v is None or (_number(v) and v > 0))},
+    # with their own checks (mu_fast.sweep.protocol_evaluations) for steps / batch_size / limit
+    "softprompt": {"n_attacks": POSITIVE_INT, "lr": POSITIVE, "eps": POSITIVE, "length": POSITIVE_INT,
+                   "eval_batch_size": POSITIVE_INT},
+    "capability": {"batch_size": POSITIVE_INT, "num_fewshot": NON_NEGATIVE_INT},
     "paper_probes": {"batch_size": POSITIVE_INT},
 }
 
