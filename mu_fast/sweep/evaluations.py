@@ -39,7 +39,6 @@ PROBE_DEFAULTS: dict[str, Any] = {"position": "last", "test_fraction": 0.2, "see
                                   "weight_decay": None}
 EVALUATION_DEFAULTS: dict[str, Any] = {"formats": "all", "batch_size": 64, "relearn": False, "probes": False}
 
-# The allowed values of numeric settings, per evaluation (module docstring): (what the error says, test).
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -48,6 +47,7 @@ def _integer(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# The allowed values of numeric settings, per evaluation (module docstring): (what the error says, test).
 Rule = tuple[str, Callable[[Any], bool]]
 POSITIVE_INT: Rule = ("a positive integer", lambda v: _integer(v) and v > 0)
 NON_NEGATIVE_INT: Rule = ("an integer >= 0", lambda v: _integer(v) and v >= 0)

@@ -62,7 +62,7 @@ def _records(records_or_path: Iterable[Mapping[str, Any]] | str | os.PathLike) -
 
 def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tuple[str, str], dict[str, Any]]:
     """``{(model, task): {"rows": {label: {metric: [values over seeds]}}, "before": {metric: [values]},
-    "axes": {label: {axis: value}}, "methods": {label: method}}}``."""
+    "axes": {label: {axis: value}}, "methods": {label: method}, "seeds": {label: [seed of each record]}}}``."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     left_out = []
@@ -160,7 +160,8 @@ def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width
         label_width = min(max(len("method"), *(len(x) for x in cells)), max(12, width - sum(w + 2 for w in col_width)))
         title = f"{model} · {task} · {_seed_title(counts)}"
         heading = [title] if len(title) <= width else [f"{model} · {task}"[:width], _seed_title(counts)]
-        lines = [*heading, ("method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width)))]
+        header = "method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width))
+        lines = [*heading, header]
         lines.append("-" * min(width, len(lines[-1])))
         for label, row in cells.items():
             name = label if len(label) <= label_width else label[: label_width - 1] + "…"

@@ -247,12 +247,13 @@ class Store:
 
     def warn_damage(self) -> None:
         """One ``StoreDamageWarning`` naming the store and what the last read skipped (not repeated for the same)."""
-        key = (self.lines, tuple((k, tuple(v)) for k, v in self.damage.items()))
+        key = tuple((k, tuple(v)) for k, v in self.damage.items())
         if not self.skipped or key == self._warned:
             return
         self._warned = key
-        warnings.warn(f"store {str(self.path)!r}: skipped {self.skipped} of {self.lines} lines: {self.describe_damage()}; "
-                      "they count as no record (a sweep runs their runs again, a report leaves them out)",
+        warnings.warn(f"store {str(self.path)!r}: skipped {self.skipped} of {self.lines} lines: "
+                      f"{self.describe_damage()}; they count as no record (a sweep runs their runs again, a "
+                      "report leaves them out)",
                       StoreDamageWarning, stacklevel=3)
 
     def latest(self) -> dict[str, dict[str, Any]]:

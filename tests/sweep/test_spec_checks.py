@@ -60,7 +60,8 @@ def test_every_numeric_relearn_and_probe_setting_has_a_range():
     from mu_fast.sweep.evaluations import PROBE_DEFAULTS, RELEARN_DEFAULTS, SETTING_RANGES
 
     for key, defaults in (("relearn", RELEARN_DEFAULTS), ("probes", PROBE_DEFAULTS)):
-        numeric = {k for k, v in defaults.items() if not isinstance(v, bool) and (isinstance(v, (int, float)) or v is None)}
+        numeric = {k for k, v in defaults.items()
+                   if not isinstance(v, bool) and (isinstance(v, (int, float)) or v is None)}
         assert numeric <= set(SETTING_RANGES[key]), (key, numeric - set(SETTING_RANGES[key]))
 
 
