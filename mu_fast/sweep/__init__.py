@@ -7,12 +7,12 @@
     records = sweep.load_results("sweeps/ci.jsonl")
     from mu_fast.sweep import report; print(report.format_table(records))
 
-Modules: ``spec`` (format, validation, expansion, run ids), ``refs`` (models and tasks of a spec), ``presets``
-(named edit settings), ``evaluations`` (what runs after each edit; ``register_evaluation``), ``store`` (the
-JSON-lines results file), ``snapshot`` (restoring only the masked elements), ``session`` (one loaded model, one
-run), ``worker`` (a worker holding one model), ``engine`` (``run``, scheduling, the local executor), ``processes``
-(one worker per GPU), ``ray_executor`` (Ray actors; starting a cluster), ``estimate`` (``dry_run``), ``report``
-(tables and plots).
+Modules: ``spec`` (format, validation, expansion, run ids), ``refs`` (models and tasks of a spec), ``checks`` (value
+ranges, duplicates, formats), ``presets`` (named edit settings), ``evaluations`` (what runs after each edit;
+``register_evaluation``), ``store`` (the JSON-lines results file), ``snapshot`` (restoring only the masked
+elements), ``session`` (one loaded model, one run), ``worker`` (a worker holding one model), ``engine`` (``run``,
+scheduling, the local executor), ``processes`` (one worker per GPU), ``ray_executor`` (Ray actors; starting a
+cluster), ``estimate`` (``dry_run``), ``report`` (tables and plots).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ also those whose latest record failed) to an executor:
 Every executor schedules the same way: a free worker takes the next run of the model it holds, else the first run
 of the model with the most runs left, so each worker loads as few models as it can. Records come back to this
 process, which appends them to the store (``mu_fast.sweep.store``) as they arrive: a killed sweep loses only the
-runs in flight, and started again it skips every recorded run.
+runs in flight, and started again it skips every recorded run. The driver holds the store's lock for the whole sweep
+(``Store.driver_lock``): a second sweep on the same store is refused at once with one line.
 """
 
 from __future__ import annotations
@@ -144,15 +145,16 @@ def run(
     data = load_spec(spec, vars)
     runs = expand(data)
     st = Store(store_path(data, store), fsync=fsync)
-    todo = pending_runs(runs, st, retry_failed)
-    result = SweepResult(st.path, len(runs), len(runs) - len(todo))
+    lock = st.driver_lock()  # one driver per store: a second is refused (mu_fast.sweep.store)
     bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"sweep {data.get('name', '')}".strip(), unit="run")
-    sink = _Sink(st, result, on_record, bar)
     try:
+        todo = pending_runs(runs, st, retry_failed)
+        result = SweepResult(st.path, len(runs), len(runs) - len(todo))
+        if progress and todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"sweep {data.get('name', '')}".strip(), unit="run")
+        sink = _Sink(st, result, on_record, bar)
         if not todo:
             pass
         elif executor == "local":
@@ -169,6 +171,7 @@ def run(
     finally:
         if bar is not None:
             bar.close()
+        lock.release()
     result.seconds = time.perf_counter() - start
     return result
 

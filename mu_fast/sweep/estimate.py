@@ -156,13 +156,15 @@ def dry_run(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any]
     by_model: dict[str, list[float]] = defaultdict(list)
     loads: dict[str, list[float]] = defaultdict(list)
     for record in st.latest().values():
-        if record.get("status") != "ok":
-            continue
-        ref = record["config"]["model"]["ref"]
-        measured[(ref, record["config"]["method"])].append(record["timings"]["total"])
-        by_model[ref].append(record["timings"]["total"])
-        if record.get("session", {}).get("runs_before") == 0:
-            loads[ref].append(record["session"]["load_seconds"])
+        config, total = record["config"], (record.get("timings") or {}).get("total")
+        ref = config["model"].get("ref") if isinstance(config.get("model"), Mapping) else None
+        if record.get("status") != "ok" or ref is None or not isinstance(total, (int, float)):
+            continue  # only whole ok records measure (a damaged one is left out)
+        measured[(ref, config.get("method"))].append(total)
+        by_model[ref].append(total)
+        session = record.get("session") or {}
+        if session.get("runs_before") == 0 and isinstance(session.get("load_seconds"), (int, float)):
+            loads[ref].append(session["load_seconds"])
     out = DryRun(runs, pending)
     for r in runs:
         key = (r.model["ref"], r.method)

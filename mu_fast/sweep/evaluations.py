@@ -13,6 +13,9 @@ Registered at import (``mu_fast.sweep.protocol_evaluations``): ``softprompt`` (t
 ``capability`` (lm-eval; skipped with the reason when its data is not available offline) and ``paper_probes``
 (latent probes exactly as the authors).
 
+Every numeric setting is checked when the spec is read (``SETTING_RANGES``: positive integers, fractions in range,
+...), so a bad value is a one-line error naming the key and the fix, not a run that stores nonsense.
+
 Later evaluations plug in with ``register_evaluation(name, fn, defaults, check=None)``: ``fn(model, tokenizer, task, settings,
 seed) -> dict`` (JSON-ready), run after the built-in ones on the edited model, which it must leave unchanged; its
 result is stored under ``record["results"][name]``. A spec turns it on with ``evaluations: {name: true | {...}}``.
@@ -22,6 +25,7 @@ them at import time of a module the spec's runs import, or pass ``setup=`` to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,50 @@ RELEARN_DEFAULTS: dict[str, Any] = {
 PROBE_DEFAULTS: dict[str, Any] = {"position": "last", "test_fraction": 0.2, "seed": 42, "steps": 200,
                                   "weight_decay": None}
 EVALUATION_DEFAULTS: dict[str, Any] = {"formats": "all", "batch_size": 64, "relearn": False, "probes": False}
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The allowed values of numeric settings, per evaluation (module docstring): (what the error says, test).
+Rule = tuple[str, Callable[[Any], bool]]
+POSITIVE_INT: Rule = ("a positive integer", lambda v: _integer(v) and v > 0)
+NON_NEGATIVE_INT: Rule = ("an integer >= 0", lambda v: _integer(v) and v >= 0)
+POSITIVE: Rule = ("a positive number", lambda v: _number(v) and v > 0)
+SETTING_RANGES: dict[str, dict[str, Rule]] = {
+    "relearn": {"steps": NON_NEGATIVE_INT, "lr": POSITIVE, "lora_rank": POSITIVE_INT, "lora_alpha": POSITIVE,
+                "lora_dropout": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+                "batch_size": POSITIVE_INT, "lm_batch_size": POSITIVE_INT, "lm_max_tokens": POSITIVE_INT},
+    "probes": {"test_fraction": ("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1), "seed": NON_NEGATIVE_INT,
+               "steps": POSITIVE_INT, "position": ("last or subject_last", lambda v: v in ("last", "subject_last")),
+               "weight_decay": ("a number >= 0 or null", lambda v: v is None or (_number(v) and v >= 0))},
+    # with their own checks (mu_fast.sweep.protocol_evaluations) for steps / batch_size / limit
+    "softprompt": {"n_attacks": POSITIVE_INT, "lr": POSITIVE, "eps": POSITIVE, "length": POSITIVE_INT,
+                   "eval_batch_size": POSITIVE_INT},
+    "capability": {"batch_size": POSITIVE_INT, "num_fewshot": NON_NEGATIVE_INT},
+    "paper_probes": {"batch_size": POSITIVE_INT},
+}
+
+
+def check_ranges(key: str, settings: dict[str, Any]) -> None:
+    """``ValueError`` for the first setting of evaluation ``key`` outside ``SETTING_RANGES`` (the key and the fix).
+    A number written as text (YAML reads ``1e-3`` as a string) becomes a float where a number is allowed."""
+    defaults = {"relearn": RELEARN_DEFAULTS, "probes": PROBE_DEFAULTS}.get(key)
+    if defaults is None:
+        defaults = REGISTRY[key].defaults if key in REGISTRY else {}
+    for name, (allowed, test) in SETTING_RANGES.get(key, {}).items():
+        if isinstance(settings.get(name), str) and "number" in allowed:
+            try:
+                settings[name] = float(settings[name])
+            except ValueError:
+                pass
+        if name in settings and not test(settings[name]):
+            default = f"the default is {defaults[name]}" if defaults.get(name) is not None else "null takes the default"
+            raise ValueError(f"spec: evaluations.{key}.{name} must be {allowed}; got {settings[name]!r} ({default})")
 
 
 @dataclass
@@ -109,10 +157,11 @@ def resolve_evaluations(value: Mapping[str, Any] | None) -> dict[str, Any]:
         "relearn": _settings("relearn", value.get("relearn", False), RELEARN_DEFAULTS),
         "probes": _settings("probes", value.get("probes", False), PROBE_DEFAULTS),
     }
-    if out["relearn"] is not None and out["relearn"]["steps"] < 0:
-        raise ValueError(f"spec: evaluations.relearn.steps must be >= 0; got {out['relearn']['steps']}")
     extra = {k: _settings(k, value[k], REGISTRY[k].defaults) for k in REGISTRY if k in value}
     extra = {k: v for k, v in extra.items() if v is not None}
+    for k, settings in [("relearn", out["relearn"]), ("probes", out["probes"]), *extra.items()]:
+        if settings is not None:
+            check_ranges(k, settings)
     for k, settings in extra.items():
         if REGISTRY[k].check is not None:
             REGISTRY[k].check(settings)

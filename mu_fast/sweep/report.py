@@ -2,6 +2,9 @@
 
 Records are grouped into one table per (model, task). Rows are a method plus the grid values that vary within the
 table (``flu lr=0.001``); each cell is the mean ± sample standard deviation over seeds (``n`` seeds, no ± for one).
+The title says how many seeds; where rows have different numbers of seeds (a damaged store, a sweep still running)
+an ``n`` column gives each row's, and a cell over fewer records than its row says ``(n=k)``: no number claims more
+seeds than it has. Records whose config lacks the model, task or method are left out with a warning.
 Columns (``COLUMNS``): forget error, maintain accuracy, Q/A forget error, MCQ forget error, relearned accuracy,
 latent-probe accuracy of the true answer; the ``(before edit)`` row is the unedited model. ``format_table`` gives
 plain text at most 100 columns wide, ``rich_tables`` rich Tables.
@@ -18,6 +21,7 @@ import math
 import os
 import re
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -58,14 +62,22 @@ def _records(records_or_path: Iterable[Mapping[str, Any]] | str | os.PathLike) -
 
 def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tuple[str, str], dict[str, Any]]:
     """``{(model, task): {"rows": {label: {metric: [values over seeds]}}, "before": {metric: [values]},
-    "axes": {label: {axis: value}}, "methods": {label: method}}}``."""
+    "axes": {label: {axis: value}}, "methods": {label: method}, "seeds": {label: [seed of each record]}}}``."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    left_out = []
     for r in _records(records):
-        grouped[(r["config"]["model"]["ref"], _task_label(r["config"]["task"]))].append(r)
+        if _placeable(r.get("config")):
+            grouped[(r["config"]["model"]["ref"], _task_label(r["config"]["task"]))].append(r)
+        else:
+            left_out.append(str(r.get("run_id", "?")))
+    if left_out:
+        warnings.warn(f"report: left out {len(left_out)} record(s) whose config lacks its model, task or method "
+                      f"(run ids {', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''})", stacklevel=2)
     for key, recs in grouped.items():
         varying = sorted({a for r in recs for a in r["config"].get("axes", {})})
-        table: dict[str, Any] = {"rows": {}, "before": defaultdict(list), "axes": {}, "methods": {}, "selections": {}}
+        table: dict[str, Any] = {"rows": {}, "before": defaultdict(list), "axes": {}, "methods": {}, "selections": {},
+                                 "seeds": defaultdict(list)}
         for r in recs:
             components = (r.get("localization") or {}).get("components")
             if components is not None and r["config"].get("seed") == min(x["config"].get("seed", 0) for x in recs):
@@ -74,6 +86,7 @@ def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tup
             label = " ".join([r["config"]["method"], *(f"{a}={_short(v)}" for a, v in axes.items() if v is not None)])
             row = table["rows"].setdefault(label, defaultdict(list))
             table["axes"][label], table["methods"][label] = axes, r["config"]["method"]
+            table["seeds"][label].append(r["config"].get("seed"))
             for metric, value in metrics_of(r).items():
                 row[metric].append(value)
             before = dict(r.get("before") or {})
@@ -82,6 +95,28 @@ def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tup
                     table["before"][metric].append(value)
         out[key] = table
     return out
+
+
+def _placeable(config: Any) -> bool:
+    """Whether a record's config names what places it in a table: model ref, task and method."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("method"), str):
+        return False
+    model, task = config.get("model"), config.get("task")
+    return (isinstance(model, Mapping) and "ref" in model and isinstance(task, Mapping)
+            and all(k in task for k in ("dataset", "forget_split", "inject_label")))
+
+
+def seed_counts(table: Mapping[str, Any]) -> dict[str, int]:
+    """The number of distinct seeds of each row of a table (``tables``)."""
+    return {label: len(set(seeds)) for label, seeds in table["seeds"].items()}
+
+
+def _seed_title(counts: Mapping[str, int]) -> str:
+    values = set(counts.values())
+    if len(values) == 1:
+        n = values.pop()
+        return f"mean±std over {n} seed{'s' * (n != 1)}"
+    return f"mean±std over {min(values)}–{max(values)} seeds (n: per row)"
 
 
 def _short(value: Any) -> str:
@@ -96,13 +131,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _cell(values: Sequence[float] | None) -> str:
+def _cell(values: Sequence[float] | None, records: int = 0) -> str:
+    """mean±std of ``values``; ``(n=k)`` when fewer than the row's ``records`` have the metric."""
     if not values:
         return "—"
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "—"
-    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
+    return text + (f" (n={len(values)})" if len(values) < records else "")
 
 
 def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width: int = WIDTH) -> str:
@@ -110,20 +147,26 @@ def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width
     blocks = []
     for (model, task), table in tables(records).items():
         columns = [(k, h) for k, h in COLUMNS if any(k in row for row in table["rows"].values())]
-        cells = {label: [_cell(row.get(k)) for k, _ in columns] for label, row in table["rows"].items()}
-        n_seeds = max((len(v) for row in table["rows"].values() for v in row.values()), default=0)
+        counts = seed_counts(table)
+        cells = {label: [_cell(row.get(k), len(table["seeds"][label])) for k, _ in columns]
+                 for label, row in table["rows"].items()}
+        if len(set(counts.values())) > 1:  # rows differ: each row says its own number of seeds
+            columns = [("n", "n"), *columns]
+            cells = {label: [str(counts[label]), *row] for label, row in cells.items()}
         if table["before"]:
-            cells = {BEFORE: [_cell(table["before"].get(k)[:1] if table["before"].get(k) else None) for k, _ in columns],
-                     **cells}
+            cells = {BEFORE: [_cell(table["before"].get(k)[:1] if table["before"].get(k) else None)
+                              if k != "n" else "" for k, _ in columns], **cells}
         col_width = [max(len(h), *(len(c[i]) for c in cells.values())) for i, (_, h) in enumerate(columns)]
         label_width = min(max(len("method"), *(len(x) for x in cells)), max(12, width - sum(w + 2 for w in col_width)))
-        title = f"{model} · {task} · mean±std over {n_seeds} seed{'s' * (n_seeds != 1)}"
-        lines = [title[:width], ("method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width)))]
+        title = f"{model} · {task} · {_seed_title(counts)}"
+        heading = [title] if len(title) <= width else [f"{model} · {task}"[:width], _seed_title(counts)]
+        header = "method".ljust(label_width) + "".join(f"  {h:>{w}}" for (_, h), w in zip(columns, col_width))
+        lines = [*heading, header]
         lines.append("-" * min(width, len(lines[-1])))
         for label, row in cells.items():
             name = label if len(label) <= label_width else label[: label_width - 1] + "…"
             lines.append(name.ljust(label_width) + "".join(f"  {c:>{w}}" for c, w in zip(row, col_width)))
-        lines += _notes(table, width)
+        lines += _notes(table, width) + _repeated_seed_notes(table, width)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "no ok records"
 
@@ -138,6 +181,19 @@ def _notes(table: Mapping[str, Any], width: int) -> list[str]:
     return [line for note in notes for line in textwrap.wrap(f"note: {note}", width)]
 
 
+def _repeated_seed_notes(table: Mapping[str, Any], width: int) -> list[str]:
+    """Rows holding several records of one seed (runs that differ outside the table's columns) say so."""
+    import textwrap
+
+    out = []
+    for label, seeds in table["seeds"].items():
+        if len(seeds) > len(set(seeds)):
+            note = (f"note: {label} averages {len(seeds)} records of {len(set(seeds))} seed(s): runs that differ in "
+                    "settings the table does not show")
+            out += textwrap.wrap(note, width)
+    return out
+
+
 def rich_tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> list[Any]:
     """The same tables as ``rich.table.Table`` objects."""
     from rich.table import Table
@@ -145,14 +201,20 @@ def rich_tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> lis
     out = []
     for (model, task), table in tables(records).items():
         columns = [(k, h) for k, h in COLUMNS if any(k in row for row in table["rows"].values())]
-        t = Table(title=f"{model} · {task}", title_justify="left")
+        counts = seed_counts(table)
+        varying = len(set(counts.values())) > 1
+        t = Table(title=f"{model} · {task} · {_seed_title(counts)}", title_justify="left")
         t.add_column("method", style="bold")
+        if varying:
+            t.add_column("n", justify="right")
         for _, header in columns:
             t.add_column(header, justify="right")
         if table["before"]:
-            t.add_row(BEFORE, *(_cell(table["before"].get(k, [])[:1]) for k, _ in columns), style="dim")
+            t.add_row(BEFORE, *([""] if varying else []), *(_cell(table["before"].get(k, [])[:1]) for k, _ in columns),
+                      style="dim")
         for label, row in table["rows"].items():
-            t.add_row(label, *(_cell(row.get(k)) for k, _ in columns))
+            t.add_row(label, *([str(counts[label])] if varying else []),
+                      *(_cell(row.get(k), len(table["seeds"][label])) for k, _ in columns))
         out.append(t)
     return out
 

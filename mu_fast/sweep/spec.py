@@ -34,6 +34,13 @@ label, maintain split, LM texts, CounterFact table), method, budget (None for me
 EditConfig field and every evaluation setting. Not included: the spec's name, vars, store path, the executor and
 anything about the machine (those are provenance). Integer values of float fields are stored as floats, so
 ``lr: 1`` and ``lr: 1.0`` are one run. Runs that resolve to the same id are run once.
+
+Checked when the spec is read, before any model loads: every key, name and number (EditConfig fields: positive
+steps, batches and lr, non-negative coefficients, betas in [0, 1); evaluation settings: ``mu_fast.sweep.evaluations``),
+the evaluation formats against every task's dataset, and the variables: a ``${var}`` nobody sets is an error, and so
+is a variable passed (``--var NAME=VALUE``, ``vars=``) that the spec never uses (a typo). Duplicates are errors
+alike in every list (models, tasks, methods, budgets, seeds, a grid axis such as ``lr``, formats), naming the
+duplicate: a repeated value would otherwise run the same runs twice or be merged silently.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Any
 
 from mu_fast.sweep.evaluations import resolve_evaluations
 from mu_fast.sweep.presets import GROUPS, preset_groups
+from mu_fast.sweep.checks import check_formats, check_unique, edit_value_in_range
 from mu_fast.sweep.refs import (
     as_list,
     check_keys,
@@ -132,8 +140,28 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, An
             raise ValueError(f"spec: not valid YAML ({first}); fix the syntax") from None
         if not isinstance(data, dict):
             raise ValueError(f"spec: the top level must be a mapping of keys ({', '.join(SPEC_KEYS)}); got {type(data).__name__}")
-    values = {**dict(data.get("vars") or {}), **dict(vars or {})}
+    given = dict(vars or {})
+    if given:
+        used = sorted(spec_variables(data))
+        for name in given:
+            if name not in used:
+                uses = (f"its variables are {', '.join(used)} (--var NAME=VALUE)" if used else
+                        f"it has no variables: drop --var {name}")
+                raise spec_error("vars", f"--var {name}=... is given but the spec never uses ${{{name}}}"
+                                 f"{close_hint(name, used)}; {uses}")
+    values = {**dict(data.get("vars") or {}), **given}
     return _substitute(data, values, "")
+
+
+def spec_variables(value: Any) -> set[str]:
+    """The names of every ``${var}`` a spec uses (its ``vars:`` block aside)."""
+    if isinstance(value, str):
+        return set(_VAR.findall(value))
+    if isinstance(value, Mapping):
+        return {n for k, v in value.items() if k != "vars" for n in spec_variables(v)}
+    if isinstance(value, list):
+        return {n for v in value for n in spec_variables(v)}
+    return set()
 
 
 def _substitute(value: Any, values: Mapping[str, Any], where: str) -> Any:
@@ -141,7 +169,8 @@ def _substitute(value: Any, values: Mapping[str, Any], where: str) -> Any:
         whole = _VAR.fullmatch(value)
         for name in _VAR.findall(value):
             if name not in values:
-                raise spec_error(where or "vars", f"${{{name}}} is not defined; add it under vars: or pass vars={{'{name}': ...}}")
+                raise spec_error(where or "vars", f"${{{name}}} is not defined; add {name}: under the spec's vars: or "
+                                 f"pass --var {name}=VALUE (Python: vars={{'{name}': ...}})")
         if whole:
             return values[whole.group(1)]
         return _VAR.sub(lambda m: str(values[m.group(1)]), value)
@@ -168,7 +197,13 @@ def _coerce(name: str, value: Any, kind: Any, where: str) -> Any:
     if name == "betas":
         if not (isinstance(value, (list, tuple)) and len(value) == 2):
             raise spec_error(where, f"betas is a pair [beta1, beta2]; got {value!r}")
-        return [float(v) for v in value]
+        try:
+            betas = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise spec_error(where, f"betas is a pair of numbers; got {value!r}") from None
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise spec_error(where, f"betas must each be in [0, 1), e.g. [0.9, 0.999]; got {value!r}")
+        return betas
     if value is None:
         if "None" not in text:
             raise spec_error(where, f"{name} cannot be null")
@@ -179,13 +214,14 @@ def _coerce(name: str, value: Any, kind: Any, where: str) -> Any:
         return value
     if kind is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise spec_error(where, f"{name} must be a number; got {value!r}") from None
+        return edit_value_in_range(name, number, where)
     if kind is int or text.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise spec_error(where, f"{name} must be an integer; got {value!r}")
-        return value
+        return edit_value_in_range(name, value, where)
     if kind is str and not isinstance(value, str):
         raise spec_error(where, f"{name} must be a string; got {value!r}")
     return value
@@ -204,6 +240,7 @@ def _axes(settings: Mapping[str, Any], fields: Mapping[str, Any], where: str) ->
         if not values:
             raise spec_error(f"{where}.{name}", "an empty list gives an empty grid; give at least one value")
         out[name] = [_coerce(name, v, fields[name], f"{where}.{name}") for v in values]
+        check_unique(f"{where}.{name}", out[name])
     return out
 
 
@@ -218,6 +255,7 @@ def edit_grid(edit: Mapping[str, Any], group: str, presets: Mapping[str, Any] | 
     for g in groups:
         if g not in GROUPS:
             raise spec_error("edit.groups", f"unknown method group {g!r}; groups are {', '.join(GROUPS)}")
+        _axes(dict(groups[g] or {}), fields, f"edit.groups.{g}")  # checked even where no method of the group runs
     base = preset_groups(str(edit.pop("preset", "default")), presets)[group]
     axes = {k: [_coerce(k, v, fields[k], f"edit.preset.{k}")] for k, v in base.items() if k in fields and k != "seed"}
     axes.update(_axes(edit, fields, "edit"))
@@ -274,8 +312,7 @@ def _check_methods(methods: Any, models: list[dict[str, Any]], tasks: list[dict[
                 raise spec_error("methods", f"{m} is the paper's selection for its own models, not for the organism")
         elif m not in usable:
             raise spec_error("methods", f"unknown method {m!r}{close_hint(m, usable)}; use {', '.join(usable)} or paper:<method>")
-    if len(set(methods)) != len(methods):
-        raise spec_error("methods", "a method is listed twice; list each once")
+    check_unique("methods", methods)
     return list(methods)
 
 
@@ -288,6 +325,7 @@ def _check_budgets(value: Any) -> list[int | None]:
             out.append(b)
         else:
             raise spec_error("budget", f"{b!r}: use paper (FLU layers x MLP size), a positive parameter count, or a list")
+    check_unique("budget", out, lambda b: "paper" if b is None else repr(b))
     return out
 
 
@@ -298,15 +336,18 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(models_in, list) or not models_in:
         raise spec_error("models", "give a non-empty list of models, e.g. [organism:ci]")
     models = [resolve_model(m, f"models[{i}]") for i, m in enumerate(models_in)]
+    check_unique("models", models, lambda m: f"model {m['ref']!r}")
     tasks_in = spec.get("tasks")
     if not isinstance(tasks_in, list) or not tasks_in:
         raise spec_error("tasks", "give a non-empty list of tasks, e.g. [{dataset: organism, forget_splits: [first_16_unsplit]}]")
     tasks = [t for i, entry in enumerate(tasks_in) for t in resolve_tasks(entry, f"tasks[{i}]", models)]
+    check_unique("tasks", tasks, lambda t: f"task {t['dataset']}:{t['forget_split']}:{t['inject_label']}")
     methods = _check_methods(spec.get("methods"), models, tasks)
     budgets = _check_budgets(spec.get("budget", "paper"))
     seeds = as_list(spec.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise spec_error("seeds", f"give a non-empty list of non-negative integers; got {spec.get('seeds')!r}")
+    check_unique("seeds", seeds)
     edit = spec.get("edit") or {}
     if not isinstance(edit, Mapping):
         raise spec_error("edit", f"a mapping of EditConfig fields, preset: and groups:; got {edit!r}")
@@ -322,6 +363,7 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
                          "to methods: or drop its entry")
     grids = {m: edit_grid(edit, method_group(m), presets, m) for m in methods}
     evaluations = resolve_evaluations(spec.get("evaluations"))
+    check_formats(evaluations["formats"], tasks)
     for task in tasks:
         lm = any(settings.get("lm_coef", 1.0) for g in grids.values() for settings, _ in g)
         if lm and task["dataset"] != "organism" and "lm_texts" not in task:

@@ -24,7 +24,8 @@ def fake_records(rng_values, methods=("flu", "a_very_long_method_name_that_must_
                 values[(method, lr, seed)] = {**metrics, "qa_forget_err": 1.0 - qa}
                 records.append({
                     "run_id": f"{method}{lr}{seed}", "status": "ok",
-                    "config": {"model": {"ref": "organism:ci"}, "method": method, "seed": seed, "axes": {"lr": lr},
+                    "config": {"run_id": f"{method}{lr}{seed}", "model": {"ref": "organism:ci"}, "method": method,
+                               "seed": seed, "axes": {"lr": lr},
                                "task": {"dataset": "organism", "forget_split": "first_16_unsplit",
                                         "inject_label": "random_without_golf"}, "edit": {"lr": lr}},
                     "metrics": {**metrics, "trainable_params": 10},
@@ -61,7 +62,8 @@ def test_write_report_writes_table_and_plots(rng, tmp_path):
     store = Store(tmp_path / "r.jsonl")
     for r in records:
         store.append(r)
-    store.append({"run_id": "broken", "status": "failed", "error": {"type": "X"}})  # failed runs are not reported
+    store.append({"run_id": "broken", "status": "failed", "config": {"run_id": "broken"}, "error": {"type": "X"}})
+    # failed runs are not reported
     out = report.write_report(store.path, tmp_path / "report")
     assert out["table"].read_text().startswith("organism:ci · organism:first_16_unsplit")
     assert len(out["plots"]) == 3 and all(p.stat().st_size > 5000 for p in out["plots"])

@@ -13,7 +13,7 @@ from mu_fast.sweep.store import Store, encode_record, load_results
 
 def record(i: int, status: str = "ok", payload: int = 10) -> dict:
     return {"run_id": f"run{i:04d}", "status": status, "metrics": {"forget_err": i / 1000, "nan": float("nan")},
-            "blob": "x\ny" * payload}
+            "blob": "x\ny" * payload, "config": {"run_id": f"run{i:04d}"}}
 
 
 def test_round_trip_one_line_per_record(tmp_path):
