@@ -142,3 +142,37 @@ def test_spec_capability_add_bos_is_checked():
     with pytest.raises(ValueError, match="add_bos must be null, true, false or 'paper'"):
         resolve_evaluations({"capability": {"add_bos": "yes"}})
     assert resolve_evaluations({"relearn": {"score_in_train_mode": True}})["relearn"]["score_in_train_mode"] is True
+
+
+def _doc() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "docs" / "protocol_differences.md").read_text()
+
+
+def test_doc_random_mlps_entry_is_what_the_sweep_does():
+    """The page once said a sweep's random_mlps took mu_fast's FLU count on the paper's models; the sweep takes the
+    authors' FLU list there (tests/test_cli_paper.py::test_random_mlps_takes_the_paper_flu_layer_count)."""
+    entry = next(b for b in _doc().split("\n* ") if b.startswith("**`random_mlps`"))
+    assert "as many MLP layers as the authors' FLU list" in entry and "mu_fast's FLU on the loaded model" not in \
+        entry.split("On other models")[0]
+
+
+def test_doc_names_only_existing_run_flags_and_options():
+    import inspect
+
+    import typer
+
+    from mu_fast.cli import app
+    from mu_fast.evaluate.capability import capability_eval
+    from mu_fast.evaluate.relearn import relearn_attack
+    from mu_fast.localize.corrupt import NOISE_RULES
+
+    text = _doc()
+    run = typer.main.get_command(app).commands["run"]
+    options = {o for p in run.params for o in (*p.opts, *p.secondary_opts)}
+    named = set(re.findall(r"`(--[a-z0-9-]+)", text)) | set(re.findall(r"/(--[a-z0-9-]+)`", text))
+    assert named and named <= options, named - options
+    assert {"score_in_train_mode", "cf_target_false_bug"} <= set(inspect.signature(relearn_attack).parameters)
+    assert "add_bos" in inspect.signature(capability_eval).parameters
+    assert set(re.findall(r'`noise="(\w+)"`', text)) <= set(NOISE_RULES)
