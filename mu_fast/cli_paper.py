@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mu_fast.paper_protocol import METHODS, PAPER_SELECTIONS
+from mu_fast.paper_protocol import METHODS
 
 PAPER_EVALS = ("softprompt", "capability")
 # run_cmd's defaults of the options the experiment fixes: a value other than these was given on purpose.
@@ -240,11 +240,11 @@ def describe_partitions(protocol: Mapping[str, Any], methods: list[str], seed: i
     return lines
 
 
-def describe_evaluations(evaluations: Mapping[str, Any], sequential: bool) -> str:
-    """One line: the evaluations each edited model gets (sequential: once, after the last partition)."""
+def describe_sequential_evaluations(evaluations: Mapping[str, Any]) -> str:
+    """One line: the evaluations each method gets once, after the last partition."""
     names = [name for name in ("relearn", "paper_probes", *PAPER_EVALS) if evaluations.get(name)]
-    when = "after the last partition, on all 64 facts" if sequential else "after each edit"
-    return f"evaluations {when}: formats {evaluations.get('formats', 'all')}" + "".join(f", {n}" for n in names)
+    return (f"evaluations after the last partition, on all 64 facts: formats {evaluations.get('formats', 'all')}"
+            + "".join(f", {n}" for n in names))
 
 
 def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str | None, methods: str,
@@ -292,7 +292,7 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         from mu_fast.sweep.evaluations import resolve_evaluations
 
         resolved = resolve_evaluations(evaluations)  # checked now, before anything loads
-        for line in [*describe_partitions(protocol, chosen, seed_list[0]), describe_evaluations(evaluations, True)]:
+        for line in [*describe_partitions(protocol, chosen, seed_list[0]), describe_sequential_evaluations(evaluations)]:
             print(line)
         if not dry_run:
             run_sequential(model, key, protocol, chosen, edit, resolved, texts, dtype, out, seed_list[0])

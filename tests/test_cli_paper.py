@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mu_fast.paper_protocol import METHODS, PAPER_SELECTIONS, paper_protocol
+from mu_fast.paper_protocol import METHODS, paper_protocol
 from tests.test_cli import no_loading, run_main  # noqa: F401 (fixture)
 from tests._tiny_task import word_checkpoint
 from tests.test_cli_run import _sports_checkpoint
