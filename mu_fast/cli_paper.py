@@ -4,25 +4,30 @@ The paper model (gemma-7b, gemma-2-9b or llama-3-8b) is MODEL's name, a local fo
 (``_name_or_path``) or has its shapes, or ``--paper-model``. ``paper_protocol`` gives every method's localization,
 edit settings (§3.4) and evaluations; the sweep engine runs them (store: ``--out/<spec name>.jsonl``, resumable),
 then the paper-layout table is printed and written with the plots under ``--out/report``. The sequential
-CounterFact experiment runs ``sequential_edit`` per paper selection instead (one JSON per method in ``--out``).
+CounterFact experiment runs ``sequential_edit`` per method instead (the 4 partitions, each its own localization),
+then the evaluations once on all 64 facts, as the authors' script after its last partition (one JSON per method in
+``--out``; ``mu_fast.cli_paper_sequential``).
 
 Flags that change the authors' settings are applied as explicit overrides, each with a printed warning line: edit
 flags (``--lr``, ``--steps`` ...) replace that field in every method group, ``--relearn-*`` replace the relearning
-attack's settings, ``--no-relearn`` / ``--no-probes`` / ``--paper-evals`` drop evaluations and ``--dtype`` other
-than bf16 changes the precision. Flags the experiment fixes (``--forget-split``, ``--inject-label``, ``--cf-model``)
+attack's settings, ``--no-relearn`` / ``--no-probes`` / ``--paper-evals`` drop evaluations, ``--(no-)mmlu-add-bos``
+changes lm-eval's encoding and ``--dtype`` other than bf16 changes the precision. A flag that gives back an authors'
+setting the preset deliberately changes (``--relearn-cf-target-false-bug``: their CounterFact relearning toward
+``target_false``) prints a note saying so. Flags the experiment fixes (``--forget-split``, ``--inject-label``, ``--cf-model``)
 and ``--probe-*`` (the authors' probes take none of them) are refused. ``--dry-run`` prints the runs and loads
 nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mu_fast.paper_protocol import METHODS, PAPER_SELECTIONS
+from mu_fast.paper_protocol import METHODS
 
 PAPER_EVALS = ("softprompt", "capability")
 # run_cmd's defaults of the options the experiment fixes: a value other than these was given on purpose.
@@ -74,13 +79,13 @@ def parse_seeds(seeds: str) -> list[int]:
     return out
 
 
-def paper_methods(methods: str, default: str, sequential: bool) -> list[str]:
-    """The methods to run: all the authors' (run_cmd's default list given) or the chosen subset of them."""
-    allowed = PAPER_SELECTIONS if sequential else METHODS
+def paper_methods(methods: str, default: str) -> list[str]:
+    """The methods to run: all the authors' (run_cmd's default list given) or the chosen subset of them (the
+    sequential experiment runs the same 9 as the others, as the authors' ``*_sequential`` runs)."""
     if methods == default:
-        return [f"paper:{m}" for m in PAPER_SELECTIONS] if sequential else list(METHODS)
+        return list(METHODS)
     out = [m.strip() for m in methods.split(",") if m.strip()]
-    names = [f"paper:{m}" for m in allowed] if sequential else list(allowed)
+    names = list(METHODS)
     for method in out:
         if method not in names and f"paper:{method}" not in names:
             raise ValueError(f"--methods entry {method!r} is not one of the authors' methods for this experiment; "
@@ -92,10 +97,62 @@ def _warn(lines: list[str], text: str) -> None:
     lines.append(f"warning: {text} (not the authors' setting)")
 
 
+def _flag(name: str, value: Any) -> str:
+    """How the user wrote it: ``--relearn-steps 5``, ``--relearn-cf-target-false-bug``, ``--no-mmlu-add-bos``."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+WHY_AUTHORS = {  # what an authors' setting the preset changes on purpose means
+    "cf_target_false_bug": "their CounterFact relearning trains relearn and maintain toward target_false, a bug "
+                           "(authors_repo.md §4.5); the preset relearns toward the true answer",
+}
+
+
+def _relearn_overrides(protocol: Mapping[str, Any], preset: Any, given: Mapping[str, Any],
+                       lines: list[str]) -> dict[str, Any]:
+    """The relearning settings: the preset's with the given ``--relearn-*`` values; a line per change, a note where
+    the value is the authors' own."""
+    from mu_fast.paper_protocol import authors_relearn_settings
+    from mu_fast.sweep.evaluations import RELEARN_DEFAULTS
+
+    if given.get("cf_target_false_bug") and protocol["dataset"] != "counterfact":
+        raise ValueError("--relearn-cf-target-false-bug reproduces a bug of the authors' CounterFact relearning; "
+                         f"--dataset {protocol['dataset']} has none: drop it")
+    ours = {**RELEARN_DEFAULTS, **(preset if isinstance(preset, Mapping) else {})}
+    authors = authors_relearn_settings(protocol["dataset"])
+    for key, value in given.items():
+        flag = _flag(f"relearn_{key}", value)
+        if value == ours[key]:
+            continue
+        if value == authors[key]:
+            lines.append(f"note: {flag} is the authors' setting: {WHY_AUTHORS.get(key, 'the preset differs')}")
+        else:
+            _warn(lines, f"{flag} replaces the authors' relearning {key} ({authors[key]})")
+    return {**(preset if isinstance(preset, Mapping) else {}), **given}
+
+
+def _add_bos_override(protocol: Mapping[str, Any], evaluations: dict[str, Any], add_bos: bool | None,
+                      paper_evals: str, lines: list[str]) -> None:
+    """``--(no-)mmlu-add-bos`` over the authors' lm-eval 0.4.4 encoding (a BOS token for Gemma only)."""
+    if add_bos is None:
+        return
+    if "capability" not in evaluations:
+        raise ValueError(f"{_flag('mmlu_add_bos', add_bos)} sets lm-eval's MMLU/SciQ encoding, but --paper-evals "
+                         f"{paper_evals} does not run the capability evaluation: drop one of them")
+    authors = protocol["model"].startswith("gemma")
+    if add_bos != authors:
+        evaluations["capability"]["add_bos"] = add_bos
+        _warn(lines, f"{_flag('mmlu_add_bos', add_bos)}: lm-eval requests {'with' if add_bos else 'without'} the BOS "
+                     f"token, where the authors' lm-eval 0.4.4 sent {'one' if authors else 'none'} for {protocol['model']}")
+
+
 def protocol_overrides(protocol: Mapping[str, Any], settings: Mapping[str, Any], relearn: bool, probes: bool,
                        relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any], paper_evals: str,
-                       dtype: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """``(edit overrides, evaluations, warnings)``: the given flags over the authors' settings, each change named."""
+                       dtype: str, mmlu_add_bos: bool | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """``(edit overrides, evaluations, lines)``: the given flags over the authors' settings, each change named in a
+    ``warning:`` line (or a ``note:`` where a flag gives back an authors' setting the preset changes on purpose)."""
     from mu_fast.cli_options import check_edit_values, check_flag_values
 
     if probe_settings:
@@ -110,19 +167,19 @@ def protocol_overrides(protocol: Mapping[str, Any], settings: Mapping[str, Any],
         edit[field] = value
         authors = sorted({str(g.get(field, "EditConfig default")) for g in protocol["edit_groups"].values()})
         _warn(warnings, f"--{field.replace('_', '-')} {value} replaces the authors' {field} ({' / '.join(authors)}) in every method")
-    evaluations = dict(protocol["evaluations"])
+    evaluations = copy.deepcopy(dict(protocol["evaluations"]))
     if not relearn:
         evaluations["relearn"] = False
         _warn(warnings, "--no-relearn drops the relearning attack")
     elif relearn_settings:
-        evaluations["relearn"] = dict(relearn_settings)
-        _warn(warnings, f"--relearn-* set the relearning attack's {', '.join(relearn_settings)}")
+        evaluations["relearn"] = _relearn_overrides(protocol, evaluations["relearn"], relearn_settings, warnings)
     if not probes and evaluations.pop("paper_probes", None):
         _warn(warnings, "--no-probes drops the authors' latent probes")
     keep = _paper_evals(paper_evals)
     for name in PAPER_EVALS:
         if name not in keep and evaluations.pop(name, None) is not None:
             _warn(warnings, f"--paper-evals {paper_evals} drops the {name} evaluation")
+    _add_bos_override(protocol, evaluations, mmlu_add_bos, paper_evals, warnings)
     if dtype != "bf16":
         _warn(warnings, f"--dtype {dtype} instead of bf16")
     return edit, evaluations, warnings
@@ -141,31 +198,60 @@ def _paper_evals(value: str) -> set[str]:
 
 
 def describe_methods(protocol: Mapping[str, Any], methods: list[str], edit: Mapping[str, Any]) -> list[str]:
-    """One line per method: its group, lr, forget_coef, steps, 8-bit moments and the layers it edits."""
+    """One line per method: its group, lr, forget_coef, steps, 8-bit moments and the layers it edits (sequential:
+    "per partition", listed by ``describe_partitions``)."""
     lines = []
     for method in methods:
         entry = protocol["methods"][method]
         cfg = {**entry["edit"], **edit}
         loc = entry["localization"]
-        if loc is not None:
+        if protocol["partitions"] is not None:
+            where = "its own localization per partition (below)"
+        elif loc is not None:
             where = f"attn {loc['attn']} mlp {loc['mlp']} ({loc['params']:,} params)"
-        elif method == "random":
-            where = f"random matrices, budget {protocol['budget']:,} params"
-        elif method == "random_mlps":
-            where = f"{len(protocol['flu_layers'])} random MLP layers"
         else:
-            where = "every MLP" if method == "all_mlps" else "every block"
+            where = _baseline(method, protocol["budget"], protocol["flu_layers"])
         eight = "yes" if cfg.get("state_bits") == 8 else "no"
         lines.append(f"{method:14s} {entry['group']:8s} lr={cfg['lr']:<8g} forget_coef={cfg['forget_coef']:<4g} "
                      f"steps={cfg['steps']:<3d} 8bit={eight:3s} {where}")
     return lines
 
 
+def _baseline(method: str, budget: int, flu_layers: list[int], seed: int | None = None) -> str:
+    drawn = "" if seed is None else f" (seed {seed})"
+    if method == "random":
+        return f"random matrices, budget {budget:,} params{drawn}"
+    if method == "random_mlps":
+        return f"{len(flu_layers)} random MLP layers{drawn}"
+    return "every MLP" if method == "all_mlps" else "every block"
+
+
+def describe_partitions(protocol: Mapping[str, Any], methods: list[str], seed: int) -> list[str]:
+    """The sequential experiment: per partition its FLU layers and budget, then what each method edits there (the
+    partition's own selection; random draws anew per partition with seed ``seed + p``, as ``paper_sequential_masks``)."""
+    lines = []
+    for p, part in enumerate(protocol["partitions"]):
+        lines.append(f"partition {part['range']}: FLU layers {part['flu_layers']}, budget {part['budget']:,} params")
+        for method in methods:
+            loc = part["localizations"].get(method)
+            where = (f"attn {loc['attn']} mlp {loc['mlp']} ({loc['params']:,} params)" if loc is not None
+                     else _baseline(method, part["budget"], part["flu_layers"], seed + p))
+            lines.append(f"  {method:14s} {where}")
+    return lines
+
+
+def describe_sequential_evaluations(evaluations: Mapping[str, Any]) -> str:
+    """One line: the evaluations each method gets once, after the last partition."""
+    names = [name for name in ("relearn", "paper_probes", *PAPER_EVALS) if evaluations.get(name)]
+    return (f"evaluations after the last partition, on all 64 facts: formats {evaluations.get('formats', 'all')}"
+            + "".join(f", {n}" for n in names))
+
+
 def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str | None, methods: str,
               default_methods: str, lm_texts: str | None, seeds: str, out: Path, dry_run: bool, fresh: bool,
               dtype: str, relearn: bool, probes: bool, paper_evals: str, settings: Mapping[str, Any],
               relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any],
-              fixed: Mapping[str, Any]) -> None:
+              fixed: Mapping[str, Any], mmlu_add_bos: bool | None = None) -> None:
     """``mu-fast run MODEL --preset paper`` (module docstring); every option is checked before anything loads."""
     from mu_fast.cli_common import DTYPE_NAMES
     from mu_fast.paper_protocol import paper_protocol
@@ -188,23 +274,28 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
     sequential = protocol["spec"] is None
     if sequential and len(seed_list) > 1:
         raise ValueError(f"--seeds {seeds}: the sequential experiment runs one seed per call; pass one seed")
-    chosen = paper_methods(methods, default_methods, sequential)
+    chosen = paper_methods(methods, default_methods)
     edit, evaluations, warnings = protocol_overrides(protocol, settings, relearn, probes, relearn_settings,
-                                                     probe_settings, paper_evals, dtype)
+                                                     probe_settings, paper_evals, dtype, mmlu_add_bos)
     if texts is None:
         edit.setdefault("lm_coef", 0.0)
         _warn(warnings, "--lm-texts none drops the LM retain loss")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the results")
-    print(f"paper protocol: {model} as {key}, {dataset} {experiment}; edit preset {protocol['edit_preset']}; "
-          f"FLU layers {protocol['flu_layers']}; budget {protocol['budget']:,} params")
+    where = (f"{len(protocol['partitions'])} partitions edited in turn, each its own localization" if sequential else
+             f"FLU layers {protocol['flu_layers']}; budget {protocol['budget']:,} params")
+    print(f"paper protocol: {model} as {key}, {dataset} {experiment}; edit preset {protocol['edit_preset']}; {where}")
     for line in [*describe_methods(protocol, chosen, edit), *warnings]:
         print(line)
     if sequential:
-        for part in protocol["partitions"]:
-            print(f"partition {part['range']}: FLU layers {part['flu_layers']}, budget {part['budget']:,} params")
+        from mu_fast.cli_paper_sequential import run_sequential
+        from mu_fast.sweep.evaluations import resolve_evaluations
+
+        resolved = resolve_evaluations(evaluations)  # checked now, before anything loads
+        for line in [*describe_partitions(protocol, chosen, seed_list[0]), describe_sequential_evaluations(evaluations)]:
+            print(line)
         if not dry_run:
-            run_sequential(model, key, protocol, chosen, edit, texts, dtype, out, seed_list[0])
+            run_sequential(model, key, protocol, chosen, edit, resolved, texts, dtype, out, seed_list[0])
         return
     spec = dict(protocol["spec"])
     spec["methods"] = chosen
@@ -238,60 +329,3 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
     print(written["text"])
     print(f"report: {out / 'report'}/ (table.txt, {len(written['plots'])} plots); store: {store}; "
           f"total {time.perf_counter() - t0:.1f} s")
-
-
-def run_sequential(model: str, key: str, protocol: Mapping[str, Any], methods: list[str], edit: Mapping[str, Any],
-                   texts: str | None, dtype: str, out: Path, seed: int = 0) -> None:
-    """The sequential CounterFact experiment: per paper selection, ``sequential_edit`` over the 4 partitions with
-    their own masks (``paper_sequential_masks``); the model is restored between methods. Writes
-    ``out/<method>.json`` (partitions' records, edit settings, provenance block) and prints a short table.
-    ``seed``: the edit's data order (EditConfig.seed, unless --seed overrides it)."""
-    import torch
-
-    from mu_fast.cli_common import identity_of, load_model_ref
-    from mu_fast.data import counterfact_sequential_tasks, load_lm_texts
-    from mu_fast.edit.loop import EditConfig
-    from mu_fast.edit.sequential import sequential_edit
-    from mu_fast.paper_protocol import paper_sequential_masks
-    from mu_fast.preflight import resolve_model
-    from mu_fast.provenance import provenance_block
-    from mu_fast.sweep.snapshot import MaskedSnapshot
-
-    ref = resolve_model(model)
-    lm = load_lm_texts(texts, n=2048, seed=0) if texts else None
-    tasks = counterfact_sequential_tasks(model=key, lm_texts=lm)
-    net, tokenizer, info = load_model_ref(ref, dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    identity = identity_of(ref, info, net, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method in methods:
-        fields = {"seed": seed, **protocol["methods"][method]["edit"], **edit}
-        if not texts:
-            fields["lm_coef"] = 0.0
-        if "betas" in fields:
-            fields["betas"] = tuple(fields["betas"])
-        config = EditConfig(**fields)
-        masks = paper_sequential_masks(net, method, model_key=key)
-        snapshots = [MaskedSnapshot.take(net, m) for m in masks]
-        try:
-            records = sequential_edit(net, tokenizer, tasks, masks, config, formats=None)
-        finally:
-            for snap in reversed(snapshots):
-                snap.restore(net)
-        path = out / f"{method.replace(':', '_')}.json"
-        block = provenance_block(model=identity, device=next(net.parameters()).device)
-        path.write_text(json.dumps({"method": method, "paper_model": key, "experiment": protocol["experiment"],
-                                    "edit_config": {k: v for k, v in vars(config).items()}, "partitions": records,
-                                    "provenance": block}, indent=1, default=str))
-        last = records[-1]["eval"]
-        accs = [p["acc"] for p in last["per_partition"]]
-        maintain = last.get("normal", {}).get("maintain", {}).get("acc")
-        rows.append((method, accs, maintain))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    print(f"{'method':14s} forget acc per partition after all 4 edits   maintain acc   (results: {out}/)")
-    for method, accs, maintain in rows:
-        shown = " ".join(f"{a:.3f}" for a in accs)
-        print(f"{method:14s} {shown:44s} {'-' if maintain is None else f'{maintain:.3f}'}")

@@ -143,6 +143,7 @@ def run_cmd(
     seeds: str = typer.Option("0", help="seeds of everything random, e.g. 0,1,2: every method runs once per seed and the table shows mean ± std (the authors ran one)"),
     workers: int = typer.Option(1, help="worker processes for the runs (one torch thread each; same numbers as one process)"),
     paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
+    mmlu_add_bos: bool | None = typer.Option(None, "--mmlu-add-bos/--no-mmlu-add-bos", show_default=False, help="--preset paper: lm-eval MMLU/SciQ requests with / without the BOS token (default: the authors' lm-eval 0.4.4, BOS for Gemma only)"),
     dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),
     settings: dict[str, Any] | None = None,
     relearn_settings: dict[str, Any] | None = None,
@@ -158,9 +159,9 @@ def run_cmd(
         return run_paper(model, dataset, experiment, paper_model, methods, DEMO_METHODS, lm_texts, seeds, out, dry_run,
                          fresh, dtype, relearn, probes, paper_evals, settings or {}, relearn_settings or {},
                          probe_settings or {}, {"forget_split": forget_split, "inject_label": inject_label,
-                                                "cf_model": cf_model})
-    if experiment or paper_model or dry_run or paper_evals != "all":
-        raise ValueError("--experiment, --paper-model, --paper-evals and --dry-run are options of "
+                                                "cf_model": cf_model}, mmlu_add_bos)
+    if experiment or paper_model or dry_run or paper_evals != "all" or mmlu_add_bos is not None:
+        raise ValueError("--experiment, --paper-model, --paper-evals, --(no-)mmlu-add-bos and --dry-run are options of "
                          "--preset paper; add --preset paper or drop them")
     from mu_fast.cli_demo import parse_seeds
 

@@ -9,10 +9,15 @@ the authors ran, reusing the modules that already hold each part:
 * edit settings per method group: the §3.4 table (``mu_fast.sweep.presets``, ``paper_<sports|cf>:<model>:<exp>``);
 * FLU layers: ``paper_flu_layers`` (sports: fixed per model; CounterFact: the manual-layers file of the range);
 * evaluations as the authors: every format (the deep evals' Normal / MCQ / paraphrase / neighbourhood), the
-  relearning attack with its defaults (LoRA 512, 20 steps, lr 2e-4), the soft-prompt attack on the authors'
-  schedule, lm-eval ``mmlu`` + ``sciq`` zero-shot, and (sports athlete editing only) latent probes as the authors;
+  relearning attack with its defaults (LoRA 512, 20 steps, lr 2e-4) scored as theirs (LoRA dropout live after step
+  0), the soft-prompt attack on the authors' schedule, lm-eval ``mmlu`` + ``sciq`` zero-shot encoded as their lm-eval
+  0.4.4 (BOS for Gemma only), and (sports athlete editing only) latent probes as the authors. One deliberate
+  difference: CounterFact relearns toward the true answer (theirs toward ``target_false``, a bug;
+  ``cf_target_false_bug=True`` gives theirs);
 * ``spec``: a sweep spec (``mu_fast.sweep.run(spec)``) that runs all of it, ``None`` for the sequential CounterFact
-  experiment (run it with ``mu_fast.edit.sequential.sequential_edit`` and ``paper_sequential_masks``).
+  experiment: each of the 9 methods edits the 4 partitions in turn (``mu_fast.edit.sequential.sequential_edit``
+  over ``paper_sequential_masks``), then the same evaluations run once on all 64 facts, as the authors' script did
+  after its last partition (``mu-fast run --preset paper`` does all of it).
 
 Differences that remain are listed in docs/protocol_differences.md.
 """
@@ -70,14 +75,26 @@ def paper_evaluations(dataset: str, experiment: str) -> dict[str, Any]:
     evaluations: dict[str, Any] = {
         "formats": "all",
         "batch_size": 64,
-        "relearn": True,       # relearn_attack's defaults are the authors' (§4.5), CF toward the true answer
+        # relearn_attack's defaults are the authors' (§4.5), CF toward the true answer; scored with the LoRA dropout
+        # live after step 0, as their evaluations at steps 10 and 20
+        "relearn": {"score_in_train_mode": True},
         # 4 attacks, the authors' steps / batch (paper_schedule), lr 1e-5, eps 6, bf16 autocast for Gemma-2 (CUDA)
         "softprompt": {"autocast": "paper"},
-        "capability": {"tasks": ["mmlu", "sciq"], "num_fewshot": 0},
+        # lm-eval 0.4.4 as theirs: no special tokens but for Gemma (capability_eval's add_bos="paper")
+        "capability": {"tasks": ["mmlu", "sciq"], "num_fewshot": 0, "add_bos": "paper"},
     }
     if kind == "sports" and experiment != "sport_golf":  # §4.7: athlete editing only
         evaluations["paper_probes"] = True
     return evaluations
+
+
+def authors_relearn_settings(dataset: str) -> dict[str, Any]:
+    """The relearning settings of the authors' runs (``relearn_attack`` keywords): the defaults, scored with the LoRA
+    dropout live, and on CounterFact their ``target_false`` bug."""
+    from mu_fast.sweep.evaluations import RELEARN_DEFAULTS
+
+    return {**RELEARN_DEFAULTS, "score_in_train_mode": True,
+            "cf_target_false_bug": DATASETS.get(dataset, dataset) == "cf"}
 
 
 def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str | None = None,
@@ -91,7 +108,9 @@ def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str
     Returns ``{"model", "hf_id", "dataset", "experiment", "edit_preset", "edit_groups" ({group: EditConfig fields}),
     "methods" ({method: {"group", "edit", "localization" ({"attn", "mlp", "params"}) or None}}), "flu_layers",
     "budget" (parameters), "partitions" (sequential CF: [{"range", "flu_layers", "budget", "localizations"}]),
-    "evaluations", "spec" (a sweep spec dict, or None with "spec_note")}``; all plain JSON-ready values.
+    "evaluations", "spec" (a sweep spec dict, or None with "spec_note")}``; all plain JSON-ready values. The
+    sequential experiment edits only the partitions' localizations: there "localization", "flu_layers" and "budget"
+    are None and each partition carries its own.
     """
     from mu_fast.localize.paper_graphs import paper_flu_layers, paper_localization_budget
     from mu_fast.sweep.presets import preset_groups
@@ -117,9 +136,13 @@ def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str
         out["partitions"] = [{"range": r, "flu_layers": paper_flu_layers(model, data, r),
                               "budget": paper_localization_budget(model, data, r),
                               "localizations": _localizations(model, data, r)} for r in CF_PARTITIONS]
+        out["flu_layers"] = out["budget"] = None  # the 0_64 range is never edited here
+        for entry in methods.values():
+            entry["localization"] = None
         out["spec"] = None
         out["spec_note"] = ("sweeps edit one forget set at a time; run the 4 partitions with "
-                            "mu_fast.edit.sequential.sequential_edit and the per-partition localizations in 'partitions'")
+                            "mu_fast.edit.sequential.sequential_edit over paper_sequential_masks (the per-partition "
+                            "localizations in 'partitions'), then 'evaluations' on all 64 facts (mu-fast run --preset paper)")
         return out
     out["spec"] = {
         "name": f"paper_{data}_{model}_{experiment}",
@@ -135,16 +158,44 @@ def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str
     return out
 
 
-def paper_sequential_masks(model: Any, method: str, model_key: str | None = None) -> list[Any]:
+def paper_sequential_masks(model: Any, method: str, model_key: str | None = None, seed: int = 0) -> list[Any]:
     """The 4 masks of the sequential CounterFact experiment for ``sequential_edit`` (§3.6: each partition its own
-    localization): ``localize("paper:<method>")`` over ``model`` for the ranges 0_16, 16_32, 32_48, 48_64.
-    method: flu | ap | ct | ap_mlps | ct_mlps (``paper:`` optional); model_key: default the model's name_or_path."""
+    localization), for the ranges 0_16, 16_32, 32_48, 48_64 over ``model``'s own sites.
+
+    method: one of ``METHODS`` (``paper:`` optional for the paper's selections). The paper's selections are
+    ``localize("paper:<method>")`` of each range. The baselines follow the authors' sequential script: ``random``
+    draws whole matrices up to the partition's budget (its FLU layer count × this model's MLP size, the authors'
+    budget on their models) and ``random_mlps`` as many MLP layers as the partition's FLU layers, each partition
+    drawn anew (seed ``seed + p``; theirs were unseeded); ``all_mlps`` and ``nonlocalized`` are the same for every
+    partition. model_key: the paper model (default: the model's name_or_path)."""
     from types import SimpleNamespace
 
-    from mu_fast.localize import localize
+    from mu_fast.data.datadir import paper_model
+    from mu_fast.localize import baselines, localize
+    from mu_fast.localize.paper_graphs import paper_flu_layers
+    from mu_fast.masks import Mask, paper_budget
+    from mu_fast.models.sites import SiteTable
 
     kind = method.removeprefix("paper:")
-    if kind not in PAPER_SELECTIONS:
-        raise ValueError(f"method={method!r}; the paper's per-partition selections are {PAPER_SELECTIONS}")
-    task = SimpleNamespace(name="counterfact_sequential", meta={"dataset": "counterfact"})
-    return [localize(f"paper:{kind}", model, task=task, paper_model=model_key, forget_range=r).mask for r in CF_PARTITIONS]
+    if kind not in PAPER_SELECTIONS + BASELINES or (method.startswith("paper:") and kind not in PAPER_SELECTIONS):
+        raise ValueError(f"method={method!r}; the sequential experiment's methods are {', '.join(METHODS)}")
+    if kind in PAPER_SELECTIONS:
+        task = SimpleNamespace(name="counterfact_sequential", meta={"dataset": "counterfact"})
+        return [localize(f"paper:{kind}", model, task=task, paper_model=model_key, forget_range=r).mask
+                for r in CF_PARTITIONS]
+    table = SiteTable(model)
+    name = model_key or getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    if not name:
+        raise ValueError(f"{method}: pass model_key= (gemma-7b, gemma-2-9b or llama-3-8b); the model has no name_or_path")
+    key = paper_model(name).key
+    masks = []
+    for p, r in enumerate(CF_PARTITIONS):
+        n_flu = len(paper_flu_layers(key, "counterfact", r))
+        if kind == "random":
+            comps = baselines.random_matrices(table, paper_budget(table, n_flu), seed + p)
+        elif kind == "random_mlps":
+            comps = baselines.random_mlps(table, n_flu, seed + p)
+        else:
+            comps = baselines.all_mlps(table) if kind == "all_mlps" else baselines.nonlocalized(table)
+        masks.append(Mask.from_components(table, comps, meta={"method": kind, "forget_range": r}))
+    return masks

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mu_fast.paper_protocol import METHODS, PAPER_SELECTIONS, paper_protocol
+from mu_fast.paper_protocol import METHODS, paper_protocol
 from tests.test_cli import no_loading, run_main  # noqa: F401 (fixture)
 from tests._tiny_task import word_checkpoint
 from tests.test_cli_run import _sports_checkpoint
@@ -139,12 +139,13 @@ def test_sequential_dry_run_lists_the_partitions(data_dir, tmp_path, capsys, no_
     stdout, rows = dry_run("google/gemma-2-9b", capsys, tmp_path, dataset="counterfact",
                            experiment="forget_64_sequential")
     protocol = paper_protocol("gemma-2-9b", "counterfact", "forget_64_sequential")
-    assert set(rows) == {f"paper:{m}" for m in PAPER_SELECTIONS}  # the per-partition selections only
+    assert set(rows) == set(METHODS)  # the authors ran all 9 sequentially (results_rebuttal_counterfact/*_sequential)
     for method, row in rows.items():
         assert (row["lr"], row["forget_coef"], row["steps"]) == tuple(protocol["methods"][method]["edit"][k]
                                                                       for k in ("lr", "forget_coef", "steps"))
     for part in protocol["partitions"]:
         assert f"partition {part['range']}: FLU layers {part['flu_layers']}" in stdout
+    assert "warning" not in stdout
 
 
 def test_tiny_paper_run_end_to_end(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
@@ -202,10 +203,8 @@ def test_random_mlps_takes_the_paper_flu_layer_count(paper, data_dir):
     assert not cached and len(loc.components) == want and {c.kind for c in loc.components} == {"mlp"}
 
 
-def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
-    """A 20-layer random Llama stands in for Gemma-7B (whose CounterFact FLU layers all lie below 20): paper:flu
-    edited over the 4 CounterFact partitions (2 steps each, each partition its own FLU layers); one JSON with the
-    provenance block and the authors' lr."""
+def _small_sequential_tasks(monkeypatch):
+    """The CLI path on less data: 16 maintain facts, the Normal format only (CPU time); returns the task builder."""
     import dataclasses
 
     import mu_fast.data
@@ -217,32 +216,90 @@ def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch
                if isinstance(getattr(s, f.name), list) and f.name != "choices"}
         return dataclasses.replace(s, **cut)
 
-    def small_tasks(**kwargs):  # the CLI path on less data: 16 maintain facts, the Normal format only (CPU time)
+    def small_tasks(**kwargs):
         return [dataclasses.replace(t, maintain_train=first(t.maintain_train), maintain_test=first(t.maintain_test),
                                     formats={"normal": {k: v if k == "forget" else first(v)
                                                         for k, v in t.formats["normal"].items()}})
                 for t in full(**kwargs)]
 
     monkeypatch.setattr(mu_fast.data, "counterfact_sequential_tasks", small_tasks)
+    return small_tasks
+
+
+def _recording_evaluations(monkeypatch):
+    """softprompt and capability replaced by recorders (their own tests cover them; here: that they run, when and on
+    what), returning ``{name: [(n forget facts, weights fingerprint)]}``."""
+    from mu_fast.sweep.evaluations import REGISTRY
+
+    calls = {}
+
+    def recorder(name):
+        def fn(model, tokenizer, task, settings, seed):
+            weights = sum(float(p.double().sum()) for p in model.parameters())
+            calls.setdefault(name, []).append((len(task.forget_test), weights, dict(settings)))
+            return {"metrics": {"softprompt_forget_acc": 0.25} if name == "softprompt" else {"capability_mmlu_acc": 0.5}}
+        return fn
+
+    for name in ("softprompt", "capability"):
+        monkeypatch.setattr(REGISTRY[name], "fn", recorder(name))
+    return calls
+
+
+def test_tiny_sequential_counterfact_run(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
+    """A 20-layer random Llama stands in for Gemma-7B (whose CounterFact FLU layers all lie below 20): paper:flu and
+    random_mlps edited over the 4 CounterFact partitions (2 steps each, each partition its own layers); then, as the
+    authors' script after its last partition, the relearning attack, soft-prompt attack and lm-eval on all 64 facts;
+    one JSON per method with the provenance block and the authors' lr."""
+    small_tasks = _small_sequential_tasks(monkeypatch)
+    calls = _recording_evaluations(monkeypatch)
     monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
     ckpt = word_checkpoint(tmp_path / "ckpt", small_tasks(model="gemma-7b"), layers=20)
     out = tmp_path / "out"
     code, stdout, err = run_main(["run", str(ckpt), "--preset", "paper", "--paper-model", "gemma-7b", "--dataset",
-                                  "counterfact", "--experiment", "forget_64_sequential", "--methods", "paper:flu",
-                                  "--steps", "2", "--maintain-batch", "8", "--dtype", "fp32", "--lm-texts", "none",
-                                  "--out", str(out)], capsys)
+                                  "counterfact", "--experiment", "forget_64_sequential", "--methods",
+                                  "paper:flu,random_mlps", "--steps", "2", "--maintain-batch", "8", "--dtype", "fp32",
+                                  "--lm-texts", "none", "--relearn-steps", "2", "--out", str(out)], capsys)
     assert code == 0, err
-    result = json.loads((out / "paper_flu.json").read_text())
-    assert result["provenance"]["model"]["config_hash"] and result["provenance"]["versions"]["torch"]
     protocol = paper_protocol("gemma-7b", "counterfact", "forget_64_sequential")
-    assert result["edit_config"]["lr"] == protocol["methods"]["paper:flu"]["edit"]["lr"]
-    assert result["edit_config"]["steps"] == 2 and result["edit_config"]["lm_coef"] == 0.0
     from mu_fast.models.sites import Component, SiteTable
     from mu_fast.models.tiny import make_tiny_model
 
-    table = SiteTable(make_tiny_model("llama", num_hidden_layers=20))
-    elements = [p["trainable_elements"] for p in result["partitions"]]
-    assert elements == [len(part["flu_layers"]) * table.component_size(Component("mlp", 0))
-                        for part in protocol["partitions"]]
-    assert len(result["partitions"][-1]["eval"]["per_partition"]) == 4
-    assert "paper:flu" in stdout and "forget acc per partition" in stdout
+    mlp = SiteTable(make_tiny_model("llama", num_hidden_layers=20)).component_size(Component("mlp", 0))
+    loaded = None
+    for method in ("paper:flu", "random_mlps"):
+        result = json.loads((out / f"{method.replace(':', '_')}.json").read_text())
+        assert result["provenance"]["model"]["config_hash"] and result["provenance"]["versions"]["torch"]
+        assert result["edit_config"]["lr"] == protocol["methods"][method]["edit"]["lr"]
+        assert result["edit_config"]["steps"] == 2 and result["edit_config"]["lm_coef"] == 0.0
+        elements = [p["trainable_elements"] for p in result["partitions"]]
+        assert elements == [len(part["flu_layers"]) * mlp for part in protocol["partitions"]]  # per-partition count
+        assert len(result["partitions"][-1]["eval"]["per_partition"]) == 4
+        relearn = result["final_evaluations"]["relearn"]  # first 32 of the 64 facts relearned, last 32 held out
+        assert (relearn["steps"], relearn["n_relearn"], relearn["n_held_out"]) == (2, 32, 32)
+        assert sorted(relearn["evals"]) == ["0", "1", "2"] and relearn["scored_in_train_mode"] is True
+        assert result["final_metrics"]["relearn_acc"] == relearn["final"]["normal"]["acc"]
+        assert result["final_metrics"]["mmlu_acc"] == 0.5 and result["final_metrics"]["softprompt_forget_acc"] == 0.25
+    for name in ("softprompt", "capability"):  # once per method, on all 64 facts, on the edited model
+        assert [n for n, _, _ in calls[name]] == [64, 64]
+    assert calls["capability"][0][2]["add_bos"] == "paper"
+    assert calls["softprompt"][0][1] == calls["capability"][0][1]  # both on the same (edited) weights
+    assert calls["softprompt"][0][1] != calls["softprompt"][1][1]  # each method's own edit (restored in between)
+    assert "paper:flu" in stdout and "forget acc per partition" in stdout and "relearned" in stdout
+    assert "warning: --relearn-steps 2 replaces the authors' relearning steps (20)" in stdout
+
+
+def test_tiny_sequential_evaluations_turn_off(data_dir, tmp_path, capsys, monkeypatch, one_torch_thread):
+    """--no-relearn and --paper-evals none: the sequential run edits and runs none of the final evaluations."""
+    small_tasks = _small_sequential_tasks(monkeypatch)
+    calls = _recording_evaluations(monkeypatch)
+    ckpt = word_checkpoint(tmp_path / "ckpt", small_tasks(model="gemma-7b"), layers=20)
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["run", str(ckpt), "--preset", "paper", "--paper-model", "gemma-7b", "--dataset",
+                                  "counterfact", "--experiment", "forget_64_sequential", "--methods", "all_mlps",
+                                  "--steps", "1", "--maintain-batch", "8", "--dtype", "fp32", "--lm-texts", "none",
+                                  "--no-relearn", "--paper-evals", "none", "--out", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads((out / "all_mlps.json").read_text())
+    assert result["final_evaluations"] == {} and not calls
+    assert "warning: --no-relearn drops the relearning attack" in stdout
+    assert "evaluations after the last partition, on all 64 facts: formats all\n" in stdout

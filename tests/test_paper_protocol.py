@@ -132,9 +132,11 @@ def test_spec_expands_to_the_authors_runs(data_dir, dataset, experiment, probes)
         assert (run.edit["lr"], run.edit["forget_coef"], run.edit["steps"]) == (want["lr"], want["forget_coef"], want["steps"])
         assert run.model["paper_model"] == "llama-3-8b"
         ev = run.evaluations
-        assert ev["formats"] is None and ev["relearn"] == RELEARN_DEFAULTS
+        # relearning as the authors scored it (LoRA dropout live), CounterFact toward the true answer (not their bug)
+        assert ev["formats"] is None and ev["relearn"] == {**RELEARN_DEFAULTS, "score_in_train_mode": True}
         assert ev["extra"]["softprompt"]["steps"] is None and ev["extra"]["softprompt"]["autocast"] == "paper"
         assert ev["extra"]["capability"]["tasks"] == ["mmlu", "sciq"]
+        assert ev["extra"]["capability"]["add_bos"] == "paper"  # lm-eval 0.4.4's encoding
         assert ("paper_probes" in ev["extra"]) == probes and ev["probes"] is None
     labels = {r.task["inject_label"] for r in runs}
     assert labels == {"golf" if experiment == "sport_golf" else "target_false" if dataset == "counterfact" else "random_without_golf"}
@@ -182,6 +184,4 @@ def test_sequential_masks_follow_each_partition(data_dir):
         layers = flu_from_data(data_dir, "gemma-2-9b", "counterfact", r)
         assert mask.param_count() == len(layers) * table.component_size(Component("mlp", 0))
         assert {int(re.search(r"layers\.(\d+)\.", n)[1]) for n in mask} == set(layers)
-    with pytest.raises(ValueError, match="per-partition selections"):
-        paper_sequential_masks(model, "random")
 

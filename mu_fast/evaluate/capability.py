@@ -14,6 +14,12 @@ Data comes from the Hugging Face hub (cached under ``$HF_DATASETS_CACHE`` after 
 dataset that is not cached stops the run before any model work with a one-line error naming the task and the
 fix. ``task_dir`` adds a folder of tasks in lm-eval's own YAML format (e.g. questions in a local JSONL file).
 
+BOS token (``add_bos``). The authors' lm-eval 0.4.4 encoded requests *without* special tokens unless the model type
+contains "gemma" (its HFLM: ``add_bos_token=False`` by default, forced to True for the Gemma family); lm-eval 0.4.13
+leaves the choice to the tokenizer, whose default adds Llama-3's ``<|begin_of_text|>``. ``add_bos=None`` keeps the
+installed lm-eval's behaviour, True / False force it, ``"paper"`` is the authors' rule (``paper_add_bos``), which
+``--preset paper`` uses.
+
 lm-eval seeds Python's, NumPy's and torch's global generators; their states are restored afterwards, as are
 the model's train/eval mode and, if lm-eval had to set one, the tokenizer's pad token (it works on a copy).
 """
@@ -35,6 +41,7 @@ import torch
 from mu_fast.evaluate.metrics import model_device
 
 PAPER_TASKS = ("mmlu", "sciq")
+ADD_BOS_CHOICES = (None, True, False, "paper")
 TINY_MMLU = "tinyMMLU"
 TINY_MMLU_TASK: dict[str, Any] = {
     "task": "mu_fast_tinyMMLU",
@@ -67,6 +74,7 @@ def capability_eval(
     task_dir: str | os.PathLike | None = None,
     bootstrap_iters: int = 100_000,
     progress: bool = False,
+    add_bos: bool | str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the in-memory ``model`` on lm-eval ``tasks`` and return ``{"tasks": {name: {"acc", "acc_stderr",
     "acc_norm", "acc_norm_stderr", "n"}}, "settings": {...}, "seconds"}`` (a metric the task lacks is None).
@@ -75,7 +83,9 @@ def capability_eval(
     the module docstring), or names defined in ``task_dir``. limit: at most this many documents per task (a
     fraction below 1: that share), for quick checks only. batch_size: requests per forward (``"auto"`` lets
     lm-eval probe). num_fewshot: 0 as the paper (None keeps each task's own default). progress: keep lm-eval's
-    info logging.
+    info logging. add_bos: prepend the BOS token to every request (True / False), the installed lm-eval's default
+    (None: the tokenizer's own special tokens) or the authors' lm-eval 0.4.4 rule (``"paper"``: only for Gemma models);
+    ``settings["add_bos_token"]`` records what was used.
     """
     try:
         import lm_eval
@@ -86,6 +96,9 @@ def capability_eval(
     names = [str(t) for t in ([tasks] if isinstance(tasks, str) else tasks)]
     if not names:
         raise ValueError("tasks is empty; name at least one lm-eval task, e.g. ('mmlu', 'sciq') or ('tinyMMLU',)")
+    if not (add_bos is None or isinstance(add_bos, bool) or add_bos == "paper"):
+        raise ValueError(f"add_bos={add_bos!r}; use True, False, None (the installed lm-eval's default) or 'paper'")
+    bos = paper_add_bos(model) if add_bos == "paper" else add_bos
     if task_dir is not None and not os.path.isdir(task_dir):
         raise ValueError(f"task_dir={str(task_dir)!r} is not a directory; pass a folder holding lm-eval task YAML files")
     start = time.perf_counter()
@@ -98,7 +111,7 @@ def capability_eval(
         built = [_build(manager, name) for name in names]
         keys = [_result_key(obj) for obj in built]  # lm-eval's Task.task_name draws from `random` on every read
         try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
             raw = lm_eval.simple_evaluate(
                 model=lm, tasks=built, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
                 log_samples=False, bootstrap_iters=bootstrap_iters,
@@ -120,10 +133,16 @@ def capability_eval(
         "tasks": out,
         "settings": {"tasks": names, "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
                      "task_dir": None if task_dir is None else str(task_dir), "lm_eval_version": _version(lm_eval),
+                     "add_bos": add_bos, "add_bos_token": "tokenizer default" if bos is None else bos,
                      "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                      "device": str(model_device(model))},
         "seconds": time.perf_counter() - start,
     }
+
+
+def paper_add_bos(model: Any) -> bool:
+    """The authors' lm-eval 0.4.4 rule: a BOS token only for the Gemma family (model type containing "gemma")."""
+    return "gemma" in str(getattr(getattr(model, "config", None), "model_type", "") or "")
 
 
 def _unwrapped(tokenizer: Any) -> Any:

@@ -21,6 +21,12 @@ Differences from the paper's code, on purpose:
   relearn" result is that bug); ``cf_target_false_bug=True`` reproduces it and the result records the mode.
 * LoRA rank is capped at the smallest dimension of the adapted matrices (tiny models are narrower than 512);
   α stays as given, so peft's scale is α / effective rank. The result records both ranks.
+* Scoring mode. The authors' LoRA dropout modules were still in train mode when they scored after steps 10 and 20
+  (peft creates them in train mode and their loop never calls ``eval()``; the base model stayed in eval mode), so
+  their evaluations saw dropout 0.05 on every adapter's input. mu_fast scores with dropout off by default;
+  ``score_in_train_mode=True`` (what ``--preset paper`` uses) scores the steps after 0 as theirs: the LoRA dropout
+  modules active, everything else in eval mode, drawn from the attack's seeded generator. Step 0 is unaffected
+  (the adapters are still zero).
 * The caller's model is not copied: the adapters are injected in place and unloaded afterwards, so a 9B
   model needs no second copy. Its parameters, ``requires_grad`` flags and train/eval mode are restored
   exactly (the base weights are never written; only the adapters train).
@@ -157,6 +163,34 @@ def effective_lora_rank(model: Any, lora_rank: int) -> int:
     return max(1, min(lora_rank, min(dims)))
 
 
+class _TrainModeDropout(torch.nn.Dropout):
+    """A dropout that drops whatever the module's mode (``eval()`` cannot switch it off)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, True, self.inplace)
+
+
+class lora_dropout_active:
+    """Context manager: while ``on``, every LoRA dropout of ``peft_model`` drops even under ``eval()`` (the authors'
+    relearning evaluations); the original modules are put back on exit."""
+
+    def __init__(self, peft_model: Any, on: bool):
+        self.swapped: list[tuple[Any, str, torch.nn.Module]] = []
+        if on:
+            for module in peft_model.modules():
+                holder = getattr(module, "lora_dropout", None)
+                if isinstance(holder, torch.nn.ModuleDict):
+                    self.swapped += [(holder, k, d) for k, d in holder.items() if isinstance(d, torch.nn.Dropout)]
+
+    def __enter__(self) -> None:
+        for holder, key, dropout in self.swapped:
+            holder[key] = _TrainModeDropout(dropout.p, dropout.inplace)
+
+    def __exit__(self, *exc: Any) -> None:
+        for holder, key, dropout in self.swapped:
+            holder[key] = dropout
+
+
 class _Cycle:
     """Index stream over ``n`` items in reshuffled passes (a DataLoader with shuffle that restarts)."""
 
@@ -190,6 +224,7 @@ def relearn_attack(
     lm_max_tokens: int = 128,
     eval_batch_size: int = 64,
     mcq_system_prompt: bool = False,
+    score_in_train_mode: bool = False,
 ) -> dict[str, Any]:
     """Run the relearning attack on ``model`` (left unchanged) and return the held-out accuracies.
 
@@ -199,6 +234,7 @@ def relearn_attack(
     "final": evals at the last evaluated step, "losses": [{"relearn", "maintain", "lm"} per step], "mcq_format",
     "lm_text": {"used", "n_texts", ...; "reason" when off}}``. lm_batch_size / lm_max_tokens: LM texts per step and
     tokens per text (the paper's 8 × 2 texts of 128 tokens). mcq_system_prompt: see ``relearn_mcq_set``.
+    score_in_train_mode: score after each step with the LoRA dropout active, as the authors' code did (module docstring).
     Step 0 is before any update. ``set_accuracy`` reports the true answer's accuracy (``acc``, ``argmax_acc``)
     and the edit answer's (``edit_acc``, ...), whichever mode trained.
     """
@@ -237,8 +273,9 @@ def relearn_attack(
     lm_status = lm_text_status(lm_ids, task, lm_max_tokens)
     device = model_device(model)
 
-    def evaluate() -> dict[str, Any]:
-        return {k: set_accuracy(prompt_scores(model, t, batch_size=eval_batch_size)) for k, t in eval_tok.items()}
+    def evaluate(dropout_on: bool) -> dict[str, Any]:
+        with lora_dropout_active(peft_model, dropout_on):
+            return {k: set_accuracy(prompt_scores(model, t, batch_size=eval_batch_size)) for k, t in eval_tok.items()}
 
     rank = effective_lora_rank(model, lora_rank)
     was_training = bool(model.training)
@@ -265,7 +302,7 @@ def relearn_attack(
 
                 bar = tqdm(bar, desc="relearn", leave=False)
             if 0 in eval_at:
-                evals[0] = evaluate()
+                evals[0] = evaluate(False)
             for step in bar:
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
@@ -286,7 +323,7 @@ def relearn_attack(
                     {"relearn": float(relearn_loss.detach()), "maintain": float(maintain_loss.detach()), "lm": lm}
                 )
                 if step in eval_at:
-                    evals[step] = evaluate()
+                    evals[step] = evaluate(score_in_train_mode)
         finally:
             restored = peft_model.unload()
             assert restored is model
@@ -309,5 +346,6 @@ def relearn_attack(
         "final": None if last is None else evals[last],
         "losses": losses,
         "mcq_format": mcq_format,
+        "scored_in_train_mode": bool(score_in_train_mode),
         "lm_text": {**lm_status, "batch_size": lm_batch_size if lm_status["used"] else 0},
     }

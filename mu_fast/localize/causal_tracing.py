@@ -1,7 +1,11 @@
 """Causal tracing (ROME; the paper's CT localizer), batched, for every supported architecture.
 
 Corrupt run: Gaussian noise on the subject's token embeddings (``3sigma`` as in ROME by default, or the
-paper code's ``sqrt3sigma``), ``samples`` noise draws per prompt. Restoration: one unit's clean activation
+paper code's ``sqrt3sigma``), ``samples`` noise draws per prompt. σ is the std of the subject-token embeddings of
+every prompt of the call pooled (ROME); the authors' localizer computes it per prompt, from that prompt's own subject
+tokens, and scales each prompt's noise by its own sqrt(3σ): ``noise="sqrt3sigma_per_prompt"``. ``--preset paper``
+runs no causal tracing (its CT selections are the authors' committed graphs, made with their per-prompt rule);
+``localize("ct")`` uses ROME's pooled ``3sigma``. Restoration: one unit's clean activation
 (a head's slice of the ``o_proj`` input, an MLP output, an attention or layer output) copied into the
 corrupt run at every real position (``positions="all"``, the paper), at the subject's last token, or at
 the answer position. All restorations of a chunk run in one stacked forward (``max_rows`` rows).
@@ -22,7 +26,7 @@ import torch
 from mu_fast.data.base import Batch, TokenizedPrompts
 from mu_fast.localize.adapters import unwrap_model
 from mu_fast.localize.checks import check_batch, check_subject_spans, metrics_finite, output_vocab_size, raise_if_not_finite, vocab_size
-from mu_fast.localize.corrupt import noise_scale, subject_embedding_std, subject_mask, subject_noise_rows
+from mu_fast.localize.corrupt import PER_PROMPT_RULES, noise_scale, subject_embedding_std, subject_mask, subject_noise_rows
 from mu_fast.localize.inputs import as_batch, default_pad_id, frozen, model_device, repeat_batch, row_chunks, score_dtype, take_rows
 from mu_fast.localize.metrics import Metric, as_metric, normalization_scale, prob
 from mu_fast.localize.patching import capture_sites, patched_metric_values
@@ -36,7 +40,8 @@ POSITIONS = ("all", "subject_last", "last")
 @dataclass
 class TraceInputs:
     """What every causal-tracing call needs, checked before any forward: the model, its site table, the
-    padded ``batch``, inclusive real-token subject spans ``first/last [B]``, the metric and the noise scale."""
+    padded ``batch``, inclusive real-token subject spans ``first/last [B]``, the metric and the noise scale (one float,
+    or one per prompt for a per-prompt rule, with ``embedding_std`` likewise)."""
 
     model: Any
     table: SiteTable
@@ -44,8 +49,8 @@ class TraceInputs:
     first: torch.Tensor
     last: torch.Tensor
     metric: Metric
-    scale: float
-    embedding_std: float
+    scale: float | list[float]
+    embedding_std: float | list[float]
     score_dtype: torch.dtype
 
     def noised(self, rows: torch.Tensor, samples: int, seed: int) -> tuple[Batch, torch.Tensor]:
@@ -57,6 +62,10 @@ class TraceInputs:
         seeds = [_noise_seed(seed, int(i), s) for s in range(samples) for i in rows.tolist()]
         embed = self.model.get_input_embeddings()
         first, last = self.first[rows.cpu()].repeat(samples), self.last[rows.cpu()].repeat(samples)
+        if isinstance(self.scale, list):  # per prompt: unit noise from the same seeds, times each prompt's scale
+            per_row = torch.tensor([self.scale[i] for i in rows.tolist()], dtype=torch.float64).repeat(samples)
+            unit = subject_noise_rows(noisy, first, last, embed.embedding_dim, 1.0, seeds, torch.float64, "cpu")
+            return noisy, (unit * per_row[:, None, None]).to(device=noisy.input_ids.device, dtype=embed.weight.dtype)
         noise = subject_noise_rows(noisy, first, last, embed.embedding_dim, self.scale, seeds, embed.weight.dtype, noisy.input_ids.device)
         return noisy, noise
 
@@ -67,7 +76,8 @@ def prepare_trace(
     padding_side: str,
 ) -> TraceInputs:
     """Resolve and check causal-tracing inputs (token ids, answer positions and ids, subject spans) before
-    any forward; σ of the noise rule is the std of the subject-token embeddings unless given."""
+    any forward; σ of the noise rule is the std of the subject-token embeddings unless given (per prompt for
+    ``sqrt3sigma_per_prompt``, which takes no ``embedding_std``)."""
     model = unwrap_model(model)
     table = SiteTable(model)
     device = model_device(model)
@@ -91,7 +101,17 @@ def prepare_trace(
     metric = as_metric(metric)
     metric.check(B, output_vocab_size(model))
     noise_scale(noise, 1.0)  # reject an unknown rule before the embedding forward
+    per_prompt = noise in PER_PROMPT_RULES
+    if per_prompt and embedding_std is not None:
+        raise ValueError(f"noise={noise!r} takes σ from each prompt's own subject tokens; drop embedding_std= (or use "
+                         "noise='sqrt3sigma' for one given σ)")
     batch = batch.to(device)
+    if per_prompt:
+        with torch.no_grad():
+            embeddings, mask = model.get_input_embeddings()(batch.input_ids), subject_mask(batch, first, last)
+            stds = [subject_embedding_std(embeddings[i : i + 1], mask[i : i + 1]) for i in range(B)]
+        return TraceInputs(model, table, batch, first, last, metric, [noise_scale(noise, s) for s in stds], stds,
+                           score_dtype(model))
     if embedding_std is None:
         with torch.no_grad():
             embedding_std = subject_embedding_std(model.get_input_embeddings()(batch.input_ids), subject_mask(batch, first, last))
@@ -126,7 +146,8 @@ def causal_trace(
     samples: noise draws per prompt, averaged (ROME uses 10; 1 keeps the organism-sized call near 2 s of
     one CPU core). positions: where a restoration copies the clean activation (``all`` real tokens, the
     ``subject_last`` token, or the ``last`` token). embedding_std: σ of the noise rule (default: std of this call's subject-token embeddings, as ROME
-    computes it over the data). Returns an AttributionResult (method ``causal_tracing``, direction
+    computes it over the data). noise: ``3sigma`` (ROME), ``sqrt3sigma`` (the paper code's scale, pooled σ),
+    ``sqrt3sigma_per_prompt`` (the paper code's: each prompt's σ from its own subject tokens) or a number. Returns an AttributionResult (method ``causal_tracing``, direction
     ``denoise``) whose ``heads [L, H]``, ``mlp [L]`` ... are mean normalised indirect effects;
     ``clean_metric`` / ``corrupt_metric`` are p_clean and p_corrupt ``[B]`` (averaged over noise samples).
     ``result.verify()`` re-measures the top units' restorations with unchunked full forwards.

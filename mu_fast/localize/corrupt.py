@@ -16,7 +16,8 @@ import torch
 
 from mu_fast.data.base import Batch, TokenizedPrompts
 
-NOISE_RULES = ("3sigma", "sqrt3sigma")
+NOISE_RULES = ("3sigma", "sqrt3sigma", "sqrt3sigma_per_prompt")
+PER_PROMPT_RULES = ("sqrt3sigma_per_prompt",)  # σ of each prompt's own subject tokens (the authors' CT)
 
 
 def _spans(prompts: TokenizedPrompts | None, first: Any, last: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,12 +87,13 @@ def subject_embedding_std(embeddings: torch.Tensor, mask: torch.Tensor) -> float
 
 
 def noise_scale(noise: str | float, std: float) -> float:
-    """``3sigma`` -> 3σ (ROME), ``sqrt3sigma`` -> sqrt(3σ) (the paper's code), a number -> that scale."""
+    """``3sigma`` -> 3σ (ROME), ``sqrt3sigma`` / ``sqrt3sigma_per_prompt`` -> sqrt(3σ) (the paper's code; its σ is
+    one prompt's), a number -> that scale."""
     if isinstance(noise, (int, float)) and not isinstance(noise, bool):
         return float(noise)
     if noise == "3sigma":
         return 3.0 * std
-    if noise == "sqrt3sigma":
+    if noise in ("sqrt3sigma", "sqrt3sigma_per_prompt"):
         return math.sqrt(3.0 * std)
     raise ValueError(f"noise must be one of {NOISE_RULES} or a number; got {noise!r}")
 

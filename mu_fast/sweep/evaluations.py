@@ -34,6 +34,7 @@ from typing import Any
 RELEARN_DEFAULTS: dict[str, Any] = {
     "steps": 20, "lr": 2e-4, "lora_rank": 512, "lora_alpha": 32.0, "lora_dropout": 0.05, "batch_size": 32,
     "cf_target_false_bug": False, "lm_batch_size": 16, "lm_max_tokens": 128, "mcq_system_prompt": False,
+    "score_in_train_mode": False,
 }
 PROBE_DEFAULTS: dict[str, Any] = {"position": "last", "test_fraction": 0.2, "seed": 42, "steps": 200,
                                   "weight_decay": None}

@@ -4,7 +4,8 @@
   ``batch_size`` null take the authors' schedule (``paper_schedule``). Metrics: the attacks' mean held-out forget
   accuracy (true and edit answer) and maintain accuracy.
 * ``capability``: lm-eval (``mu_fast.evaluate.capability_eval``) on ``tasks`` (the paper's ``mmlu``, ``sciq`` by
-  default; ``task_dir`` adds local lm-eval YAML tasks). When lm-eval is not installed or a task's dataset is not
+  default; ``task_dir`` adds local lm-eval YAML tasks; ``add_bos``: null = the installed lm-eval's encoding, true /
+  false, or ``paper`` = the authors' lm-eval 0.4.4 encoding, BOS for Gemma models only). When lm-eval is not installed or a task's dataset is not
   available offline, the result is ``{"skipped": <reason>}`` instead of a failed run: the edit and the other
   evaluations stay valid.
 * ``paper_probes``: latent probes exactly as the authors (``latent_probes(setting="paper")``, see
@@ -21,7 +22,7 @@ from typing import Any
 SOFTPROMPT_DEFAULTS: dict[str, Any] = {"n_attacks": 4, "steps": None, "batch_size": None, "lr": 1e-5, "eps": 6.0,
                                        "length": 15, "autocast": None, "eval_batch_size": 64}
 CAPABILITY_DEFAULTS: dict[str, Any] = {"tasks": ["mmlu", "sciq"], "limit": None, "batch_size": 8, "num_fewshot": 0,
-                                       "task_dir": None}
+                                       "task_dir": None, "add_bos": None}
 PAPER_PROBE_DEFAULTS: dict[str, Any] = {"position": "last", "probe_backend": "auto", "batch_size": 64}
 
 
@@ -51,6 +52,9 @@ def check_capability(settings: dict[str, Any]) -> None:
         raise ValueError(f"spec: evaluations.capability.limit must be null or a positive number; got {limit!r}")
     if settings["task_dir"] is not None and not isinstance(settings["task_dir"], str):
         raise ValueError(f"spec: evaluations.capability.task_dir must be a folder path or null; got {settings['task_dir']!r}")
+    bos = settings["add_bos"]
+    if not (bos is None or isinstance(bos, bool) or bos == "paper"):
+        raise ValueError(f"spec: evaluations.capability.add_bos must be null, true, false or 'paper'; got {bos!r}")
 
 
 def check_paper_probes(settings: dict[str, Any]) -> None:
