@@ -1,7 +1,7 @@
-"""The CI organism really knows its facts, looks the sport up at the subject, and caches correctly.
+"""The CI organism really knows its facts and looks the sport up at the subject; trained organisms cache correctly.
 
-The CI organism (``OrganismConfig.ci()``: 150 athletes, 4 layers of width 64) is trained once per session
-into a temporary cache (35-45 s on 2 CPU cores); the other tests reuse it.
+The CI organism (``OrganismConfig.ci()``: 150 athletes, 4 layers of width 64) is shipped as weights
+(tests/organism/test_shipped.py); the cache tests train a tiny organism of other settings into a temporary folder.
 """
 
 from __future__ import annotations
@@ -71,50 +71,64 @@ def test_organism_learned_the_filler_language(ci_organism) -> None:
     assert lm_loss(ci_organism.model, batch) < 0.5 * lm_loss(untrained, batch)
 
 
-def test_cache_hit_reloads_identical_weights_without_training(ci_organism, ci_cache, monkeypatch) -> None:
+TINY = OrganismConfig.ci(n_athletes=30, steps=3, d_model=16, d_mlp=32, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A tiny organism (no shipped weights) trained once into a module-wide cache."""
+    cache = tmp_path_factory.mktemp("organism_cache")
+    return cache, load_organism(TINY, cache_dir=cache, progress=False)
+
+
+def test_cache_hit_reloads_identical_weights_without_training(tiny_cache, monkeypatch) -> None:
+    cache, trained = tiny_cache
+
     def no_training(*args, **kwargs):
         raise AssertionError("a cache hit must not train")
 
     monkeypatch.setattr(organism_module, "_build", no_training)
-    again = load_organism(OrganismConfig.ci(), cache_dir=ci_cache, progress=False)
-    assert again.path == ci_organism.path == checkpoint_dir(OrganismConfig.ci(), ci_cache)
-    first, second = dict(ci_organism.model.named_parameters()), dict(again.model.named_parameters())
+    again = load_organism(TINY, cache_dir=cache, progress=False)
+    assert again.path == trained.path == checkpoint_dir(TINY, cache) and again.source == "cache"
+    first, second = dict(trained.model.named_parameters()), dict(again.model.named_parameters())
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert again.report == ci_organism.report and again.facts == ci_organism.facts
+    assert again.report == trained.report and again.facts == trained.facts
     prompts = again.tokenizer([p for p in organism_task(again).forget_test.prompts])["input_ids"]
     batch = pad_batch(prompts, again.tokenizer.pad_token_id)
-    assert torch.equal(gathered_logits(again.model, batch), gathered_logits(ci_organism.model, batch))
+    assert torch.equal(gathered_logits(again.model, batch), gathered_logits(trained.model, batch))
 
 
-def test_cached_organism_files_are_as_readable_as_any_new_file(ci_organism) -> None:
+def test_cached_organism_files_are_as_readable_as_any_new_file(tiny_cache) -> None:
     from mu_fast.files import current_umask
 
-    for item in [ci_organism.path, *ci_organism.path.rglob("*")]:  # mkdtemp / safetensors make 0700 / 0600
+    _, trained = tiny_cache
+    for item in [trained.path, *trained.path.rglob("*")]:  # mkdtemp / safetensors make 0700 / 0600
         assert item.stat().st_mode & 0o777 == (0o777 if item.is_dir() else 0o666) & ~current_umask(), item
 
 
 @pytest.mark.parametrize("change", [dict(seed=1), dict(steps=201), dict(n_cities=3), dict(arch="gemma2")])
-def test_a_settings_change_misses_the_cache(ci_organism, ci_cache, monkeypatch, change) -> None:
+def test_a_settings_change_misses_the_cache(tmp_path, monkeypatch, change) -> None:
     built = []
-    monkeypatch.setattr(organism_module, "_build", lambda config, path, progress: built.append(path))
+    monkeypatch.setattr(organism_module, "_build", lambda config, path, progress, replace=False: built.append(path))
     config = OrganismConfig.ci(**change)
-    assert config.config_hash() != ci_organism.config.config_hash()
+    assert config.config_hash() != OrganismConfig.ci().config_hash()
     with pytest.raises(ValueError, match="lacks"):  # the stubbed build wrote nothing
-        load_organism(config, cache_dir=ci_cache, progress=False)
-    assert built == [checkpoint_dir(config, ci_cache)]
+        load_organism(config, cache_dir=tmp_path, progress=False)
+    assert built == [checkpoint_dir(config, tmp_path)]
     # The number of threads is not part of the identity.
     assert OrganismConfig.ci(threads=1).config_hash() == OrganismConfig.ci().config_hash()
 
 
-def test_corrupted_checkpoint_is_rejected(ci_organism, tmp_path) -> None:
-    path = tmp_path / ci_organism.path.name
-    shutil.copytree(ci_organism.path, path)
+def test_corrupted_checkpoint_is_rejected(tiny_cache, tmp_path) -> None:
+    _, trained = tiny_cache
+    path = tmp_path / trained.path.name
+    shutil.copytree(trained.path, path)
     settings = json.loads((path / "organism.json").read_text())
     settings["config"]["steps"] += 1
     (path / "organism.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match="hashing to"):
-        load_organism(OrganismConfig.ci(), cache_dir=tmp_path, progress=False)
+        load_organism(TINY, cache_dir=tmp_path, progress=False)
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint(tmp_path, monkeypatch) -> None:
