@@ -106,10 +106,11 @@ def test_the_edit_step_unpacks_a_model_repacked_before_it_got_it(which, checkpoi
     before = {}
     for name, layer in model.named_modules():
         if isinstance(layer, bnb.nn.Linear4bit):  # what Linear4bit.forward does on such a CPU
-            weight = layer.weight
-            before[name] = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            weight, state = layer.weight, layer.weight.quant_state
+            scales = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            before[name] = (weight.data.clone(), scales.to(torch.bfloat16).float())
             layer.support_avx512bf16_for_cpu = True
-            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, state)
     stepper = EditStep(model, mask, EditConfig(steps=1))
     try:
         got = _grads(model, names)
@@ -117,7 +118,6 @@ def test_the_edit_step_unpacks_a_model_repacked_before_it_got_it(which, checkpoi
     finally:
         stepper.close()
     assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
-    for name, weight in before.items():
-        layer = model.get_submodule(name)
-        after = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-        assert torch.allclose(after, weight, rtol=2 ** -8, atol=0), name  # bf16 scales: 8 significant bits
+    for name, (codes, scales) in before.items():
+        weight = model.get_submodule(name).weight
+        assert torch.equal(weight.data, codes) and torch.equal(weight.quant_state.absmax, scales), name
