@@ -130,7 +130,7 @@ def keep_4bit_differentiable_(model: torch.nn.Module) -> int:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         scales = state.absmax.T.reshape(-1).float()  # packed as [blocks per row, rows] in bfloat16
-        state.original_nested = False  # keep those scales: bitsandbytes' inverse would re-quantize them (rounding twice)
+        state.original_nested = False  # keep them: bitsandbytes' inverse would re-quantize them (rounding twice)
         codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
         state.absmax, state.nested = scales, False
         weight.data = codes
