@@ -8,8 +8,8 @@ masked parameter stay in full precision. Both layers run forward and backward (i
 On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight, at its first no-grad eval-mode forward,
 for a CPU inference kernel that has no backward; every later forward then drops the gradient through that layer
 (an edit's masked parameters below it get a wrong or no gradient). Every ``Linear4bit`` mu_fast builds or loads
-has that repacking turned off, and ``keep_4bit_differentiable_`` (run by the edit loop on any model it is given)
-turns it off and undoes a repacking that already happened.
+has that repacking turned off, and ``keep_4bit_differentiable_`` (run by the edit loop and by ``attribute`` on any
+model they are given) turns it off and undoes a repacking that already happened.
 """
 
 from __future__ import annotations

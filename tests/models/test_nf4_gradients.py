@@ -84,6 +84,16 @@ def _assert_close(got, want, rtol):
         assert error < rtol, f"{name}: gradient off by {error:.1%} from the dequantized bf16 model's"
 
 
+def _repack(model):
+    """Repack every 4-bit layer as ``Linear4bit.forward`` does at a no-grad eval forward on an AVX512-BF16 CPU (done
+    directly: on another CPU a forward of the repacked layer fails, so a real one cannot set this up everywhere)."""
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = True
+            weight = layer.weight
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
 @pytest.mark.parametrize("source", ["checkpoint", "random"])
 @pytest.mark.parametrize("which", list(MASKS))
 def test_nf4_gradient_equals_dequantized_bf16_after_a_no_grad_eval_forward(source, which, checkpoint, cpu_with_avx512bf16):
@@ -105,12 +115,11 @@ def test_the_edit_step_unpacks_a_model_repacked_before_it_got_it(which, checkpoi
     model, dense, mask = _load("checkpoint", checkpoint, names)
     before = {}
     for name, layer in model.named_modules():
-        if isinstance(layer, bnb.nn.Linear4bit):  # what Linear4bit.forward does on such a CPU
-            weight, state = layer.weight, layer.weight.quant_state
+        if isinstance(layer, bnb.nn.Linear4bit):
+            state = layer.weight.quant_state
             scales = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            before[name] = (weight.data.clone(), scales.to(torch.bfloat16).float())
-            layer.support_avx512bf16_for_cpu = True
-            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, state)
+            before[name] = (layer.weight.data.clone(), scales.to(torch.bfloat16).float())
+    _repack(model)
     stepper = EditStep(model, mask, EditConfig(steps=1))
     try:
         got = _grads(model, names)
@@ -121,3 +130,23 @@ def test_the_edit_step_unpacks_a_model_repacked_before_it_got_it(which, checkpoi
     for name, (codes, scales) in before.items():
         weight = model.get_submodule(name).weight
         assert torch.equal(weight.data, codes) and torch.equal(weight.quant_state.absmax, scales), name
+
+
+def test_attribution_on_a_repacked_nf4_model_equals_the_dequantized_bf16_models(checkpoint, cpu_with_avx512bf16):
+    """AtP backpropagates through the frozen layers above each site: on a model whose 4-bit layers were repacked
+    (a user's model, run once without gradients) its scores are those of the dequantized model."""
+    from mu_fast.localize.attribution import attribute
+    from mu_fast.localize.metrics import logit_diff
+
+    model, dense, _ = _load("checkpoint", checkpoint, MASKS["one matrix"])
+    dense = _dequantized(model, dense)
+    _repack(model)
+    gen = torch.Generator().manual_seed(4)
+    clean, corrupt = torch.randint(0, 97, (4, 9), generator=gen), torch.randint(0, 97, (4, 9), generator=gen)
+    metric = logit_diff(torch.randint(0, 97, (4,), generator=gen), torch.randint(0, 97, (4,), generator=gen),
+                        normalize=None)
+    got = attribute(model, clean, corrupt, metric, sites=("mlp", "attn"), backend="torch")
+    want = attribute(dense, clean, corrupt, metric, sites=("mlp", "attn"), backend="torch")
+    for kind in ("mlp", "attn"):
+        error = (got.per_prompt[kind].float() - want.per_prompt[kind].float()).norm() / want.per_prompt[kind].float().norm()
+        assert error < 2e-2, f"{kind} scores off by {error:.1%} from the dequantized bf16 model's"
