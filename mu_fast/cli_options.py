@@ -7,6 +7,12 @@ latent-probe keyword (``--probe-steps``, ...).
 values that were given, as ``{field: value}`` in its ``target`` parameter; a flag left out is absent, so a preset or
 the dataclass default applies. Each given value is checked (``check_edit_values`` / ``check_flag_values``) before
 anything loads.
+
+Without ``--preset``, ``edit`` and ``run`` take ``default_preset(MODEL)``: ``organism`` on the organism (and on a model
+``edit --save-model`` saved from it), ``default`` on any other. ``settings_line`` is the one line ``edit`` prints
+before it trains. An edit "did nothing" when the forget accuracy (mean probability of the true answer, training
+format, forget set) moved by less than ``NO_EFFECT_ACC`` = 0.02 from before the edit; ``edit`` and ``run`` then end
+with ``no_effect_warning`` (the lr, the preset and the fix).
 """
 
 from __future__ import annotations
