@@ -5,15 +5,19 @@ An edit loads through ``mu_fast.models.load_for_edit`` (frozen modules in bf16 /
 precision, accelerate's ``max_memory`` and disk offload) and saves a delta (``mu_fast.edit.delta``): the trained
 masked elements, the mask and the provenance, with the edit history in its ``delta.json``. ``--save-model`` saves
 the whole model instead (bf16 frozen weights only: quantized weights are not the model the edit is for). Every
-``EditConfig`` field has a flag of its name (``mu_fast.cli_options``), over a named ``--preset``. ``evaluate``
-takes the organism with ``--delta`` or a model folder saved from it, and every relearning / probe keyword as a flag.
-Every JSON written carries the provenance block (``mu_fast.provenance``). Registered on ``mu_fast.cli.app``.
+``EditConfig`` field has a flag of its name (``mu_fast.cli_options``), over a named ``--preset`` (without it:
+``organism`` for the organism and models saved from it, else ``default``); the settings used are printed first, and
+an edit that left forget accuracy within ``NO_EFFECT_ACC`` of before ends with a warning naming lr, preset and fix.
+``evaluate`` takes the organism with ``--delta`` or a model folder saved from it, and every relearning / probe
+keyword as a flag. Every JSON written carries the provenance block (``mu_fast.provenance``). Registered on
+``mu_fast.cli.app``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,12 +38,16 @@ from mu_fast.cli_common import (
 from mu_fast.cli_options import (
     check_edit_values,
     check_flag_values,
+    default_preset,
     edit_config,
     edit_flags,
     flag_name,
+    no_effect_warning,
     preset_fields,
     probe_flags,
     relearn_flags,
+    settings_line,
+    unmoved,
     with_flags,
 )
 from mu_fast.preflight import (
@@ -89,7 +97,7 @@ def edit_cmd(
     inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
     cf_model: str | None = typer.Option(None),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
-    preset: str = typer.Option("default", help="edit settings the flags below override: default (the paper's loop: 50 steps, lr 1e-5), organism (tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; per method group of the mask's method"),
+    preset: str | None = typer.Option(None, help="edit settings the flags below override: default (the paper's loop: 50 steps, lr 1e-5), organism (tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; per method group of the mask's method. Default: organism for the organism and models saved from it, else default"),
     frozen: str = typer.Option("auto", help="storage of the weights the mask does not train: bf16, int8, nf4, or auto (bf16; with --budget the plan's choice)"),
     budget: str | None = typer.Option(None, help="GPU memory for the edit, e.g. 24GB: the memory plan (mu-fast plan) chooses --frozen (if auto) and the memory settings"),
     max_memory: str | None = typer.Option(None, help="per-device budget for loading, e.g. 0=22GiB,cpu=64GiB"),
@@ -102,7 +110,8 @@ def edit_cmd(
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Edit (or unlearn) the forget facts, training only the masked parameters; save a delta (or the model).
-    Every EditConfig field has a flag of its name (--lr, --forget-coef, --maintain-batch, ...)."""
+    Every EditConfig field has a flag of its name (--lr, --forget-coef, --maintain-batch, ...). Prints the settings
+    it uses, and warns when the edit left forget accuracy where it was (mu_fast.cli_options.NO_EFFECT_ACC)."""
     from dataclasses import replace
 
     settings = check_edit_values(settings or {})
@@ -132,6 +141,7 @@ def edit_cmd(
     from mu_fast.edit.loop import snapshot
     from mu_fast.masks import Mask
     from mu_fast.models.edit_loading import check_offload_dir
+    from mu_fast.pipeline import METHOD_GROUP
     from mu_fast.provenance import provenance_block
 
     try:
@@ -139,7 +149,10 @@ def edit_cmd(
     except (PermissionError, ValueError) as err:
         raise type(err)(str(err).replace("offload_dir ", "--offload-dir ", 1)) from None
     edit_mask = Mask.load(mask_path)
-    group, base = preset_fields(preset, edit_mask.meta.get("method"))
+    method = edit_mask.meta.get("method")
+    if preset is None:  # a mask of no known method takes the lookup group's settings, as a hand-made one
+        preset, method = default_preset(model), method if method in METHOD_GROUP else "manual"
+    group, base = preset_fields(preset, method)
     if "lm_coef" not in settings and not has_lm:
         settings["lm_coef"] = 0.0
     config = edit_config(base, settings)
@@ -166,12 +179,16 @@ def edit_cmd(
     if not task.lm_texts:
         config = replace(config, lm_coef=0.0)
     base_values = snapshot(m, names=list(edit_mask))
+    acc_before = forget_accuracy(m, tok, task)
+    console().print(settings_line(config, preset, group, frozen), highlight=False, soft_wrap=True)
     result = edit(m, tok, task, edit_mask, config)
+    acc_after = forget_accuracy(m, tok, task)
     identity = identity_of(ref, info, m, dtype)
     device = m.get_input_embeddings().weight.device
     record = {"edit_history": result.history, "edit_seconds": result.seconds, "optimizer": result.optimizer,
               "task": task.name, "dataset": dataset, "forget_split": forget_split, "inject_label": inject_label,
-              "preset": preset, "method_group": group, **provenance_block(model=identity, device=device)}
+              "preset": preset, "method_group": group, "forget_acc": {"before": acc_before, "after": acc_after},
+              **provenance_block(model=identity, device=device)}
     if save_model:
         _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history, "load": _jsonable(info),
                                              "preset": preset, "method_group": group,
@@ -185,7 +202,20 @@ def edit_cmd(
         delta.save(out, overwrite=overwrite)
         as_new_file(out, recursive=True)
         what = f"delta (trained against {frozen} frozen weights; apply it with `mu-fast evaluate MODEL --delta {out}`)"
-    console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; {what} saved to {out}")
+    console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; forget accuracy {acc_before:.3f} -> "
+                    f"{acc_after:.3f}; {what} saved to {out}")
+    if unmoved(acc_before, acc_after):
+        print("mu-fast: warning: " + no_effect_warning("the edit", [config.lr], preset, model,
+                                                       f"{acc_before:.3f} -> {acc_after:.3f}"), file=sys.stderr)
+
+
+def forget_accuracy(model: Any, tokenizer: Any, task: Any) -> float:
+    """The forget accuracy the no-effect warning reads: mean probability of the true answer on the forget set, in
+    the training format (``evaluate_task``'s ``normal/forget`` ``acc``)."""
+    from mu_fast.evaluate.formats import tokenized_set
+    from mu_fast.evaluate.metrics import prompt_scores, set_accuracy
+
+    return float(set_accuracy(prompt_scores(model, tokenized_set(tokenizer, task, task.forget_test)))["acc"])
 
 
 def _load_for_edit(ref: Any, mask: Any, frozen: str, max_memory: dict[Any, str] | None, offload_dir: Path | None,

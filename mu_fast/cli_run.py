@@ -5,14 +5,16 @@ table and plots). Registered on ``mu_fast.cli.app``.
 ``--seeds 0,1,2`` gives mean ± std, ``--workers`` runs them in worker processes) and writes the demo's report:
 results.json, one JSON per method (and seed), the table and the plots. The edit settings come from a named
 ``--preset`` (``mu_fast.sweep.presets``: ``organism`` the demo's settings with the lr rule's choice per group,
-``default`` the paper's loop, ``paper_sports:<model>:<experiment>`` the paper's per-model ones), each field
-overridable by its flag (``mu_fast.cli_options``). ``--preset paper`` runs the authors' whole protocol instead
-(``mu_fast.cli_paper``). ``demo`` (``mu_fast.cli_demo``) is ``run`` on the organism with every method's lr chosen
-by one rule.
+``default`` the paper's loop, ``paper_sports:<model>:<experiment>`` the paper's per-model ones; without it
+``organism`` for the organism, else ``default``: ``mu_fast.cli_options.default_preset``), each field overridable by
+its flag (``mu_fast.cli_options``); methods whose edits left forget accuracy where it was get a closing warning.
+``--preset paper`` runs the authors' whole protocol instead (``mu_fast.cli_paper``). ``demo`` (``mu_fast.cli_demo``)
+is ``run`` on the organism with every method's lr chosen by one rule.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -35,9 +37,12 @@ from mu_fast.cli_common import (
 from mu_fast.cli_options import (
     check_edit_values,
     check_flag_values,
+    default_preset,
     edit_flags,
+    no_effect_warning,
     probe_flags,
     relearn_flags,
+    unmoved,
     with_flags,
 )
 from mu_fast.preflight import check_choice, check_positive, check_task_options, resolve_model
@@ -131,7 +136,7 @@ def run_cmd(
     cf_model: str | None = typer.Option(None, help="CounterFact table: gemma-7b, gemma-2-9b, llama-3-8b"),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
     methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
-    preset: str = typer.Option("default", help="edit settings the flags override: default (the paper's loop), organism (the demo's, tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; paper: the authors' whole protocol (--experiment, mu_fast.cli_paper)"),
+    preset: str | None = typer.Option(None, help="edit settings the flags override: default (the paper's loop), organism (the demo's, tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; paper: the authors' whole protocol (--experiment, mu_fast.cli_paper). Default: organism for the organism and models saved from it, else default"),
     out: Path = typer.Option(Path("reports/run"), help="report folder (JSON + plots); finished methods are reused"),
     relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
@@ -165,6 +170,7 @@ def run_cmd(
                          "--preset paper; add --preset paper or drop them")
     from mu_fast.cli_demo import parse_seeds
 
+    preset = preset or default_preset(model)
     seed_list = parse_seeds(seeds)
     check_positive("--workers", workers, integer=True)
     method_list = parse_methods(methods)
@@ -187,11 +193,18 @@ def run_cmd(
     if info.get("organism") is not None:
         org = info["organism"]
         provenance = {"organism": {"preset": ref.value, "config_hash": org.config.config_hash(), "path": str(org.path)}}
-    report_run(m, tok, task, method_list, configs, options, out, fresh,
-               f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
-               {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label}, allow_unknown_facts,
-               provenance, seeds=seed_list, workers=workers)
+    results = report_run(m, tok, task, method_list, configs, options, out, fresh,
+                         f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
+                         {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label},
+                         allow_unknown_facts, provenance, seeds=seed_list, workers=workers)
     console().print(f"total {time.perf_counter() - t0:.1f} s")
+    before = results["before"]["normal"]["forget"]["acc"]
+    idle = [m for m in method_list if "forget_err" in results["summary"].get(m, {})
+            and unmoved(before, 1.0 - results["summary"][m]["forget_err"])]
+    if idle:
+        what = ("the edit of " if len(idle) == 1 else "the edits of ") + ", ".join(idle)
+        print("mu-fast: warning: " + no_effect_warning(what, [configs[m].lr for m in idle], preset, model),
+              file=sys.stderr)
 
 
 def sweep_cmd(

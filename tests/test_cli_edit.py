@@ -83,3 +83,62 @@ def test_edit_options_are_checked_before_loading(case, tmp_path, capsys, no_load
 def test_evaluate_refuses_a_folder_that_is_not_a_delta(tmp_path, capsys, no_loading):
     code, _, err = run_main(["evaluate", "organism", "--delta", str(tmp_path)], capsys)
     assert code == 2 and "holds no delta.json" in err
+
+
+def _edit(args, organism_mask, tmp_path, capsys, name="delta"):
+    out = tmp_path / name
+    code, stdout, err = run_main(["edit", "organism:ci", "--mask", str(organism_mask), "--out", str(out), *args], capsys)
+    assert code == 0, err
+    return " ".join(stdout.split()), err, json.loads((out / "delta.json").read_text())["provenance"]
+
+
+@pytest.fixture
+def cli_env(cache_root, monkeypatch):
+    monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))  # the session's trained CI organism
+    monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
+
+
+def test_an_edit_that_leaves_forget_accuracy_where_it_was_ends_with_a_warning(ci_organism, cli_env, organism_mask,
+                                                                              tmp_path, capsys):
+    """An lr of 1e-9 cannot move anything: the edit prints the settings it used, then one warning line naming the lr,
+    the preset and the fixes (on the organism under another preset: --preset organism)."""
+    stdout, err, provenance = _edit(["--preset", "default", "--lr", "1e-9", "--steps", "2"], organism_mask, tmp_path,
+                                    capsys)
+    assert ("edit settings: preset default (lookup group), lr 1e-09, 2 steps, coefficients forget 1 / maintain 1 / "
+            "lm 1, batches maintain 64 / lm 64, optimizer auto, frozen bf16") in stdout
+    acc = provenance["forget_acc"]
+    assert abs(acc["after"] - acc["before"]) < 1e-3 and acc["before"] > 0.5
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mu-fast: warning: the edit left forget accuracy within 0.02 of before the edit"), err
+    assert "lr 1e-09, preset default" in last and "--preset organism" in last and "--lr 1e-08" in last
+
+
+def test_edit_defaults_to_the_organism_preset_on_the_organism_and_a_real_edit_does_not_warn(
+        ci_organism, cli_env, organism_mask, tmp_path, capsys):
+    from mu_fast.organism.lr_choice import organism_groups
+
+    lookup = organism_groups()["lookup"]  # the mask's method, manual, is in the lookup group
+    stdout, err, provenance = _edit([], organism_mask, tmp_path, capsys)
+    assert provenance["preset"] == "organism" and provenance["method_group"] == "lookup"
+    assert {k: provenance["edit_config"][k] for k in lookup} == lookup
+    assert (f"edit settings: preset organism (lookup group), lr {lookup['lr']:g}, {lookup['steps']} steps, "
+            f"coefficients forget {lookup['forget_coef']:g} / maintain {lookup['maintain_coef']:g} / lm 1") in stdout
+    acc = provenance["forget_acc"]
+    assert acc["after"] < acc["before"] - 0.1, acc  # the organism preset's 50 steps edit the facts
+    assert "left forget accuracy" not in err, err
+
+
+@pytest.mark.parametrize("model, preset", [("organism", "organism"), ("organism:ci", "organism"),
+                                           ("google/gemma-2-9b", "default"), ("{tmp}/ckpt", "default"),
+                                           ("{tmp}/saved", "organism"), ("{tmp}/saved_other", "default")])
+def test_the_default_preset_is_organism_for_organism_models(model, preset, tmp_path):
+    """edit and run default to the organism preset on the organism and on a model `edit --save-model` saved from it."""
+    from mu_fast.cli_options import default_preset
+
+    for name, load in (("ckpt", None), ("saved", {"model": "organism:ci", "source": "organism"}),
+                       ("saved_other", {"model": "/data/llama", "source": "checkpoint"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        if load is not None:
+            (tmp_path / name / "mu_fast_edit.json").write_text(json.dumps({"load": load}))
+    assert default_preset(model.replace("{tmp}", str(tmp_path))) == preset

@@ -244,3 +244,34 @@ def test_run_sweep_report_errors_are_one_line_before_loading(case, tmp_path, cap
     args, expected = RUN_ERRORS[case]
     code, _, err = run_main([a.replace("{tmp}", str(tmp_path)) for a in args], capsys)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("preset", [None, "default"])
+def test_run_defaults_to_the_organism_preset_and_warns_about_edits_that_did_nothing(preset, ci_organism, cli_env,
+                                                                                  tmp_path, capsys, monkeypatch):
+    """Without --preset, `run` on the organism takes the organism preset (per-group lr, the organism's relearning
+    attack); an explicit --preset wins. Methods whose forget accuracy stayed within 0.02 of before the edit are named
+    in one closing warning with their lr and the preset (the results are made up here: no training)."""
+    import mu_fast.cli_run
+    from mu_fast.organism.lr_choice import organism_groups
+
+    seen = {}
+
+    def fake_report_run(model, tokenizer, task, methods, configs, options, *args, **kwargs):
+        seen.update(configs=configs, options=options)
+        return {"before": {"normal": {"forget": {"acc": 0.95}}},
+                "summary": {"flu": {"forget_err": 0.06}, "atp": {"forget_err": 0.90}}}
+
+    monkeypatch.setattr(mu_fast.cli_run, "report_run", fake_report_run)
+    args = ["run", "organism:ci", "--methods", "flu,atp", "--out", str(tmp_path / "run")]
+    code, _, err = run_main(args + (["--preset", preset] if preset else []), capsys)
+    assert code == 0, err
+    groups = organism_groups()
+    lrs = ({"flu": groups["lookup"]["lr"], "atp": groups["tracing"]["lr"]} if preset is None
+           else {"flu": 1e-5, "atp": 1e-5})
+    assert {m: c.lr for m, c in seen["configs"].items()} == lrs
+    assert seen["options"].relearn_lr == (1e-3 if preset is None else 2e-4)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mu-fast: warning: the edit of flu left forget accuracy within 0.02 of before the edit"), err
+    assert f"lr {lrs['flu']:g}, preset {preset or 'organism'})" in last and "atp" not in last
+    assert ("--preset organism" in last) == (preset == "default")

@@ -33,6 +33,7 @@ from mu_fast.data.base import Batch, FactTask, pad_batch, pad_id_of, tokenize_pr
 from mu_fast.edit.losses import inject_loss, maintain_loss, unlearn_loss
 from mu_fast.masks import Mask
 from mu_fast.models.forward import gathered_logits, lm_loss_backward_tensor
+from mu_fast.models.frozen import keep_4bit_differentiable_
 
 OPTIMIZERS = ("auto", "masked", "torch", "bnb8bit")
 
@@ -184,6 +185,7 @@ class EditStep:
         if len(mask) == 0:
             raise ValueError("the mask selects no parameters; localize first (mu_fast.localize) or pass a non-empty Mask")
         self.model, self.mask, self.config = model, mask, config
+        keep_4bit_differentiable_(model)  # a 4-bit layer repacked for CPU inference has no backward
         self._was_training = model.training
         self._flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self._checkpointing_before = _is_checkpointing(model)

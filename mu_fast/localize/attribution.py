@@ -47,6 +47,7 @@ from mu_fast.localize.metrics import Metric, as_metric, normalization_scale
 from mu_fast.localize.patching import capture_sites, patched_metric_values
 from mu_fast.localize.result import AttributionResult, empty_per_prompt
 from mu_fast.localize.sites_hooks import RESULT_KEYS, EmbeddingHook, Site, SiteHooks, parse_site_kinds, resolve_sites
+from mu_fast.models.frozen import keep_4bit_differentiable_
 from mu_fast.models.sites import SiteTable
 
 __all__ = ["attribute", "AttributionResult"]
@@ -96,6 +97,7 @@ def attribute(
     if method == "eap-ig" and ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1; got {ig_steps}")
     model = unwrap_model(model)
+    keep_4bit_differentiable_(model)  # a 4-bit layer repacked for CPU inference has no backward
     table = SiteTable(model)
     metric = as_metric(metric)
     kinds = parse_site_kinds(sites)

@@ -20,7 +20,8 @@ import torch
 
 from mu_fast.masks import Mask
 from mu_fast.models.device_map import check_masked_on_gpu, edit_device_map, summarize
-from mu_fast.models.frozen import bnb_config, check_frozen, is_quantized, quantize_frozen_, require_bitsandbytes
+from mu_fast.models.frozen import (bnb_config, check_frozen, is_quantized, keep_4bit_differentiable_, quantize_frozen_,
+                                   require_bitsandbytes)
 from mu_fast.models.identity import config_hash
 from mu_fast.models.loading import parse_dtype
 
@@ -266,6 +267,7 @@ def load_for_edit(
                 kwargs["offload_folder"] = str(offload_path)
         model = AutoModelForCausalLM.from_pretrained(source.path or source.ref, **kwargs)
         tokenizer, info["tokenizer"] = _load_tokenizer(source)
+    keep_4bit_differentiable_(model)  # transformers builds its Linear4bit layers with bitsandbytes' CPU repacking on
     model.eval()
     params = dict(model.named_parameters())
     for name, param in params.items():

@@ -4,6 +4,12 @@
 absmax int8, outlier threshold 6.0, ``has_fp16_weights=False``); ``frozen="nf4"`` as a ``Linear4bit`` (NF4 blocks
 of 64 with double-quantized statistics, bf16 compute), as QLoRA does. The LM head and every module that holds a
 masked parameter stay in full precision. Both layers run forward and backward (input gradients) on CPU and CUDA.
+
+On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight, at its first no-grad eval-mode forward,
+for a CPU inference kernel that has no backward; every later forward then drops the gradient through that layer
+(an edit's masked parameters below it get a wrong or no gradient). Every ``Linear4bit`` mu_fast builds or loads
+has that repacking turned off, and ``keep_4bit_differentiable_`` (run by the edit loop and by ``attribute`` on any
+model they are given) turns it off and undoes a repacking that already happened.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ def quantized_linear(linear: torch.nn.Linear, frozen: str, compute_dtype: torch.
         param = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4",
                                   quant_storage=torch.uint8, module=layer)
         layer.weight = param.to(weight.device)  # Params4bit quantizes on its first move to a real device
+        layer.support_avx512bf16_for_cpu = False  # see the module docstring: the repacked layer has no backward
     if has_bias:
         layer.bias = torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
     return layer
@@ -101,6 +108,35 @@ def quantize_frozen_(model: torch.nn.Module, frozen: str, keep: Iterable[str] = 
     for name in names:
         model.set_submodule(name, quantized_linear(model.get_submodule(name), frozen))
     return names
+
+
+def keep_4bit_differentiable_(model: torch.nn.Module) -> int:
+    """Turn off, in place, bitsandbytes' CPU repacking of every ``Linear4bit`` in ``model`` (see the module
+    docstring) and undo it where it already happened; return how many layers were unpacked.
+
+    An unpacked layer keeps the same 4-bit codes and the block scales the repacked kernel used (bfloat16, stored
+    unnested in fp32), so it computes what the repacked one did, now with a backward. Layers on other devices and
+    models without 4-bit layers are left as they are (bitsandbytes is imported only when a layer needs unpacking).
+    """
+    unpacked = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        scales = state.absmax.T.reshape(-1).float()  # packed as [blocks per row, rows] in bfloat16
+        state.original_nested = False  # keep them: bitsandbytes' inverse would re-quantize them (rounding twice)
+        codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state.absmax, state.nested = scales, False
+        weight.data = codes
+        module.quant_state = state
+        unpacked += 1
+    return unpacked
 
 
 def output_embedding_names(model: torch.nn.Module) -> list[str]:

@@ -11,6 +11,7 @@ the EditConfig fields a sweep starts from before its own settings and grid apply
   runs used 8-bit AdamW moments (bitsandbytes AdamW8bit on whole matrices); here that is MaskedAdamW with
   ``state_bits=8``, which also handles partially selected matrices (attention heads).
 A spec may define its own under ``presets:`` (``{name: {group: {field: value}}}``, or ``all:`` for every group).
+``preset_config(name, method)`` is the ``EditConfig`` of one method's group, for the Python API.
 """
 
 from __future__ import annotations
@@ -92,3 +93,13 @@ def preset_groups(name: str, custom: Mapping[str, Mapping[str, Any]] | None = No
     raise ValueError(f"spec: edit.preset: unknown preset {name!r}{hint}; use default, organism, "
                      "paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>, or a "
                      "name defined under presets:")
+
+
+def preset_config(name: str, method: str = "manual", **overrides: Any) -> Any:
+    """The ``EditConfig`` of the preset ``name`` for a mask made by ``method`` (the settings of its group; a method
+    of no group, e.g. a hand-made mask, takes the lookup group's), with ``overrides`` on top:
+    ``edit(model, tokenizer, task, loc.mask, preset_config("organism", "flu"))``."""
+    from mu_fast.edit.loop import EditConfig
+    from mu_fast.pipeline import METHOD_GROUP
+
+    return EditConfig(**{**preset_groups(name)[METHOD_GROUP.get(method, "lookup")], **overrides})
