@@ -238,6 +238,9 @@ def relearn_attack(
     Step 0 is before any update. ``set_accuracy`` reports the true answer's accuracy (``acc``, ``argmax_acc``)
     and the edit answer's (``edit_acc``, ...), whichever mode trained.
     """
+    from mu_fast.models.frozen import keep_4bit_differentiable_
+
+    keep_4bit_differentiable_(model)  # bitsandbytes' CPU repacking has no backward (an attack trains through it)
     from peft import LoraConfig, get_peft_model
 
     if steps < 0:

@@ -274,6 +274,9 @@ def softprompt_attack(
     "maintain_acc", "train_acc"}, "seconds"}``; "forget" is ``set_accuracy`` of the held-out half in the training
     format (``acc`` with the true answer; ``edit_acc``, the injected answer), "train" of the attacked half.
     """
+    from mu_fast.models.frozen import keep_4bit_differentiable_
+
+    keep_4bit_differentiable_(model)  # bitsandbytes' CPU repacking has no backward (an attack trains through it)
     paper_steps, paper_batch = paper_schedule(model, task)
     steps = paper_steps if steps is None else steps
     batch_size = paper_batch if batch_size is None else batch_size
