@@ -113,8 +113,8 @@ def evaluation_lines(results: dict[str, Any]) -> list[str]:
     relearn = results.get("relearn")
     if relearn:
         steps = sorted(relearn["evals"], key=int)
-        lines.append(f"relearning attack: LoRA rank {relearn.get('lora_rank')}, {relearn.get('steps')} steps on "
-                     f"{relearn.get('n_relearn')} forget facts, scored on the {relearn.get('n_held_out')} held out")
+        lines.append(f"relearning attack (LoRA rank {relearn.get('lora_rank')}, {relearn.get('steps')} steps on "
+                     f"{relearn.get('n_relearn')} facts; {relearn.get('n_held_out')} held out):")
         lines.append("  " + "step".ljust(10) + "".join(f"{int(s):>8d}" for s in steps))
         for key in ("normal", "mcq", "maintain"):
             if all(key in relearn["evals"][s] for s in steps):
@@ -124,8 +124,8 @@ def evaluation_lines(results: dict[str, Any]) -> list[str]:
     if probes and probes.get("forget_acc_true"):
         true = probes["forget_acc_true"]
         best = max(range(1, len(true)), key=lambda i: true[i]) if len(true) > 1 else 0
-        lines.append(f"latent probes ({probes.get('n_forget')} forget facts): true answer best {true[best]:.3f} at "
-                     f"layer boundary {best} (after the embeddings)")
+        lines.append(f"latent probes ({probes.get('n_forget')} forget facts): true answer best {true[best]:.3f} "
+                     f"(boundary {best})")
         rows = [("true", true), ("edit", probes.get("forget_acc_edit")), ("quality", probes.get("probe_acc"))]
         lines.append("  " + "boundary".ljust(10) + "".join(f"{layer:>7d}" for layer in probes["layers"]))
         for label, values in rows:
@@ -137,6 +137,7 @@ def evaluation_lines(results: dict[str, Any]) -> list[str]:
 def print_evaluation(results: dict[str, Any], title: str, caption: str) -> None:
     """``mu-fast evaluate``'s output: the accuracy per format and split, the relearning attack and the latent probes
     (when they ran), and the legend of the columns."""
+    import shutil
     import textwrap
 
     from rich.table import Table
@@ -149,11 +150,10 @@ def print_evaluation(results: dict[str, Any], title: str, caption: str) -> None:
             edit_acc = v.get("edit_acc")
             table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}",
                           "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
-    screen = console()
-    screen.print(table)
+    console().print(table)
     for line in evaluation_lines(results):
-        screen.print(line, highlight=False)
+        print(line)
     shown = [k for k in EVALUATE_LEGEND if k not in ("relearned", "probe")
              or (k == "relearned" and results.get("relearn")) or (k == "probe" and results.get("latent_probes"))]
     text = "Columns: " + "; ".join(f"{k}: {EVALUATE_LEGEND[k]}" for k in shown)
-    screen.print("\n".join(textwrap.wrap(text, 100)), highlight=False)
+    print("\n".join(textwrap.wrap(text, min(100, shutil.get_terminal_size((100, 24)).columns))))

@@ -286,7 +286,7 @@ def report_cmd(
     from mu_fast.report import format_legend
     from mu_fast.sweep.report import COLUMN_LEGEND
 
-    print(format_legend(columns=COLUMN_LEGEND))
+    print(format_legend(columns=COLUMN_LEGEND, components=False))
     console().print(f"report: {folder}/ (table.txt, {len(written['plots'])} plots)")
 
 
