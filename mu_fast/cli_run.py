@@ -240,11 +240,12 @@ def sweep_cmd(
     from mu_fast.sweep.spec import load_spec
 
     store = store_path(load_spec(spec, variables), out)
-    store_option = "--out" if out is not None else f"the spec's store ({spec.name} store:)"
+    store_option = "--out" if out is not None else f"store: of {spec.name}"
+    fix = None if out is not None else "pass --out FILE or change store: in the spec"
     if dry_run:
         sweep.dry_run(spec, vars=variables, store=out, print_fn=print)
         return
-    check_writable(store_option, store, append=True)
+    check_writable(store_option, store, append=True, fix=fix)
     with writing_output(store_option, store, "every run stored before is kept; free space or fix the path, then "
                                              "run again to resume"):
         result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed,
@@ -274,7 +275,7 @@ def report_cmd(
 
     store = _store_file(results)
     folder = out if out is not None else store.with_name(store.stem + "_report")
-    check_writable("--out" if out is not None else "the report folder (--out)", folder, folder=True)
+    check_writable("--out", folder, folder=True)
     from mu_fast.sweep.store import load_results
 
     records = load_results(store)

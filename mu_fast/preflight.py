@@ -83,14 +83,16 @@ def _exists(path: Path) -> bool:
         return True
 
 
-def check_writable(option: str, path: str | os.PathLike, folder: bool = False, append: bool = False) -> Path:
+def check_writable(option: str, path: str | os.PathLike, folder: bool = False, append: bool = False,
+                   fix: str | None = None) -> Path:
     """Refuse an output path that cannot be written, before any slow work: ``OutputError`` naming ``option``,
     the path and the fix. ``folder``: the output is a folder (written into), else a file (written beside, through a
     temporary name; ``append``: an existing file is also opened for appending, as a sweep store is). The check
     creates and removes a file in the nearest existing folder (the output folder itself when it exists), so it
     leaves nothing behind and sees what a write would see (read-only mounts, permissions, ``/sys``), whoever runs
-    it (root included)."""
+    it (root included). fix: how to choose another path (default "choose another <option>")."""
     given = str(path)
+    fix = fix or f"choose another {option}"
     target = Path(os.path.abspath(Path(path).expanduser()))
     if _exists(target):
         if folder and not target.is_dir():
@@ -101,22 +103,22 @@ def check_writable(option: str, path: str | os.PathLike, folder: bool = False, a
     while not _exists(where):
         where = where.parent
     if not where.is_dir():
-        raise OutputError(f"{option} {given!r}: {where} is a file, not a folder; choose another {option}")
+        raise OutputError(f"{option} {given!r}: {where} is a file, not a folder; {fix}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".mu_fast-write-check-", dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise OutputError(f"{option} {given!r}: cannot write in {where} ({reason}); choose another {option} "
-                          f"or make {where} writable") from None
+        raise OutputError(f"{option} {given!r}: cannot write in {where} ({reason}); {fix} or make {where} "
+                          "writable") from None
     if append and target.is_file():
         try:
             with open(target, "ab"):
                 pass
         except OSError as err:
             raise OutputError(f"{option} {given!r} cannot be appended to ({err.strerror or type(err).__name__}); "
-                              f"make it writable or choose another {option}") from None
+                              f"make it writable, or {fix}") from None
     return Path(path)
 
 

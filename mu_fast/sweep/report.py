@@ -7,8 +7,10 @@ latent-probe accuracy of the true answer; the ``(before edit)`` row is the unedi
 plain text at most 100 columns wide, ``rich_tables`` rich Tables.
 
 Plots (matplotlib, Agg backend): ``plot_robustness`` (bars per method with ± error bars and dashed before-edit
-references), ``plot_tradeoff`` (forget error vs maintain accuracy, one line per method across the grid) and
-``plot_metric_vs_lr`` (a metric against the learning rate, one line per method). ``write_report`` writes
+references, named in the legend beside the axes), ``plot_tradeoff`` (forget error vs maintain accuracy, one line per
+method across the grid, each point labelled with its lr) and ``plot_metric_vs_lr`` (a metric against the learning
+rate, one line per method); in both line plots a method whose points are exactly another's is drawn dashed with
+hollow markers and named ``random_mlps (= flu)``, as the table's notes name it. ``write_report`` writes
 ``table.txt`` and the three plots of every table into a folder.
 """
 
