@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = f": {err.filename}" if err.filename else ""
         _error_line(f"cannot write{where} ({err.strerror or err}); free space or choose a writable output, then run "
-                    "again (finished results are kept)")
+                    "again (what was written before is kept)")
 
 
 def _error_line(message: str) -> None:

@@ -132,7 +132,8 @@ def writing_output(option: str, path: str | os.PathLike, kept: str) -> Iterator[
     except OutputError:
         raise
     except OSError as err:
-        if err.errno not in WRITE_ERRNOS:
+        # A bare OSError with a message and no errno is mu_fast's own (e.g. the store's "short write ... disk full?").
+        if err.errno not in WRITE_ERRNOS and not (type(err) is OSError and err.errno is None and err.args):
             raise
         where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
         raise OutputError(f"{option} {str(path)!r}: writing failed: {err.strerror or err}{where}; {kept}") from err

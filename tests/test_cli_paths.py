@@ -136,6 +136,10 @@ def test_a_failed_write_at_the_end_is_one_line_saying_what_was_kept(code, tmp_pa
     text = str(caught.value)
     assert text.startswith(f"--out '{tmp_path / 'r'}': writing failed: {os.strerror(code)}") and "\n" not in text
     assert text.endswith("every run stored before is kept") and "x.json" in text
+    # mu_fast's own message for a short write (no errno) is one line too.
+    with pytest.raises(preflight.OutputError, match="writing failed: short write to s.jsonl: 3 of 9 bytes"):
+        with preflight.writing_output("--out", tmp_path / "s.jsonl", "kept"):
+            raise OSError("short write to s.jsonl: 3 of 9 bytes (disk full?)")
     # Not a filesystem error: left alone (a bug keeps its traceback).
     with pytest.raises(OSError) as other:
         with preflight.writing_output("--out", tmp_path, "kept"):
