@@ -69,6 +69,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
                OutputError)
 
+
 def _debugging() -> bool:
     return os.environ.get("MU_FAST_DEBUG") == "1"
 
