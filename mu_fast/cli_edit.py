@@ -26,13 +26,18 @@ import typer
 
 from mu_fast.cli_common import (
     ALLOW_UNKNOWN,
+    CF_MODEL_HELP,
+    DATASET_HELP,
     DATASETS,
     DTYPE_NAMES,
+    FORGET_SPLIT_HELP,
+    INJECT_LABEL_HELP,
     console,
     dataset_task,
     identity_of,
     load_model_ref,
     organism_task_of,
+    print_evaluation,
     require_known_facts,
 )
 from mu_fast.cli_options import (
@@ -55,7 +60,9 @@ from mu_fast.preflight import (
     check_mask_input,
     check_output,
     check_task_options,
+    check_writable,
     resolve_model,
+    writing_output,
 )
 
 FROZEN_CHOICES = ("bf16", "int8", "nf4")
@@ -92,10 +99,10 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
 def edit_cmd(
     model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
     mask: Path = typer.Option(..., help="a mask saved by `mu-fast localize`"),
-    dataset: str = typer.Option("organism"),
-    forget_split: str = typer.Option("first_16_unsplit"),
-    inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
-    cf_model: str | None = typer.Option(None),
+    dataset: str = typer.Option("organism", help=DATASET_HELP),
+    forget_split: str = typer.Option("first_16_unsplit", help=FORGET_SPLIT_HELP),
+    inject_label: str = typer.Option("random_without_golf", help=INJECT_LABEL_HELP),
+    cf_model: str | None = typer.Option(None, help=CF_MODEL_HELP),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
     preset: str | None = typer.Option(None, help="edit settings the flags below override: default (the paper's loop: 50 steps, lr 1e-5), organism (tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; per method group of the mask's method. Default: organism for the organism and models saved from it, else default"),
     frozen: str = typer.Option("auto", help="storage of the weights the mask does not train: bf16, int8, nf4, or auto (bf16; with --budget the plan's choice)"),
@@ -128,6 +135,7 @@ def edit_cmd(
     check_output("--out", [out], overwrite)
     if out.exists() and not save_model and not (out / "delta.json").is_file():
         raise FileExistsError(f"--out {str(out)!r} exists and is not a mu_fast delta; choose another --out")
+    check_writable("--out", out, folder=True)
     memory = parse_max_memory(max_memory)
     mask_path = check_mask_input(mask)
     ref = resolve_model(model)
@@ -189,18 +197,21 @@ def edit_cmd(
               "task": task.name, "dataset": dataset, "forget_split": forget_split, "inject_label": inject_label,
               "preset": preset, "method_group": group, "forget_acc": {"before": acc_before, "after": acc_after},
               **provenance_block(model=identity, device=device)}
+    lost = "the edit is lost (an existing --out is unchanged); free space or fix the path and run the edit again"
     if save_model:
-        _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history, "load": _jsonable(info),
-                                             "preset": preset, "method_group": group,
-                                             "provenance": provenance_block(model=identity, device=device)})
+        with writing_output("--out", out, lost):
+            _save_model_atomically(m, tok, out, {"edit": result.config, "history": result.history,
+                                                 "load": _jsonable(info), "preset": preset, "method_group": group,
+                                                 "provenance": provenance_block(model=identity, device=device)})
         what = "model"
     else:
         from mu_fast.edit.delta import extract_delta
         from mu_fast.files import as_new_file
 
         delta = extract_delta(m, edit_mask, base=base_values, info=info, edit_config=config, provenance=record)
-        delta.save(out, overwrite=overwrite)
-        as_new_file(out, recursive=True)
+        with writing_output("--out", out, lost):
+            delta.save(out, overwrite=overwrite)
+            as_new_file(out, recursive=True)
         what = f"delta (trained against {frozen} frozen weights; apply it with `mu-fast evaluate MODEL --delta {out}`)"
     console().print(f"edited in {result.seconds:.1f} s with {result.optimizer}; forget accuracy {acc_before:.3f} -> "
                     f"{acc_after:.3f}; {what} saved to {out}")
@@ -235,12 +246,14 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
 def evaluate_cmd(
     model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder (also one saved by `mu-fast edit --save-model`) or a hub id"),
     delta: Path | None = typer.Option(None, help="a delta saved by `mu-fast edit`, applied to MODEL before evaluating"),
-    dataset: str = typer.Option("organism"),
-    forget_split: str = typer.Option("first_16_unsplit"),
-    inject_label: str = typer.Option("random_without_golf"),
-    cf_model: str | None = typer.Option(None),
+    dataset: str = typer.Option("organism", help=DATASET_HELP),
+    forget_split: str = typer.Option("first_16_unsplit", help=FORGET_SPLIT_HELP),
+    inject_label: str = typer.Option("random_without_golf", help=INJECT_LABEL_HELP),
+    cf_model: str | None = typer.Option(None, help=CF_MODEL_HELP),
     relearn: bool = typer.Option(False, help="also run the relearning attack (settings: --relearn-*, default the paper's)"),
     probes: bool = typer.Option(False, help="also run latent-knowledge probes (settings: --probe-*)"),
+    check_base: bool = typer.Option(True, help="refuse a --delta whose base values differ from MODEL's "
+                                               "(--no-check-base applies it anyway)"),
     out: Path | None = typer.Option(None, help="write the results JSON here"),
     overwrite: bool = typer.Option(False, help="replace an existing --out file"),
     dtype: str = typer.Option("bf16", help="precision the model is evaluated in: bf16, fp16 or fp32 (the organism: always fp32)"),
@@ -258,6 +271,7 @@ def evaluate_cmd(
     check_choice("--dtype", dtype, DTYPE_NAMES)
     if out is not None:
         check_output("--out", [out], overwrite)
+        check_writable("--out", out)
     if delta is not None and not (Path(delta) / "delta.json").is_file():
         raise FileNotFoundError(f"--delta {str(delta)!r} holds no delta.json; pass a folder saved by `mu-fast edit`")
     ref = resolve_model(model)
@@ -268,13 +282,14 @@ def evaluate_cmd(
     from mu_fast.models.frozen import frozen_precision_of
     from mu_fast.report import write_json
 
-    m, tok, info = load_model_ref(ref, dtype)
-    results: dict[str, Any] = {"model": info.get("model")}
     if delta is not None:
         from mu_fast.edit.delta import EditDelta, apply_delta
 
-        loaded = EditDelta.load(delta)
-        apply_delta(m, loaded)
+        loaded = EditDelta.load(delta)  # a damaged delta is refused before the model loads
+    m, tok, info = load_model_ref(ref, dtype)
+    results: dict[str, Any] = {"model": info.get("model")}
+    if delta is not None:
+        apply_delta(m, loaded, check_base=check_base)
         results["delta"] = {"path": str(delta), "trained_frozen": loaded.provenance.get("trained_frozen"),
                             "dtype": loaded.provenance.get("dtype"), "base": loaded.provenance.get("base")}
     # Every number below was measured on this model: its weights' precision and, for an applied delta, the frozen
@@ -300,25 +315,17 @@ def evaluate_cmd(
     if probes:
         results["latent_probes"] = latent_probes(m, tok, task, **probe_settings)
         results["probe_settings"] = probe_settings
-    from rich.table import Table
-
     precision = results["precision"]
     caption = f"measured on {precision['weights']} weights" + (
         f"; the delta was trained against {precision['edit_trained_frozen']} frozen weights" if delta is not None else "")
-    table = Table(title=f"{task.name}: accuracy per format", caption=caption)
-    for col in ("format", "split", "acc", "argmax", "edit acc", "n"):
-        table.add_column(col)
-    for fmt, splits in results["formats"].items():
-        for split, v in splits.items():
-            edit_acc = v.get("edit_acc")
-            table.add_row(fmt, split, f"{v['acc']:.3f}", f"{v['argmax_acc']:.3f}", "—" if edit_acc is None else f"{edit_acc:.3f}", str(v["n"]))
-    console().print(table)
+    print_evaluation(results, f"{task.name}: accuracy per format", caption)
     if out:
         from mu_fast.provenance import provenance_block
 
         device = m.get_input_embeddings().weight.device
         results["provenance"] = provenance_block(model=identity_of(ref, info, m, dtype), device=device)
-        write_json(out, results)
+        with writing_output("--out", out, "the results are printed above; nothing was written"):
+            write_json(out, results)
 
 
 def _save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, Any]) -> None:

@@ -58,8 +58,9 @@ EDIT_HELP = {
 POSITIVE_INTS = ("steps", "maintain_batch", "lm_batch", "lm_max_tokens", "micro_batch", "lm_micro_batch",
                  "lm_chunk_tokens", "batch_size", "lora_rank", "lm_batch_size")
 POSITIVE_FLOATS = ("lr", "grad_clip", "eps", "lora_alpha")
-NON_NEGATIVE = ("forget_coef", "maintain_coef", "lm_coef", "weight_decay", "eval_every", "lora_dropout",
-                "test_fraction")
+NON_NEGATIVE = ("forget_coef", "maintain_coef", "lm_coef", "weight_decay", "eval_every")
+# Fractions: (low, high, whether low itself is allowed); high is always excluded.
+FRACTIONS = {"test_fraction": (0.0, 1.0, False), "lora_dropout": (0.0, 1.0, True)}
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,23 @@ def edit_flags(exclude: Sequence[str] = ()) -> list[Flag]:
     """A flag per ``EditConfig`` field (module docstring), in field order."""
     from mu_fast.edit.loop import EditConfig
 
-    return [Flag(f.name, f.name, "--" + f.name.replace("_", "-"), _kind(f.type), EDIT_HELP.get(f.name, f.name))
+    return [Flag(f.name, f.name, "--" + f.name.replace("_", "-"), _kind(f.type), _with_default(f))
             for f in dataclasses.fields(EditConfig) if f.name not in exclude]
+
+
+def _with_default(field: dataclasses.Field) -> str:
+    """The help of an EditConfig flag with its default: the preset's value when the preset sets the field, else
+    EditConfig's (fields whose help already says their default, e.g. an automatic choice, keep it)."""
+    text = EDIT_HELP.get(field.name, field.name)
+    if "default" in text or field.default is dataclasses.MISSING:
+        return text
+    value = field.default
+    shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if isinstance(value, tuple):
+        shown = ",".join(f"{v:g}" for v in value)
+    elif isinstance(value, float):
+        shown = f"{value:g}"
+    return f"{text} [default: the preset's, else {shown}]"
 
 
 def keyword_flags(prefix: str, defaults: Mapping[str, Any], what: str) -> list[Flag]:
@@ -173,6 +189,11 @@ def check_flag_values(values: Mapping[str, Any], prefix: str = "") -> None:
             check_positive(name, value)
         elif field in NON_NEGATIVE and isinstance(value, (int, float)) and not value >= 0:
             raise ValueError(f"{name} must be >= 0; got {value}")
+        elif field in FRACTIONS and isinstance(value, (int, float)):
+            low, high, low_ok = FRACTIONS[field]
+            if not (low <= value < high if low_ok else low < value < high):
+                bracket = "[" if low_ok else "("
+                raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}); got {value:g}")
 
 
 def check_edit_values(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -282,6 +282,10 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         _warn(warnings, "--lm-texts none drops the LM retain loss")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the results")
+    if not dry_run:
+        from mu_fast.preflight import check_writable
+
+        check_writable("--out", out, folder=True)
     where = (f"{len(protocol['partitions'])} partitions edited in turn, each its own localization" if sequential else
              f"FLU layers {protocol['flu_layers']}; budget {protocol['budget']:,} params")
     print(f"paper protocol: {model} as {key}, {dataset} {experiment}; edit preset {protocol['edit_preset']}; {where}")
@@ -295,7 +299,10 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         for line in [*describe_partitions(protocol, chosen, seed_list[0]), describe_sequential_evaluations(evaluations)]:
             print(line)
         if not dry_run:
-            run_sequential(model, key, protocol, chosen, edit, resolved, texts, dtype, out, seed_list[0])
+            from mu_fast.preflight import writing_output
+
+            with writing_output("--out", out, "the methods written before are kept in --out"):
+                run_sequential(model, key, protocol, chosen, edit, resolved, texts, dtype, out, seed_list[0])
         return
     spec = dict(protocol["spec"])
     spec["methods"] = chosen
@@ -315,7 +322,11 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         kept = store.with_name(f"{store.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
         store.rename(kept)
         print(f"--fresh: the earlier results are kept as {kept}")
-    result = sweep.run(spec, store=store, retry_failed=True)  # a rerun after a fix retries the failed runs
+    from mu_fast.preflight import writing_output
+
+    kept = "every run stored before is kept; free space or fix the path, then run again to resume"
+    with writing_output("--out", out, kept):
+        result = sweep.run(spec, store=store, retry_failed=True)  # a rerun after a fix retries the failed runs
     print(str(result))
     from mu_fast.sweep.report import write_report
     from mu_fast.sweep.store import load_results
@@ -325,7 +336,8 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         first = next((r["error"] for r in records if r.get("error")), {"type": "?", "message": "no record"})
         raise RuntimeError(f"no run of {store} finished (first error: {first['type']}: {first['message']}); fix the "
                            "cause and run again (the failed runs are retried; finished ones are kept)")
-    written = write_report(records, out / "report")
+    with writing_output("--out", out, f"the runs are kept in {store}; `mu-fast report {store}` writes the report"):
+        written = write_report(records, out / "report")
     print(written["text"])
     print(f"report: {out / 'report'}/ (table.txt, {len(written['plots'])} plots); store: {store}; "
           f"total {time.perf_counter() - t0:.1f} s")

@@ -25,9 +25,14 @@ import typer
 
 from mu_fast.cli_common import (
     ALLOW_UNKNOWN,
+    CF_MODEL_HELP,
     CLI_METHODS,
+    DATASET_HELP,
     DATASETS,
     DTYPE_NAMES,
+    FORGET_SPLIT_HELP,
+    INJECT_LABEL_HELP,
+    MODEL_HELP,
     console,
     dataset_task,
     identity_of,
@@ -45,7 +50,14 @@ from mu_fast.cli_options import (
     unmoved,
     with_flags,
 )
-from mu_fast.preflight import check_choice, check_positive, check_task_options, resolve_model
+from mu_fast.preflight import (
+    check_choice,
+    check_positive,
+    check_task_options,
+    check_writable,
+    resolve_model,
+    writing_output,
+)
 
 EXECUTORS = ("local", "processes", "gpus", "ray")
 DEMO_METHODS = "flu,atp,ct,random,random_mlps,all_mlps,nonlocalized"
@@ -127,13 +139,13 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
 
 @with_flags("probe_settings", probe_flags())
 @with_flags("relearn_settings", relearn_flags())
-@with_flags("settings", edit_flags())
+@with_flags("settings", edit_flags(exclude=("seed",)))  # run's --seeds sets the edit's seed per run
 def run_cmd(
-    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder or a hub id"),
-    dataset: str = typer.Option("organism", help="organism, sports or counterfact"),
-    forget_split: str = typer.Option("first_16_unsplit"),
-    inject_label: str = typer.Option("random_without_golf", help="random_without_golf, random_with_golf, golf or None (unlearning)"),
-    cf_model: str | None = typer.Option(None, help="CounterFact table: gemma-7b, gemma-2-9b, llama-3-8b"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    dataset: str = typer.Option("organism", help=DATASET_HELP),
+    forget_split: str = typer.Option("first_16_unsplit", help=FORGET_SPLIT_HELP),
+    inject_label: str = typer.Option("random_without_golf", help=INJECT_LABEL_HELP),
+    cf_model: str | None = typer.Option(None, help=CF_MODEL_HELP),
     lm_texts: str | None = typer.Option(None, help="text/jsonl file (or 'pile' online) for the LM retain loss"),
     methods: str = typer.Option(DEMO_METHODS, help="comma-separated localization methods"),
     preset: str | None = typer.Option(None, help="edit settings the flags override: default (the paper's loop), organism (the demo's, tuned on the organism), paper_sports:<model>:<forget_16|forget_64|sport_golf>, paper_cf:<model>:<experiment>; paper: the authors' whole protocol (--experiment, mu_fast.cli_paper). Default: organism for the organism and models saved from it, else default"),
@@ -150,6 +162,7 @@ def run_cmd(
     paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
     mmlu_add_bos: bool | None = typer.Option(None, "--mmlu-add-bos/--no-mmlu-add-bos", show_default=False, help="--preset paper: lm-eval MMLU/SciQ requests with / without the BOS token (default: the authors' lm-eval 0.4.4, BOS for Gemma only)"),
     dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),
+    seed: str | None = typer.Option(None, "--seed", hidden=True),  # refused: --seeds is run's one seed option
     settings: dict[str, Any] | None = None,
     relearn_settings: dict[str, Any] | None = None,
     probe_settings: dict[str, Any] | None = None,
@@ -158,6 +171,9 @@ def run_cmd(
     Every EditConfig field has a flag of its name; --relearn-* / --probe-* set the evaluations.
     --preset paper runs the authors' protocol instead (mu_fast.cli_paper; flags that change it warn)."""
     t0 = time.perf_counter()
+    if seed is not None:
+        raise ValueError(f"--seed is not an option of run: pass --seeds {seed} (each seed sets the localization's, "
+                         "the random baselines' and the edit's data order; --seeds 0,1,2 runs several)")
     if preset == "paper":
         from mu_fast.cli_paper import run_paper
 
@@ -177,8 +193,7 @@ def run_cmd(
     check_choice("--dtype", dtype, DTYPE_NAMES)
     configs, options = run_settings(preset, method_list, settings or {}, relearn, probes, relearn_settings or {},
                                     probe_settings or {})
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
+    check_writable("--out", out, folder=True)
     ref = resolve_model(model)
     check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
     task = dataset_task(dataset, forget_split, inject_label, cf_model, lm_texts) if dataset != "organism" else None
@@ -193,10 +208,12 @@ def run_cmd(
     if info.get("organism") is not None:
         org = info["organism"]
         provenance = {"organism": {"preset": ref.value, "config_hash": org.config.config_hash(), "path": str(org.path)}}
-    results = report_run(m, tok, task, method_list, configs, options, out, fresh,
-                         f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
-                         {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label},
-                         allow_unknown_facts, provenance, seeds=seed_list, workers=workers)
+    with writing_output("--out", out, "every run finished before is kept in --out; run again with the same "
+                                      "options to resume"):
+        results = report_run(m, tok, task, method_list, configs, options, out, fresh,
+                             f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
+                             {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label},
+                             allow_unknown_facts, provenance, seeds=seed_list, workers=workers)
     console().print(f"total {time.perf_counter() - t0:.1f} s")
     before = results["before"]["normal"]["forget"]["acc"]
     idle = [m for m in method_list if "forget_err" in results["summary"].get(m, {})
@@ -233,11 +250,20 @@ def sweep_cmd(
     if out is not None and out.is_dir():
         raise IsADirectoryError(f"--out {str(out)!r} is a folder; pass the store's file path, e.g. {out}/sweep.jsonl")
     variables = parse_vars(var or [])
+    from mu_fast.sweep.engine import store_path
+    from mu_fast.sweep.spec import load_spec
+
+    store = store_path(load_spec(spec, variables), out)
+    store_option = "--out" if out is not None else f"store: of {spec.name}"
+    fix = None if out is not None else "pass --out FILE or change store: in the spec"
     if dry_run:
         sweep.dry_run(spec, vars=variables, store=out, print_fn=print)
         return
-    result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed, workers=workers,
-                       ray_address=ray_address, threads=threads)
+    check_writable(store_option, store, append=True, fix=fix)
+    with writing_output(store_option, store, "every run stored before is kept; free space or fix the path, then "
+                                             "run again to resume"):
+        result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed,
+                           workers=workers, ray_address=ray_address, threads=threads)
     console().print(str(result), highlight=False)
     if result.failed:
         console().print("failed runs are kept in the store; fix the cause and rerun with --retry-failed")
@@ -262,14 +288,20 @@ def report_cmd(
     from mu_fast.sweep.report import write_report
 
     store = _store_file(results)
+    folder = out if out is not None else store.with_name(store.stem + "_report")
+    check_writable("--out", folder, folder=True)
     from mu_fast.sweep.store import load_results
 
     records = load_results(store)
     if not records:
         raise ValueError(f"{store} holds no finished run; run the sweep first (mu-fast sweep SPEC --out {store})")
-    folder = out if out is not None else store.with_name(store.stem + "_report")
-    written = write_report(records, folder)
+    with writing_output("--out", folder, "the store is unchanged; nothing else was written"):
+        written = write_report(records, folder)
     print(written["text"])
+    from mu_fast.report import format_legend
+    from mu_fast.sweep.report import COLUMN_LEGEND
+
+    print(format_legend(columns=COLUMN_LEGEND, components=False))
     console().print(f"report: {folder}/ (table.txt, {len(written['plots'])} plots)")
 
 

@@ -347,24 +347,35 @@ class Mask(Mapping[str, Selection]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
-        """Inverse of ``save``. Accepts the base path or either file."""
-        from safetensors import safe_open
+        """Inverse of ``save``. Accepts the base path or either file. A truncated or garbled file is a
+        ``ValueError`` naming it (re-create the mask)."""
+        from safetensors import SafetensorError, safe_open
 
         st_path = _strip_suffix(Path(path)).with_suffix(".safetensors")
         if not st_path.exists():
             raise FileNotFoundError(f"no mask at {st_path}; save one with Mask.save()")
-        with safe_open(str(st_path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "mu_fast_mask" not in meta:
-                raise ValueError(f"{st_path} is not a mu_fast mask (no 'mu_fast_mask' header)")
-            header = json.loads(meta["mu_fast_mask"])
-            if header.get("version") != MASK_FORMAT_VERSION:
-                raise ValueError(f"{st_path} has mask format {header.get('version')}; this mu_fast reads {MASK_FORMAT_VERSION}")
-            mask = cls(header.get("meta"))
-            for i, entry in enumerate(header["params"]):
-                index = f.get_tensor(f"{i}.{entry['kind']}") if entry["kind"] != "whole" else None
-                mask._shape[entry["name"]] = tuple(entry["shape"])
-                mask._sel[entry["name"]] = Selection(entry["kind"], index)
+        try:
+            with safe_open(str(st_path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if "mu_fast_mask" not in meta:
+                    raise ValueError(f"{st_path} is not a mu_fast mask (no 'mu_fast_mask' header)")
+                try:
+                    header = json.loads(meta["mu_fast_mask"])
+                    version = header.get("version")
+                except (ValueError, AttributeError) as err:
+                    raise _damaged(st_path, err) from None
+                if version != MASK_FORMAT_VERSION:
+                    raise ValueError(f"{st_path} has mask format {version}; this mu_fast reads {MASK_FORMAT_VERSION}")
+                try:
+                    mask = cls(header.get("meta"))
+                    for i, entry in enumerate(header["params"]):
+                        index = f.get_tensor(f"{i}.{entry['kind']}") if entry["kind"] != "whole" else None
+                        mask._shape[entry["name"]] = tuple(entry["shape"])
+                        mask._sel[entry["name"]] = Selection(entry["kind"], index)
+                except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as err:
+                    raise _damaged(st_path, err) from None
+        except SafetensorError as err:  # the header itself: an empty, truncated or foreign file
+            raise _damaged(st_path, err) from None
         mask.path = st_path
         return mask
 
@@ -432,6 +443,12 @@ def paper_budget(table: SiteTable, n_flu_layers: int) -> int:
 
 
 # ------------------------------------------------------------------ helpers
+def _damaged(path: Path, err: BaseException) -> ValueError:
+    detail = " ".join(str(err).split())[:120] or type(err).__name__
+    return ValueError(f"the mask file {path} is damaged ({detail}); re-create it (mu-fast localize --out, or "
+                      "Mask.save) or restore it from a copy")
+
+
 def _strip_suffix(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 

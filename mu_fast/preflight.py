@@ -1,18 +1,26 @@
 """Checks the command line runs before any slow work: names, options, paths, outputs and the hub.
 
-Every check raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` with one sentence that names the
-command-line option at fault and the fix (``mu_fast.cli.main`` prints it as one line). Nothing here imports torch
-or transformers, so a bad option is reported in well under a second, not after a model has loaded.
+Every check raises ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` / ``OutputError`` with one sentence
+that names the command-line option at fault and the fix (``mu_fast.cli.main`` prints it as one line). Nothing here
+imports torch or transformers, so a bad option is reported in well under a second, not after a model has loaded.
+
+Outputs: every command checks each output path with ``check_writable`` before it loads anything (a file is created
+and removed again in the nearest existing folder, so a read-only mount, a parent that is a file or a path under
+``/sys`` is refused at once and no folder is left behind), and wraps its final writes in ``writing_output``, which
+turns a filesystem error there (read-only, permission, disk full, ...) into one line that says what was kept.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -55,6 +63,82 @@ def check_output(option: str, paths: Sequence[Path], overwrite: bool) -> None:
                               f"or choose another {option}")
 
 
+# Filesystem errors a user can cause or fix when writing results (read-only mount, permissions, a path through a
+# file, a full disk or quota, a file too large, a folder removed meanwhile, a name too long).
+WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+                          errno.EDQUOT, errno.EFBIG, errno.ENOENT, errno.ENAMETOOLONG})
+
+
+class OutputError(OSError):
+    """An output that cannot be written (``check_writable``, ``writing_output``): a user error, printed as one line."""
+
+    def __str__(self) -> str:  # OSError's own str() would prefix "[Errno n]"
+        return str(self.args[0]) if self.args else ""
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a folder we may not search: treat it as there (the probe below then fails)
+        return True
+
+
+def check_writable(option: str, path: str | os.PathLike, folder: bool = False, append: bool = False,
+                   fix: str | None = None) -> Path:
+    """Refuse an output path that cannot be written, before any slow work: ``OutputError`` naming ``option``,
+    the path and the fix. ``folder``: the output is a folder (written into), else a file (written beside, through a
+    temporary name; ``append``: an existing file is also opened for appending, as a sweep store is). The check
+    creates and removes a file in the nearest existing folder (the output folder itself when it exists), so it
+    leaves nothing behind and sees what a write would see (read-only mounts, permissions, ``/sys``), whoever runs
+    it (root included). fix: how to choose another path (default "choose another <option>")."""
+    given = str(path)
+    fix = fix or f"choose another {option}"
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    if _exists(target):
+        if folder and not target.is_dir():
+            raise OutputError(f"{option} {given!r} is a file; pass a folder (or a path that does not exist yet)")
+        if not folder and target.is_dir():
+            raise OutputError(f"{option} {given!r} is a folder; pass a file path")
+    where = target if folder and target.is_dir() else target.parent
+    while not _exists(where):
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"{option} {given!r}: {where} is a file, not a folder; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mu_fast-write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise OutputError(f"{option} {given!r}: cannot write in {where} ({reason}); {fix} or make {where} "
+                          "writable") from None
+    if append and target.is_file():
+        try:
+            with open(target, "ab"):
+                pass
+        except OSError as err:
+            raise OutputError(f"{option} {given!r} cannot be appended to ({err.strerror or type(err).__name__}); "
+                              f"make it writable, or {fix}") from None
+    return Path(path)
+
+
+@contextmanager
+def writing_output(option: str, path: str | os.PathLike, kept: str) -> Iterator[None]:
+    """Around a command's final writes: a filesystem error (``WRITE_ERRNOS``: read-only, permission, disk full,
+    ...) becomes ``OutputError``, one line naming ``option``, the path, the error and ``kept`` (what was kept, e.g.
+    "the runs stored before are kept")."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        # A bare OSError with a message and no errno is mu_fast's own (e.g. the store's "short write ... disk full?").
+        if err.errno not in WRITE_ERRNOS and not (type(err) is OSError and err.errno is None and err.args):
+            raise
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        raise OutputError(f"{option} {str(path)!r}: writing failed: {err.strerror or err}{where}; {kept}") from err
+
+
 def check_input_file(option: str, path: Path, what: str) -> Path:
     """An existing file for ``option``, else FileNotFoundError naming the option and what it expects."""
     path = Path(path).expanduser()
@@ -85,7 +169,8 @@ def check_mask_input(path: Path) -> Path:
 # ------------------------------------------------------------------ models
 @dataclass(frozen=True)
 class ModelRef:
-    """What MODEL names: ``kind`` "organism" (``value`` = preset), "local" (a checkpoint folder) or "hub".
+    """What MODEL names: ``kind`` "organism" (``value`` = preset), "local" (a checkpoint folder), "hub" or "random"
+    (``value`` = ``random:<shipped name>``: random weights of a shipped config, for ``mu-fast plan``).
     ``organism``: for a folder saved by ``mu-fast edit --save-model`` from the organism, the organism's preset (its
     facts are the organism's)."""
 
@@ -131,6 +216,13 @@ def resolve_model(name: str, hub_timeout: float = HUB_CHECK_SECONDS) -> ModelRef
         preset = name.split(":", 1)[1] if ":" in name else "demo"
         check_choice("MODEL organism preset", preset, ORGANISM_PRESETS)
         return ModelRef("organism", preset)
+    if name.startswith("random:"):
+        from mu_fast.models.shipped import shipped_name
+
+        try:
+            return ModelRef("random", f"random:{shipped_name(name.split(':', 1)[1])}")
+        except ValueError as err:
+            raise ValueError(f"MODEL {name!r}: {err}") from None
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -213,7 +305,12 @@ def _in_local_cache(repo_id: str) -> bool:
 # ------------------------------------------------------------------- tasks
 def check_task_options(dataset: str, model: ModelRef, forget_split: str, inject_label: str | None,
                        cf_model: str | None, datasets: Sequence[str]) -> None:
-    """Dataset, split, edit target and CounterFact table, each named by its option."""
+    """Dataset, split, edit target and CounterFact table, each named by its option (and MODEL: random weights have
+    no tokenizer for the facts)."""
+    if model.kind == "random":
+        raise ValueError(f"MODEL {model.value!r} has random weights and no tokenizer, so its facts cannot be "
+                         "localized, edited or evaluated here; use it with `mu-fast plan`, in a sweep spec with "
+                         "tokenizer: (mu-fast sweep), or from Python (mu_fast.models.build_random_model)")
     check_choice("--dataset", dataset, datasets)
     if dataset == "organism" and model.kind != "organism" and not model.organism:
         raise ValueError("--dataset organism needs MODEL organism (or organism:ci, or a model saved from it by "

@@ -130,13 +130,18 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]], title: str = "mu_fa
     return "\n".join(lines)
 
 
-def format_legend(width: int = TABLE_WIDTH) -> str:
-    """The column and component-name legend printed under the table, wrapped to ``width``."""
+def format_legend(width: int = TABLE_WIDTH, columns: Mapping[str, str] | None = None,
+                  components: bool = True) -> str:
+    """The column and component-name legend printed under the table, wrapped to ``width``. columns: another
+    table's column legend (default ``COLUMN_LEGEND``); components: add the component names' legend."""
     import textwrap
 
-    columns = "; ".join(f"{k}: {v}" for k, v in COLUMN_LEGEND.items())
-    components = "; ".join(f"{k} = {v}" for k, v in COMPONENT_LEGEND.items())
-    return "\n".join([*textwrap.wrap("Columns: " + columns, width), *textwrap.wrap("Components: " + components, width)])
+    text = "; ".join(f"{k}: {v}" for k, v in (COLUMN_LEGEND if columns is None else columns).items())
+    lines = textwrap.wrap("Columns: " + text, width)
+    if components:
+        names = "; ".join(f"{k} = {v}" for k, v in COMPONENT_LEGEND.items())
+        lines += textwrap.wrap("Components: " + names, width)
+    return "\n".join(lines)
 
 
 def legend() -> dict[str, dict[str, str]]:
@@ -242,9 +247,11 @@ def plot_robustness(summaries: Mapping[str, Mapping[str, Any]], path: str | os.P
                     stds: Mapping[str, Mapping[str, Any]] | None = None,
                     before: Mapping[str, Any] | None = None) -> Path:
     """Grouped bar chart of robustness metrics per localization method; ``stds`` (per method and key: the sample
-    std over seeds) draws error bars, ``before`` (the unedited model's summary) a dashed reference per metric."""
+    std over seeds) draws error bars, ``before`` (the unedited model's summary) a dashed reference per metric, in
+    its metric's colour and named in the legend. The legend sits beside the axes, never over the bars."""
     plt = _plt()
     import numpy as np
+    from matplotlib.lines import Line2D
 
     stds = stds or {}
     methods = list(summaries)
@@ -252,6 +259,7 @@ def plot_robustness(summaries: Mapping[str, Mapping[str, Any]], path: str | os.P
     width = 0.8 / max(len(keys), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) + 2), 3.9))
     x = np.arange(len(methods))
+    dashed = False
     for i, (key, label) in enumerate(keys):
         vals = [float(summaries[m].get(key, float("nan"))) for m in methods]
         errs = [float((stds.get(m) or {}).get(key) or 0.0) for m in methods]
@@ -260,14 +268,19 @@ def plot_robustness(summaries: Mapping[str, Mapping[str, Any]], path: str | os.P
         ref = (before or {}).get(key)
         if isinstance(ref, (int, float)) and math.isfinite(ref):
             ax.axhline(ref, color=bars.patches[0].get_facecolor(), ls="--", lw=0.8, alpha=0.7)
+            dashed = True
     ax.set_xticks(x, methods, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy / error")
     n = max((len(v) for v in stds.values()), default=0)
     title = "Edit robustness per localization (higher error, lower relearned / probe = more robust)"
-    ax.set_title(title + ("\nbars: mean ± std over seeds; dashed: before the edit" if n else ""), fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title + ("\nbars: mean ± std over seeds" if n else ""), fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    if dashed:
+        handles.append(Line2D([], [], color="gray", ls="--", lw=0.8))
+        labels.append("before the edit (dashed, in its metric's colour)")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

@@ -315,7 +315,8 @@ def test_library_messages_are_printed_in_option_words(monkeypatch, capsys, no_lo
 
     assert option_words("pass overwrite=True to replace it") == "pass --overwrite to replace it"
     assert option_words("pass offload_dir= to offload, or use frozen='nf4'") == "pass --offload-dir to offload, or use --frozen nf4"
-    assert option_words("pass check_base=False") == "pass check_base=False"  # not an option: left alone
+    assert option_words("pass check_base=False") == "pass --no-check-base"  # evaluate's flag
+    assert option_words("pass base=None") == "pass base=None"  # not an option: left alone
 
     def deep_error(*args, **kwargs):
         raise FileExistsError("masks/m.safetensors already exists; pass overwrite=True to replace it")

@@ -152,22 +152,43 @@ class EditDelta:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditDelta:
-        """Inverse of ``save``."""
+        """Inverse of ``save``. A damaged file of the delta (truncated, garbled, missing) is one ``ValueError``
+        naming that file (re-create the delta)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
         if not (path / "delta.json").is_file():
             raise FileNotFoundError(f"no delta at {path} (no delta.json); save one with EditDelta.save()")
-        header = json.loads((path / "delta.json").read_text())
-        if header.get("format") != DELTA_FORMAT_VERSION:
-            raise ValueError(f"{path} has delta format {header.get('format')}; this mu_fast reads {DELTA_FORMAT_VERSION}")
-        values = load_file(str(path / "values.safetensors"))
+        file = path / "delta.json"
+        try:
+            header = json.loads(file.read_text())
+            version = header.get("format")
+            if version == DELTA_FORMAT_VERSION:
+                file = path / "values.safetensors"
+                values = load_file(str(file))
+                file = path / "delta.json"
+                values = {n: values[n] for n in header["params"]}
+        except (SafetensorError, FileNotFoundError, IsADirectoryError, ValueError, KeyError, TypeError,
+                AttributeError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise _damaged(file, err) from None
+        if version != DELTA_FORMAT_VERSION:
+            raise ValueError(f"{path} has delta format {version}; this mu_fast reads {DELTA_FORMAT_VERSION}")
         mask = Mask.load(path / "mask")
-        return cls({n: values[n] for n in header["params"]}, mask, header.get("provenance", {}))
+        try:
+            return cls(values, mask, header.get("provenance", {}))
+        except ValueError as err:  # values and mask disagree: one of the files was changed or cut
+            raise _damaged(path / "values.safetensors", err) from None
 
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.values.values())).dtype
+
+
+def _damaged(file: Path, err: BaseException) -> ValueError:
+    detail = " ".join(str(err).split())[:120] or type(err).__name__
+    return ValueError(f"the delta file {file} is damaged ({detail}); re-create the delta (mu-fast edit --out, "
+                      "or EditDelta.save) or restore it from a copy")
 
 
 def extract_delta(

@@ -10,7 +10,8 @@ CPU, 1 torch thread, CI organism); for 7-9B models ``LARGE_STEP_SECONDS`` per st
 Memory, per (model, method): ``mu_fast.memory.plan`` of the run's EditConfig with a stand-in mask (localizations
 are not known before the model loads): the paper's selection for ``paper:*`` methods, every MLP for ``all_mlps``,
 every attention and MLP block for ``nonlocalized``, and otherwise the paper budget's size as whole MLP layers (the
-paper's FLU layer count for its models, else an eighth of the layers). The organism needs well under 1 GB.
+paper's FLU layer count for its models, else an eighth of the layers). The organism needs well under 1 GB. An
+organism that is not cached yet adds its training time (``ORGANISM_TRAIN_SECONDS``). The store's path is printed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from mu_fast.sweep.spec import RunConfig, expand, load_spec, paper_model_of
 ORGANISM_STEP_SECONDS = 0.12
 ORGANISM_RUN_SECONDS = 1.5
 ORGANISM_LOAD_SECONDS = 6.0
+# Training an organism that is not cached yet (README / mu_fast.organism: measured on this 2-core CPU).
+ORGANISM_TRAIN_SECONDS = {"ci": 40.0, "demo": 100.0}
+ORGANISM_MEMORY = "organism: well under 1 GB"
 LARGE_STEP_SECONDS = 1.0
 LARGE_EVAL_SECONDS = 60.0
 LARGE_LOAD_SECONDS = 90.0
@@ -41,11 +45,13 @@ class DryRun:
     seconds: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
     memory: dict[tuple[str, str], tuple[int | None, str]] = field(default_factory=dict)
     load_seconds: dict[str, float] = field(default_factory=dict)
+    train_seconds: dict[str, float] = field(default_factory=dict)  # organisms not in the cache yet
 
     @property
     def total_seconds(self) -> float:
         per_run = sum(self.seconds[(r.model["ref"], r.method)][0] for r in self.pending)
-        loads = sum(self.load_seconds.get(m, 0.0) for m in {r.model["ref"] for r in self.pending})
+        models = {r.model["ref"] for r in self.pending}
+        loads = sum(self.load_seconds.get(m, 0.0) + self.train_seconds.get(m, 0.0) for m in models)
         return per_run + loads
 
     def format(self, width: int = 100) -> str:
@@ -58,8 +64,15 @@ class DryRun:
         for (model, method), (sec, source) in self.seconds.items():
             mem, how = self.memory.get((model, method), (None, ""))
             mem_text = "?" if mem is None else f"{mem / 1e9:.2f} GB"
+            if how == ORGANISM_MEMORY:
+                mem_text, how = "< 1 GB", ""
             name = model if len(model) <= 28 else "…" + model[-27:]
-            lines.append(f"{name:28s} {method:14s} {counts[(model, method)]:5d} {sec:8.1f} {source:9s} {mem_text:>12s} {how}"[:width])
+            line = f"{name:28s} {method:14s} {counts[(model, method)]:5d} {sec:8.1f} {source:9s} {mem_text:>12s}"
+            # the note goes on its own line when it would not fit beside the columns (it is never cut)
+            lines += [f"{line} {how}".rstrip()] if len(line) + 1 + len(how) <= width else [line, f"{'':>{len(line) - 12}}{how}"]
+        for model, seconds in self.train_seconds.items():
+            lines.append(f"{model} is not trained yet: training it first adds about {_duration(seconds)} (once; "
+                         "included in the estimate)")
         return "\n".join(lines)
 
 
@@ -125,7 +138,7 @@ def _stand_in_mask(run: RunConfig, table: Any) -> tuple[Any, str]:
 
 def _memory(run: RunConfig) -> tuple[int | None, str]:
     if run.model["kind"] == "organism":
-        return None, "organism: well under 1 GB"
+        return None, ORGANISM_MEMORY
     try:
         from mu_fast.edit.loop import EditConfig
         from mu_fast.memory import plan
@@ -139,6 +152,14 @@ def _memory(run: RunConfig) -> tuple[int | None, str]:
         return plan(config, mask, edit).total, how
     except Exception as err:  # noqa: BLE001 - an estimate that cannot be made is reported, not fatal
         return None, f"not estimated ({type(err).__name__}: {str(err)[:60]})"
+
+
+def _organism_cached(ref: str) -> bool:
+    """Whether the organism ``organism:<preset>`` is in the cache (else loading it trains it first)."""
+    from mu_fast.organism import OrganismConfig, checkpoint_dir
+
+    preset = ref.split(":", 1)[1] if ":" in ref else "demo"
+    return (checkpoint_dir(getattr(OrganismConfig, preset)()) / "config.json").is_file()
 
 
 def dry_run(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any] | None = None,
@@ -177,10 +198,14 @@ def dry_run(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any]
                 out.seconds[key] = (_guess(r), "guess")
             out.memory[key] = _memory(r)
         if r.model["ref"] not in out.load_seconds:
+            if r.model["kind"] == "organism" and not _organism_cached(r.model["ref"]):
+                out.train_seconds[r.model["ref"]] = ORGANISM_TRAIN_SECONDS.get(r.model["ref"].split(":")[-1], 100.0)
             guess = ORGANISM_LOAD_SECONDS if r.model["kind"] == "organism" else LARGE_LOAD_SECONDS
             out.load_seconds[r.model["ref"]] = statistics.mean(loads[r.model["ref"]]) if loads.get(r.model["ref"]) else guess
     if print_fn is not None:
         print_fn(out.format())
+        held = len(st.latest()) if st.path.is_file() else 0
+        print_fn(f"store: {st.path} ({f'{held} runs recorded' if held else 'new'})")
         for r in pending:
             print_fn(f"  {r.run_id}  {r.model['ref']}  {r.task['dataset']}:{r.task['forget_split']}:"
                      f"{r.task['inject_label']}  {r.label()}  seed={r.seed}")

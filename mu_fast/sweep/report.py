@@ -10,8 +10,10 @@ latent-probe accuracy of the true answer; the ``(before edit)`` row is the unedi
 plain text at most 100 columns wide, ``rich_tables`` rich Tables.
 
 Plots (matplotlib, Agg backend): ``plot_robustness`` (bars per method with ± error bars and dashed before-edit
-references), ``plot_tradeoff`` (forget error vs maintain accuracy, one line per method across the grid) and
-``plot_metric_vs_lr`` (a metric against the learning rate, one line per method). ``write_report`` writes
+references, named in the legend beside the axes), ``plot_tradeoff`` (forget error vs maintain accuracy, one line per
+method across the grid, each point labelled with its lr) and ``plot_metric_vs_lr`` (a metric against the learning
+rate, one line per method); in both line plots a method whose points are exactly another's is drawn dashed with
+hollow markers and named ``random_mlps (= flu)``, as the table's notes name it. ``write_report`` writes
 ``table.txt`` and the three plots of every table into a folder.
 """
 
@@ -37,6 +39,16 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 BEFORE = "(before edit)"
 WIDTH = 100
+# What the CLI prints under the tables (mu-fast report), as the demo's table has its legend.
+COLUMN_LEGEND: dict[str, str] = {
+    "forget err": "1 - accuracy of the true answer on the edited (forget) facts, training format (higher: forgotten)",
+    "maintain": "accuracy on the maintain facts (must not change)",
+    "Q/A err": "1 - true-answer accuracy on the forget facts in the question/answer format",
+    "MCQ err": "1 - multiple-choice accuracy on the forget facts",
+    "relearned": "held-out forget accuracy after the LoRA relearning attack (lower: more robust)",
+    "probe": "best latent-probe accuracy of the true answer after the embeddings (lower: more robust)",
+    "a±b": "mean ± sample std over the seeds; (before edit): the unedited model",
+}
 
 
 def metrics_of(record: Mapping[str, Any]) -> dict[str, float]:
@@ -235,12 +247,16 @@ ROBUSTNESS = (("forget_err", "forget err"), ("mcq_forget_err", "MCQ err"), ("rel
 
 def plot_robustness(table: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """Grouped bars (metric per method row, mean ± std over seeds); dashed lines: the unedited model's forget error,
-    MCQ error and true-answer accuracy (what relearning would restore)."""
+    MCQ error and true-answer accuracy (what relearning would restore), named in the legend, which sits beside the
+    axes (never over the bars)."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     metrics = [(k, h) for k, h in ROBUSTNESS if any(k in row for row in table["rows"].values())]
     labels = list(table["rows"])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * max(len(metrics), 1) / 2 + 3), 4.2))
     width = 0.8 / max(len(metrics), 1)
+    dashed = False
     for j, (key, header) in enumerate(metrics):
         stats = [mean_std(table["rows"][label].get(key, [])) for label in labels]
         xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(labels))]
@@ -249,17 +265,23 @@ def plot_robustness(table: Mapping[str, Any], path: str | os.PathLike, title: st
         if before and key in ("forget_err", "mcq_forget_err", "relearn_acc"):
             ref = before[0] if key != "relearn_acc" else 1.0 - before[0]
             ax.axhline(ref, color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+            dashed = True
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean over seeds (± std)")
-    ax.set_title(title or "robustness per method (dashed: before edit)", fontsize=9)
-    ax.legend(fontsize=7, ncol=len(metrics))
+    ax.set_title(title or "robustness per method", fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    if dashed:
+        handles.append(Line2D([], [], color="gray", linestyle="--", linewidth=1))
+        names.append("before edit (dashed, in its metric's colour)")
+    ax.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)
 
 
-def _points(table: Mapping[str, Any], x_key: str, y_key: str) -> dict[str, list[tuple[float, float, float, float]]]:
-    """Per method: (x mean, y mean, x std, y std) of every grid point, sorted by lr when the grid varies it."""
+def _points(table: Mapping[str, Any], x_key: str, y_key: str) -> dict[str, list[tuple[float, float, float, float, float]]]:
+    """Per method: (lr or None, x mean, y mean, x std, y std) of every grid point, sorted by lr when the grid
+    varies it."""
     out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for label, row in table["rows"].items():
         if x_key == "lr":
@@ -270,17 +292,43 @@ def _points(table: Mapping[str, Any], x_key: str, y_key: str) -> dict[str, list[
             x, sx = mean_std(row.get(x_key, []))
         y, sy = mean_std(row.get(y_key, []))
         if not (math.isnan(float(x)) or math.isnan(y)):
-            out[table["methods"][label]].append((table["axes"][label].get("lr") or 0.0, float(x), y, sx or 0.0, sy or 0.0))
-    return {m: [p[1:] for p in sorted(pts)] for m, pts in out.items()}
+            lr = table["axes"][label].get("lr")
+            out[table["methods"][label]].append((lr or 0.0, lr, float(x), y, sx or 0.0, sy or 0.0))
+    return {m: [p[1:] for p in sorted(pts, key=lambda p: p[0])] for m, pts in out.items()}
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _draw_methods(ax: Any, points: Mapping[str, list[tuple[Any, ...]]], xerr: bool) -> None:
+    """One line per method. A method whose points are exactly another's (it would be drawn hidden under it) is
+    drawn dashed with larger hollow markers and named in the legend ``atp (= flu)``, as the table's notes say."""
+    drawn: dict[str, tuple[tuple[float, float], ...]] = {}
+    for i, (method, pts) in enumerate(points.items()):
+        _, xs, ys, sx, sy = zip(*pts)
+        key = tuple((round(x, 9), round(y, 9)) for x, y in zip(xs, ys))
+        same = next((m for m, k in drawn.items() if k == key), None)
+        drawn.setdefault(method, key)
+        style = {"marker": MARKERS[i % len(MARKERS)], "capsize": 2}
+        if same is not None:
+            style.update(fillstyle="none", markersize=11, linestyle="--", markeredgewidth=1.5)
+        ax.errorbar(xs, ys, xerr=sx if xerr else None, yerr=sy, label=method if same is None else f"{method} (= {same})",
+                    **style)
 
 
 def plot_tradeoff(table: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> Path:
-    """Forget error (x) against maintain accuracy (y), one line per method through its grid points (by lr)."""
+    """Forget error (x) against maintain accuracy (y), one line per method through its grid points (by lr), each
+    point labelled with its lr; coinciding methods are marked (``_draw_methods``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for method, pts in _points(table, "forget_err", "maintain_acc").items():
-        xs, ys, sx, sy = zip(*pts)
-        ax.errorbar(xs, ys, xerr=sx, yerr=sy, marker="o", capsize=2, label=method)
+    points = _points(table, "forget_err", "maintain_acc")
+    _draw_methods(ax, points, xerr=True)
+    labelled = set()
+    for pts in points.values():
+        for lr, x, y, _, _ in pts:
+            if lr is not None and (x, y, lr) not in labelled:
+                labelled.add((x, y, lr))
+                ax.annotate(f"lr {_short(lr)}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=6)
     if table["before"].get("forget_err"):
         ax.plot([table["before"]["forget_err"][0]], [table["before"].get("maintain_acc", [math.nan])[0]], "k*",
                 markersize=10, label=BEFORE)
@@ -293,12 +341,11 @@ def plot_tradeoff(table: Mapping[str, Any], path: str | os.PathLike, title: str 
 
 def plot_metric_vs_lr(table: Mapping[str, Any], path: str | os.PathLike, metric: str = "forget_err",
                       title: str = "") -> Path:
-    """``metric`` (mean ± std over seeds) against the learning rate, one line per method (log x axis)."""
+    """``metric`` (mean ± std over seeds) against the learning rate, one line per method (log x axis); coinciding
+    methods are marked (``_draw_methods``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    for method, pts in _points(table, "lr", metric).items():
-        xs, ys, _, sy = zip(*pts)
-        ax.errorbar(xs, ys, yerr=sy, marker="o", capsize=2, label=method)
+    _draw_methods(ax, _points(table, "lr", metric), xerr=False)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(dict(COLUMNS).get(metric, metric))
@@ -313,7 +360,7 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # legends beside the axes stay in the image
     plt.close(fig)
     return path
 
