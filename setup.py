@@ -114,7 +114,9 @@ setup(
     # Triton kernels live in kernels/ and install as mu_fast.kernels (never a top-level `kernels`,
     # which would shadow the Hugging Face `kernels` package).
     package_dir={"mu_fast.kernels": "kernels"},
-    package_data={"mu_fast.models": ["configs/*.json"]},
+    package_data={"mu_fast.models": ["configs/*.json"],
+                  # the demo's lr choice and the shipped organisms' weights (mu_fast.organism.shipped)
+                  "mu_fast.organism": ["demo_lr_choice.json", "shipped/*/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -135,6 +137,7 @@ setup(
         "matplotlib>=3.8",
         "packaging>=23",
         "pyyaml>=6.0",
+        "scipy>=1.10",
     ],
     extras_require={"triton": ["triton>=3.2"], "ray": ["ray>=2.9"], "test": ["pytest>=8", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["mu-fast=mu_fast.cli:main"]},

@@ -114,7 +114,7 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
                  highlight=False)
     lr_choice = None
     if edit_preset == "organism":
-        lr_choice = demo_lr_choice(org, preset, method_list, out, choose_lr, flags, grid)
+        lr_choice = demo_lr_choice(org, preset, method_list, out, choose_lr, flags, grid, workers)
         from mu_fast.organism.lr_choice import edit_configs
 
         configs = edit_configs(lr_choice, method_list)
@@ -149,7 +149,7 @@ def parse_grid(text: str | None) -> tuple[float, ...] | None:
 
 
 def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_lr: bool,
-                   flags: dict[str, Any], grid: tuple[float, ...] | None) -> dict[str, Any]:
+                   flags: dict[str, Any], grid: tuple[float, ...] | None, workers: int = 1) -> dict[str, Any]:
     """The lr rule's choice for this organism, these methods and these settings (``BASE_EDIT`` with the edit flags
     over it): the committed one, or the report folder's from an earlier run, if made under the same key; else run the
     rule's sweep now (``choose_demo_lrs``) and keep it in ``out/lr_choice.json``."""
@@ -167,7 +167,8 @@ def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_
     screen = console()
     screen.print(f"choosing learning rates by the rule: {DEMO_RULE.describe()}", highlight=False)
     ref = "organism" if preset == "demo" else f"organism:{preset}"
-    choice = choose_demo_lrs(ref, org.config.config_hash(), methods, out / "lr_sweep.jsonl", base=base, grid=grid)
+    choice = choose_demo_lrs(ref, org.config.config_hash(), methods, out / "lr_sweep.jsonl", base=base, grid=grid,
+                             workers=workers)
     write_json(local, choice)
     screen.print(f"lr choice written to {local} (copy it over mu_fast/organism/demo_lr_choice.json to ship it)")
     return choice

@@ -70,14 +70,16 @@ def lr_sweep_spec(model_ref: str, methods: Sequence[str], store: str | os.PathLi
 def choose_demo_lrs(model_ref: str, organism_hash: str, methods: Sequence[str], store: str | os.PathLike,
                     rule: LRRule = DEMO_RULE, base: Mapping[str, Any] = BASE_EDIT, grid: Sequence[float] = LR_GRID,
                     validation_split: str = VALIDATION_SPLIT, seeds: Sequence[int] = DEMO_LR_SEEDS,
-                    progress: bool = True, threads: int | None = 1) -> dict[str, Any]:
-    """Run the lr sweep (resumable: ``store`` keeps finished runs) and apply ``rule``; return the choice record."""
+                    progress: bool = True, threads: int | None = 1, workers: int = 1) -> dict[str, Any]:
+    """Run the lr sweep (resumable: ``store`` keeps finished runs) and apply ``rule``; return the choice record.
+    workers > 1: the runs go to that many worker processes (``--executor processes``)."""
     from mu_fast import sweep
     from mu_fast.provenance import provenance_block
 
     spec = lr_sweep_spec(model_ref, methods, store, base, grid, validation_split, seeds)
     wanted = {run.run_id for run in sweep.expand(spec)}
-    sweep.run(spec, store=store, progress=progress, threads=threads)
+    executor = {"executor": "processes", "workers": workers} if workers > 1 else {}
+    sweep.run(spec, store=store, progress=progress, threads=threads, **executor)
     records = [r for r in sweep.load_results(store, status=None) if r.get("run_id") in wanted]
     choices = choose_learning_rates(records, rule)
     return {

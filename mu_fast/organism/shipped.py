@@ -108,7 +108,7 @@ def ship(name: str, progress: bool = True) -> Path:
 
     if not portable:
         raise RuntimeError("ship() must choose the portable kernels before torch is imported; run "
-                           "`python -m mu_fast.organism.shipped NAME`")
+                           "`python -m mu_fast.organism.shipped NAME`, which does")
     torch.set_num_threads(1)
     config = getattr(OrganismConfig, name)()
     SHIPPED_DIR.mkdir(exist_ok=True)
@@ -140,6 +140,11 @@ def ship(name: str, progress: bool = True) -> Path:
 
 
 if __name__ == "__main__":
+    from mu_fast.determinism import PORTABLE_KERNELS, portable_kernels_in_effect
+
+    if not portable_kernels_in_effect():  # the package imported torch first: start again with the kernels chosen
+        os.execve(sys.executable, [sys.executable, "-m", "mu_fast.organism.shipped", *sys.argv[1:]],
+                  {**os.environ, **PORTABLE_KERNELS})
     for arg in sys.argv[1:] or list(SHIPPED_PRESETS):
         if arg not in SHIPPED_PRESETS:
             raise SystemExit(f"unknown shipped organism {arg!r}; choose from {SHIPPED_PRESETS}")

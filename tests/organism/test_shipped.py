@@ -17,8 +17,8 @@ from mu_fast.organism.shipped import MANIFEST, SHIPPED_DIR, checksums, file_sha2
 
 # sha256 of the shipped weights and the digest of the facts they were trained on.
 PINS = {
-    "demo": {"model.safetensors": "DEMO_WEIGHTS", "facts_digest": "DEMO_FACTS"},
-    "ci": {"model.safetensors": "CI_WEIGHTS", "facts_digest": "CI_FACTS"},
+    "demo": {"model.safetensors": "3960337e3ebce3b13a5b34a2ac8d186e334812be846810ac8d89ea63306293d3", "facts_digest": "37e8926726b1b499"},
+    "ci": {"model.safetensors": "5e50e80e5935a3daf1a335f90ae592e9e69a5ddac6de5f2a30e9eb03524ccee5", "facts_digest": "6cea7b7dce555c9a"},
 }
 
 
