@@ -50,7 +50,8 @@ def demo_cmd(
     lr_grid: str | None = typer.Option(None, help="learning rates the rule chooses from, comma-separated (default: mu_fast.organism.lr_choice.LR_GRID)"),
     relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
-    workers: int = typer.Option(2, help="worker processes for the runs, one torch thread each (the numbers do not depend on it)"),
+    workers: int = typer.Option(2, help="worker processes for the runs (the numbers do not depend on it)"),
+    threads: int = typer.Option(1, help="torch threads per process (the table does not depend on it: checked with 1 and 2)"),
     fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
     portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
     settings: dict[str, Any] | None = None,
@@ -60,7 +61,7 @@ def demo_cmd(
     """Train (or load) the model organism, then localize / edit / evaluate it with every method over several seeds,
     each method at the learning rate one rule chose for it. Every EditConfig field has a flag of its name."""
     from mu_fast.cli_run import parse_methods, run_settings
-    from mu_fast.determinism import DEMO_THREADS, use_portable_kernels
+    from mu_fast.determinism import use_portable_kernels
 
     t0 = time.perf_counter()
     wanted = portable
@@ -70,6 +71,7 @@ def demo_cmd(
     seed_list = parse_seeds(seeds)
     grid = parse_grid(lr_grid)
     check_positive("--workers", workers, integer=True)
+    check_positive("--threads", threads, integer=True)
     flags = check_edit_values(settings or {})
     if "lr" in flags and edit_preset == "organism":
         raise ValueError("--lr would override every method's chosen learning rate; drop it (the lr rule chooses "
@@ -83,19 +85,19 @@ def demo_cmd(
 
     import torch
 
-    threads = torch.get_num_threads()
-    if wanted:  # one thread even when the kernels could not be chosen: 2 threads stall on a loaded 2-core machine
-        torch.set_num_threads(DEMO_THREADS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # default one: 2 threads stall on a loaded 2-core machine
     try:
         _demo(out, preset, forget_split, method_list, seed_list, edit_preset, flags, configs, options, choose_lr,
-              grid, workers, fresh, portable, wanted, t0, retrain_organism)
+              grid, workers, fresh, portable, wanted, t0, retrain_organism, threads)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], seeds: list[int], edit_preset: str,
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
-          workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False) -> None:
+          workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False,
+          threads: int = 1) -> None:
     from mu_fast.cli_run import report_run
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
@@ -129,7 +131,8 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
     report_run(org.model, org.tokenizer, task, method_list, configs, options, out, fresh,
                f"organism ({preset}), {forget_split}, edit to a random other sport", identity,
                {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
-               provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None, workers=workers)
+               provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None, workers=workers,
+               threads=threads)
     kernels = "portable" if portable else "native"
     screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s, "
                  f"{len(method_list)} methods × {len(seeds)} seeds {time.perf_counter() - t_runs:.1f} s)")

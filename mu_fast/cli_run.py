@@ -108,7 +108,7 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                out: Path, fresh: bool, title: str, identity: Mapping[str, Any], task_info: Mapping[str, Any],
                allow_unknown_facts: bool, provenance: Mapping[str, Any] | None = None,
                seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None,
-               workers: int = 1) -> dict[str, Any]:
+               workers: int = 1, threads: int = 1) -> dict[str, Any]:
     """``compare_localizations`` with the command line's report lines; the LM retain loss is off without texts.
     seeds: every method over these seeds (mean ± std); extra: more fields of results.json (the demo's lr choice)."""
     from mu_fast.pipeline import compare_localizations
@@ -118,7 +118,7 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
     results = compare_localizations(model, tokenizer, task, methods, configs, options, out_dir=out, resume=not fresh,
                                     title=title, allow_unknown_facts=allow_unknown_facts, provenance=provenance,
                                     identity=identity, task_info=task_info, seeds=seeds, extra=extra,
-                                    workers=workers)
+                                    workers=workers, threads=threads)
     screen = console()
     block = results["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in block["versions"].items() if v)

@@ -235,6 +235,7 @@ def compare_localizations(
     seeds: Sequence[int] | None = None,
     extra: Mapping[str, Any] | None = None,
     workers: int = 1,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method and seed; return ``{"methods": {m: aggregate},
     "summary": {m: means}, "summary_std": {m: stds}, ...}``.
@@ -246,7 +247,7 @@ def compare_localizations(
     seed is written as soon as it finishes (``<method>.json`` for one seed, ``<method>.seed<S>.json`` otherwise).
     extra: further fields of results.json (e.g. the demo's learning-rate choice). workers > 1: the runs go to that
     many worker processes (``mu_fast.pipeline_workers``; one torch thread each): each run is seeded and starts from
-    the same weights, so the numbers do not depend on which worker ran it.
+    the same weights, so the numbers do not depend on which worker ran it. threads: torch threads per worker process.
 
     edit_configs: per method (default: ``EditConfig()`` for all). The model is never modified: each method
     edits a deep copy (``edit_and_evaluate``). Raises ``UnknownFactsError`` before any method when the model does
@@ -323,7 +324,7 @@ def compare_localizations(
         from mu_fast.pipeline_workers import run_in_workers
 
         jobs = [(method, seed, config, flus[seed], evaluations) for method, seed, config, _, _ in todo]
-        for index, run in run_in_workers(model, tokenizer, task, jobs, workers):
+        for index, run in run_in_workers(model, tokenizer, task, jobs, workers, threads=threads):
             method, seed, _, key, path = todo[index]
             finish(method, seed, key, path, run)
     else:
