@@ -13,6 +13,7 @@ by one rule.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -222,8 +223,14 @@ def sweep_cmd(
     if dry_run:
         sweep.dry_run(spec, vars=variables, store=out, print_fn=print)
         return
-    result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed, workers=workers,
-                       ray_address=ray_address, threads=threads)
+    from mu_fast.sweep.engine import SweepInterrupted
+
+    try:
+        result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed,
+                           workers=workers, ray_address=ray_address, threads=threads)
+    except SweepInterrupted as err:  # Ctrl-C: one line, not click's "Aborted!" (the store keeps every finished run)
+        print(f"mu-fast: {err}", file=sys.stderr)
+        raise SystemExit(130) from None
     console().print(str(result), highlight=False)
     if result.failed:
         console().print("failed runs are kept in the store; fix the cause and rerun with --retry-failed")
