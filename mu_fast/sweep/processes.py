@@ -65,7 +65,7 @@ def _worker_entry(parent_pid: int, quiet: bool, *args: Any) -> None:
         # the driver's terminate(): exit through Python, so this process's multiprocessing objects are released
         # (else the resource tracker warns of leaked semaphores); a record not yet sent is dropped, not waited for
         results.cancel_join_thread()
-        raise SystemExit(0)
+        raise SystemExit(128 + signum)  # the shell's code for "ended by a signal", not a clean 0
 
     signal.signal(signal.SIGTERM, stop)
     if quiet:

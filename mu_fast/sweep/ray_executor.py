@@ -43,7 +43,6 @@ from typing import Any
 
 from mu_fast.sweep.spec import RunConfig
 
-
 _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -67,6 +66,13 @@ def _loopback_only() -> Iterator[None]:
             del ray_constants.ENABLE_RAY_CLUSTER
         else:
             ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 class _Actor:
@@ -111,7 +117,7 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
                 except Exception as err:  # noqa: BLE001 - Ray's start-up errors are many and not the user's fault
                     raise RuntimeError(f"executor='ray' could not start a local Ray cluster: {err}") from err
             node_ip = ray.util.get_node_ip_address()
-            if not ipaddress.ip_address(node_ip).is_loopback:
+            if not _is_loopback(node_ip):
                 warnings.warn(f"the local Ray cluster listens on {node_ip}, not on the loopback address only; "
                               "other machines that reach it can run code in it", stacklevel=2)
         started = True

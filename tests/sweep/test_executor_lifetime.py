@@ -104,6 +104,29 @@ def _wait_for(condition, seconds: float, proc: subprocess.Popen, what: str) -> N
         time.sleep(0.05)
 
 
+# ------------------------------------------------------------------ the mechanism itself
+ARMED = """
+import ctypes, os, signal, sys
+from mu_fast.worker_lifetime import die_with_parent
+die_with_parent(int(sys.argv[1]))
+prctl = ctypes.CDLL(None).prctl
+got = ctypes.c_int(-1)
+prctl(2, ctypes.byref(got), 0, 0, 0)  # PR_GET_PDEATHSIG
+print(got.value == signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_die_with_parent_arms_the_signal_or_exits_when_the_parent_is_gone():
+    armed = subprocess.run([sys.executable, "-c", ARMED, str(os.getpid())], env=_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert (armed.returncode, armed.stdout.strip()) == (0, "True"), armed.stderr[-2000:]
+    # a parent that is not this process's any more (it died before the worker got there): exit at once
+    orphan = subprocess.run([sys.executable, "-c", ARMED, str(os.getpid() + 10**6)], env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert (orphan.returncode, orphan.stdout) == (1, ""), orphan.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ a small sweep
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory, data_dir) -> Path:
@@ -114,8 +137,8 @@ def spec(tmp_path_factory, data_dir) -> Path:
 
     folder = tmp_path_factory.mktemp("lifetime")
     checkpoint = word_checkpoint(folder / "ckpt", [load_sports_task("first_16_unsplit")], layers=2)
-    data = {"name": "lifetime", "models": [{"name": str(checkpoint), "dtype": "fp32"}], "tasks": [{"dataset": "sports"}],
-            "methods": ["all_mlps", "random"],
+    data = {"name": "lifetime", "models": [{"name": str(checkpoint), "dtype": "fp32"}],
+            "tasks": [{"dataset": "sports"}], "methods": ["all_mlps", "random"],
             "edit": {"lm_coef": 0, "steps": 30, "lr": [1e-3, 3e-3, 1e-2], "maintain_batch": 16},
             "seeds": [0, 1, 2, 3],
             "evaluations": {"formats": ["normal"], "batch_size": 256,
@@ -215,27 +238,32 @@ from tests._tiny_task import tiny_task, word_tokenizer
 if __name__ == "__main__":
     tok = word_tokenizer()
     model = make_tiny_model("llama", vocab_size=len(tok), num_hidden_layers=3, initializer_range=0.3)
-    configs = {m: EditConfig(steps=400, lr=1e-2, lm_batch=4, maintain_batch=8) for m in ("random", "all_mlps")}
+    # "random" runs take a second, "all_mlps" runs minutes: once a "random" result is written, both workers are
+    # past their start-up and at least one is in a long run
+    configs = {"random": EditConfig(steps=2, lr=1e-2, lm_batch=4, maintain_batch=8),
+               "all_mlps": EditConfig(steps=50000, lr=1e-2, lm_batch=4, maintain_batch=8)}
     compare_localizations(model, tok, tiny_task(), list(configs), configs, RunOptions(relearn=False, probes=False),
-                          progress=False, allow_unknown_facts=True, seeds=tuple(range(6)), workers=2)
+                          out_dir=sys.argv[1], progress=False, allow_unknown_facts=True, seeds=(0, 1), workers=2)
 """
 
 
 def test_the_demo_worker_pool_dies_with_its_driver(tmp_path):
-    script = tmp_path / "pool_driver.py"
+    """Without the fix a worker of the killed driver went on with its run (minutes here) at full speed."""
+    script, out = tmp_path / "pool_driver.py", tmp_path / "runs"
     script.write_text(POOL_DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "err.txt", "wb"), start_new_session=True)
     try:
-        _wait_for(lambda: len(_sweep_children(proc.pid)[0]) == 2, 300, proc, "2 pool workers")
-        time.sleep(3)  # let them take their runs
+        _wait_for(lambda: out.is_dir() and any(out.glob("random*.json")), 300, proc, "a finished run")
+        time.sleep(2)
         workers, trackers = _sweep_children(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    left = _wait_gone({**workers, **trackers}, 90)
+    assert len(workers) == 2
+    left = _wait_gone({**workers, **trackers}, 10)
     assert not left, {p: _cmdline(p) for p in left}
 
 
