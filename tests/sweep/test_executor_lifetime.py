@@ -153,8 +153,9 @@ def _start_sweep(spec: Path, store: Path, logs: Path) -> subprocess.Popen:
     held open by the workers)."""
     cmd = [sys.executable, "-m", "mu_fast.cli", "sweep", str(spec), "--out", str(store), "--threads", "1",
            "--executor", "processes", "--workers", "2"]
-    return subprocess.Popen(cmd, env=_env(), stdout=open(logs / "out.txt", "wb"), stderr=open(logs / "err.txt", "wb"),
-                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=logs)
+    with open(logs / "out.txt", "wb") as out, open(logs / "err.txt", "wb") as err:
+        return subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=logs)
 
 
 def _records(store: Path) -> int:
@@ -251,8 +252,9 @@ def test_the_demo_worker_pool_dies_with_its_driver(tmp_path):
     """Without the fix a worker of the killed driver went on with its run (minutes here) at full speed."""
     script, out = tmp_path / "pool_driver.py", tmp_path / "runs"
     script.write_text(POOL_DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "err.txt", "wb"), start_new_session=True)
+    with open(tmp_path / "err.txt", "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(script), str(out)], env=_env(), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         _wait_for(lambda: out.is_dir() and any(out.glob("random*.json")), 300, proc, "a finished run")
         time.sleep(2)
