@@ -259,11 +259,17 @@ def sweep_cmd(
     if dry_run:
         sweep.dry_run(spec, vars=variables, store=out, print_fn=print)
         return
+    from mu_fast.sweep.engine import SweepInterrupted
+
     check_writable(store_option, store, append=True, fix=fix)
-    with writing_output(store_option, store, "every run stored before is kept; free space or fix the path, then "
-                                             "run again to resume"):
-        result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed,
-                           workers=workers, ray_address=ray_address, threads=threads)
+    try:
+        with writing_output(store_option, store, "every run stored before is kept; free space or fix the path, then "
+                                                 "run again to resume"):
+            result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed,
+                               workers=workers, ray_address=ray_address, threads=threads)
+    except SweepInterrupted as err:  # Ctrl-C: one line, not click's "Aborted!" (the store keeps every finished run)
+        print(f"mu-fast: {err}", file=sys.stderr)
+        raise SystemExit(130) from None
     console().print(str(result), highlight=False)
     if result.failed:
         console().print("failed runs are kept in the store; fix the cause and rerun with --retry-failed")

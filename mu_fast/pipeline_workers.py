@@ -3,7 +3,8 @@
 Each worker (spawned, so it starts clean; the parent's environment, including the portable-kernel variables of
 ``mu_fast.determinism``, is inherited before torch loads there) receives the model, tokenizer and task once, runs
 with one torch thread, and returns each run's record fields. A run is a pure function of the model, its seed and its
-settings, so which worker ran it changes no number.
+settings, so which worker ran it changes no number. Workers die with the process that started them
+(``mu_fast.worker_lifetime``): a killed demo leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from typing import Any
 _STATE: dict[str, Any] = {}
 
 
-def _init(model: Any, tokenizer: Any, task: Any, threads: int, quiet: bool) -> None:
+def _init(parent_pid: int, model: Any, tokenizer: Any, task: Any, threads: int, quiet: bool) -> None:
+    from mu_fast.worker_lifetime import die_with_parent
+
+    die_with_parent(parent_pid)
     import torch
 
     if quiet:  # as the parent command: third-party deprecation warnings stay out of the demo's output
@@ -50,8 +54,9 @@ def run_in_workers(model: Any, tokenizer: Any, task: Any, jobs: Sequence[tuple[s
     env_threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update({k: str(threads) for k in env_threads})  # for the workers' start-up; restored below
     try:
+        quiet = os.environ.get("MU_FAST_DEBUG") != "1"
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context, initializer=_init,
-                                 initargs=(model, tokenizer, task, threads, os.environ.get("MU_FAST_DEBUG") != "1")) as pool:
+                                 initargs=(os.getpid(), model, tokenizer, task, threads, quiet)) as pool:
             futures = {pool.submit(_run, i, *job): job for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 method, seed = futures[future][:2]

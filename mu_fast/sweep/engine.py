@@ -13,6 +13,8 @@ of the model with the most runs left, so each worker loads as few models as it c
 process, which appends them to the store (``mu_fast.sweep.store``) as they arrive: a killed sweep loses only the
 runs in flight, and started again it skips every recorded run. The driver holds the store's lock for the whole sweep
 (``Store.driver_lock``): a second sweep on the same store is refused at once with one line.
+Ctrl-C (SIGINT) stops every executor the same way
+and ``run`` raises ``SweepInterrupted``, whose message says what the store keeps and how to resume.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class SweepResult:
     def __str__(self) -> str:
         return (f"{self.total} runs: {self.skipped} already in {self.store}, {self.ok} ok, {self.failed} failed, "
                 f"{self.seconds:.1f} s")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended ``run``: the finished runs are in the store; the message (one line) says how to resume."""
 
 
 class Scheduler:
@@ -168,6 +174,10 @@ def run(
             from mu_fast.sweep.ray_executor import run_ray
 
             run_ray(todo, sink, on_run_start, workers=workers, address=ray_address, setup=setup, threads=threads)
+    except KeyboardInterrupt:
+        left = len(pending_runs(runs, st, retry_failed))  # the store, not the counts: Ctrl-C may land between them
+        raise SweepInterrupted(f"sweep interrupted: {st.path} keeps {result.total - left} of the {result.total} runs; "
+                               f"run the same command again to run the other {left}") from None
     finally:
         if bar is not None:
             bar.close()

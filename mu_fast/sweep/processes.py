@@ -6,6 +6,12 @@ returns a record, and appends the record to the store. A worker that dies (kille
 native code) fails its run in flight with the exit code and is replaced by a fresh one on the same device.
 With ``use_gpus=False`` the same machinery runs ``workers`` CPU processes (each with ``torch`` threads = cores /
 workers), which is how it is tested on machines without GPUs.
+
+Workers end with their driver (``mu_fast.worker_lifetime``): a killed driver takes its workers with it (they would
+otherwise hold their models, on the GPU with ``gpus``, forever), and Ctrl-C reaches the driver alone: it terminates
+its workers (a run in flight is lost; every finished run is in the store already) and ``engine.run`` raises
+``SweepInterrupted``, which the command line prints as one line. Workers are as quiet as the driver: under the
+command line's ``quiet_third_party`` they are too (no library FutureWarnings from each worker).
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from mu_fast.sweep.spec import RunConfig
+from mu_fast.worker_lifetime import die_with_parent, sigint_ignored
 
 POLL_SECONDS = 1.0
 
@@ -38,16 +47,45 @@ def _visible_value(index: int) -> str:
     return str(index)
 
 
+def _driver_is_quiet() -> bool:
+    """Whether this process runs under ``mu_fast.console.quiet_third_party`` (the command line, without --debug)."""
+    from mu_fast import console
+
+    return warnings.showwarning is console._show_warning
+
+
+def _worker_entry(parent_pid: int, quiet: bool, *args: Any) -> None:
+    """A worker process's first code: die with the driver, leave Ctrl-C to it, be as quiet as it; then serve runs
+    (``worker.process_main(*args)``)."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    results = args[4]
+
+    def stop(signum: int, frame: Any) -> None:
+        # the driver's terminate(): exit through Python, so this process's multiprocessing objects are released
+        # (else the resource tracker warns of leaked semaphores); a record not yet sent is dropped, not waited for
+        results.cancel_join_thread()
+        raise SystemExit(128 + signum)  # the shell's code for "ended by a signal", not a clean 0
+
+    signal.signal(signal.SIGTERM, stop)
+    if quiet:
+        from mu_fast.console import quiet_third_party
+
+        quiet_third_party()
+    from mu_fast.sweep.worker import process_main
+
+    process_main(*args)
+
+
 class _Slot:
     def __init__(self, ctx: Any, worker_id: int, device: str, visible: str | None, results: Any,
                  setup: Callable[[], None] | None, threads: int | None):
-        from mu_fast.sweep.worker import process_main
-
         self.worker_id, self.device, self.visible = worker_id, device, visible
         self.tasks = ctx.Queue()
-        self.process = ctx.Process(target=process_main, args=(worker_id, device, visible, self.tasks, results, setup,
-                                                               threads), daemon=True)
-        self.process.start()
+        args = (os.getpid(), _driver_is_quiet(), worker_id, device, visible, self.tasks, results, setup, threads)
+        self.process = ctx.Process(target=_worker_entry, args=args, daemon=True)
+        with sigint_ignored():  # the worker inherits SIGINT ignored before its interpreter starts
+            self.process.start()
         self.run: RunConfig | None = None
         self.model_key: str | None = None
 
@@ -91,6 +129,7 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         slot.tasks.put(run.to_dict())
         return True
 
+    finished = False
     try:
         for slot in slots.values():
             busy += hand_out(slot)
@@ -113,12 +152,30 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
             sink(record)
             busy -= 1
             busy += hand_out(slots[worker_id])
+        finished = True
     finally:
-        for slot in slots.values():
+        with sigint_ignored():  # a second Ctrl-C does not interrupt the clean-up
+            _stop(list(slots.values()), results, graceful=finished)
+
+
+def _stop(slots: list[_Slot], results: Any, graceful: bool) -> None:
+    """End the workers: idle ones are asked to return (``graceful``, after the last run); otherwise (Ctrl-C, an
+    error in the driver) they are terminated at once, their runs in flight lost."""
+    if graceful:
+        for slot in slots:
             if slot.process.is_alive():
                 slot.tasks.put(None)
         deadline = time.time() + 30
-        for slot in slots.values():
+        for slot in slots:
             slot.process.join(timeout=max(0.0, deadline - time.time()))
-            if slot.process.is_alive():
-                slot.process.terminate()
+    for slot in slots:
+        if slot.process.is_alive():
+            slot.process.terminate()
+    for slot in slots:
+        slot.process.join(timeout=5)
+        if slot.process.is_alive():
+            slot.process.kill()
+            slot.process.join(timeout=5)
+        slot.tasks.cancel_join_thread()  # nothing left to deliver to a worker that is gone
+        slot.tasks.close()
+    results.close()

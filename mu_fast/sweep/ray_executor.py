@@ -7,7 +7,12 @@ cluster has GPUs (``num_gpus=1``; Ray sets the actor's ``CUDA_VISIBLE_DEVICES``)
 system and a killed driver loses only the runs in flight.
 
 On one machine, ``run(spec, executor="ray")`` starts a private local cluster (``ray.init`` with ``workers`` CPUs,
-no dashboard) and stops it at the end. On a real cluster::
+no dashboard) and stops it at the end. That cluster listens on the loopback address only: Ray's servers (GCS,
+raylet, object manager, every worker and agent) bind to every interface unless the node's IP is a loopback address,
+and on Linux ``ray.init`` turns a loopback ``_node_ip_address`` back into the machine's address unless Ray's
+single-machine mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read into ``ray_constants.ENABLE_RAY_CLUSTER``
+at import). ``_loopback_only`` sets both around ``ray.init`` (and restores them); a cluster that still comes up on
+another address is reported with a warning. On a real cluster::
 
     # on the head node
     ray start --head --port=6379
@@ -18,18 +23,56 @@ no dashboard) and stops it at the end. On a real cluster::
 
 ``ray_address="auto"`` connects to the cluster started with ``ray start`` on this node (or set ``RAY_ADDRESS``);
 ``workers`` defaults to the cluster's GPU count (else 2). Check the cluster with ``ray status``; stop it with
-``ray stop``. Ray 2.60 (the version tested, with ``ray start --head`` and ``ray_address="auto"`` on one machine)
-says "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out": nodes that join
-need the cluster's token (Ray's docs, ray-security/token-auth). Ray's old ``local_mode`` is not used (deprecated in Ray 2.x): tests run a real local cluster on CPUs.
+``ray stop``. Token authentication (Ray 2.60, the version tested; Ray's docs, ray-security/token-auth): the local
+cluster of ``ray.init`` has it on by default (a token is generated into ``~/.ray/auth_token``), but ``ray start``
+turns it on only when ``RAY_AUTH_MODE=token`` is set or a token already exists (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), and otherwise warns "Token authentication is disabled". Keep it on
+with ``export RAY_AUTH_MODE=token`` and ``ray get-auth-token --generate`` on the head before ``ray start --head``, the
+same token file (or variables) on every node and on the driver, and never ``RAY_AUTH_MODE=disabled``. Ray's old
+``local_mode`` is not used (deprecated in Ray 2.x): tests run a real local cluster on CPUs.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mu_fast.sweep.spec import RunConfig
+
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's single-machine mode while the block runs: a local cluster then binds to the loopback address only
+    (module docstring). Restores the setting afterwards."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_SINGLE_MACHINE_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = saved_env
+        if saved_flag is None:
+            del ray_constants.ENABLE_RAY_CLUSTER
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 class _Actor:
@@ -67,7 +110,16 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
             # workers import mu_fast from where this process does (a source checkout may not be the installed one)
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=workers or 2, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
+            with _loopback_only():
+                try:
+                    ray.init(num_cpus=workers or 2, runtime_env={"env_vars": {"PYTHONPATH": path}},
+                             _node_ip_address="127.0.0.1", **kwargs)
+                except Exception as err:  # noqa: BLE001 - Ray's start-up errors are many and not the user's fault
+                    raise RuntimeError(f"executor='ray' could not start a local Ray cluster: {err}") from err
+            node_ip = ray.util.get_node_ip_address()
+            if not _is_loopback(node_ip):
+                warnings.warn(f"the local Ray cluster listens on {node_ip}, not on the loopback address only; "
+                              "other machines that reach it can run code in it", stacklevel=2)
         started = True
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
