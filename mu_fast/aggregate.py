@@ -228,23 +228,20 @@ def paired_lines(paired: Mapping[str, Any], metrics: Sequence[tuple[str, str, in
 
 
 def paired_verdicts(paired: Mapping[str, Any], metrics: Sequence[tuple[str, str, int]] = PAIRED_METRICS) -> list[str]:
-    """One sentence per robustness metric: which methods differ from the reference at the stated confidence (after
-    Holm's correction), in which direction, and that the rest are not distinguishable."""
-    ref = paired["reference"]
-    out = []
-    for key, heading, better in metrics:
-        name = heading.rstrip(" ↑↓")
-        cells = {m: row[key] for m, row in paired["methods"].items() if key in row}
-        if not cells:
-            continue
-        sure = {m: c for m, c in cells.items() if c["holm"]}
-        if not sure:
-            out.append(f"{name}: no method is distinguishable from {ref} (Holm-corrected)")
-            continue
-        parts = []
-        for method, cell in sure.items():
-            direction = "higher" if cell["mean"] > 0 else "lower"
-            parts.append(f"{method} {direction} ({cell['mean']:+.2f})")
-        rest = len(cells) - len(sure)
-        out.append(f"{name}: " + ", ".join(parts) + f" than {ref}; {rest} other method(s) not distinguishable")
-    return out
+    """What the paired comparison says, in words: the differences from the reference that survive Holm's correction
+    (method, metric, direction), or that none does, with the count of uncorrected 95% intervals that exclude 0."""
+    ref, n_cmp = paired["reference"], paired["comparisons"]
+    names = {key: heading.rstrip(" ↑↓") for key, heading, _ in metrics}
+    sure, loose = [], 0
+    for method, row in paired["methods"].items():
+        for key, cell in row.items():
+            loose += bool(cell["excludes_zero"])
+            if cell["holm"]:
+                sure.append(f"{method} {'higher' if cell['mean'] > 0 else 'lower'} {names.get(key, key)} "
+                            f"({cell['mean']:+.2f})")
+    level = round(100 * paired["confidence"])
+    if not sure:
+        return [f"after Holm's correction no method differs from {ref} on any metric at {level}% ({loose} of the "
+                f"{n_cmp} uncorrected intervals exclude 0: suggestive, not established)"]
+    return [f"distinguishable from {ref} at {level}% after Holm's correction: " + "; ".join(sure),
+            f"the other {n_cmp - len(sure)} comparisons are not ({loose - len(sure)} of them only uncorrected)"]
