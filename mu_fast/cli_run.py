@@ -131,8 +131,11 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                  + (f"; attention the probe implicates: {flu.get('attn_layers')}" if flu.get("attn_layers") else "")
                  + (f"; attention's share of the probe's rise: {share:.2f}"
                     if (share := (flu.get("enrichment") or {}).get("attn_share")) is not None else ""))
+    cpu = host.get("cpu") or {}
+    where = host["processor"] + (f" ({cpu['vendor']} family {cpu['family']} model {cpu['model']})"
+                                 if cpu.get("family") else "")
     screen.print(f"versions: {versions}; {host['cpu_capability']} kernels, {host['torch_threads']} torch thread(s) on "
-                 f"{host['processor']} (all in results.json)", highlight=False)
+                 f"{where} (all in results.json)", highlight=False)
     screen.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
     return results
 

@@ -7,7 +7,7 @@ results.json, ``evaluate --out``, an edit's delta.json and saved model, a mask's
      "versions": {"mu_fast", "python", "torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft",
                   "bitsandbytes", "numpy", "huggingface_hub"},
      "git": {"commit", "dirty"} or None,
-     "host": {"name", "machine", "processor", "torch_threads", "cpu_capability", "kernel_env", "pid"},
+     "host": {"name", "machine", "processor", "cpu", "torch_threads", "cpu_capability", "kernel_env", "pid"},
      "device": {"type", "index", "name", "total_memory", "cuda", "cuda_visible_devices"},
      "model": the model identity (``model_identity``) or None, "created": UTC ISO time, **extra}
 
@@ -72,11 +72,34 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The CPU features that decide which vectorized kernels torch, MKL and oneDNN run (and so their float round-off).
+CPU_FLAGS = ("sse4_1", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
+@functools.cache
+def cpu_identity() -> dict[str, Any]:
+    """Vendor, family, model and stepping of the CPU and which of ``CPU_FLAGS`` it has (``/proc/cpuinfo``; a VM
+    may hide the model name, e.g. "AMD EPYC", but not these)."""
+    fields: dict[str, Any] = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {"vendor": platform.processor() or "unknown"}
+    flags = set(fields.get("flags", "").split())
+    return {"vendor": fields.get("vendor_id"), "family": fields.get("cpu family"), "model": fields.get("model"),
+            "stepping": fields.get("stepping"), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def host_info() -> dict[str, Any]:
     """The machine and the torch CPU settings that change float round-off (threads, kernel dispatch level)."""
     import torch
 
-    return {"name": platform.node(), "machine": platform.machine(), "processor": _cpu_model(),
+    return {"name": platform.node(), "machine": platform.machine(), "processor": _cpu_model(), "cpu": cpu_identity(),
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "kernel_env": {k: os.environ.get(k) for k in KERNEL_ENV}, "pid": os.getpid()}
 
