@@ -105,9 +105,11 @@ def test_double_free_is_an_error():
         m.free(block)
 
 
-def test_allocator_slack_rounds_up_to_two_mib():
-    assert allocator_slack(0, 0) == 22 * MiB
-    assert allocator_slack(MiB + 1, 0) == 24 * MiB and allocator_slack(100 * MiB, 50 * MiB) == 172 * MiB
+def test_allocator_slack_is_the_stated_rule_rounded_up_to_two_mib():
+    assert allocator_slack(0, 0) == 22 * MiB  # one 2 MiB small-pool and one 20 MiB large-pool segment
+    assert allocator_slack(MiB + 1, 0) == 24 * MiB  # 22 + 1.5 × (1 MiB + 1 byte), rounded up
+    assert allocator_slack(100 * MiB, 50 * MiB) == 198 * MiB  # 22 + 150 + 25 = 197, rounded up
+    assert allocator_slack(0, 0, 100 * MiB) == 38 * MiB  # 22 + 15
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares with torch's CUDA caching allocator")

@@ -53,3 +53,14 @@ def test_the_readme_quotes_the_record():
     if summary not in readme:
         pytest.fail(f"the README should say: {summary!r} ({REGENERATE})", pytrace=False)
     assert re.search(r"plan / trace = \d", readme)
+
+
+def test_every_recorded_row_reserves_enough():
+    """The committed 7-9B record itself: the plan's tensor bytes within ±10% of the trace, and its reserved bytes at
+    least what the trace's allocation sequence reserves in the caching-allocator model."""
+    rows = [r for r in record()["rows"] if "error" not in r]
+    assert rows
+    for r in rows:
+        name = f"{r['model']} {r['mask']} {r['frozen']}"
+        assert abs(r["ratio"] - 1) <= 0.10, f"{name}: plan / trace = {r['ratio']:.3f}"
+        assert r.get("reserved_ratio", 0) >= 1, f"{name}: plan reserved / allocator model = {r.get('reserved_ratio')}"

@@ -31,7 +31,8 @@ Terms (bytes on the device; every tensor rounded up to the 512-byte block of the
   sees neither, is compared with ``MemoryPlan.tensor_total``).
 * **allocator**: what torch's caching allocator reserves beyond the live tensors (segment rounding, cached blocks
   too small or too split to reuse): ``mu_fast.memory.allocator.allocator_slack`` of the largest per-layer backward
-  working set and the largest LM-head working set (see there for the rule and how it was checked). With it the
+  working set, the largest LM-head working set and the most a forward leaves for its backward (see there for the
+  rule and how it was fitted and checked). With it the
   peak is *reserved* bytes (``torch.cuda.max_memory_reserved``), not only allocated ones.
 
 The peak is the largest of three moments: the fact pass, the LM pass (they run one after the other, so their
@@ -307,6 +308,7 @@ class _Pass:
     parts: dict[str, float] = field(default_factory=dict)
     layer_work: float = 0.0  # the most one layer's backward holds of its own (saved, recomputed, made)
     head_work: float = 0.0  # the LM head's logit tensors at its backward
+    saved: float = 0.0  # what the forward leaves for the backward (saved tensors, or checkpointed inputs)
 
     def see(self, **parts: float) -> None:
         total = sum(parts.values())
@@ -346,7 +348,7 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
     all_grads = sum(dense_grads.values())
     result = _Pass()
     result.see(activations=sum(kept.values()) + top + const, logits=head, gradients=all_grads if grads_exist else 0)
-    result.head_work = head
+    result.head_work, result.saved = head, sum(kept.values()) + top + const
     made = 0
     for layer in sorted(saved, reverse=True):
         below = sum(v for j, v in kept.items() if j < layer)
@@ -386,7 +388,7 @@ def estimate(s: ModelShape, mask: Mask, st: Settings, batch: BatchShape, workspa
         lm_rows = min(st.lm_micro_batch or batch.n_lm, batch.n_lm)
         passes["lm"] = _walk(s, layout, st, lm_rows, batch.lm_tokens, True, True, dense, transient, batch.padded,
                              kept_logits)
-    slack = allocator_slack(max(p.layer_work for p in passes.values()), max(p.head_work for p in passes.values()))
+    slack = allocator_slack(*(max(getattr(p, k) for p in passes.values()) for k in ("layer_work", "head_work", "saved")))
     fixed = dict(frozen_weights=frozen, masked_weights=masked, optimizer_state=state, gradients=compact,
                  workspace=workspace + dequant, allocator=slack)
     phases = {name: _combine(fixed, p.parts) for name, p in passes.items()}
