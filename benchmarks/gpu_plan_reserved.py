@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,7 +151,8 @@ def main() -> None:
         keys = ("status", "capped", "peak_reserved", "plan_bytes", "reserved_vs_plan", "peak_allocated",
                 "plan_allocated_bytes", "allocated_vs_plan", "model_peak_reserved", "model_matches_reserved", "error")
         print(spec, {k: row[k] for k in keys if k in row}, flush=True)
-        args.out.write_text(json.dumps({**context(), "rows": rows}, indent=1, default=str) + "\n")
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # the allocator model is of the defaults (unset)
+        args.out.write_text(json.dumps({**context(), "alloc_conf": conf, "rows": rows}, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
 
 
