@@ -3,6 +3,10 @@
 #   bash benchmarks/gpu_all.sh            (what is owed, and why, is listed in benchmarks/GPU_OWED.md)
 # 0. carried wheels (.whl/*.whl via pip --target, .whl/*.zip site folders: the trimmed bitsandbytes) -> /tmp/site
 # 1. mu_fast._C with CUDA for this GPU's architecture only (setup.py build_ext --inplace)                     <= 120 s
+# 1b. the memory plan against torch's allocator counters: tests/test_memory_allocator.py (the allocator model against
+#    torch's on a random sequence), then benchmarks/gpu_plan_reserved.py (max_memory_reserved and
+#    max_memory_allocated of Gemma-2-9B FLU edit steps against the plan, bf16 at 24 GB and nf4 at 12 GB, and the
+#    budget as a hard cap)                                                                                    <= 150 s
 # 2. bench_edit: 7-9B localized edits, mu_fast vs the authors' recipe, one pytest session (and JSON) per model,
 #    the most important rows first; every finished row is also appended to $OUT/edit_rows.jsonl
 #    (Gemma-2-9B <= 200 s, Llama-3-8B and Gemma-7B <= 90 s each)
@@ -10,8 +14,9 @@
 # 4. loading for edits on the GPU: benchmarks/gpu_load_for_edit.py, then tests/models/test_edit_loading.py and
 #    tests/edit/test_delta.py on the GPU machine (bitsandbytes on CUDA)                                      <= 150 s
 # A part starts only if its limit ends before DEADLINE (570 s): what is skipped is printed and stays owed.
-# Results: $OUT/ (at most 8 files come back) and benchmarks/results/<device>/.
-# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, EDIT_TIMEOUT (s per model),
+# Results: $OUT/ (at most 8 files come back: env.txt, build.log, bench_edit.json, bench_edit.log, edit_rows.jsonl,
+# optim_gpu_tests.log (every test log), load_for_edit.json, plan_reserved.json) and benchmarks/results/<device>/.
+# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_PLAN=1, PLAN_ROWS (model:loc:frozen,...), SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, EDIT_TIMEOUT (s per model),
 #      MU_FAST_EDIT_MODELS (comma list), MU_FAST_EDIT_STEPS / MU_FAST_AUTHORS_STEPS / MU_FAST_EDIT_SHORT_STEPS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +57,19 @@ EOF
 SLUG=$($PY -c "from benchmarks.common import device_slug; print(device_slug())")
 mkdir -p "benchmarks/results/$SLUG"
 
+if [ "${SKIP_PLAN:-0}" != 1 ] && fits 150 "plan vs reserved memory"; then
+  stamp "plan vs reserved memory (allocator model, Gemma-2-9B FLU steps, budget as a cap)"
+  timeout 30 $PY -m pytest -q tests/test_memory_allocator.py -k torch_cuda_allocator -p no:cacheprovider --tb=short -rfs \
+      > /tmp/plan_reserved.log 2>&1
+  tail -2 /tmp/plan_reserved.log
+  timeout 120 $PY benchmarks/gpu_plan_reserved.py "$OUT/plan_reserved.json" --rows "${PLAN_ROWS:-gemma-2-9b:flu:bf16,gemma-2-9b:flu:nf4}" \
+      >> /tmp/plan_reserved.log 2>&1
+  [ "$?" = 124 ] && stamp "gpu_plan_reserved TIMED OUT (120 s): finished rows are in plan_reserved.json"
+  tail -4 /tmp/plan_reserved.log | cut -c1-600
+  cat /tmp/plan_reserved.log >> "$OUT/optim_gpu_tests.log"   # $OUT brings back at most 8 files
+  [ -s "$OUT/plan_reserved.json" ] && cp "$OUT/plan_reserved.json" "benchmarks/results/$SLUG/plan_reserved.json"
+fi
+
 if [ "${SKIP_EDIT:-0}" != 1 ]; then
   export MU_FAST_BENCH_ROWS="$OUT/edit_rows.jsonl"
   for model in ${MU_FAST_EDIT_MODELS:-gemma-2-9b llama-3-8b gemma-7b}; do
@@ -69,13 +87,13 @@ if [ "${SKIP_EDIT:-0}" != 1 ]; then
   done
   cp "$OUT/edit_rows.jsonl" "benchmarks/results/$SLUG/edit_rows.jsonl" 2>/dev/null
   $PY benchmarks/edit_table.py --merge "$OUT/bench_edit.json" /tmp/bench_edit_*.json
-  $PY benchmarks/edit_table.py "$OUT/edit_rows.jsonl" 2>&1 | tee "$OUT/edit_table.txt"
+  $PY benchmarks/edit_table.py "$OUT/edit_rows.jsonl" 2>&1 | tee /tmp/edit_table.txt  # printed; rebuilt from edit_rows.jsonl
 fi
 
 if [ "${SKIP_OPTIM:-0}" != 1 ] && fits 60 "GPU optimizer tests"; then
   stamp "GPU optimizer tests"
   timeout 60 $PY -m pytest -q tests/optim/test_masked_adamw_gpu.py -p no:cacheprovider --maxfail=10 --tb=short -rfs \
-      > "$OUT/optim_gpu_tests.log" 2>&1
+      >> "$OUT/optim_gpu_tests.log" 2>&1
   [ "$?" = 124 ] && stamp "GPU optimizer tests TIMED OUT (60 s)"
   tail -4 "$OUT/optim_gpu_tests.log"
 fi

@@ -1,9 +1,12 @@
 """``mu-fast plan``: the memory plan of an edit, from a model's config alone (no weights are loaded).
 
-MODEL is a shipped config name (``gemma-2-9b``, ``llama-3-8b`` ...), a local checkpoint folder (its config.json),
-a hub id (its config) or the organism. ``--mask`` is a saved mask or ``paper:<flu|ap|ct|ap_mlps|ct_mlps|random>``:
-the paper's Sports localization of gemma-7b / gemma-2-9b / llama-3-8b (``random``: random whole matrices at the
-paper's budget). Registered on ``mu_fast.cli.app``.
+MODEL is a shipped config name (``gemma-2-9b``, ``llama-3-8b`` ...; also as ``random:<name>``), a local checkpoint
+folder (its config.json), a hub id (its config) or the organism. The edit is one of:
+``--mask`` a saved mask (refused if it records another model, as ``mu-fast edit`` refuses it) or
+``paper:<flu|ap|ct|ap_mlps|ct_mlps|random>``, the paper's Sports localization of gemma-7b / gemma-2-9b / llama-3-8b
+(``random``: random whole matrices at the paper's budget); or ``--components`` a list in the site table's notation
+(``m2,m3,m4`` MLPs, ``a3.5`` a head, ``m2.17`` a neuron, ``a3.q`` one matrix), for any model.
+Registered on ``mu_fast.cli.app``.
 """
 
 from __future__ import annotations
@@ -39,15 +42,21 @@ def parse_batch(text: str | None) -> Any:
 
 
 def model_config(model: str) -> tuple[Any, str]:
-    """(transformers config, what it is) of MODEL, reading at most its config.json."""
+    """(transformers config, what it is) of MODEL, reading at most its config.json. A bare name that is neither a
+    shipped config nor a local folder is refused with the shipped names (a hub id has an owner: org/name)."""
     from mu_fast.models.shipped import SHIPPED, shipped_config, shipped_name
 
+    random = model.startswith("random:")
+    bare = model.split(":", 1)[1] if random else model
     try:
-        name = shipped_name(model)
+        name = shipped_name(bare)
     except ValueError:
         name = None
-    if name in SHIPPED and not Path(model).exists():
+    if name in SHIPPED and (random or not Path(model).exists()):
         return shipped_config(name), f"{name} (shipped config)"
+    if random or ("/" not in model and not model.startswith("organism") and not Path(model).expanduser().exists()):
+        raise ValueError(f"MODEL {model!r} is not a shipped config ({', '.join(SHIPPED)}), a checkpoint folder, a hub "
+                         "id (org/name) or organism; pick one of the shipped configs or pass the model's folder")
     ref = resolve_model(model)
     from mu_fast.models.edit_loading import resolve_source
 
@@ -55,31 +64,57 @@ def model_config(model: str) -> tuple[Any, str]:
     return source.config, source.ref
 
 
-def plan_mask(spec: str, config: Any, model: str) -> Any:
-    """The Mask of ``--mask``: a saved mask, or the paper's Sports localization of ``model``."""
+def plan_mask(spec: str | None, config: Any, model: str, components: str | None = None) -> Any:
+    """The Mask of ``--mask`` (a saved mask, or the paper's Sports localization of ``model``) or ``--components``."""
     from mu_fast.masks import Mask
+    from mu_fast.models.sites import SiteTable
 
+    if components is not None:
+        return Mask.from_components(SiteTable(config), parse_components(components, config),
+                                    meta={"method": f"components:{components}", "arch": config.model_type})
+    assert spec is not None
     if not spec.startswith("paper:"):
-        return Mask.load(check_mask_input(Path(spec)))
+        mask = Mask.load(check_mask_input(Path(spec)))
+        mask.check_model(config, model)  # as `mu-fast edit` refuses a mask made for another model
+        return mask
     method = check_choice("--mask paper:<method>", spec.split(":", 1)[1], PAPER_MASKS)
     from mu_fast.data.datadir import PAPER_MODELS
     from mu_fast.localize.paper_graphs import paper_localization
-    from mu_fast.models.sites import SiteTable
 
     paper = _paper_model_of(model, config)
     if paper is None:
         raise ValueError(f"--mask {spec}: the paper localized only {', '.join(PAPER_MODELS)}; for MODEL {model!r} "
-                         "pass a mask saved by `mu-fast localize`")
+                         "give --components (e.g. m2,m3,m4) or pass a mask saved by `mu-fast localize`")
     table = SiteTable(config)
     if method == "random":
         from mu_fast.localize.baselines import random_matrices
         from mu_fast.masks import paper_budget
 
         flu = paper_localization(paper, "sports", "flu")
-        components = random_matrices(table, paper_budget(table, len(flu)), seed=0)
+        components_ = random_matrices(table, paper_budget(table, len(flu)), seed=0)
     else:
-        components = paper_localization(paper, "sports", method)
-    return Mask.from_components(table, components, meta={"method": spec, "arch": config.model_type})
+        components_ = paper_localization(paper, "sports", method)
+    return Mask.from_components(table, components_, meta={"method": spec, "arch": config.model_type})
+
+
+def parse_components(text: str, config: Any) -> list[Any]:
+    """``"m2,m3,a3.5"`` -> Components, each checked against the model of ``config`` (one-line errors)."""
+    from mu_fast.models.sites import Component, SiteTable
+
+    table = SiteTable(config)
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("--components is empty; list components such as m2,m3,m4 (MLP layers) or a3.5 (a head)")
+    out = []
+    for part in parts:
+        try:
+            comp = Component.parse(part)
+            table.selections(comp)
+        except ValueError as err:
+            raise ValueError(f"--components {part!r}: {err} (write m2 for MLP layer 2, a3.5 for head 5 of layer 3, "
+                             "m2.17 for a neuron, a3.q for one matrix)") from None
+        out.append(comp)
+    return out
 
 
 def _paper_model_of(model: str, config: Any) -> str | None:
@@ -101,8 +136,9 @@ def _paper_model_of(model: str, config: Any) -> str | None:
 
 def plan_cmd(
     model: str = typer.Argument(..., help="a shipped config (gemma-2-9b, gemma-7b, llama-3-8b, mistral-7b, qwen2-7b), a checkpoint folder, a hub id or organism"),
-    mask: str = typer.Option(..., help="a saved mask, or paper:flu|ap|ct|ap_mlps|ct_mlps|random (the paper's Sports localization)"),
-    budget: str = typer.Option(..., help="device memory for the edit, e.g. 24GB (10^9 bytes) or 22GiB"),
+    mask: str | None = typer.Option(None, help="a saved mask, or paper:flu|ap|ct|ap_mlps|ct_mlps|random (the paper's Sports localization); or give --components"),
+    components: str | None = typer.Option(None, help="the edit as components instead of --mask, e.g. m2,m3,m4 (MLP layers), a3.5 (a head), m2.17 (a neuron)"),
+    budget: str = typer.Option(..., help="memory torch may reserve on the GPU, with a unit: 24GB (10^9 bytes) or 22GiB"),
     frozen: str = typer.Option("auto", help="frozen-weight precision: bf16, int8, nf4 or auto (bf16 if it fits, else int8, else nf4)"),
     batch: str | None = typer.Option(None, help="per-step batch, e.g. forget=64,maintain=64,lm=64,lm_tokens=100 (the paper's)"),
     optimizer: str = typer.Option("auto", help="auto, masked, torch or bnb8bit: the optimizer whose state is planned"),
@@ -111,22 +147,22 @@ def plan_cmd(
     from mu_fast.edit.loop import OPTIMIZERS
     from mu_fast.memory import parse_budget, plan, plan_report
 
+    if (mask is None) == (components is None):
+        raise ValueError("give the edit as --mask (a saved mask or paper:<method>) or as --components (e.g. m2,m3,m4)"
+                         + (", not both" if mask is not None else ""))
     check_choice("--frozen", frozen, ("auto", "bf16", "int8", "nf4"))
     check_choice("--optimizer", optimizer, OPTIMIZERS)
-    try:
-        device_bytes = parse_budget(budget)
-    except ValueError as err:
-        raise ValueError(f"--budget: {err}") from None
+    device_bytes = parse_budget(budget, option="--budget")
     shape = parse_batch(batch)
-    if not mask.startswith("paper:"):
+    if mask is not None and not mask.startswith("paper:"):
         check_mask_input(Path(mask))
     config, what = model_config(model)
     from mu_fast.edit import EditConfig
 
-    edit_mask = plan_mask(mask, config, model)
+    edit_mask = plan_mask(mask, config, model, components)
     result = _plan(plan, config, edit_mask, EditConfig(optimizer=optimizer), frozen, device_bytes, shape)
     screen = console()
-    screen.print(f"{what}, mask {mask}", highlight=False)
+    screen.print(f"{what}, {f'mask {mask}' if mask is not None else f'components {components}'}", highlight=False)
     screen.print(plan_report(result))
     screen.print(f"estimated peak {result.total / 1e9:.2f} GB of {device_bytes / 1e9:.2f} GB: pass these settings to "
                   f"`mu-fast edit` (or --budget {budget} there)", highlight=False)
@@ -146,10 +182,7 @@ def planned_edit(ref: Any, mask: Any, edit_config: Any, frozen: str, budget: str
     from mu_fast.memory import BatchShape, parse_budget, plan
     from mu_fast.models.edit_loading import resolve_source
 
-    try:
-        device_bytes = parse_budget(budget)
-    except ValueError as err:
-        raise ValueError(f"--budget: {err}") from None
+    device_bytes = parse_budget(budget, option="--budget")
     config = resolve_source(f"organism:{ref.value}" if ref.kind == "organism" else ref.value).config
     batch = BatchShape(n_maintain=edit_config.maintain_batch, n_lm=edit_config.lm_batch if edit_config.lm_coef else 0,
                        lm_tokens=edit_config.lm_max_tokens)

@@ -15,7 +15,7 @@ import torch
 
 from mu_fast.edit.loop import EditConfig
 from mu_fast.masks import Mask
-from mu_fast.memory import BatchShape, ModelShape, Settings, estimate, parse_budget, plan, plan_report
+from mu_fast.memory import WORKSPACE_BYTES, BatchShape, ModelShape, Settings, estimate, parse_budget, plan, plan_report
 from mu_fast.memory.estimate import CATEGORIES, optimizer_bytes, quantized_bytes, segment_table
 from mu_fast.memory.plan import candidates, step_cost
 from mu_fast.memory.trace import StorageTracker, build_fake_model, trace_peak
@@ -54,13 +54,17 @@ def mlp_mask(config, layers) -> Mask:
 
 
 def check_against_trace(config, mask: Mask, edit_config: EditConfig, batch: BatchShape) -> tuple[float, object]:
+    """Plan and trace agree within TOLERANCE on the tensor peak and on every large term; and the plan's reserved
+    bytes (without the stated cuBLAS workspace) hold the trace's allocations in the caching-allocator model."""
     p = plan(config, mask, edit_config, batch=batch)
-    traced = trace_peak(config, mask, edit_config, batch=batch)
+    traced = trace_peak(config, mask, edit_config, batch=batch, events=True)
     ratio = p.tensor_total / traced.peak
     detail = {k: (p.breakdown[k], traced.breakdown[k]) for k in CATEGORIES}
     assert abs(ratio - 1) <= TOLERANCE, f"plan/trace = {ratio:.3f} ({p.phase} vs {traced.phase}): {detail}"
+    reserved = traced.allocator().peak_reserved
+    assert p.total - WORKSPACE_BYTES >= reserved, f"plan reserves {p.total - WORKSPACE_BYTES}, the allocator {reserved}"
     for key, (planned, seen) in detail.items():  # and term by term, where a term is a noticeable part of the peak
-        if key != "workspace" and max(planned, seen) > TERM_SHARE * traced.peak:
+        if key not in ("workspace", "allocator") and max(planned, seen) > TERM_SHARE * traced.peak:
             assert abs(planned - seen) <= TOLERANCE * max(planned, seen), f"{key}: plan {planned}, trace {seen}: {detail}"
     return ratio, traced
 
@@ -291,6 +295,25 @@ def test_parse_budget(text, expected):
 def test_parse_budget_rejects(bad):
     with pytest.raises(ValueError, match="budget"):
         parse_budget(bad)
+
+
+@pytest.mark.parametrize("text", ["24", " 12 ", "0.5"])
+def test_parse_budget_needs_a_unit(text):
+    with pytest.raises(ValueError, match=f"budget '{text}': give a unit, e.g. {text.strip()}GB"):
+        parse_budget(text)
+    with pytest.raises(ValueError, match=f"^--budget {text}: give a unit"):
+        parse_budget(text, option="--budget")
+    assert parse_budget(f"{text.strip()}B") == int(float(text))  # bytes, said explicitly
+
+
+def test_a_mask_recorded_for_another_model_is_refused():
+    from mu_fast.models.identity import config_hash
+
+    llama = real_config("llama-3-8b")
+    mask = mlp_mask(llama, [2]).set_model({"config_hash": config_hash(llama), "name": "llama-3-8b", "arch": "llama"})
+    with pytest.raises(ValueError, match="the mask was made for llama-3-8b .* applied to mistral-7b"):
+        plan("mistral-7b", mask)  # same names and shapes of MLP matrices: only the recorded identity differs
+    assert plan(llama, mask).total > 0
 
 
 def test_parse_budget_rejects_types():

@@ -27,8 +27,13 @@ Terms (bytes on the device; every tensor rounded up to the 512-byte block of the
   ``lm_chunk_tokens`` positions (``LM_LOGIT_COPIES``), next to the trunk's output, its detached copy and that copy's
   gradient ``[tokens, d]``; ``FACT_LOGITS_KEPT``: the fp32 fact logits a reference in ``EditStep.step`` keeps alive.
 * **workspace**: what no tensor list shows: a dequantized frozen weight (bitsandbytes' backward, the largest frozen
-  matrix, bf16) and ``WORKSPACE_BYTES`` for cuBLAS and allocator slack (a stated constant; a trace, which sees
-  neither, is compared with ``MemoryPlan.tensor_total``).
+  matrix, bf16) and ``WORKSPACE_BYTES`` for cuBLAS workspaces and kernels' scratch (a stated constant; a trace, which
+  sees neither, is compared with ``MemoryPlan.tensor_total``).
+* **allocator**: what torch's caching allocator reserves beyond the live tensors (segment rounding, cached blocks
+  too small or too split to reuse): ``mu_fast.memory.allocator.allocator_slack`` of the largest per-layer backward
+  working set, the largest LM-head working set and the most a forward leaves for its backward (see there for the
+  rule and how it was fitted and checked). With it the
+  peak is *reserved* bytes (``torch.cuda.max_memory_reserved``), not only allocated ones.
 
 The peak is the largest of three moments: the fact pass, the LM pass (they run one after the other, so their
 activations never coexist; gradients made by the first persist into the second) and the optimizer step. Each pass
@@ -42,11 +47,13 @@ import re
 from dataclasses import dataclass, field
 
 from mu_fast.masks import Mask
+from mu_fast.memory.allocator import allocator_slack
 from mu_fast.models.forward import lm_chunk_tokens
 from mu_fast.memory.shapes import BatchShape, ModelShape
 
 ALLOC = 512
-CATEGORIES = ("frozen_weights", "masked_weights", "gradients", "optimizer_state", "activations", "logits", "workspace")
+CATEGORIES = ("frozen_weights", "masked_weights", "gradients", "optimizer_state", "activations", "logits", "workspace",
+              "allocator")
 WORKSPACE_BYTES = 256 * 2**20  # cuBLAS workspaces + allocator slack (stated; calibrate with torch.cuda.max_memory_allocated)
 FACT_LOGIT_COPIES = 4.0  # fp32 [B, V] tensors alive at the head's backward (fp32 logits, log-softmax, 2 gradients)
 LM_LOGIT_COPIES = 4.0  # fp32 [chunk, V] tensors alive at a chunk's backward (same list)
@@ -299,6 +306,9 @@ class _Pass:
 
     peak: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
+    layer_work: float = 0.0  # the most one layer's backward holds of its own (saved, recomputed, made)
+    head_work: float = 0.0  # the LM head's logit tensors at its backward
+    saved: float = 0.0  # what the forward leaves for the backward (saved tensors, or checkpointed inputs)
 
     def see(self, **parts: float) -> None:
         total = sum(parts.values())
@@ -338,6 +348,7 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
     all_grads = sum(dense_grads.values())
     result = _Pass()
     result.see(activations=sum(kept.values()) + top + const, logits=head, gradients=all_grads if grads_exist else 0)
+    result.head_work, result.saved = head, sum(kept.values()) + top + const
     made = 0
     for layer in sorted(saved, reverse=True):
         below = sum(v for j, v in kept.items() if j < layer)
@@ -347,6 +358,7 @@ def _walk(s: ModelShape, layout: MaskLayout, st: Settings, rows: int, T: int, lm
         wgrad = transient.get(layer, 0) if (grads_exist or st.compact_grads) else 0
         act, grad = backward_stage(s, saved[layer], n, T, wgrad)
         result.see(activations=below + own + act + const, logits=after_head, gradients=grads + grad)
+        result.layer_work = max(result.layer_work, own + act + grad)
     return result
 
 
@@ -368,18 +380,18 @@ def estimate(s: ModelShape, mask: Mask, st: Settings, batch: BatchShape, workspa
         copies = 2 if (st.optimizer in ("torch", "bnb8bit") and mask[name].kind != "whole") else 1
         transient[layer] = max(transient.get(layer, 0), copies * size)
     dequant = rounded(2 * largest_quantized)
-    fixed = dict(frozen_weights=frozen, masked_weights=masked, optimizer_state=state, gradients=compact,
-                 workspace=workspace + dequant)
-    phases: dict[str, tuple[int, dict[str, float]]] = {}
     micro = min(st.micro_batch or batch.n_facts, batch.n_facts)
     kept_logits = FACT_LOGITS_KEPT * 4 * s.vocab * micro
-    facts = _walk(s, layout, st, micro, batch.fact_tokens, False, micro < batch.n_facts, dense, transient,
-                  batch.padded, kept_logits if micro < batch.n_facts else 0.0)
-    phases["facts"] = _combine(fixed, facts.parts)
+    passes = {"facts": _walk(s, layout, st, micro, batch.fact_tokens, False, micro < batch.n_facts, dense, transient,
+                             batch.padded, kept_logits if micro < batch.n_facts else 0.0)}
     if batch.n_lm:
         lm_rows = min(st.lm_micro_batch or batch.n_lm, batch.n_lm)
-        lm = _walk(s, layout, st, lm_rows, batch.lm_tokens, True, True, dense, transient, batch.padded, kept_logits)
-        phases["lm"] = _combine(fixed, lm.parts)
+        passes["lm"] = _walk(s, layout, st, lm_rows, batch.lm_tokens, True, True, dense, transient, batch.padded,
+                             kept_logits)
+    slack = allocator_slack(*(max(getattr(p, k) for p in passes.values()) for k in ("layer_work", "head_work", "saved")))
+    fixed = dict(frozen_weights=frozen, masked_weights=masked, optimizer_state=state, gradients=compact,
+                 workspace=workspace + dequant, allocator=slack)
+    phases = {name: _combine(fixed, p.parts) for name, p in passes.items()}
     phases["step"] = _combine(fixed, {"gradients": sum(dense.values()), "optimizer_state": step_temp, "logits": kept_logits})
     phase = max(phases, key=lambda k: phases[k][0])
     return Estimate(phases[phase][1], phases[phase][0], phase, {k: v[0] for k, v in phases.items()})

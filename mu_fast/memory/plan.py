@@ -13,7 +13,10 @@ first whose peak (``mu_fast.memory.estimate``) fits. The time order, cheapest fi
 * 8-bit MaskedAdamW moments add ``STATE8_COST`` (a slightly slower step and quantized moments);
 * each halving of the LM-head chunk below the automatic size adds ``CHUNK_COST`` (more, smaller head matmuls);
 * compact gradients cost nothing measurable: with ``compact_grads=None`` the plan takes whichever needs less memory.
-Ties go to the smaller peak. The costs are documented guesses of relative time, to be replaced by GPU timings.
+Ties go to the smaller peak. The costs are documented guesses of relative time, to be replaced by GPU timings; the
+report shows them as "step time ×", the time of one step over that of a plain step (one pass each, no checkpointing),
+the frozen precision's rank left out. The peak each candidate is judged by is reserved bytes: the tensors plus the
+caching allocator's share (``mu_fast.memory.allocator``).
 """
 
 from __future__ import annotations
@@ -39,25 +42,34 @@ TERMS = {
     "optimizer_state": "AdamW moments (+ master, segment tables, step temporaries)",
     "activations": "tensors saved for backward + one layer's backward working set",
     "logits": "LM-head outputs at read positions / one LM chunk, with their gradients",
-    "workspace": "dequantized frozen weight (int8/nf4), cuBLAS and allocator slack",
+    "workspace": "dequantized frozen weight (int8/nf4), cuBLAS workspaces and kernel scratch",
+    "allocator": "reserved by torch's caching allocator beyond the tensors (segments, fragmentation)",
 }
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One setting considered: its relative time cost, estimated peak (bytes) and whether it fits."""
+    """One setting considered: its cost (the planner's order: ``step_time`` plus the frozen precision's rank),
+    estimated peak (bytes) and whether it fits."""
 
     settings: Settings
     cost: float
     total: int
     fits: bool
 
+    @property
+    def step_time(self) -> float:
+        """Estimated time of one step relative to a plain step (one pass each, no checkpointing, bf16 frozen
+        weights = 1.0); the frozen precision's rank is a quality order, not a time, and is left out."""
+        return self.cost - FROZEN_COST[self.settings.frozen]
+
 
 @dataclass
 class MemoryPlan:
     """The chosen settings for an edit and their estimated peak.
 
-    breakdown: bytes per term at the peak (the keys of ``TERMS``); total: the peak (bytes); phase: where it is
+    breakdown: bytes per term at the peak (the keys of ``TERMS``); total: the peak, in bytes the caching allocator
+    reserves (``max_memory_reserved``; ``total - breakdown["allocator"]`` is what its tensors allocate); phase: where it is
     reached ("facts", "lm" or "step"); phases: each phase's peak; settings: the chosen knobs (``frozen`` is the
     loader's, the rest are ``EditConfig`` fields); candidates: what was estimated, in the order tried;
     device_bytes: the budget (None: no budget, the given settings were estimated as they are).
@@ -74,6 +86,21 @@ class MemoryPlan:
     device_bytes: int | None = None
     candidates: list[Candidate] = field(default_factory=list)
     trainable_elements: int = 0
+    vocab: int = 0
+
+    @property
+    def lm_chunk(self) -> int:
+        """Positions per LM-head chunk the edit runs: the chosen ``lm_chunk_tokens``, else the automatic size."""
+        from mu_fast.models.forward import lm_chunk_tokens
+
+        return self.settings.lm_chunk_tokens or lm_chunk_tokens(self.vocab)
+
+    def describe_chunk(self) -> str:
+        """``LM head in chunks of N positions (chosen | automatic: ...)``."""
+        from mu_fast.models.forward import LM_CHUNK_BYTES
+
+        how = "chosen" if self.settings.lm_chunk_tokens else f"automatic: at most {LM_CHUNK_BYTES >> 20} MiB of fp32 logits"
+        return f"LM head in chunks of {self.lm_chunk} positions ({how})"
 
     @property
     def frozen(self) -> str:
@@ -85,8 +112,9 @@ class MemoryPlan:
 
     @property
     def tensor_total(self) -> int:
-        """The peak without the stated workspace constant: what a fake-tensor trace of the step counts."""
-        return self.total - WORKSPACE_BYTES
+        """The peak without the stated workspace constant and the allocator's slack: what a fake-tensor trace of the
+        step counts (``total`` is reserved bytes: ``torch.cuda.max_memory_reserved``)."""
+        return self.total - WORKSPACE_BYTES - self.breakdown.get("allocator", 0)
 
     def edit_config(self) -> Any:
         """The given ``EditConfig`` with the chosen memory settings applied."""
@@ -129,7 +157,7 @@ class MemoryPlan:
         if self.device_bytes is not None:
             lines.append(f"  {'budget':16s} {self.device_bytes / 1e9:8.2f} GB  headroom "
                          f"{(self.device_bytes - self.total) / 1e9:.2f} GB")
-        lines.append(f"  settings: {describe(self.settings)}")
+        lines.append(f"  settings: {describe(self.settings)}; {self.describe_chunk()}")
         return "\n".join(lines)
 
 
@@ -152,12 +180,12 @@ def plan_report(plan: MemoryPlan, candidates: int = 8) -> Any:
     from rich.console import Group
     from rich.table import Table
 
-    tried = Table(title="settings tried (cheapest first)", title_justify="left")
-    for col, justify in (("settings", "left"), ("time cost", "right"), ("peak GB", "right"), ("fits", "center")):
+    tried = Table(title="settings tried (cheapest first; step time: × a plain step, estimated)", title_justify="left")
+    for col, justify in (("settings", "left"), ("step time ×", "right"), ("peak GB", "right"), ("fits", "center")):
         tried.add_column(col, justify=justify)
     for c in plan.candidates[-candidates:]:
-        tried.add_row(describe(c.settings), f"{c.cost:.2f}", f"{c.total / 1e9:.2f}", "yes" if c.fits else "no")
-    return Group(plan.table(), f"settings: {describe(plan.settings)}", tried)
+        tried.add_row(describe(c.settings), f"{c.step_time:.2f}", f"{c.total / 1e9:.2f}", "yes" if c.fits else "no")
+    return Group(plan.table(), f"settings: {describe(plan.settings)}; {plan.describe_chunk()}", tried)
 
 
 # --------------------------------------------------------------------------------------------------- planning
@@ -215,7 +243,10 @@ def plan(model_config: Any, mask: Mask, edit_config: Any = None, frozen: str | N
 
     edit_config: an ``EditConfig`` whose optimizer, master_weights and (if set) compact_grads are kept; its other
     memory fields are what the plan chooses. frozen: "bf16" | "int8" | "nf4", or None (bf16, else int8, else nf4).
-    device_bytes: the budget (bytes, or "24GB" / "24GiB" / "12000MB"); None estimates the settings of
+    device_bytes: the budget (bytes, or "24GB" / "24GiB" / "12000MB": a string needs a unit): what torch's caching
+    allocator may reserve, which the CUDA context (a few hundred MB, outside torch's counters) does not count in;
+    on a whole GPU, ``torch.cuda.mem_get_info()[0]`` right after CUDA initialises. The peak it is compared with
+    is reserved bytes (the ``allocator`` term, ``mu_fast.memory.allocator``). None estimates the settings of
     ``edit_config`` as given. batch: the per-step batch (default: 64 forget prompts + the config's maintain and LM
     batches, ``BatchShape``). Raises ``ValueError`` (one line) naming the smallest budget when nothing fits.
     """
@@ -228,6 +259,7 @@ def plan(model_config: Any, mask: Mask, edit_config: Any = None, frozen: str | N
         raise ValueError("plan needs a non-empty Mask (mu_fast.masks.Mask); localize first or load one with Mask.load")
     config = resolve_config(model_config)
     shape = ModelShape.from_config(config)
+    mask.check_model(config, model_config if isinstance(model_config, str) else None)
     _check_mask(mask, config)
     base_config = edit_config if edit_config is not None else EditConfig()
     partial = [name for name in mask if mask[name].kind != "whole"]
@@ -245,7 +277,7 @@ def plan(model_config: Any, mask: Mask, edit_config: Any = None, frozen: str | N
                      lm_chunk_tokens=base_config.lm_chunk_tokens)
     name = getattr(config, "_name_or_path", "") or shape.arch
     make = dict(model=f"{name} ({shape.arch}, {shape.n_layers} layers)", batch=batch, base_config=base_config,
-                trainable_elements=mask.param_count())
+                trainable_elements=mask.param_count(), vocab=shape.vocab)
     if budget is None:
         e = estimate(shape, mask, given, batch)
         return MemoryPlan(settings=given, breakdown=e.breakdown, total=e.total, phase=e.phase, phases=e.phases, **make)

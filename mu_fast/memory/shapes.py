@@ -124,28 +124,33 @@ def resolve_config(model_config: Any) -> Any:
     return model_config
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_budget(budget: int | float | str | None) -> int | None:
-    """Bytes of a device budget: an int (bytes), or a string such as "24GB" (10^9), "24GiB" (2^30), "12000MB",
-    "1.5 TB". None stays None (no budget)."""
+def parse_budget(budget: int | float | str | None, option: str | None = None) -> int | None:
+    """Bytes of a device budget: an int (bytes), or a string with a unit such as "24GB" (10^9), "24GiB" (2^30),
+    "12000MB", "1.5 TB", "4096B". None stays None (no budget). A string without a unit is refused: "24" is far
+    more likely 24 GB than 24 bytes. option: the command-line option the text came from, named in the errors
+    (``--budget 24: give a unit, e.g. 24GB``)."""
+    what = f"{option} {budget}" if option else f"budget {budget!r}"
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise TypeError(f"budget must be bytes (int) or a string like '24GB'; got {type(budget).__name__}")
     if isinstance(budget, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        if match and not match[2]:
+            raise ValueError(f"{what}: give a unit, e.g. {match[1]}GB (10^9 bytes) or {match[1]}GiB (2^30)")
         unit = match and match[2].lower()
         if not match or unit not in _UNITS:
-            raise ValueError(f"cannot read budget {budget!r}; write a number and a unit, e.g. '24GB', '24GiB', '12000MB' "
+            raise ValueError(f"{what}: cannot read it; write a number and a unit, e.g. 24GB, 24GiB, 12000MB "
                              "(GB = 10^9 bytes, GiB = 2^30)")
         value = float(match[1]) * _UNITS[unit]
     else:
         value = float(budget)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"budget must be a positive number of bytes; got {budget!r}")
+        raise ValueError(f"{what}: must be a positive number of bytes")
     return int(value)
 
 

@@ -80,6 +80,8 @@ class StorageTracker(TorchDispatchMode):
         self.peak_label = ""
         self.label = ""
         self.timeline: list[tuple[str, int]] | None = None  # (label, live bytes) after every op, when a list
+        self.events: list[tuple[int, int]] | None = None  # (serial, bytes) per new storage, (serial, 0) per free
+        self._serial = 0
 
     # ----------------------------------------------------------------------------------------------- storages
     def track(self, t: torch.Tensor, category: str | None = None) -> None:
@@ -94,7 +96,10 @@ class StorageTracker(TorchDispatchMode):
         if category is None:
             category = "logits" if self.vocab_size and t.dim() and t.shape[-1] == self.vocab_size else self.default
         nbytes = _rounded(st.nbytes())
-        self.live[key] = (weakref.ref(st, lambda _, key=key: self._free(key)), nbytes, category)
+        self._serial += 1
+        if self.events is not None and st.nbytes():
+            self.events.append((self._serial, st.nbytes()))
+        self.live[key] = (weakref.ref(st, lambda _, key=key: self._free(key)), nbytes, category, self._serial)
         self.current[category] += nbytes
         self.total += nbytes
         self._update_peak()
@@ -102,17 +107,19 @@ class StorageTracker(TorchDispatchMode):
     def retag(self, t: torch.Tensor, category: str) -> None:
         self.track(t, category)
 
-    def _move(self, key: int, entry: tuple[weakref.ref, int, str], category: str) -> None:
-        ref, nbytes, old = entry
+    def _move(self, key: int, entry: tuple[weakref.ref, int, str, int], category: str) -> None:
+        ref, nbytes, old, serial = entry
         self.current[old] -= nbytes
         self.current[category] += nbytes
-        self.live[key] = (ref, nbytes, category)
+        self.live[key] = (ref, nbytes, category, serial)
 
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
         if entry is not None:
             self.current[entry[2]] -= entry[1]
             self.total -= entry[1]
+            if self.events is not None and entry[1]:
+                self.events.append((entry[3], 0))
 
     def _update_peak(self) -> None:
         if self.total > self.peak:
@@ -151,6 +158,15 @@ class TraceResult:
     seconds: float
     steady: dict[str, int] = field(default_factory=dict)  # bytes per category after the last step
     timeline: list[tuple[str, int]] | None = None  # (phase:op, live bytes) after every op, if asked for
+    events: list[tuple[int, int]] | None = None  # the allocation sequence, if asked for (``allocator.replay``)
+
+    def allocator(self) -> Any:
+        """The allocation sequence replayed through the caching-allocator model (``allocator.ReplayResult``)."""
+        from mu_fast.memory.allocator import replay
+
+        if self.events is None:
+            raise ValueError("trace_peak(..., events=True) records the allocation sequence; this trace has none")
+        return replay(self.events)
 
     def format(self) -> str:
         parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.breakdown.items() if v)
@@ -237,13 +253,14 @@ def synthetic_batches(batch: Any, vocab_size: int) -> tuple[Any, Any | None]:
 
 # ------------------------------------------------------------------------------------------------- the trace
 def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: Any = None, frozen: str = "bf16",
-               steps: int | None = None, timeline: bool = False) -> TraceResult:
+               steps: int | None = None, timeline: bool = False, events: bool = False) -> TraceResult:
     """Peak device bytes of ``steps`` edit steps of a model of ``model_config`` with fake weights (default: two
     for optimizers that allocate state lazily, else one: MaskedAdamW allocates its state when built).
 
     edit_config: an ``EditConfig`` (its memory settings are what is traced; default ``EditConfig()``); batch: a
     ``BatchShape`` (default the paper's). frozen must be "bf16": bitsandbytes layers are not traced (the plan adds
-    their bytes analytically). Takes seconds for a tiny model and about a minute for a 42-layer 9B model (CPU).
+    their bytes analytically). events: record every storage's allocation and free, in order (``TraceResult.events``,
+    for ``TraceResult.allocator``). Takes seconds for a tiny model and about a minute for a 42-layer 9B model (CPU).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -262,6 +279,7 @@ def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: An
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = StorageTracker(vocab_size=shape.vocab)
     tracker.timeline = [] if timeline else None
+    tracker.events = [] if events else None
     with fake:
         model = build_fake_model(config)
     mask.validate(model)
@@ -299,8 +317,9 @@ def trace_peak(model_config: Any, mask: Mask, edit_config: Any = None, batch: An
         for h in handles:
             h.remove()
         stepper.close()
+    recorded, tracker.events = tracker.events, None  # frees after the trace (the fake model's) are not the step's
     return TraceResult(tracker.peak, tracker.peak_breakdown, tracker.peak_label, time.perf_counter() - start, steady,
-                       tracker.timeline)
+                       tracker.timeline, recorded)
 
 
 def _charge_optimizer(tracker: StorageTracker, optimizer: Any) -> None:
