@@ -121,12 +121,16 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
 
         configs = edit_configs(lr_choice, method_list)
         screen.print(lr_lines(lr_choice, method_list), highlight=False)
+    from mu_fast.organism.lr_choice import DEMO_DTYPE
+    from mu_fast.models.loading import parse_dtype
+
+    org.model = org.model.to(parse_dtype(DEMO_DTYPE))  # the same numbers on every CPU (lr_choice.DEMO_DTYPE)
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
     provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
                                "source": org.source,
                                "trained_with": org.report.get("versions"),
                                "train_threads": org.report.get("train", {}).get("threads")}}
-    identity = model_identity(f"organism:{preset}", {"organism": org}, org.model, "fp32")
+    identity = model_identity(f"organism:{preset}", {"organism": org}, org.model, DEMO_DTYPE)
     t_runs = time.perf_counter()
     report_run(org.model, org.tokenizer, task, method_list, configs, options, out, fresh,
                f"organism ({preset}), {forget_split}, edit to a random other sport", identity,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+          "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -18,8 +18,9 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, dtype: str = "bf16", device_map: str | None = "auto", progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
-    """Return (model, tokenizer, info). ``organism`` (or ``organism:ci``) loads/trains the built-in organism;
-    anything else is a local HF checkpoint or a hub id (needs network), loaded with accelerate's device map."""
+    """Return (model, tokenizer, info). ``organism`` (or ``organism:ci``) loads the built-in organism (fp32, its
+    weights; ``dtype="fp64"`` casts it, as the demo runs it; other dtypes are ignored for it); anything else is a
+    local HF checkpoint or a hub id (needs network), loaded with accelerate's device map."""
     if name_or_path.startswith("organism"):
         from mu_fast.organism import OrganismConfig, load_organism
 
@@ -27,6 +28,8 @@ def load_model(name_or_path: str, dtype: str = "bf16", device_map: str | None = 
         if not hasattr(OrganismConfig, preset):
             raise ValueError(f"unknown organism preset {preset!r}; use 'organism' (demo) or 'organism:ci'")
         org = load_organism(getattr(OrganismConfig, preset)(), progress=progress)
+        if dtype in ("fp64", "float64"):
+            org.model = org.model.double()
         return org.model, org.tokenizer, {"model": f"organism:{preset}", "organism": org}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -38,6 +38,10 @@ INJECT_LABEL = "random_without_golf"
 DEMO_RULE = LRRule(forget_err_target=0.8, maintain_floor=0.75, margin=0.02)
 # Means over five seeds: with two, one seed's luck moved a mean across the target.
 DEMO_LR_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+# The demo edits and evaluates the organism in float64: in float32 the kernels of one CPU and another round
+# differently by ~1e-7, and a latent probe's prediction that close to its boundary flipped between portable and
+# native kernels on one machine (benchmarks/results/CPU/demo_numerics.json). Its weights stay the shipped float32.
+DEMO_DTYPE = "fp64"
 CHOICE_FILE = Path(__file__).with_name("demo_lr_choice.json")
 
 
@@ -48,7 +52,7 @@ def choice_key(organism_hash: str, methods: Sequence[str], rule: LRRule = DEMO_R
     kernels, threads and CPU are not part of it: the choice applies on every machine."""
     payload = {"organism": organism_hash, "methods": sorted(methods), "rule": asdict(rule), "base": dict(base),
                "grid": [float(x) for x in grid], "validation_split": validation_split, "seeds": list(seeds),
-               "inject": INJECT_LABEL}
+               "inject": INJECT_LABEL, "dtype": DEMO_DTYPE}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -57,7 +61,7 @@ def lr_sweep_spec(model_ref: str, methods: Sequence[str], store: str | os.PathLi
                   validation_split: str = VALIDATION_SPLIT, seeds: Sequence[int] = DEMO_LR_SEEDS) -> dict[str, Any]:
     """The sweep the rule reads: every method × lr of ``grid`` on the validation forget set, training format only."""
     return {
-        "name": "demo_lr_rule", "models": [model_ref],
+        "name": "demo_lr_rule", "models": [{"name": model_ref, "dtype": DEMO_DTYPE}],
         "tasks": [{"dataset": "organism", "forget_splits": [validation_split], "inject_labels": [INJECT_LABEL]}],
         "methods": list(methods), "budget": "paper",
         "edit": {"preset": "default", **dict(base), "lr": [float(x) for x in grid]},
@@ -86,6 +90,7 @@ def choose_demo_lrs(model_ref: str, organism_hash: str, methods: Sequence[str], 
         "key": choice_key(organism_hash, methods, rule, base, grid, validation_split, seeds),
         "rule": rule.describe(), "rule_settings": asdict(rule), "validation_split": validation_split,
         "grid": [float(x) for x in grid], "base_edit": dict(base), "seeds": list(seeds), "model": model_ref,
+        "dtype": DEMO_DTYPE,
         "organism_hash": organism_hash, "choices": {m: c.to_dict() for m, c in choices.items()},
         "provenance": provenance_block(),
     }

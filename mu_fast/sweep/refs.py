@@ -16,7 +16,7 @@ TASK_KEYS = ("dataset", "forget_splits", "forget_split", "inject_labels", "injec
              "cf_model")
 MODEL_KEYS = ("name", "dtype", "tokenizer", "paper_model", "layers")
 DATASETS = ("organism", "sports", "counterfact")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("bf16", "fp16", "fp32", "fp64")
 
 
 def spec_error(where: str, message: str) -> ValueError:
@@ -55,9 +55,10 @@ def resolve_model(entry: Any, where: str) -> dict[str, Any]:
         preset = name.split(":", 1)[1] if ":" in name else "demo"
         if preset not in ("demo", "ci"):
             raise spec_error(where, f"unknown organism preset {preset!r}; use organism (demo) or organism:ci")
-        if dtype not in (None, "fp32"):
-            raise spec_error(f"{where}.dtype", "the organism is trained and evaluated in fp32; drop dtype or set fp32")
-        out = {"ref": f"organism:{preset}", "kind": "organism", "dtype": "fp32",
+        if dtype not in (None, "fp32", "fp64"):
+            raise spec_error(f"{where}.dtype", "the organism runs in fp32 (its weights) or fp64 (the demo: the same "
+                             "numbers on every CPU); drop dtype or set fp32 / fp64")
+        out = {"ref": f"organism:{preset}", "kind": "organism", "dtype": dtype or "fp32",
                "organism_hash": getattr(OrganismConfig, preset)().config_hash()}
     elif name.startswith("random:"):
         from mu_fast.models.shipped import shipped_name
