@@ -413,6 +413,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         which parameters had a gradient, as ``.grad = None`` does)."""
         super().zero_grad(set_to_none=set_to_none)
         for bucket in self._buckets:
+            bucket.gathered_ready = False  # gradients gathered by a statistics pass (cpu backend) are stale now
             if bucket.compact_grad is not None:
                 bucket.compact_grad.zero_()
                 if set_to_none:
