@@ -104,14 +104,16 @@ def _check_has_values(tensor: torch.Tensor, what: str, name: str) -> None:
 
 
 def _indices(values: Iterable[int] | torch.Tensor | range, limit: int, what: str, name: str) -> torch.Tensor:
-    raw = values if isinstance(values, torch.Tensor) else torch.as_tensor(list(values) if isinstance(values, (range, tuple, list)) else values)
-    _check_has_values(raw, f"{what} index tensor", name)
-    if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
+    if not isinstance(values, torch.Tensor):
+        values = torch.as_tensor(list(values) if isinstance(values, (range, tuple, list)) else values)
+    _check_has_values(values, f"{what} index tensor", name)
+    if values.numel() and (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool):
+        sample = ", ".join(f"{v:g}" for v in values.flatten()[:3].tolist())
         raise ValueError(
-            f"{what} indices for {name!r} must be integers; got {raw.dtype} values such as {', '.join(f'{v:g}' for v in raw.flatten()[:3].tolist())}: pass "
-            f"integer {what} numbers (a bool mask goes in as kind='elements', or through torch.nonzero)"
+            f"{what} indices for {name!r} must be integers; got {values.dtype} values such as {sample}: pass integer "
+            f"{what} numbers (a bool mask goes in as kind='elements', or through torch.nonzero)"
         )
-    idx = torch.unique(raw.to(torch.int64).flatten())  # sorted
+    idx = torch.unique(values.to(torch.int64).flatten())  # sorted
     if idx.numel() and (idx[0] < 0 or idx[-1] >= limit):
         raise ValueError(
             f"{what} indices for {name!r} must lie in [0, {limit}); got min {int(idx[0])}, max {int(idx[-1])}"
