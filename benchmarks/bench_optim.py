@@ -14,6 +14,9 @@ Every step includes a cosine LR scheduler step (the LR changes every step) and e
 ``extra_info``: impl, role, modeled bytes per step, achieved GB/s, % of the measured copy bandwidth, optimizer
 state MB, peak MB (GPU), plus the context (device, versions, commit, date).
 
+On the CPU, ``test_one_thread`` also times the single-columns 5% case at one torch thread with interleaved pairs
+(benchmarks/notes_optim_cpu.md; ``-k one_thread --benchmark-json benchmarks/results/CPU/bench_optim_1thread.json``).
+
 Run: ``pytest benchmarks/bench_optim.py --benchmark-only --benchmark-json benchmarks/results/<device>/bench_optim.json``
 (``common.device_slug()`` names the device folder; CPU results go to benchmarks/results/CPU/).
 """
@@ -236,7 +239,8 @@ def test_masked_adamw(benchmark, case, backend, master, bits, nonfinite):
     if backend_availability(DEVICE)[backend] != "available":
         pytest.skip(f"backend {backend}: {backend_availability(DEVICE)[backend]}")
     params, mask = _workload(arch, layers, structure, density)
-    opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-4, backend=backend, master_weights=master,
+    opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-4, weight_decay=0.0, backend=backend,
+                      master_weights=master,
                       state_bits=bits, nonfinite=nonfinite)
     impl = f"MaskedAdamW[{backend}{',master' if master else ''}{',8bit' if bits == 8 else ''}" \
            f"{',no-check' if nonfinite == 'ignore' else ''}]"
@@ -339,7 +343,7 @@ def test_graph_captured(benchmark, case, impl):
     if impl == "ours-cuda":
         if backend_availability(DEVICE)["cuda"] != "available":
             pytest.skip(f"backend cuda: {backend_availability(DEVICE)['cuda']}")
-        opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=lr, backend="cuda")
+        opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=lr, weight_decay=0.0, backend="cuda")
         name, role, nbytes, state = "MaskedAdamW[cuda,graph]", "ours", _bytes_ours(mask, False, 32), opt.state_bytes()
     else:
         if structure == "random":
@@ -372,7 +376,7 @@ def test_compact_grads(benchmark, case):
     arch, layers, structure, density = case
     params, mask = _workload(arch, layers, structure, density)
     named = [(n, params[n]) for n in mask]
-    opt = MaskedAdamW(named, mask=mask, lr=1e-4, backend=backend, compact_grads=True)
+    opt = MaskedAdamW(named, mask=mask, lr=1e-4, weight_decay=0.0, backend=backend, compact_grads=True)
     slots = [(opt._impls[bi], opt._buckets[bi], slot, p) for n, p in named for bi, slot in [opt._where[id(p)]]]
     step = _with_schedule(opt)
 
@@ -389,3 +393,60 @@ def test_compact_grads(benchmark, case):
     nbytes = int(mask.param_count() * (3 * e + 36))
     _run(benchmark, _group(*case), f"MaskedAdamW[{backend},compact grads incl. gather]", "ours", train_step, nbytes,
          opt.state_bytes())
+
+
+# The CPU case followed across machines (benchmarks/notes_optim_cpu.md): single columns 5%, fp32, hidden/4 Llama shapes,
+# one layer, one torch thread.
+ONE_THREAD_CASES = [] if GPU else [("llama3-8b/4", 1, "cols", 0.05)]
+PAIRS = 40  # interleaved (ours, torch fused) step pairs
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+@pytest.mark.parametrize("impl", ["MaskedAdamW[cpu]", "torch-fused"])
+@pytest.mark.parametrize("case", ONE_THREAD_CASES, ids=_case_id)
+def test_one_thread(benchmark, case, impl):
+    """One torch thread: MaskedAdamW[cpu] against torch AdamW fused (dense, masked gradients), weight decay off on
+    both. Before the timed rounds of ``impl``, ``PAIRS`` step pairs run alternately, ours then torch's, timed in
+    thread CPU time (time spent descheduled on a shared machine is not counted; other jobs' use of the caches and
+    memory still is, for both alike); ``extra_info`` records their medians, the median of the per-pair ratios
+    (``interleaved_speedup``: torch fused time / ours) and the CPU model."""
+    import statistics
+    import time
+
+    if backend_availability(DEVICE)["cpu"] != "available":
+        pytest.skip(f"backend cpu: {backend_availability(DEVICE)['cpu']}")
+    arch, layers, structure, density = case
+    params, mask = _workload(arch, layers, structure, density)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = _with_schedule(MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-4, weight_decay=0.0,
+                                          backend="cpu"))
+        theirs = _with_schedule(torch.optim.AdamW([params[n] for n in mask], lr=1e-4, weight_decay=0.0, fused=True))
+
+        def seconds(step) -> float:
+            t0 = time.thread_time()
+            step()
+            return time.thread_time() - t0
+
+        for _ in range(3):
+            seconds(ours), seconds(theirs)
+        pairs = [(seconds(ours), seconds(theirs)) for _ in range(PAIRS)]
+        mine = impl == "MaskedAdamW[cpu]"
+        nbytes = _bytes_ours(mask, False, 32) if mine else _bytes_dense({n: params[n] for n in mask})
+        _run(benchmark, f"{_group(*case)} 1 thread", impl, "ours" if mine else "peer", ours if mine else theirs,
+             nbytes, None)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info.update(
+        threads=1, cpu_model=_cpu_model(), interleaved_pairs=PAIRS, interleaved_clock="thread_time",
+        interleaved_ours_ms=1e3 * statistics.median(a for a, _ in pairs),
+        interleaved_torch_fused_ms=1e3 * statistics.median(b for _, b in pairs),
+        interleaved_speedup=statistics.median(b / a for a, b in pairs))

@@ -45,6 +45,17 @@ class Selection:
     kind: str
     index: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in SELECTION_KINDS:
+            raise ValueError(f"selection kind {self.kind!r} is not one of {SELECTION_KINDS}")
+        if (self.index is None) != (self.kind == "whole"):
+            raise ValueError(
+                f"Selection({self.kind!r}) {'takes no index' if self.kind == 'whole' else 'needs an index'}: "
+                "rows/cols take integer indices, elements a bool tensor of the parameter's shape, whole none"
+            )
+        if self.index is not None and not isinstance(self.index, torch.Tensor):
+            object.__setattr__(self, "index", torch.as_tensor(self.index))
+
     def numel(self, shape: tuple[int, ...]) -> int:
         """Number of active elements in a parameter of ``shape``."""
         if self.kind == "whole":
@@ -83,9 +94,26 @@ class Selection:
         return f"Selection({self.kind}, n={self.index.numel()})"
 
 
+def _check_has_values(tensor: torch.Tensor, what: str, name: str) -> None:
+    """Refuse a tensor on the meta device: it has a shape but no values, so it selects nothing we can know."""
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{what} for {name!r} is on the meta device, which holds no values to select with; build it on the cpu "
+            "(or the parameters' device), e.g. from the real model or with torch.zeros(..., dtype=torch.bool)"
+        )
+
+
 def _indices(values: Iterable[int] | torch.Tensor | range, limit: int, what: str, name: str) -> torch.Tensor:
-    idx = torch.as_tensor(list(values) if isinstance(values, range) else values, dtype=torch.int64).flatten()
-    idx = torch.unique(idx)  # sorted
+    if not isinstance(values, torch.Tensor):
+        values = torch.as_tensor(list(values) if isinstance(values, (range, tuple, list)) else values)
+    _check_has_values(values, f"{what} index tensor", name)
+    if values.numel() and (values.is_floating_point() or values.is_complex() or values.dtype == torch.bool):
+        sample = ", ".join(f"{v:g}" for v in values.flatten()[:3].tolist())
+        raise ValueError(
+            f"{what} indices for {name!r} must be integers; got {values.dtype} values such as {sample}: pass integer "
+            f"{what} numbers (a bool mask goes in as kind='elements', or through torch.nonzero)"
+        )
+    idx = torch.unique(values.to(torch.int64).flatten())  # sorted
     if idx.numel() and (idx[0] < 0 or idx[-1] >= limit):
         raise ValueError(
             f"{what} indices for {name!r} must lie in [0, {limit}); got min {int(idx[0])}, max {int(idx[-1])}"
@@ -152,6 +180,7 @@ class Mask(Mapping[str, Selection]):
             sel = Selection("cols", _indices(index, shape[1], "column", name))
         else:
             dense = torch.as_tensor(index)
+            _check_has_values(dense, "element mask", name)
             if dense.dtype != torch.bool or tuple(dense.shape) != shape:
                 raise ValueError(
                     f"element mask for {name!r} must be a bool tensor of shape {shape}; "

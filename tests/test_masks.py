@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mu_fast.masks import Mask, budget_match, paper_budget
+from mu_fast.masks import Mask, Selection, budget_match, paper_budget
 from mu_fast.models.sites import Component, SiteTable
 from mu_fast.models.tiny import make_tiny_model
 
@@ -87,3 +87,36 @@ def test_budget_match_follows_the_paper_rule():
 def test_paper_budget_is_flu_layers_times_mlp_size(model):
     table = SiteTable(model)
     assert paper_budget(table, 2) == 2 * 3 * 32 * 48
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+@pytest.mark.parametrize("index,what", [([1.7, 0.2], "torch.float32 values such as 1.7, 0.2"),
+                                        (torch.tensor([1.0, 2.0], dtype=torch.float64), "torch.float64"),
+                                        ([True, False], "torch.bool")])
+def test_non_integer_indices_are_refused_not_truncated(kind, index, what):
+    with pytest.raises(ValueError, match=rf"{'row' if kind == 'rows' else 'column'} indices for 'w' must be integers; got {what}"):
+        Mask().add("w", (4, 4), kind, index)
+
+
+def test_integer_indices_of_any_integer_type_are_taken():
+    import numpy as np
+
+    for index in ([2, 0], (0, 2), range(0, 3, 2), np.array([2, 0], dtype=np.int32), torch.tensor([2, 0], dtype=torch.int16)):
+        assert Mask().add("w", (4, 4), "rows", index)["w"].index.tolist() == [0, 2]
+    assert "w" not in Mask().add("w", (4, 4), "rows", [])  # empty: nothing selected, not a dtype error
+
+
+def test_selection_kind_and_index_are_checked():
+    with pytest.raises(ValueError, match=r"selection kind 'diag' is not one of \('whole', 'rows', 'cols', 'elements'\)"):
+        Selection("diag", None)
+    with pytest.raises(ValueError, match=r"Selection\('rows'\) needs an index"):
+        Selection("rows")
+    with pytest.raises(ValueError, match=r"Selection\('whole'\) takes no index"):
+        Selection("whole", torch.tensor([1]))
+
+
+def test_meta_tensors_are_refused_as_selections():
+    with pytest.raises(ValueError, match=r"element mask for 'w' is on the meta device"):
+        Mask().add("w", (4, 4), "elements", torch.ones(4, 4, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"row index tensor for 'w' is on the meta device"):
+        Mask().add("w", (4, 4), "rows", torch.tensor([1], device="meta"))

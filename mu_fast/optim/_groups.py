@@ -39,7 +39,7 @@ def check_group(group: Mapping[str, Any]) -> None:
     Keys unknown to torch's AdamW pass: LR schedulers and trainers keep their own keys in param groups.
     """
     check_hyper(group.get("lr", 1e-3), group.get("betas", (0.9, 0.999)), group.get("eps", 1e-8),
-                group.get("weight_decay", 0.0))
+                group.get("weight_decay", 1e-2))
     if group.get("amsgrad"):
         raise ValueError(
             "param group option amsgrad=True is not supported by MaskedAdamW (it would keep a third buffer, the "
@@ -115,18 +115,17 @@ def resolve_mask(named: list[tuple[str, torch.Tensor]], mask: Mask | Mapping[Any
             if name is None or name not in by_name:
                 raise ValueError(f"mask key {key if not isinstance(key, torch.Tensor) else tuple(key.shape)} is not one of the optimizer's parameters")
             shape = tuple(by_name[name].shape)
+            # Mask.add validates the entry (kind, integer indices, dtype, shape, meta device) and drops an empty one.
             if isinstance(value, Selection):
-                if value.kind != "whole" and value.numel(shape) == 0:
-                    raise ValueError(_empty(name))
                 resolved.add(name, shape, value.kind, value.index)
             elif isinstance(value, torch.Tensor):
-                if value.dtype == torch.bool and tuple(value.shape) == shape and not bool(value.any()):
-                    raise ValueError(_empty(name))
                 resolved.add(name, shape, "elements", value)
             elif value == "whole":
                 resolved.add(name, shape)
             else:
                 raise TypeError(f"mask value for {name!r} must be a Selection, a bool tensor or 'whole'; got {type(value).__name__}")
+            if name not in resolved:
+                raise ValueError(_empty(name))
     else:
         raise TypeError(f"mask must be a Mask, a mapping or None; got {type(mask).__name__}")
     for name in resolved:

@@ -7,6 +7,7 @@ used inside ``step()``.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -139,3 +140,51 @@ def load_masked_state(opt: MaskedAdamW, state_dict: dict[str, Any]) -> None:
             if key not in ("params", "param_names"):
                 group[key] = value
     opt._hyper_key = ()
+
+
+# ------------------------------------------------------------------------------------- deepcopy and pickle
+# What an optimizer is, beyond its param groups: the constructor's settings and the resolved mask. Everything
+# else (buckets, segment tables, backend objects, state views, compact-gradient hooks, staging buffers) is laid
+# out again from these by ``_build``, and then the buffers' values are copied in.
+SETTINGS = ("state_bits", "master_weights", "compact_grads", "max_grad_norm", "nonfinite", "backend", "tile",
+            "missing_grad", "_whole_by_default")
+BUCKET_BUFFERS = ("exp_avg", "exp_avg_sq", "master", "compact_grad", "absmax_m", "absmax_v")
+RUNNING = ("_slot_step", "_control", "_partial")  # per-optimizer device tensors whose values carry over
+FLAGS = ("_master_ready", "_stats_ready", "_pending_clip", "_skip_warned", "_skip_polls")
+
+
+def pickled_state(opt: MaskedAdamW) -> dict[str, Any]:
+    """``MaskedAdamW.__getstate__``: settings, param groups (with their parameters), mask and every buffer's values.
+
+    ``copy.deepcopy`` copies this dict (parameters included, as for torch's optimizers) and ``pickle`` writes it;
+    hooks registered on the optimizer are not carried, as in torch.
+    """
+    return {
+        **{key: getattr(opt, key) for key in SETTINGS},
+        "defaults": opt.defaults, "param_groups": opt.param_groups, "mask": opt.mask,
+        "buckets": [{**{k: getattr(b, k) for k in BUCKET_BUFFERS if getattr(b, k) is not None},
+                     "grad_seen": bytes(b.grad_seen)} for b in opt._buckets],
+        **{key: getattr(opt, key) for key in RUNNING + FLAGS},
+    }
+
+
+def restore_pickled(opt: MaskedAdamW, state: dict[str, Any]) -> None:
+    """``MaskedAdamW.__setstate__``: lay the buckets out again over the (copied) parameters and fill them."""
+    for key in SETTINGS:
+        setattr(opt, key, state[key])
+    opt._built, opt._group_masks = True, {}
+    torch.optim.Optimizer.__setstate__(opt, {"defaults": state["defaults"], "state": defaultdict(dict),
+                                             "param_groups": state["param_groups"]})
+    opt._build(state["mask"])
+    if len(opt._buckets) != len(state["buckets"]):
+        raise RuntimeError(f"restoring a MaskedAdamW laid out {len(opt._buckets)} buckets for {len(state['buckets'])} saved")
+    with torch.no_grad():
+        for bucket, saved in zip(opt._buckets, state["buckets"]):
+            for key in BUCKET_BUFFERS:
+                if key in saved:
+                    getattr(bucket, key).copy_(saved[key])
+            bucket.grad_seen[:] = saved["grad_seen"]
+        for key in RUNNING:
+            getattr(opt, key).copy_(state[key])
+    for key in FLAGS:
+        setattr(opt, key, list(state[key]) if isinstance(state[key], list) else state[key])

@@ -15,7 +15,10 @@ fp64, so a finite gradient never overflows the statistic that decides the non-fi
 at |g| ≈ 1.8e19). ``scalars`` writes one coefficient row per parameter slot (its group's hyperparameters, its own
 bias corrections, the gradient scale = clip factor × −1 for ``maximize``, and whether it is updated at all);
 ``update`` reads the row of each tile's slot. ``masked_adamw_reference`` is the same formula on compact vectors,
-readable and usable in fp64: the tests' oracle.
+readable and usable in fp64: the tests' oracle. On the CPU (``cpu`` backend), dense gradients of scattered (single
+column or element) selections are gathered once per step by the statistics pass into a compact fp32 buffer
+(``CompactBucket.gathered_grad``, 4 B per active element, not counted in ``state_bytes``) that the update reads, so
+the scattered gradient is read once instead of twice; the result is bit-identical.
 """
 
 from __future__ import annotations
@@ -97,6 +100,10 @@ class CompactBucket:
     mids_m: torch.Tensor | None = None
     mids_v: torch.Tensor | None = None
     grad_seen: bytearray = field(default_factory=bytearray, repr=False)
+    # CPU backend only: this step's active gradients gathered once by the statistics pass, read again by the update
+    # (backends.ExtBackend); ``gathered_ready`` says the update may use them (set by the pass, cleared by the update).
+    gathered_grad: torch.Tensor | None = field(default=None, repr=False)
+    gathered_ready: bool = field(default=False, repr=False)
     _addr: torch.Tensor | None = field(default=None, repr=False)
     _addr_key: tuple = field(default=(), repr=False)
     _layout: tuple = field(default=(), repr=False)  # (dtype, device, shapes) the table was built for

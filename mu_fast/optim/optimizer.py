@@ -7,7 +7,9 @@
         opt.clip_grad_norm_(1.0)            # optional: the norm of the active gradients, on device
         opt.step(); sched.step()
 
-Semantics: dense AdamW restricted to the active set (mu_fast/optim/masked_adamw.py), weight_decay 0 by default.
+Semantics: dense AdamW restricted to the active set (mu_fast/optim/masked_adamw.py). Defaults are torch.optim.AdamW's
+(torch 2.13: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2), so the same keyword arguments give the same
+weights; pass ``weight_decay=0.0`` for plain Adam on the active elements (the edit loop passes its own, 0 by default).
 State exists only for active elements (fp32 m/v, or 8-bit block-quantized with ``state_bits=8``; an fp32
 master copy for bf16/fp16 parameters with ``master_weights=True``). Parameters of one device and dtype share one
 compact buffer and one launch per step; the learning rate, bias corrections, clip factor and step counts live on
@@ -37,6 +39,12 @@ Param groups: torch AdamW's options are accepted: ``maximize`` is honoured (per 
 ("whole", a ``Selection`` or bool tensor, one per parameter in a list, or a mapping like the ``mask`` argument);
 without one, new parameters are whole when the optimizer was built with ``mask=None`` and refused otherwise. Such
 an optimizer's ``state_dict`` loads into one built the same way (same groups, same masks).
+
+Copies and hooks: ``copy.deepcopy`` and ``pickle`` carry the parameters (without ``.grad``, as torch copies a
+Parameter), settings, mask and every state value (moments, master, compact gradients, step counts, a pending clip);
+the copy lays out its own buffers and steps bit-identically. As in torch, hooks registered on the optimizer are not
+copied. ``register_load_state_dict_pre_hook`` / ``_post_hook``, the state-dict hooks and the step hooks run as in
+``torch.optim.Optimizer``.
 
 CUDA graphs: run one eager step first; inside a captured region only tensor-valued ``lr`` updates (e.g.
 ``group["lr"].fill_(x)``) take effect, float hyperparameters are those of the last eager step, and which
@@ -79,7 +87,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     mask: a ``Mask``; or a mapping from name / position / parameter to a ``Selection``, a bool tensor of the
     parameter's shape, or "whole"; or None (every parameter whole). Every parameter must be in the mask and
     every mask entry must be a parameter (``ValueError`` otherwise).
-    lr, betas, eps, weight_decay, maximize: AdamW hyperparameters, per param group. amsgrad, foreach, fused,
+    lr, betas, eps, weight_decay, maximize: AdamW hyperparameters, per param group, with torch.optim.AdamW's
+    defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2: decoupled decay of the active elements only;
+    ``weight_decay=0.0`` turns it off). amsgrad, foreach, fused,
     capturable, differentiable: torch AdamW's options (see the module docstring). state_bits: 32 or 8.
     master_weights: keep an fp32 copy of the active elements of bf16/fp16 parameters. compact_grads: see the
     module docstring. max_grad_norm: clip the active gradients to this global L2 norm every step. nonfinite:
@@ -94,7 +104,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
         amsgrad: bool = False,
@@ -403,6 +413,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         which parameters had a gradient, as ``.grad = None`` does)."""
         super().zero_grad(set_to_none=set_to_none)
         for bucket in self._buckets:
+            bucket.gathered_ready = False  # gradients gathered by a statistics pass (cpu backend) are stale now
             if bucket.compact_grad is not None:
                 bucket.compact_grad.zero_()
                 if set_to_none:
@@ -414,11 +425,44 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Bytes of persistent optimizer state (moments, absmax, master) on the device."""
         return sum(b.state_bytes() for b in self._buckets)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict`` (its state-dict hooks run). A master copy not yet read from the parameters (no step
+        since the optimizer was built) is left out, so loading the dict reads the parameters as a first step would."""
+        unread = [p for bi, b in enumerate(self._buckets) if not self._master_ready[bi] for p in b.params]
+        live = {p: self.state[p] for p in unread}
+        for p in unread:  # torch's state_dict hands out the per-parameter dicts themselves: give it copies
+            self.state[p] = {k: v for k, v in live[p].items() if k != "master"}
+        try:
+            return super().state_dict()
+        finally:
+            self.state.update(live)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` of a MaskedAdamW built over the same parameters and mask (``ValueError`` else)."""
+        """Load a ``state_dict()`` of a MaskedAdamW built over the same parameters and mask (``ValueError`` else).
+
+        As in torch, hooks from ``register_load_state_dict_pre_hook`` run first (one returning a dict replaces the
+        one loaded) and those from ``register_load_state_dict_post_hook`` after loading."""
         from mu_fast.optim._state import load_masked_state
 
+        state_dict = state_dict.copy()  # shallow, as torch does: a pre-hook may edit it in place
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         load_masked_state(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle``: the parameters, settings, mask and state values (see ``_state``)."""
+        from mu_fast.optim._state import pickled_state
+
+        return pickled_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from mu_fast.optim._state import restore_pickled
+
+        restore_pickled(self, state)
 
     def set_mask(self, mask: Mask | Mapping[Any, Any], migrate: bool = True) -> None:
         """Train a new active set from the next step on.

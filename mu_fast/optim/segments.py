@@ -144,6 +144,7 @@ class SegmentTable:
         self.n_active = sum(s.n_active for s in self.slots)
         self.index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int32)
         self.tiles = self._cut_tiles(torch.tensor(seg_rows, dtype=torch.int64).reshape(-1, TILE_FIELDS))
+        self.gathered = bool((self.tiles[:, TILE_KIND] != STRIDED).any()) if self.tiles.numel() else False  # scattered tiles
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ build

@@ -131,7 +131,7 @@ def test_nonfinite_raise_policy_raises_and_changes_nothing(rng):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_clip_grad_norm_matches_torch_over_active_grads(backend, rng):
-    params, mask, opt = _setup(rng, torch.float32, "cols", 0.5, lr=1e-2, backend=backend, tile=1024)
+    params, mask, opt = _setup(rng, torch.float32, "cols", 0.5, lr=1e-2, weight_decay=0.0, backend=backend, tile=1024)
     before = {n: p.detach().clone() for n, p in params.items()}
     oracle = DenseOracle(params, mask)
     for max_norm in (0.5, 1e6):  # clipping active, then inactive
@@ -147,7 +147,7 @@ def test_clip_grad_norm_matches_torch_over_active_grads(backend, rng):
 
 
 def test_max_grad_norm_argument_clips_every_step(rng):
-    params, mask, opt = _setup(rng, lr=1e-2, max_grad_norm=0.25)
+    params, mask, opt = _setup(rng, lr=1e-2, weight_decay=0.0, max_grad_norm=0.25)
     before = {n: p.detach().clone() for n, p in params.items()}
     oracle = DenseOracle(params, mask)
     for _ in range(2):
