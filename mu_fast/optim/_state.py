@@ -72,7 +72,7 @@ def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) ->
     for bi, bucket in enumerate(opt._buckets):
         for slot, p in enumerate(bucket.params):
             flat, _ = bucket.table.indices(slot, bucket.device)
-            new = {"exp_avg": torch.zeros(flat.numel(), dtype=torch.float32, device=bucket.device)}
+            new = {"exp_avg": torch.zeros(flat.numel(), dtype=bucket.state_dtype, device=bucket.device)}
             new["exp_avg_sq"] = torch.zeros_like(new["exp_avg"])
             new["master"] = p.detach().reshape(-1)[flat].float()
             old = saved.get(id(p))

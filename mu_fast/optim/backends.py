@@ -2,7 +2,8 @@
 ``CompactBucket`` (semantics and table layouts: mu_fast/optim/masked_adamw.py), and ``select_backend`` picks one.
 
 * ``torch``: plain PyTorch over the same table (gather the active elements, the fp32 update, scatter back);
-  runs anywhere, slow: the reference the kernels are checked against.
+  runs anywhere, slow: the reference the kernels are checked against, and the one backend for float64 parameters
+  (float64 moments and update).
 * ``triton``: kernels/masked_adamw.py and kernels/masked_adamw8bit.py (GPU, or CPU under TRITON_INTERPRET=1).
 * ``cpu`` / ``cuda``: the C++ ops of ``mu_fast._C`` (csrc/).
 ``backend="auto"`` picks cuda, then triton, then torch for CUDA tensors, and cpu, then torch for CPU tensors.
@@ -92,7 +93,7 @@ class TorchBackend:
             keep = c[C_APPLY] == 0  # no gradient, or a skipped step: every value keeps its old bits
             g = self._grad(bucket, grads, slot) * c[C_GRAD_SCALE]
             p_flat = param.view(-1)
-            p_old = bucket.master[state] if bucket.master is not None else p_flat[flat].float()
+            p_old = bucket.master[state] if bucket.master is not None else p_flat[flat].to(bucket.state_dtype)
             if bucket.state_bits == 8:
                 lo, hi = info.state_begin, info.state_end
                 qb = quantize8.QBLOCK
@@ -122,7 +123,7 @@ class TorchBackend:
 
     def gather(self, bucket: CompactBucket, slot: int, source: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         flat, state = bucket.table.indices(slot, source.device)
-        values = source.reshape(-1)[flat].float()
+        values = source.reshape(-1)[flat].to(out.dtype)
         if accumulate:
             values = values + out[state]
         out[state] = values
@@ -135,8 +136,8 @@ class TorchBackend:
             return bucket.compact_grad[state]
         g = grads[slot]
         if g is None:
-            return torch.zeros(flat.numel(), dtype=torch.float32, device=bucket.device)
-        return g.reshape(-1)[flat].float()
+            return torch.zeros(flat.numel(), dtype=bucket.state_dtype, device=bucket.device)
+        return g.reshape(-1)[flat].to(bucket.state_dtype)
 
 
 # ----------------------------------------------------------------------------------------- triton backend

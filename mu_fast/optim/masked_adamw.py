@@ -115,15 +115,21 @@ class CompactBucket:
         device = params[0].device
         table.to(device)
         n = table.state_numel
-        fp32 = dict(dtype=torch.float32, device=device)
+        # float64 parameters keep float64 moments (the torch backend's reference arithmetic in float64); every other
+        # dtype keeps float32 moments (or 8-bit codes).
+        full = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        fp32 = dict(dtype=full, device=device)
         kw: dict = {}
+        if state_bits == 8 and full == torch.float64:
+            raise ValueError("8-bit optimizer state is for bf16 / fp16 / fp32 parameters; float64 parameters keep "
+                             "float64 state: use state_bits=32")
         if state_bits == 8:
             if n % quantize8.QBLOCK:
                 raise ValueError(f"8-bit state needs a table aligned to {quantize8.QBLOCK}; build it with align=256")
             for name, signed in (("m", True), ("v", False)):
                 qmap = quantize8.dynamic_map(signed, device)
                 kw[f"qmap_{name}"], kw[f"mids_{name}"] = qmap, quantize8.midpoints(qmap)
-                kw[f"absmax_{name}"] = torch.zeros(n // quantize8.QBLOCK, **fp32)
+                kw[f"absmax_{name}"] = torch.zeros(n // quantize8.QBLOCK, dtype=torch.float32, device=device)
             exp_avg = torch.full((n,), quantize8.code_of_zero(kw["qmap_m"]), dtype=torch.uint8, device=device)
             exp_avg_sq = torch.full((n,), quantize8.code_of_zero(kw["qmap_v"]), dtype=torch.uint8, device=device)
         elif state_bits == 32:
@@ -145,6 +151,12 @@ class CompactBucket:
     @property
     def state_bits(self) -> int:
         return 8 if self.exp_avg.dtype == torch.uint8 else 32
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype of the dequantized moments and of the update's arithmetic: float64 for float64 parameters,
+        float32 otherwise."""
+        return torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
 
     @property
     def device(self) -> torch.device:

@@ -74,7 +74,7 @@ from mu_fast.optim.masked_adamw import (
 )
 from mu_fast.optim.segments import DEFAULT_TILE, SegmentTable
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 MISSING_GRAD_POLICIES = ("skip", "zero")
 
@@ -215,6 +215,13 @@ class MaskedAdamW(torch.optim.Optimizer):
             if not p.is_contiguous():
                 raise ValueError(f"parameter {name!r} is not contiguous (strides {p.stride()}); make it contiguous first")
         self.device = next(iter(devices)) if devices else torch.device("cpu")
+        # float64 parameters run on the torch backend, in float64 (moments, coefficients, update): the kernels are
+        # float32 arithmetic. One float64 parameter puts the whole optimizer there (one set of step coefficients).
+        wide = any(p.dtype == torch.float64 for _, p, _ in named)
+        if wide and self.backend not in ("auto", "torch"):
+            raise ValueError(f"backend={self.backend!r} computes in float32; float64 parameters run on the torch "
+                             "backend: pass backend='torch' or 'auto'")
+        backend = "torch" if wide else self.backend
         self._buckets: list[CompactBucket] = []
         self._impls = []
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, slot)
@@ -224,12 +231,12 @@ class MaskedAdamW(torch.optim.Optimizer):
             members = [(n, p, g) for n, p, g in named if p.dtype == dtype]
             table = SegmentTable([(n, p.shape, mask[n], g) for n, p, g in members], tile=tile, align=align)
             bucket = CompactBucket.create([p for _, p, _ in members], table, state_bits=self.state_bits,
-                                          master_weights=self.master_weights and dtype != torch.float32,
+                                          master_weights=self.master_weights and dtype in (torch.bfloat16, torch.float16),
                                           compact_grads=self.compact_grads)
             for slot, (_, p, _) in enumerate(members):
                 self._where[id(p)] = (len(self._buckets), slot)
             self._buckets.append(bucket)
-            self._impls.append(select_backend(self.device, self.backend))
+            self._impls.append(select_backend(self.device, backend))
         f32, f64 = dict(dtype=torch.float32, device=self.device), dict(dtype=torch.float64, device=self.device)
         # Per parameter slot, over all buckets (bucket bi owns rows _slot_at[bi]:_slot_at[bi + 1]).
         self._slot_at = [0]
@@ -240,7 +247,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._slot_step = torch.zeros(n_slots, **f64)
         self._present = torch.ones(n_slots, **f32)
         self._all_present = self._present_key = b"\x01" * n_slots
-        self._coef = torch.zeros(n_slots, COEF_FIELDS, **f32)
+        self._coef = torch.zeros(n_slots, COEF_FIELDS, **(f64 if wide else f32))
         self._coef_rows = [self._coef[a:b] for a, b in zip(self._slot_at, self._slot_at[1:])]
         self._no_grads = [[None] * len(b.params) for b in self._buckets]
         self._complete = [True] * len(self._buckets)  # per bucket: every parameter had a .grad at the last _grads
