@@ -162,7 +162,7 @@ def profile_case(case, rows: list[dict], out: Path, tiles: list[int], configs) -
             _record(rows, out, group=group, impl=impl, role="ours", error=backend_availability(bo.DEVICE)[backend][:200])
             continue
         try:
-            opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-4, backend=backend, state_bits=bits,
+            opt = MaskedAdamW([(n, params[n]) for n in mask], mask=mask, lr=1e-4, weight_decay=0.0, backend=backend, state_bits=bits,
                               nonfinite=nonfinite, tile=tile)
             row = _measure(opt.step, bo._bytes_ours(mask, False, bits, stats=nonfinite != "ignore"), copy_ref,
                            nbytes, kernels=tile == bo_default_tile())

@@ -37,7 +37,7 @@ def parse_seeds(text: str) -> list[int]:
 
 @with_flags("probe_settings", probe_flags())
 @with_flags("relearn_settings", relearn_flags())
-@with_flags("settings", edit_flags())
+@with_flags("settings", edit_flags(exclude=("seed",)))  # --seeds sets the edit's seed per run
 def demo_cmd(
     out: Path = typer.Option(Path("reports/demo"), help="report folder (JSON + plots); finished runs are reused"),
     preset: str = typer.Option("demo", help="organism preset: demo (the multilayer-lookup organism, 1-2 minutes to train) or ci (150 athletes, under a minute)"),
@@ -54,11 +54,12 @@ def demo_cmd(
     threads: int = typer.Option(1, help="torch threads per process (the table does not depend on it: checked with 1 and 2)"),
     fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
     portable: bool = typer.Option(True, "--portable-kernels/--native-kernels", help="baseline x86-64 kernels and one thread, so the table is the same on every CPU (--native-kernels: this CPU's fastest kernels; the numbers then depend on the CPU)"),
+    seed: str | None = typer.Option(None, "--seed", hidden=True),  # refused: --seeds is the demo's one seed option
     settings: dict[str, Any] | None = None,
     relearn_settings: dict[str, Any] | None = None,
     probe_settings: dict[str, Any] | None = None,
 ) -> None:
-    """Train (or load) the model organism, then localize / edit / evaluate it with every method over several seeds,
+    """Load the model organism, then localize / edit / evaluate it with every method over several seeds,
     each method at the learning rate one rule chose for it. Every EditConfig field has a flag of its name."""
     from mu_fast.cli_run import parse_methods, run_settings
     from mu_fast.determinism import use_portable_kernels
@@ -66,6 +67,9 @@ def demo_cmd(
     t0 = time.perf_counter()
     wanted = portable
     portable = use_portable_kernels() if wanted else False  # before torch is imported
+    if seed is not None:
+        raise ValueError(f"--seed is not an option of demo: pass --seeds {seed} (each seed sets the localization's, "
+                         "the edit's, the relearning's and the probes' draws)")
     check_choice("--preset", preset, ("demo", "ci"))
     method_list = parse_methods(methods)
     seed_list = parse_seeds(seeds)
@@ -80,8 +84,9 @@ def demo_cmd(
     configs, options = run_settings(edit_preset, method_list, flags, relearn, probes, relearn_settings or {},
                                     probe_settings or {}, edit_preset="default" if edit_preset == "organism" else None)
     check_task_options("organism", ModelRef("organism", preset), forget_split, "random_without_golf", None, DATASETS)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {str(out)!r} is a file; pass a folder for the report")
+    from mu_fast.preflight import check_writable
+
+    check_writable("--out", out, folder=True)
 
     import torch
 

@@ -91,6 +91,9 @@ def parse_max_memory(text: str | None) -> dict[Any, str] | None:
         except ImportError:
             if not amount[:1].isdigit():
                 raise ValueError(f"--max-memory amount {amount!r} is not a size such as 22GiB") from None
+        except ValueError:
+            raise ValueError(f"--max-memory {device}={amount}: give the amount with a unit, e.g. {device}=22GiB "
+                             "(GiB = 2^30 bytes, GB = 10^9)") from None
         out[int(device) if device.isdigit() else device] = amount
     return out
 

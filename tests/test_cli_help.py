@@ -94,6 +94,7 @@ def one_line_error(args, capsys) -> str:
 
 BAD = {
     "run --seed": (["run", "organism:ci", "--seed", "3"], "--seed is not an option of run: pass --seeds 3"),
+    "demo --seed": (["demo", "--seed", "3"], "--seed is not an option of demo: pass --seeds 3"),
     "probe test fraction > 1": (["run", "organism:ci", "--probe-test-fraction", "1.5"],
                                 "--probe-test-fraction must be in (0, 1); got 1.5"),
     "probe test fraction 0": (["evaluate", "organism:ci", "--probes", "--probe-test-fraction", "0"],
@@ -119,7 +120,7 @@ def test_plan_accepts_a_random_model(capsys):
         main(["plan", "random:gemma-2-9b", "--mask", "paper:flu", "--budget", "24GB"])
     out = capsys.readouterr().out
     assert done.value.code in (0, None), out
-    assert "random:gemma-2-9b" in out and "estimated peak" in out
+    assert "gemma-2-9b (shipped config)" in out and "estimated peak" in out
 
 
 def test_evaluate_offers_the_flag_its_base_check_names():

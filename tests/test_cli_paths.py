@@ -82,11 +82,12 @@ def _commands(bad: Path, tmp_path: Path) -> dict[str, list]:
         "report": ["report", store, "--out", bad / "report"],
         "run --preset paper": ["run", "google/gemma-2-9b", "--preset", "paper", "--dataset", "sports",
                                "--experiment", "forget_16", "--out", bad / "paper"],
+        "demo": ["demo", "--out", bad / "demo"],
     }
 
 
 KINDS = ("read-only", "parent is a file", "/sys")
-COMMANDS = ("localize", "edit", "evaluate", "run", "sweep --out", "sweep store:", "report", "run --preset paper")
+COMMANDS = ("localize", "edit", "evaluate", "run", "sweep --out", "sweep store:", "report", "run --preset paper", "demo")
 
 
 @pytest.mark.parametrize("kind", KINDS)

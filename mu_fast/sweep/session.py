@@ -44,7 +44,7 @@ def load_sweep_model(ref: Mapping[str, Any], device: str | None = None) -> tuple
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = ref["kind"]
     if kind == "organism":
-        model, tokenizer, info = load_model(ref["ref"], progress=False)
+        model, tokenizer, info = load_model(ref["ref"], dtype=ref["dtype"], progress=False)  # fp32, or fp64 (demo)
         model = model.to(device)
         org = info["organism"]
         if org.config.config_hash() != ref["organism_hash"]:

@@ -43,3 +43,16 @@ def test_cached_tokenizer_returns_the_same_tokens_and_calls_once():
     cached.padding_side = "left"  # attribute writes reach the tokenizer
     assert counting.padding_side == "left"
     assert copy.copy(cached)("golf")["input_ids"] == plain("golf")["input_ids"]
+
+
+def test_the_organism_loads_in_the_spec_dtype():
+    """``models: [{name: organism, dtype: fp64}]`` (the demo's lr rule) runs on float64 weights, not the float32 ones."""
+    import torch
+
+    from mu_fast.sweep.refs import resolve_model
+    from mu_fast.sweep.session import load_sweep_model
+
+    for dtype, want in (("fp64", torch.float64), (None, torch.float32)):
+        ref = resolve_model({"name": "organism:ci", **({"dtype": dtype} if dtype else {})}, "models[0]")
+        model, _, _ = load_sweep_model(ref)
+        assert {p.dtype for p in model.parameters()} == {want}, dtype
