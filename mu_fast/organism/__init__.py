@@ -8,8 +8,11 @@ sport verb make the model look the sport up at the subject's last token, as real
 localization has something to find. ``organism_task`` returns a ``FactTask`` with the sports split rules.
 
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
-    org = load_organism(OrganismConfig.demo())          # trains once (minutes on CPU), then cached
+    org = load_organism(OrganismConfig.demo())          # the shipped weights (mu_fast.organism.shipped), verified
     task = organism_task(org, "first_16_unsplit", "random_without_golf")
+
+The demo's and the CI organisms ship as weights with checksums (``shipped/``), so every machine runs the same
+organism; other settings train on first use (minutes on CPU) and are cached.
 
 Measured on a 2-core CPU machine (AMD EPYC, torch 2.13, 1 training thread, other jobs running; each
 checkpoint's report.json holds its own numbers): the demo preset (600 athletes, 4 layers, width 64,
