@@ -126,10 +126,11 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
 
         configs = edit_configs(lr_choice, method_list)
         screen.print(lr_lines(lr_choice, method_list), highlight=False)
+    from mu_fast.models.precision import to_float64
     from mu_fast.organism.lr_choice import DEMO_DTYPE
-    from mu_fast.models.loading import parse_dtype
 
-    org.model = org.model.to(parse_dtype(DEMO_DTYPE))  # the same numbers on every CPU (lr_choice.DEMO_DTYPE)
+    assert DEMO_DTYPE == "fp64"
+    org.model = to_float64(org.model)  # the same numbers on every CPU (lr_choice.DEMO_DTYPE, mu_fast.models.precision)
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
     provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
                                "source": org.source,

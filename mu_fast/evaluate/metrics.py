@@ -22,10 +22,10 @@ from mu_fast.models.forward import gathered_logits
 class PromptScores:
     """Per-prompt scores of one TokenizedPrompts, all ``[N]`` tensors on the CPU.
 
-    p_true: float32, probability of the true label token (softmax over ``choice_ids`` when the set has
-    choices, else over the full vocabulary). p_edit: float32, the same for the edit label, or None without
+    Scores are float32 (float64 for a float64 model). p_true: probability of the true label token (softmax over ``choice_ids`` when the set has
+    choices, else over the full vocabulary). p_edit: the same for the edit label, or None without
     edit answers. argmax_true / argmax_edit: bool, the label token is the argmax over the choices (or the
-    full vocabulary). logprob_true: float32, full-vocabulary log-probability of the true label token (minus
+    full vocabulary). logprob_true: full-vocabulary log-probability of the true label token (minus
     the cross-entropy the training losses use), whatever the choice set. fact_ids: int64 or None, which
     fact each prompt belongs to (paraphrases give several prompts per fact).
 
@@ -112,17 +112,18 @@ def prompt_scores(model: Any, tokenized: TokenizedPrompts, batch_size: int = 64)
     pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
     choices = tokenized.choice_ids
     edit_over_choices = choices is not None and tokenized.edit_choice is not None
-    p_true = torch.empty(n, dtype=torch.float32)
-    logprob_true = torch.empty(n, dtype=torch.float32)
+    wide = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # float64 scores for float64 models
+    p_true = torch.empty(n, dtype=wide)
+    logprob_true = torch.empty(n, dtype=wide)
     argmax_true = torch.empty(n, dtype=torch.bool)
     has_edit = tokenized.edit_ids is not None
-    p_edit = torch.empty(n, dtype=torch.float32) if has_edit else None
+    p_edit = torch.empty(n, dtype=wide) if has_edit else None
     argmax_edit = torch.empty(n, dtype=torch.bool) if has_edit else None
     with eval_mode(model):
         for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], batch_size):
             rows = torch.tensor(idx, dtype=torch.int64)
             batch = pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side="right").to(device)
-            logits = gathered_logits(model, batch).float()  # [B, V] at each row's last real token
+            logits = gathered_logits(model, batch)  # [B, V] at each row's last real token, float32 or float64
             logp = torch.log_softmax(logits, dim=-1)
             true_ids = tokenized.answer_ids[rows].to(device)
             logprob_true[rows] = logp.gather(1, true_ids[:, None])[:, 0].cpu()

@@ -27,6 +27,9 @@ Differences from the paper's code, on purpose:
   ``score_in_train_mode=True`` (what ``--preset paper`` uses) scores the steps after 0 as theirs: the LoRA dropout
   modules active, everything else in eval mode, drawn from the attack's seeded generator. Step 0 is unaffected
   (the adapters are still zero).
+* Dropout masks are drawn with ``torch.rand`` (``PortableDropout``), not torch's ``nn.Dropout``: its
+  ``bernoulli_`` draws from MKL's generator on Intel CPUs and from torch's own on others, so the same seed gave
+  different masks, and other relearned numbers, on Intel and AMD machines. ``torch.rand`` is one stream everywhere.
 * The caller's model is not copied: the adapters are injected in place and unloaded afterwards, so a 9B
   model needs no second copy. Its parameters, ``requires_grad`` flags and train/eval mode are restored
   exactly (the base weights are never written; only the adapters train).
@@ -163,11 +166,43 @@ def effective_lora_rank(model: Any, lora_rank: int) -> int:
     return max(1, min(lora_rank, min(dims)))
 
 
-class _TrainModeDropout(torch.nn.Dropout):
-    """A dropout that drops whatever the module's mode (``eval()`` cannot switch it off)."""
+class PortableDropout(torch.nn.Module):
+    """Inverted dropout whose mask comes from ``torch.rand`` (module docstring: the same masks on every CPU).
+    ``always``: drop in eval mode too (the authors' scoring mode)."""
+
+    def __init__(self, p: float, always: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1); got {p}")
+        self.p, self.always = float(p), always
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.p, True, self.inplace)
+        if self.p == 0.0 or not (self.training or self.always):
+            return x
+        keep = torch.rand(x.shape, dtype=x.dtype, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}" + (", always" if self.always else "")
+
+
+def _lora_dropouts(peft_model: Any) -> list[tuple[Any, str, torch.nn.Module]]:
+    """(holder, adapter name, dropout module) of every LoRA dropout in ``peft_model``."""
+    out = []
+    for module in peft_model.modules():
+        holder = getattr(module, "lora_dropout", None)
+        if isinstance(holder, torch.nn.ModuleDict):
+            out += [(holder, k, d) for k, d in holder.items() if isinstance(d, (torch.nn.Dropout, PortableDropout))]
+    return out
+
+
+def use_portable_dropout(peft_model: Any) -> None:
+    """Replace every LoRA ``nn.Dropout`` of ``peft_model`` with a ``PortableDropout`` of the same probability."""
+    for holder, key, dropout in _lora_dropouts(peft_model):
+        if isinstance(dropout, torch.nn.Dropout):
+            replacement = PortableDropout(dropout.p)
+            replacement.train(dropout.training)
+            holder[key] = replacement
 
 
 class lora_dropout_active:
@@ -175,16 +210,11 @@ class lora_dropout_active:
     relearning evaluations); the original modules are put back on exit."""
 
     def __init__(self, peft_model: Any, on: bool):
-        self.swapped: list[tuple[Any, str, torch.nn.Module]] = []
-        if on:
-            for module in peft_model.modules():
-                holder = getattr(module, "lora_dropout", None)
-                if isinstance(holder, torch.nn.ModuleDict):
-                    self.swapped += [(holder, k, d) for k, d in holder.items() if isinstance(d, torch.nn.Dropout)]
+        self.swapped = _lora_dropouts(peft_model) if on else []
 
     def __enter__(self) -> None:
         for holder, key, dropout in self.swapped:
-            holder[key] = _TrainModeDropout(dropout.p, dropout.inplace)
+            holder[key] = PortableDropout(dropout.p, always=True)
 
     def __exit__(self, *exc: Any) -> None:
         for holder, key, dropout in self.swapped:
@@ -292,6 +322,7 @@ def relearn_attack(
         torch.manual_seed(seed)
         config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear")
         peft_model = get_peft_model(model, config)
+        use_portable_dropout(peft_model)
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

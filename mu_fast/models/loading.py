@@ -29,7 +29,9 @@ def load_model(name_or_path: str, dtype: str = "bf16", device_map: str | None = 
             raise ValueError(f"unknown organism preset {preset!r}; use 'organism' (demo) or 'organism:ci'")
         org = load_organism(getattr(OrganismConfig, preset)(), progress=progress)
         if dtype in ("fp64", "float64"):
-            org.model = org.model.double()
+            from mu_fast.models.precision import to_float64
+
+            org.model = to_float64(org.model)
         return org.model, org.tokenizer, {"model": f"organism:{preset}", "organism": org}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -29,7 +29,7 @@ def dropout_state_per_score(model, monkeypatch, **kwargs) -> tuple[list[bool], d
             seen.append(any(
                 not torch.equal(d(probe), probe)
                 for module in m.modules() if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict)
-                for d in module.lora_dropout.values() if isinstance(d, torch.nn.Dropout)
+                for d in module.lora_dropout.values() if isinstance(d, (torch.nn.Dropout, relearn_module.PortableDropout))
             ))
         m.train(was)
         return original(m, tokenized, batch_size=batch_size)
