@@ -36,7 +36,7 @@ def _records(same_as_flu: str = "random_mlps", lrs=(1e-3, 3e-3), seeds=(0, 1)):
                 value = 0.3 + 0.2 * i + 0.05 * seed + shift
                 out.append({
                     "run_id": f"{method}{lr}{seed}", "status": "ok",
-                    "config": {"model": {"ref": "organism:ci"}, "method": method, "seed": seed, "axes": {"lr": lr},
+                    "config": {"run_id": f"{method}{lr}{seed}", "model": {"ref": "organism:ci"}, "method": method, "seed": seed, "axes": {"lr": lr},
                                "task": {"dataset": "organism", "forget_split": "first_16_unsplit",
                                         "inject_label": "random_without_golf"}},
                     "metrics": {"forget_err": value, "maintain_acc": 1 - value / 2, "mcq_forget_err": value,

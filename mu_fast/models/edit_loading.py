@@ -126,8 +126,10 @@ def _organism_source(preset: str) -> Source:
 
     if preset not in ORGANISM_PRESETS:
         raise ValueError(f"unknown organism preset {preset!r}; use 'organism' (demo) or 'organism:ci'")
+    from mu_fast.organism.shipped import shipped_path
+
     org_config = getattr(OrganismConfig, preset)()
-    path = checkpoint_dir(org_config)
+    path = shipped_path(org_config) or checkpoint_dir(org_config)  # the shipped weights, else the cache
     if (path / "config.json").is_file():
         config = transformers.AutoConfig.from_pretrained(path)
     else:  # not trained yet: the config it will have, so the mask is checked before minutes of training
