@@ -50,8 +50,9 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 def collect_hidden(
     model: Any, tokenized: TokenizedPrompts, position: str = "last", batch_size: int = 64, padding: str = "right"
 ) -> torch.Tensor:
-    """Residual stream at one token per prompt for every layer boundary: ``[L+1, N, d]`` float32 on the
-    model's device (prompt order). ``position`` is "last" (the last prompt token, which predicts the answer)
+    """Residual stream at one token per prompt for every layer boundary: ``[L+1, N, d]`` float32 (float64 for a
+    float64 model: a cast to float32 would round kernel-level differences onto either side of a float32 value) on
+    the model's device (prompt order). ``position`` is "last" (the last prompt token, which predicts the answer)
     or "subject_last" (the subject's last token; needs subjects in the PromptSet). ``padding``: "right" (position
     ids count real tokens) or "left" with the model's default position ids, as the authors' probe called HF
     (RoPE scores depend on relative positions only, so both agree up to rounding)."""
@@ -71,13 +72,14 @@ def collect_hidden(
     layers = decoder_layers(model)
     device = model_device(model)
     d = int(model.config.hidden_size)
-    out = torch.empty(len(layers) + 1, n, d, dtype=torch.float32, device=device)
+    wide = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    out = torch.empty(len(layers) + 1, n, d, dtype=wide, device=device)
     pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
     current: dict[str, torch.Tensor] = {}
 
     def gather(hidden: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, current["pos"]].float()  # [B, d]
+        return hidden[rows, current["pos"]].to(wide)  # [B, d]
 
     def read_input(module: Any, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]

@@ -87,7 +87,8 @@ class FLUResult:
 def residual_features(
     model: torch.nn.Module, tokenized: TokenizedPrompts, pad_id: int, position: str = "subject_last", batch_size: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Residual stream at one position per prompt: ``{"pre", "mid", "post"}`` each ``[L, N, d]`` float32.
+    """Residual stream at one position per prompt: ``{"pre", "mid", "post"}`` each ``[L, N, d]`` float32 (float64
+    for a float64 model).
 
     position: ``subject_last`` (needs subjects) or ``last`` (the answer-predicting token).
     """
@@ -109,7 +110,7 @@ def residual_features(
         def hook(module, args, kwargs, output=None):
             x = output if use_output else (args[0] if args else kwargs.get("hidden_states"))
             x = x[0] if isinstance(x, tuple) else x
-            store[kind][layer].append(x[rows, cols].detach().float().cpu())
+            store[kind][layer].append(x[rows, cols].detach().to(torch.promote_types(x.dtype, torch.float32)).cpu())
 
         return hook
 
