@@ -1,16 +1,29 @@
-"""The same demo numbers on any x86-64 CPU: portable math kernels and a fixed number of threads.
+"""The same demo table on any x86-64 CPU: what makes it so, and what was measured.
 
-Training the organism (600 AdamW steps) and editing it amplify float round-off, so kernels that round differently
-give a different organism and a different table. torch picks its vectorized kernels by CPU (AVX-512 on an Intel
-Xeon, AVX2 on an AMD EPYC Zen 3) and MKL picks its GEMM code path by CPU vendor and model: the README's first table
-came from an AMD EPYC (AVX2) machine and a fresh clone on an Intel Xeon (AVX-512) printed another one, with the
-same code and package versions. Forcing one instruction set on both is not enough (measured on the Xeon: AVX2 kernels
-there gave a third organism). ``use_portable_kernels`` selects the kernels every x86-64 CPU runs identically:
-torch's baseline (non-AVX) kernels, MKL's conditional-numerical-reproducibility "COMPATIBLE" path (SSE2) and
-oneDNN limited to SSE4.1, with a fixed thread count (MKL and torch's reductions split work by thread). They must be
-chosen before torch is imported; later they can only be reported. Checked on one Intel Xeon (two processes trained
-bit-identical portable organisms; four fresh clones printed the same numbers); no AMD machine was at hand to check the
-cross-vendor claim, which rests on MKL's CNR guarantee and on the baseline kernels using no CPU-specific code path.
+Float round-off differs between CPUs (torch picks its vectorized kernels by CPU, MKL and oneDNN their code paths by
+vendor and model) and between thread counts. Three things kept that from reaching the demo's table:
+
+1. **The organism is shipped as weights** (``mu_fast.organism.shipped``): training it amplifies round-off, and two
+   CPUs trained two different organisms, even with one kernel set on both (an Intel Xeon and an AMD EPYC gave
+   another FLU selection and another table).
+2. **Everything after loading runs in float64** (``mu_fast.organism.lr_choice.DEMO_DTYPE``, ``mu_fast.models.
+   precision.to_float64``): kernel round-off is then ~1e-16 instead of ~1e-7. In float32, one latent probe's
+   prediction flipped between portable and native kernels on one machine and changed a printed mean
+   (``benchmarks/results/CPU/demo_numerics_fp32.json``). transformers' RMSNorm and rotary modules compute in float32
+   whatever the model's dtype; ``to_float64`` replaces them. Probe features stay float64.
+3. **Random draws that are the same everywhere**: the relearning attack's LoRA dropout draws its masks with
+   ``torch.rand`` (torch's ``bernoulli_``, behind ``nn.Dropout``, draws from MKL's generator on Intel CPUs only).
+
+Measured (``benchmarks/demo_numerics.py``, ``benchmarks/results/CPU/demo_numerics.json``): on one AMD EPYC (family
+25 model 17, AVX-512), the demo under native (AVX-512) and portable (baseline x86-64) kernels, with 1 thread in 2
+worker processes and 2 threads in one process, printed the same table; every per-seed number agreed to the
+difference recorded there. Not measured: another CPU model or vendor; the argument for them is the three points
+above, not a run.
+
+``use_portable_kernels`` still selects the kernels every x86-64 CPU runs alike (torch's baseline kernels, MKL's
+reproducible ``COMPATIBLE`` path, oneDNN limited to SSE4.1; chosen before torch is imported) for
+``mu-fast demo --portable-kernels`` and for training the shipped organisms; the demo's default is this CPU's own,
+faster kernels.
 """
 
 from __future__ import annotations
@@ -20,14 +33,13 @@ import sys
 from typing import Any
 
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
-DEMO_THREADS = 1
 
 
 def wants_portable_kernels(argv: list[str]) -> bool:
-    """Whether the command line ``argv`` (without the program name) runs the demo with portable kernels (the
-    default; ``--native-kernels`` opts out)."""
+    """Whether the command line ``argv`` (without the program name) runs the demo with portable kernels
+    (``mu-fast demo --portable-kernels``; the default is this CPU's own)."""
     words = [a for a in argv if not a.startswith("-")]
-    return bool(words) and words[0] == "demo" and "--native-kernels" not in argv
+    return bool(words) and words[0] == "demo" and "--portable-kernels" in argv
 
 
 def use_portable_kernels() -> bool:

@@ -99,7 +99,7 @@ def test_demo_runs_the_job_and_writes_the_report(ci_organism, cache_root, tmp_pa
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
     # The choice's key names no kernels or threads: under the other kernels the same choice applies (the runs
     # themselves are redone: a run is keyed by the numerics it was computed with).
-    native = CliRunner().invoke(app, args + ["--native-kernels"])
+    native = CliRunner().invoke(app, args + ["--portable-kernels"])
     assert native.exit_code == 0, native.output
     assert "choosing learning rates" not in native.output
     assert (out / "lr_sweep.jsonl").stat().st_size == sweep_size

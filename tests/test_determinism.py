@@ -1,4 +1,4 @@
-"""The demo's portable kernels: chosen before torch loads, reported honestly after."""
+"""The demo's optional portable kernels (--portable-kernels): chosen before torch loads, reported honestly after."""
 
 import os
 import subprocess
@@ -33,8 +33,9 @@ def test_after_torch_loaded_they_are_reported_as_not_in_effect(monkeypatch):
 
 
 def test_the_demo_command_gets_portable_kernels_through_the_entry_point():
-    """`mu-fast demo` builds its flags from EditConfig (which loads torch) when mu_fast.cli is imported: the kernels
-    must be chosen before that, from the command line, or the demo silently runs this CPU's own kernels."""
+    """`mu-fast demo --portable-kernels` builds its flags from EditConfig (which loads torch) when mu_fast.cli is
+    imported: the kernels must be chosen before that, from the command line, or the demo silently runs this CPU's
+    own kernels. Without the flag the demo runs this CPU's own (the default)."""
     code = ("import sys\n"
             "sys.argv = ['mu-fast'] + sys.argv[1:]\n"
             "import mu_fast.cli\n"
@@ -43,9 +44,10 @@ def test_the_demo_command_gets_portable_kernels_through_the_entry_point():
     env = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
     env["PYTHONPATH"] = str(REPO)
     seen = {}
-    for args in (["demo", "--help"], ["--debug", "demo"], ["demo", "--native-kernels"], ["run", "organism"]):
+    for args in (["demo", "--portable-kernels", "--help"], ["--debug", "demo", "--portable-kernels"], ["demo"],
+                 ["demo", "--native-kernels"], ["run", "organism"]):
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr
         seen[" ".join(args)] = proc.stdout.strip()
-    assert seen == {"demo --help": "True", "--debug demo": "True", "demo --native-kernels": "False",
-                    "run organism": "False"}
+    assert seen == {"demo --portable-kernels --help": "True", "--debug demo --portable-kernels": "True",
+                    "demo": "False", "demo --native-kernels": "False", "run organism": "False"}
