@@ -83,13 +83,14 @@ def planted(L: int, N: int, d: int, C: int, signal_layers: set[int], gen: torch.
     return x, y
 
 
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_batched_probes_equal_per_layer_newton(rng, dtype):
+def test_batched_probes_equal_per_layer_newton(rng, dtype, solver):
     L, N, d, C = 3, 90, 5, 3
     x, y = planted(L, N, d, C, {0}, rng)
     x = x * torch.rand(1, 1, d, generator=rng) * 4 + 2  # unequal scales and offsets: standardisation matters
     lam = 0.05
-    probes = train_probes(x, y, C, weight_decay=lam, steps=500, dtype=dtype, tolerance=1e-10)
+    probes = train_probes(x, y, C, weight_decay=lam, steps=500, dtype=dtype, tolerance=1e-10, solver=solver)
     for layer in range(L):
         W, b = newton_reference(x[layer], y, C, lam)
         z = (x[layer].double() - x[layer].double().mean(0)) / x[layer].double().std(0, unbiased=False)
@@ -99,6 +100,52 @@ def test_batched_probes_equal_per_layer_newton(rng, dtype):
         # measured ~2e-4 in the probabilities (fp64: ~1e-12).
         tol = 1e-3 if dtype == torch.float32 else 1e-7
         torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
+def test_newton_probes_sit_at_the_minimum_whatever_the_round_off(rng):
+    """Nearly separable features at the default (sklearn C=1) penalty, where L-BFGS stops far from the minimum (on
+    the demo organism a 1e-15 relative change of the features moved its weights by up to 1.8): the Newton probes
+    of features changed by 1e-15 relative, and solved on 1 or 2 threads, agree to 1e-9, and their gradient is 0."""
+    L, N, d, C = 3, 400, 24, 3
+    x, y = planted(L, N, d, C, {0, 1, 2}, rng)
+    x = x.double() * 3
+    runs = []
+    for k, threads in ((0, 1), (1, 1), (2, 2)):
+        noise = torch.randn(x.shape, generator=rng, dtype=torch.float64) * 1e-15 if k else 0
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(train_probes(x * (1 + noise), y, C, solver="newton"))
+        finally:
+            torch.set_num_threads(old)
+    for probes in runs[1:]:
+        torch.testing.assert_close(probes.weight, runs[0].weight, atol=1e-9, rtol=0)
+        torch.testing.assert_close(probes.bias, runs[0].bias, atol=1e-9, rtol=0)
+    # the returned point is the minimum: the objective's gradient there is round-off
+    probes = runs[0]
+    z = ((x - probes.mean[:, None]) / probes.scale[:, None]).detach()
+    weight = probes.weight.clone().requires_grad_(True)
+    bias = probes.bias.clone().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(torch.baddbmm(bias[:, None], z, weight).reshape(L * N, C), y.repeat(L),
+                                           reduction="none").view(L, N).mean(1)
+    (ce + 0.5 / N * weight.square().sum(dim=(1, 2))).sum().backward()
+    assert float(weight.grad.abs().max()) < 1e-10 and float(bias.grad.abs().max()) < 1e-10
+
+
+def test_a_class_without_training_examples_is_never_predicted(rng):
+    """Its minimum is at bias -inf: Newton solves over the present classes and gives the absent one -inf."""
+    x, y = planted(2, 60, 4, 2, {0}, rng)
+    probes = train_probes(x, y, 3, solver="newton")
+    assert torch.isinf(probes.bias[:, 2]).all() and (probes.bias[:, 2] < 0).all()
+    assert (probes.weight[:, :, 2] == 0).all() and torch.isfinite(probes.bias[:, :2]).all()
+    proba = probes.predict_proba(x)
+    assert (proba[..., 2] == 0).all() and torch.allclose(proba.sum(-1), torch.ones(2, 60, dtype=proba.dtype))
+    assert (probes.predict(x) != 2).all()
+    # the same minimum over the present classes as a two-class problem
+    two = train_probes(x, y, 2, solver="newton")
+    torch.testing.assert_close(probes.predict_proba(x)[..., :2], two.predict_proba(x), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        train_probes(x, y, 2, solver="sgd")
 
 
 def test_probes_recover_planted_signal_and_sit_at_chance_on_noise(rng):

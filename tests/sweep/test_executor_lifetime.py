@@ -290,7 +290,7 @@ def _listening() -> dict[str, tuple[str, int]]:
 
 
 def _sockets_of(pids: list[int]) -> list[tuple[int, str, str, int]]:
-    """``(pid, command, address, port)`` of every listening socket these processes hold."""
+    """``(pid, command line, address, port)`` of every listening socket these processes hold."""
     listening, found = _listening(), []
     for pid in pids:
         try:
@@ -304,7 +304,7 @@ def _sockets_of(pids: list[int]) -> list[tuple[int, str, str, int]]:
                 continue
             inode = link[len("socket:["):-1] if link.startswith("socket:[") else None
             if inode in listening:
-                found.append((pid, _cmdline(pid)[:80], *listening[inode]))
+                found.append((pid, _cmdline(pid), *listening[inode]))  # whole: a long install path must not cut it
     return found
 
 
