@@ -1,7 +1,7 @@
 """The same demo table on any x86-64 CPU: what makes it so, and what was measured.
 
 Float round-off differs between CPUs (torch picks its vectorized kernels by CPU, MKL and oneDNN their code paths by
-vendor and model) and between thread counts. Three things kept that from reaching the demo's table:
+vendor and model) and between thread counts. Four things kept that from reaching the demo's table:
 
 1. **The organism is shipped as weights** (``mu_fast.organism.shipped``): training it amplifies round-off, and two
    CPUs trained two different organisms, even with one kernel set on both (an Intel Xeon and an AMD EPYC gave
@@ -13,6 +13,10 @@ vendor and model) and between thread counts. Three things kept that from reachin
    whatever the model's dtype; ``to_float64`` replaces them. Probe features stay float64.
 3. **Random draws that are the same everywhere**: the relearning attack's LoRA dropout draws its masks with
    ``torch.rand`` (torch's ``bernoulli_``, behind ``nn.Dropout``, draws from MKL's generator on Intel CPUs only).
+4. **Probes solved to their minimum** (``mu_fast.evaluate.probes.train_probes``, Newton): L-BFGS stopped at its
+   iteration limit far from the minimum on the organism's nearly separable features, so a 1e-15 change of the
+   features moved the probe weights by up to 1.8; even in float64 one latent-probe prediction then differed between
+   native and portable kernels (2 threads), and with it a printed mean. The minimum itself moves by ~1e-13.
 
 Measured (``benchmarks/demo_numerics.py``, ``benchmarks/results/CPU/demo_numerics.json``): on one AMD EPYC (family
 25 model 17, AVX-512), the demo under native (AVX-512) and portable (baseline x86-64) kernels, with 1 thread in 2

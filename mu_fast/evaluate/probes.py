@@ -290,8 +290,8 @@ def _objective(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, wei
     return ce + 0.5 * lam * weight.square().sum(dim=(1, 2))
 
 
-def _newton(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, max_iter: int = 200,
-            grad_tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _newton(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float,
+            max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise every layer's ``mean CE + lam/2 ||W||²`` by damped Newton: ``(weight [L, d, C], bias [L, C])``.
 
     Parameters per layer: ``theta [(d+1), C]`` (the bias is the last row). Gradient ``Zᵀ(P - Y)/N + lam·W``;
@@ -299,40 +299,37 @@ def _newton(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, max_it
     class's bias changes nothing (softmax), so the Hessian is singular along that one direction u (the gradient has no
     component in it); adding ``s·u uᵀ`` (s: the mean diagonal) gives u the eigenvalue s and leaves every other
     eigenpair as it was, so the solve is well conditioned and the step unchanged. (A tiny ridge instead was measured
-    to leave 3e-5 of round-off in the biases.) Each step is shortened by halving until the Armijo condition holds, per layer.
-    Stops when the largest gradient entry is at most ``grad_tol`` (default: 1e3 · eps of the dtype, times the
-    gradient's scale at zero), or after ``max_iter`` steps. Near the minimum Newton converges quadratically, so the
-    point it stops at is the minimum to round-off whichever side of the threshold the last gradient fell.
+    to leave 3e-5 of round-off in the biases.)
+
+    Far from the minimum each step is halved until the Armijo condition holds (per layer). The Newton step is the
+    distance to the minimum once there, so a layer whose largest step entry is below 1e-6 of its parameters' scale
+    takes full steps (quadratic convergence; the objective no longer changes measurably, so Armijo cannot judge), and
+    it is done when that entry falls below 1e-13 of the scale or stops shrinking (round-off), or after ``max_iter``
+    steps. Where it stops is the minimum to round-off, whichever side of a threshold the last step fell.
     """
     L, N, d = x.shape
     C, P = n_classes, (d + 1) * n_classes
-    dtype = x.dtype
-    z = torch.cat([x, torch.ones(L, N, 1, dtype=dtype, device=x.device)], dim=2)  # [L, N, d+1]
+    dtype, device = x.dtype, x.device
+    z = torch.cat([x, torch.ones(L, N, 1, dtype=dtype, device=device)], dim=2)  # [L, N, d+1]
     target = F.one_hot(y, C).to(dtype)  # [N, C]
-    theta = torch.zeros(L, d + 1, C, dtype=dtype, device=x.device)
-    rows = torch.full((d + 1, 1), lam, dtype=dtype, device=x.device)
+    theta = torch.zeros(L, d + 1, C, dtype=dtype, device=device)
+    rows = torch.full((d + 1, 1), lam, dtype=dtype, device=device)
     rows[d] = 0.0  # the bias is not penalised
+    reg_diag = rows.expand(d + 1, C).reshape(P)
 
     def objective(t: torch.Tensor) -> torch.Tensor:
         return _objective(x, y, C, lam, t[:, :d], t[:, d])
 
-    def gradient(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = torch.softmax(torch.bmm(z, t), dim=2)  # [L, N, C]
-        return torch.bmm(z.transpose(1, 2), p - target) / N + rows * t, p
-
     value = objective(theta)
-    g, p = gradient(theta)
-    if grad_tol is None:
-        grad_tol = 1e3 * torch.finfo(dtype).eps * max(1.0, float(g.abs().amax()))
-    reg_diag = rows.expand(d + 1, C).reshape(P)
+    active = torch.ones(L, dtype=torch.bool, device=device)
+    previous = torch.full((L,), float("inf"), dtype=dtype, device=device)
     for _ in range(max_iter):
-        if float(g.abs().amax()) <= grad_tol:
-            break
+        p = torch.softmax(torch.bmm(z, theta), dim=2)  # [L, N, C]
+        g = torch.bmm(z.transpose(1, 2), p - target) / N + rows * theta
         zp = (z[..., :, None] * p[..., None, :]).reshape(L, N, P)  # [L, N, (d+1)·C]
         hess = -torch.bmm(zp.transpose(1, 2), zp) / N
         block = torch.einsum("lni,lnj,lna->liaj", z, z, p) / N  # [L, d+1, C, d+1]: the diag(p) part, a = b
-        hv = hess.view(L, d + 1, C, d + 1, C)
-        hv += torch.diag_embed(block.permute(0, 1, 3, 2)).permute(0, 1, 3, 2, 4)
+        hess.view(L, d + 1, C, d + 1, C).add_(torch.diag_embed(block.permute(0, 1, 3, 2)).permute(0, 1, 3, 2, 4))
         scale = hess.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(dtype).tiny)  # [L]
         hess += torch.diag_embed(reg_diag)
         hess[:, d * C:, d * C:] += scale[:, None, None] / C  # the gauge u = 1/√C on the bias: H u = 0 -> scale·u
@@ -342,18 +339,25 @@ def _newton(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, max_it
             step = -torch.linalg.lstsq(hess, flat_g).solution
         else:
             step = -torch.cholesky_solve(flat_g, chol)
-        step = step.view(L, d + 1, C)
-        slope = (g * step).sum(dim=(1, 2))  # [L], < 0
-        t = torch.ones(L, dtype=dtype, device=x.device)
+        step = step.view(L, d + 1, C) * active[:, None, None]
+        size = step.abs().amax(dim=(1, 2))
+        magnitude = 1.0 + theta.abs().amax(dim=(1, 2))
+        near = size <= 1e-6 * magnitude  # at the minimum's doorstep: full steps
+        slope = (g * step).sum(dim=(1, 2))  # [L], <= 0
+        t = torch.ones(L, dtype=dtype, device=device)
         for _ in range(60):
             trial = objective(theta + t[:, None, None] * step)
-            ok = trial <= value + 1e-4 * t * slope
+            ok = near | ~active | (trial <= value + 1e-4 * t * slope)
             if bool(ok.all()):
                 break
             t = torch.where(ok, t, 0.5 * t)
         theta = theta + t[:, None, None] * step
         value = objective(theta)
-        g, p = gradient(theta)
+        done = (size <= 1e-13 * magnitude) | (near & (size > 0.5 * previous))
+        previous = torch.where(active, size, previous)
+        active &= ~done
+        if not bool(active.any()):
+            break
     return theta[:, :d].contiguous(), theta[:, d].contiguous()
 
 
