@@ -12,13 +12,8 @@ minimum is every layer's own minimum) and minimised by full-batch L-BFGS. The ob
 ``mean CE + weight_decay/2 · ||W||²`` (bias unpenalised), i.e. sklearn's ``LogisticRegression(C)`` with
 ``weight_decay = 1/(C·N)``; the default, ``1/N``, is sklearn's default ``C=1`` that the paper used.
 
-``latent_probes`` is the paper's latent-knowledge probe (authors_repo.md §4.7) in two settings. ``"paper"`` is the
-authors' exactly: raw (unstandardised) residual streams at boundaries 0..L-1 (the last one skipped), collected with
-left padding and the model's default position ids, maintain-train facts grouped by answer in order of first
-appearance, classes numbered alphabetically (their ``sport_dict``), sklearn's ``train_test_split(test_size=0.2,
-random_state=42, stratify=y)`` and ``LogisticRegression(max_iter=1000)`` per layer (without scikit-learn: this
-module's stratified split and the same objective solved by L-BFGS on raw features; the result says which).
-``"standardized"`` (the default) standardises features per layer, probes every boundary 0..L and uses right padding.
+The latent-knowledge probe built on these, ``latent_probes``, is in ``mu_fast.evaluate.probes`` (the authors' setting
+in ``mu_fast.evaluate.probes_paper``); both import this module, which imports neither.
 """
 
 from __future__ import annotations
@@ -29,13 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mu_fast.data.base import FactTask, TokenizedPrompts, pad_batch
+from mu_fast.data.base import TokenizedPrompts, pad_batch
 from mu_fast.evaluate.metrics import check_token_ids, eval_mode, length_sorted_batches, model_device
 from mu_fast.models.forward import decoder_of
 
 POSITIONS = ("last", "subject_last")
 PADDING_SIDES = ("right", "left")
-SETTINGS = ("standardized", "paper")
 PROBE_BACKENDS = ("auto", "sklearn", "torch")
 PROBE_SOLVERS = ("auto", "newton", "lbfgs")
 # Newton's Hessian per layer is ((d+1)·C)² floats: 2048 parameters are 32 MB in fp64 (a 7-9B model's d=4096 with 3-4
@@ -373,84 +367,3 @@ def stratified_split(
         test.append(members[:k])
         train.append(members[k:])
     return torch.cat(train).sort().values, torch.cat(test).sort().values
-
-
-def latent_probes(
-    model: Any,
-    tokenizer: Any,
-    task: FactTask,
-    position: str = "last",
-    test_fraction: float = 0.2,
-    seed: int = 42,
-    batch_size: int = 64,
-    weight_decay: float | None = None,
-    steps: int = 200,
-    setting: str = "standardized",
-    probe_backend: str = "auto",
-) -> dict[str, Any]:
-    """The paper's latent-knowledge probe (authors_repo.md §4.7), for every layer boundary at once.
-
-    setting: "standardized" (below) or "paper" (the authors' exact recipe, module docstring; ``test_fraction``,
-    ``seed``, ``weight_decay`` and ``steps`` do not apply, probe_backend "auto" | "sklearn" | "torch" picks the
-    solver). Both results carry ``"setting"``, ``"padding"`` and ``"probe"`` (which solver ran).
-
-    Features: the residual stream at the last prompt token (``position``) of the training-format prompts.
-    Probes are trained on the maintain-train facts (a seeded stratified ``1-test_fraction`` part; the rest
-    measures probe quality) and applied to the forget facts (``task.forget_test``), scored against the true
-    answer and against the edit answer. Classes: ``task.classes`` restricted to the answers seen in maintain
-    training (an edit answer outside them, e.g. " golf", can never be predicted and scores 0).
-
-    Returns ``{"layers": [0..L], "probe_acc": [L+1] (held-out maintain), "forget_acc_true": [L+1],
-    "forget_acc_edit": [L+1] or None, "classes", "n_train", "n_test", "n_forget", "position"}``; lists of
-    floats. The paper skipped the last boundary; here it is included (index L, before the final norm).
-    """
-    from mu_fast.evaluate.formats import tokenized_set
-
-    if setting not in SETTINGS:
-        raise ValueError(f"setting must be one of {SETTINGS}; got {setting!r}")
-    if setting == "paper":
-        from mu_fast.evaluate.probes_paper import paper_latent_probes
-
-        return paper_latent_probes(model, tokenizer, task, position, batch_size, probe_backend)
-    maintain = tokenized_set(tokenizer, task, task.maintain_train)
-    forget = tokenized_set(tokenizer, task, task.forget_test)
-    order = list(task.classes) if task.classes else sorted(set(task.maintain_train.answers))
-    seen = set(task.maintain_train.answers)
-    classes = [c for c in order if c in seen] + sorted(seen - set(order))
-    if len(classes) < 2:
-        raise ValueError(
-            f"task {task.name!r}: maintain-train facts have {len(classes)} answer class(es) {classes}; probes need >= 2"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-
-    def class_ids(answers: Any) -> torch.Tensor:
-        return torch.tensor([index.get(a, -1) for a in answers], dtype=torch.int64)
-
-    y_maintain = class_ids(task.maintain_train.answers)
-    train_idx, test_idx = stratified_split(y_maintain, test_fraction, seed)
-    h_maintain = collect_hidden(model, maintain, position, batch_size)
-    h_forget = collect_hidden(model, forget, position, batch_size)
-    probes = train_probes(
-        h_maintain[:, train_idx.to(h_maintain.device)],
-        y_maintain[train_idx],
-        len(classes),
-        weight_decay=weight_decay,
-        steps=steps,
-    )
-    edit = task.forget_test.edit_answers
-    return {
-        "layers": list(range(h_maintain.shape[0])),
-        "probe_acc": probes.accuracy(h_maintain[:, test_idx.to(h_maintain.device)], y_maintain[test_idx]).tolist()
-        if test_idx.numel()
-        else None,
-        "forget_acc_true": probes.accuracy(h_forget, class_ids(task.forget_test.answers)).tolist(),
-        "forget_acc_edit": None if edit is None else probes.accuracy(h_forget, class_ids(edit)).tolist(),
-        "classes": classes,
-        "n_train": int(train_idx.numel()),
-        "n_test": int(test_idx.numel()),
-        "n_forget": len(task.forget_test),
-        "position": position,
-        "setting": "standardized",
-        "padding": "right",
-        "probe": "torch L-BFGS multinomial logistic regression on per-layer standardised features",
-    }
