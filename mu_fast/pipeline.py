@@ -324,7 +324,8 @@ def compare_localizations(
         from mu_fast.pipeline_workers import run_in_workers
 
         jobs = [(method, seed, config, flus[seed], evaluations) for method, seed, config, _, _ in todo]
-        for index, run in run_in_workers(model, tokenizer, task, jobs, workers, threads=threads):
+        for index, run in run_in_workers(model, tokenizer, task, jobs, workers, threads=threads,
+                                         run=localize_edit_evaluate):
             method, seed, _, key, path = todo[index]
             finish(method, seed, key, path, run)
     else:
