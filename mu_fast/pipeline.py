@@ -13,7 +13,8 @@ results.json carries the provenance block (``mu_fast.provenance``: versions, thr
 and a legend.
 
 Named presets: the per-group edit settings are ``mu_fast.sweep.presets`` (``organism``: the lr rule's choices,
-``mu_fast.organism.lr_choice``), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``, ``mu_fast.cli.options.run_settings``).
+``mu_fast.organism.lr_choice``), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``,
+``mu_fast.cli.options.run_settings``).
 """
 
 from __future__ import annotations
