@@ -198,6 +198,11 @@ def test_ctrl_c_ends_a_process_sweep_with_one_line_and_keeps_the_store(spec, tmp
     from mu_fast.sweep.engine import pending_runs
 
     store = tmp_path / "s.jsonl"
+    # 96 runs: Ctrl-C comes after the first record, and on a loaded machine the test's polling can lag the workers
+    # by seconds; with the fixture's 24 the sweep had twice finished before the signal (nothing left to interrupt).
+    long_spec = tmp_path / "long_spec.json"
+    long_spec.write_text(json.dumps({**json.loads(spec.read_text()), "seeds": list(range(16))}))
+    spec = long_spec
     proc = _start_sweep(spec, store, tmp_path)
     try:
         _wait_for(lambda: _records(store) >= 1, 300, proc, "finished run")
