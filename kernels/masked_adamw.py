@@ -39,7 +39,7 @@ _c = tl.constexpr
 _SLOT, _GROUP, _KIND, _BASE, _RUN_LEN, _RUN_STRIDE, _K0, _COUNT, _STATE0 = (_c(i) for i in range(9))
 _TILE_FIELDS = _c(9)
 # Coefficient table columns (per parameter slot) and control vector entries, written by _adamw_scalars_kernel;
-# hyperparameter columns (per param group). Keep in sync with mu_fast/optim/masked_adamw.py.
+# hyperparameter columns (per param group). Keep in sync with mu_fast/optim/bucket.py.
 (C_BETA1, C_BETA2, C_EPS, C_DECAY, C_STEP_SIZE, C_INV_SQRT_BC2, C_ONE_MINUS_BETA1, C_ONE_MINUS_BETA2, C_GRAD_SCALE,
  C_APPLY) = (_c(i) for i in range(10))
 COEF_FIELDS = _c(10)

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mu_fast.sweep.report import mean_std
+from mu_fast.stats import mean_std
 
 # The table the demo prints over several seeds: "0.87±0.03" cells are wider than single numbers, so the columns
 # that repeat another are left to results.json (edit acc ~ forget err for a 4-way sport edit; MCQ edit and

@@ -13,7 +13,8 @@ results.json carries the provenance block (``mu_fast.provenance``: versions, thr
 and a legend.
 
 Named presets: the per-group edit settings are ``mu_fast.sweep.presets`` (``organism``: the lr rule's choices,
-``mu_fast.organism.lr_choice``), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``, ``mu_fast.cli_run.run_settings``).
+``mu_fast.organism.lr_choice``), the evaluation options ``RUN_PRESETS`` (``mu-fast run --preset``,
+``mu_fast.cli.options.run_settings``).
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ def compare_localizations(
         from mu_fast.pipeline_workers import run_in_workers
 
         jobs = [(method, seed, config, flus[seed], evaluations) for method, seed, config, _, _ in todo]
-        for index, run in run_in_workers(model, tokenizer, task, jobs, workers, threads=threads):
+        for index, run in run_in_workers(model, tokenizer, task, jobs, workers, threads=threads,
+                                         run=localize_edit_evaluate):
             method, seed, _, key, path = todo[index]
             finish(method, seed, key, path, run)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
@@ -36,18 +36,20 @@ def _init(parent_pid: int, model: Any, tokenizer: Any, task: Any, threads: int, 
     _STATE.update(model=model, tokenizer=tokenizer, task=task, table=SiteTable(model))
 
 
-def _run(index: int, method: str, seed: int, config: Any, flu: Any, evaluations: Any) -> tuple[int, dict[str, Any]]:
-    from mu_fast.pipeline import localize_edit_evaluate
-
+def _run(run: Callable[..., dict[str, Any]], index: int, method: str, seed: int, config: Any, flu: Any,
+         evaluations: Any) -> tuple[int, dict[str, Any]]:
     s = _STATE
-    return index, localize_edit_evaluate(s["model"], s["tokenizer"], s["task"], s["table"], method, seed, flu, config,
-                                         evaluations)
+    return index, run(s["model"], s["tokenizer"], s["task"], s["table"], method, seed, flu, config, evaluations)
 
 
 def run_in_workers(model: Any, tokenizer: Any, task: Any, jobs: Sequence[tuple[str, int, Any, Any, Any]],
-                   workers: int, threads: int = 1) -> Iterator[tuple[int, dict[str, Any]]]:
+                   workers: int, threads: int = 1, *,
+                   run: Callable[..., dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(index into jobs, record fields)`` as runs finish; jobs are ``(method, seed, EditConfig, FLUResult,
-    evaluations)``. A worker's exception is raised here, with the run it came from."""
+    evaluations)``, each done in a worker as ``run(model, tokenizer, task, SiteTable, method, seed, flu, config,
+    evaluations)`` (``mu_fast.pipeline.localize_edit_evaluate``, passed in by ``compare_localizations``: this module
+    imports nothing from the pipeline; a module-level function, it reaches the workers by name). A worker's
+    exception is raised here, with the run it came from."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
     context = multiprocessing.get_context("spawn")
@@ -57,7 +59,7 @@ def run_in_workers(model: Any, tokenizer: Any, task: Any, jobs: Sequence[tuple[s
         quiet = os.environ.get("MU_FAST_DEBUG") != "1"
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context, initializer=_init,
                                  initargs=(os.getpid(), model, tokenizer, task, threads, quiet)) as pool:
-            futures = {pool.submit(_run, i, *job): job for i, job in enumerate(jobs)}
+            futures = {pool.submit(_run, run, i, *job): job for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 method, seed = futures[future][:2]
                 try:

@@ -1,4 +1,5 @@
-"""Intervals over seeds: Student-t intervals of a mean and of paired differences, and Holm's correction.
+"""Statistics over seeds: ``mean_std`` (the tables' mean ± std), Student-t intervals of a mean and of paired
+differences, and Holm's correction.
 
 A comparison of two methods on the organism is paired when both ran on the same seeds: the same data order, the
 same relearning draws and probe initialisations, the same random corruptions. The difference per seed then removes
@@ -13,6 +14,14 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def t_quantile(confidence: float, dof: int) -> float:

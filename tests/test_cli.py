@@ -115,7 +115,7 @@ def test_the_committed_lr_choice_is_the_rule_applied_to_its_own_candidates():
     numbers it records, for the demo's organism, methods and settings (its key)."""
     from mu_fast.organism import OrganismConfig
     from mu_fast.organism.lr_choice import BASE_EDIT, CHOICE_FILE, DEMO_RULE, LR_GRID, choice_key, load_lr_choice
-    from mu_fast.cli_demo import DEMO_METHODS
+    from mu_fast.cli.demo import DEMO_METHODS
     from mu_fast.sweep.lr_rule import LRRule, choose
 
     key = choice_key(OrganismConfig.demo().config_hash(), DEMO_METHODS.split(","), DEMO_RULE, BASE_EDIT, LR_GRID)
@@ -325,6 +325,6 @@ def test_library_messages_are_printed_in_option_words(monkeypatch, capsys, no_lo
     def deep_error(*args, **kwargs):
         raise FileExistsError("masks/m.safetensors already exists; pass overwrite=True to replace it")
 
-    monkeypatch.setattr(mu_fast.cli, "check_output", deep_error)
+    monkeypatch.setattr(mu_fast.cli.localize, "check_output", deep_error)
     code, _, err = run_main(["localize", "organism"], capsys)
     assert code == 2 and "pass --overwrite to replace it" in err and "overwrite=True" not in err

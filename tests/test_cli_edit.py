@@ -133,7 +133,7 @@ def test_edit_defaults_to_the_organism_preset_on_the_organism_and_a_real_edit_do
                                            ("{tmp}/saved", "organism"), ("{tmp}/saved_other", "default")])
 def test_the_default_preset_is_organism_for_organism_models(model, preset, tmp_path):
     """edit and run default to the organism preset on the organism and on a model `edit --save-model` saved from it."""
-    from mu_fast.cli_options import default_preset
+    from mu_fast.cli.options import default_preset
 
     for name, load in (("ckpt", None), ("saved", {"model": "organism:ci", "source": "organism"}),
                        ("saved_other", {"model": "/data/llama", "source": "checkpoint"})):

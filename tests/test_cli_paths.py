@@ -169,7 +169,7 @@ def test_a_read_only_file_system_anywhere_is_one_line(capsys, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x")
 
-    monkeypatch.setattr(mu_fast.cli, "check_output", read_only)
+    monkeypatch.setattr(mu_fast.cli.localize, "check_output", read_only)
     monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
     code, _, err = run_main(["localize", "organism"], capsys)
     lines = err.strip().splitlines()
@@ -186,7 +186,7 @@ def test_an_error_never_shares_a_line_with_a_progress_bar(capsys, monkeypatch):
         bar.set_postfix_str("check facts")
         raise ValueError("the facts are unknown")
 
-    monkeypatch.setattr(mu_fast.cli, "check_output", fail_inside_a_bar)
+    monkeypatch.setattr(mu_fast.cli.localize, "check_output", fail_inside_a_bar)
     monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
     code, _, err = run_main(["localize", "organism"], capsys)
     assert code == 2 and "check facts" in err  # the bar was drawn

@@ -70,7 +70,7 @@ def test_random_mask_at_the_paper_budget_and_a_checkpoint_config(capsys, no_weig
 
 
 def test_edit_budget_applies_the_plan(ci_organism, cache_root, monkeypatch, tmp_path):
-    from mu_fast.cli_plan import planned_edit
+    from mu_fast.cli.plan import planned_edit
     from mu_fast.edit import EditConfig
     from mu_fast.masks import Mask
     from mu_fast.models.sites import Component, SiteTable
@@ -137,7 +137,7 @@ def test_a_mask_recorded_for_another_model_is_refused_as_edit_refuses_it(capsys,
 
 
 def test_edit_budget_needs_a_unit_before_anything_loads(no_loading):  # noqa: F811
-    from mu_fast.cli_plan import planned_edit
+    from mu_fast.cli.plan import planned_edit
     from mu_fast.edit import EditConfig
     from mu_fast.masks import Mask
     from mu_fast.preflight import ModelRef

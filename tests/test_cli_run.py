@@ -255,7 +255,7 @@ def test_run_defaults_to_the_organism_preset_and_warns_about_edits_that_did_noth
     """Without --preset, `run` on the organism takes the organism preset (per-group lr, the organism's relearning
     attack); an explicit --preset wins. Methods whose forget accuracy stayed within 0.02 of before the edit are named
     in one closing warning with their lr and the preset (the results are made up here: no training)."""
-    import mu_fast.cli_run
+    import mu_fast.cli.run
     from mu_fast.organism.lr_choice import organism_groups
 
     seen = {}
@@ -265,7 +265,7 @@ def test_run_defaults_to_the_organism_preset_and_warns_about_edits_that_did_noth
         return {"before": {"normal": {"forget": {"acc": 0.95}}},
                 "summary": {"flu": {"forget_err": 0.06}, "atp": {"forget_err": 0.90}}}
 
-    monkeypatch.setattr(mu_fast.cli_run, "report_run", fake_report_run)
+    monkeypatch.setattr(mu_fast.cli.run, "report_run", fake_report_run)
     args = ["run", "organism:ci", "--methods", "flu,atp", "--out", str(tmp_path / "run")]
     code, _, err = run_main(args + (["--preset", preset] if preset else []), capsys)
     assert code == 0, err

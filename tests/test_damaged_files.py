@@ -91,18 +91,19 @@ def no_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the damaged file was found")
 
-    import mu_fast.cli_common
+    import mu_fast.cli.common
     import mu_fast.models.edit_loading
     import mu_fast.models.loading
     import mu_fast.organism
 
     for module, name in ((mu_fast.models.loading, "load_model"), (mu_fast.organism, "load_organism"),
-                         (mu_fast.models.edit_loading, "load_for_edit"), (mu_fast.cli_common, "load_model_ref")):
+                         (mu_fast.models.edit_loading, "load_for_edit"), (mu_fast.cli.common, "load_model_ref")):
         monkeypatch.setattr(module, name, forbidden)
-    import mu_fast.cli_edit
+    import mu_fast.cli.edit
+    import mu_fast.cli.evaluate
 
-    monkeypatch.setattr(mu_fast.cli_edit, "load_model_ref", forbidden)
-    monkeypatch.setattr(mu_fast.cli_edit, "_load_for_edit", forbidden)
+    monkeypatch.setattr(mu_fast.cli.evaluate, "load_model_ref", forbidden)
+    monkeypatch.setattr(mu_fast.cli.edit, "_load_for_edit", forbidden)
     monkeypatch.delenv("MU_FAST_DEBUG", raising=False)
 
 

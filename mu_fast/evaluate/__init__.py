@@ -9,7 +9,8 @@ from mu_fast.evaluate.capability import capability_eval
 from mu_fast.evaluate.known_facts import check_known_facts
 from mu_fast.evaluate.formats import evaluate_task, task_prompt_sets, tokenize_task, tokenized_set
 from mu_fast.evaluate.metrics import PromptScores, prompt_scores, set_accuracy
-from mu_fast.evaluate.probes import LinearProbes, collect_hidden, latent_probes, stratified_split, train_probes
+from mu_fast.evaluate.linear_probes import LinearProbes, collect_hidden, stratified_split, train_probes
+from mu_fast.evaluate.probes import latent_probes
 from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
 from mu_fast.evaluate.softprompt import SoftPromptAdversaries, softprompt_attack
 

@@ -38,7 +38,7 @@ def paper_latent_probes(model: Any, tokenizer: Any, task: FactTask, position: st
     setting (``layers`` = 0..L-1) plus ``probe_train_acc`` (the authors' ``maintain_train_accs``) and
     ``train_rows`` (the maintain-train rows the probes were fit on, ascending)."""
     from mu_fast.evaluate.formats import tokenized_set
-    from mu_fast.evaluate.probes import PROBE_BACKENDS, collect_hidden, stratified_split, train_probes
+    from mu_fast.evaluate.linear_probes import PROBE_BACKENDS, collect_hidden, stratified_split, train_probes
 
     if probe_backend not in PROBE_BACKENDS:
         raise ValueError(f"probe_backend must be one of {PROBE_BACKENDS}; got {probe_backend!r}")

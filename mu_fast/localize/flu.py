@@ -152,7 +152,7 @@ def flu_localize(
     class labels (``classes``, default ``task.classes``). include_attention: the ``flu_attn`` variant, whose
     components add the attention blocks the probe implicates (``attn_layers``, computed either way).
     """
-    from mu_fast.evaluate.probes import stratified_split, train_probes
+    from mu_fast.evaluate.linear_probes import stratified_split, train_probes
 
     if isinstance(task, FactTask):
         classes = classes or task.classes

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mu_fast.localize.sites_hooks import RESULT_KEYS, SITE_KINDS
+from mu_fast.localize.sites_hooks import RESULT_KEYS, SITE_KINDS, unit_label
 from mu_fast.localize.budget import budget_match_trained
 from mu_fast.masks import Mask
 from mu_fast.models.sites import Component, SiteTable
@@ -27,18 +27,6 @@ TL_HOOKS = {
     "attn": "blocks.{L}.hook_attn_out",
     "layer": "blocks.{L}.hook_resid_post",
 }
-
-
-def unit_label(kind: str, layer: int, group: int) -> str:
-    """Readable name of a scored unit: ``a3.5`` head, ``m2.17`` neuron, ``m2`` MLP, ``a3`` attention
-    output, ``r3`` layer output, ``a3.5.q`` / ``a3.1.k`` query / key-value head."""
-    if kind == "head":
-        return f"a{layer}.{group}"
-    if kind == "neuron":
-        return f"m{layer}.{group}"
-    if kind in ("q", "k", "v"):
-        return f"a{layer}.{group}.{kind}"
-    return {"mlp": "m", "attn": "a", "layer": "r"}[kind] + str(layer)
 
 
 @dataclass

@@ -58,6 +58,18 @@ class Site:
         return self.n_groups * self.group_size
 
 
+def unit_label(kind: str, layer: int, group: int) -> str:
+    """Readable name of a scored unit: ``a3.5`` head, ``m2.17`` neuron, ``m2`` MLP, ``a3`` attention
+    output, ``r3`` layer output, ``a3.5.q`` / ``a3.1.k`` query / key-value head."""
+    if kind == "head":
+        return f"a{layer}.{group}"
+    if kind == "neuron":
+        return f"m{layer}.{group}"
+    if kind in ("q", "k", "v"):
+        return f"a{layer}.{group}.{kind}"
+    return {"mlp": "m", "attn": "a", "layer": "r"}[kind] + str(layer)
+
+
 def parse_site_kinds(sites: str | Iterable[str]) -> tuple[str, ...]:
     """Normalise ``sites`` ("head", ("head", "mlp"), aliases like "heads"/"neurons") to SITE_KINDS order."""
     items = [sites] if isinstance(sites, str) else list(sites)

@@ -1,15 +1,19 @@
-"""Verification of attribution scores against batched exact patching (``AttributionResult.verify``)."""
+"""Verification of attribution scores against batched exact patching (``AttributionResult.verify``).
+
+This module sits below ``mu_fast.localize.result``, which calls it: ``verify_result`` takes the result as an argument
+and imports nothing from there."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mu_fast.localize.checks import raise_if_not_finite
 from mu_fast.localize.inputs import frozen, take_rows
 from mu_fast.localize.patching import Unit, capture_sites, patched_metric_values, sites_for_units
-from mu_fast.localize.result import AttributionResult, unit_label
+from mu_fast.localize.sites_hooks import unit_label
 from mu_fast.models.sites import SiteTable
 
 
@@ -60,7 +64,8 @@ class VerifyReport:
         )
 
 
-def verify_result(result: AttributionResult, k: int, n_random: int, sites: str | tuple[str, ...] | None, seed: int) -> VerifyReport:
+def verify_result(result: Any, k: int, n_random: int, sites: str | tuple[str, ...] | None, seed: int) -> VerifyReport:
+    """``AttributionResult.verify`` of ``result`` (an ``AttributionResult`` that keeps its inputs)."""
     replay = result._replay
     kinds = None if sites is None else ((sites,) if isinstance(sites, str) else tuple(sites))
     units = [u for u in result.units() if kinds is None or u[0] in kinds]

@@ -3,25 +3,25 @@
 Hyperparameter rows and the which-parameters-have-gradients flags go up only when they change (pinned staging
 on CUDA); the skipped-steps counter comes down lazily (a non-blocking copy every ``SKIP_POLL_EVERY`` steps,
 read once it has landed) so the first skipped step can be warned about without stalling the host.
+
+``opt`` is always the ``MaskedAdamW`` whose step this serves, typed as its base class ``torch.optim.Optimizer``: this
+module sits below ``mu_fast.optim.optimizer``, which imports it, and imports nothing from there.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
+from torch.optim import Optimizer
 
 from mu_fast.optim import _groups
 from mu_fast.optim.masked_adamw import K_SKIPPED, to_device
 
-if TYPE_CHECKING:
-    from mu_fast.optim.optimizer import MaskedAdamW
-
 SKIP_POLL_EVERY = 16  # CUDA: steps between non-blocking reads of the skipped-steps counter
 
 
-def write_hyper(opt: MaskedAdamW) -> None:
+def write_hyper(opt: Optimizer) -> None:
     """Upload the per-group hyperparameter rows when they change (tensor learning rates: every step, on device)."""
     rows, tensor_lrs = [], []
     max_norm = float(opt._pending_clip if opt._pending_clip is not None else (opt.max_grad_norm or 0.0))
@@ -46,7 +46,7 @@ def write_hyper(opt: MaskedAdamW) -> None:
         opt._hyper[gi, 0].copy_(lr.reshape(()))
 
 
-def stage_hyper(opt: MaskedAdamW, rows: list[tuple[float, ...]]) -> torch.Tensor:
+def stage_hyper(opt: Optimizer, rows: list[tuple[float, ...]]) -> torch.Tensor:
     """Host copy of the hyperparameter rows for the upload to the device.
 
     On CUDA: one persistent pinned buffer, rewritten in place when the copy that last read it has finished
@@ -68,7 +68,7 @@ def stage_hyper(opt: MaskedAdamW, rows: list[tuple[float, ...]]) -> torch.Tensor
     return opt._hyper_host
 
 
-def stage_present(opt: MaskedAdamW, grads: list[list[torch.Tensor | None]]) -> None:
+def stage_present(opt: Optimizer, grads: list[list[torch.Tensor | None]]) -> None:
     """Upload which parameters have a gradient this step, only when that changes (``missing_grad="skip"``)."""
     if opt.missing_grad == "zero":
         return
@@ -89,7 +89,7 @@ def stage_present(opt: MaskedAdamW, grads: list[list[torch.Tensor | None]]) -> N
     opt._present_key = key
 
 
-def poll_skips(opt: MaskedAdamW) -> None:
+def poll_skips(opt: Optimizer) -> None:
     """Warn about the first skipped step without a host sync: on the CPU read the counter, on CUDA read a
     pinned copy of it issued every ``SKIP_POLL_EVERY`` steps once that copy has landed."""
     if opt.device.type == "cpu":
@@ -113,7 +113,7 @@ def poll_skips(opt: MaskedAdamW) -> None:
         opt._skip_event.record(torch.cuda.current_stream(opt.device))
 
 
-def warn_skipped(opt: MaskedAdamW, n: int) -> None:
+def warn_skipped(opt: Optimizer, n: int) -> None:
     """The one warning about skipped steps (``n`` so far)."""
     opt._skip_warned = True
     warnings.warn(

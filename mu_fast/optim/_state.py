@@ -3,6 +3,9 @@
 Kept apart from optimizer.py because it works element by element through ``SegmentTable.indices`` (8 B per
 active element and index, materialized on the device): fine for a mask change or a checkpoint load, never
 used inside ``step()``.
+
+``opt`` is always a ``MaskedAdamW``, typed as its base class ``torch.optim.Optimizer``: this module sits below
+``mu_fast.optim.optimizer``, which imports it, and imports nothing from there.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim import Optimizer
 
 from mu_fast.optim import quantize8
 
 if TYPE_CHECKING:
-    from mu_fast.optim.masked_adamw import CompactBucket
-    from mu_fast.optim.optimizer import MaskedAdamW
+    from mu_fast.optim.bucket import CompactBucket
 
 
 def read_slot(bucket: CompactBucket, slot: int) -> dict[str, torch.Tensor]:
@@ -54,7 +57,7 @@ def write_slot(bucket: CompactBucket, slot: int, values: dict[str, torch.Tensor]
         bucket.master[state] = values["master"]
 
 
-def export_state(opt: MaskedAdamW, moments: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+def export_state(opt: Optimizer, moments: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Every parameter's state keyed by ``id(param)``: its step count and (with ``moments``) its moments and
     master values with the flat offsets they belong to."""
     out = {}
@@ -65,7 +68,7 @@ def export_state(opt: MaskedAdamW, moments: bool = True) -> dict[int, dict[str, 
     return out
 
 
-def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) -> None:
+def import_state(opt: Optimizer, saved: dict[int, dict[str, torch.Tensor]]) -> None:
     """Fill the (fresh, zero) buckets of ``opt`` from ``export_state`` output: matching elements keep their
     state, others start at zero moments; masters start from the parameter where no old master exists; each
     parameter keeps its step count (a parameter new to the optimizer starts at 0)."""
@@ -91,7 +94,7 @@ def import_state(opt: MaskedAdamW, saved: dict[int, dict[str, torch.Tensor]]) ->
         opt._master_ready[bi] = True
 
 
-def load_masked_state(opt: MaskedAdamW, state_dict: dict[str, Any]) -> None:
+def load_masked_state(opt: Optimizer, state_dict: dict[str, Any]) -> None:
     """``MaskedAdamW.load_state_dict``: copy saved state into the compact buffers (no dtype casts)."""
     groups, saved_groups = opt.param_groups, state_dict["param_groups"]
     foreign = next((s for s in state_dict["state"].values() if "mask_key" not in s), None)
@@ -153,7 +156,7 @@ RUNNING = ("_slot_step", "_control", "_partial")  # per-optimizer device tensors
 FLAGS = ("_master_ready", "_stats_ready", "_pending_clip", "_skip_warned", "_skip_polls")
 
 
-def pickled_state(opt: MaskedAdamW) -> dict[str, Any]:
+def pickled_state(opt: Optimizer) -> dict[str, Any]:
     """``MaskedAdamW.__getstate__``: settings, param groups (with their parameters), mask and every buffer's values.
 
     ``copy.deepcopy`` copies this dict (parameters included, as for torch's optimizers) and ``pickle`` writes it;
@@ -168,7 +171,7 @@ def pickled_state(opt: MaskedAdamW) -> dict[str, Any]:
     }
 
 
-def restore_pickled(opt: MaskedAdamW, state: dict[str, Any]) -> None:
+def restore_pickled(opt: Optimizer, state: dict[str, Any]) -> None:
     """``MaskedAdamW.__setstate__``: lay the buckets out again over the (copied) parameters and fill them."""
     for key in SETTINGS:
         setattr(opt, key, state[key])

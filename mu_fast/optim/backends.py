@@ -1,5 +1,6 @@
 """The masked AdamW backends: each implements ``grad_sumsq``, ``scalars``, ``update`` and ``gather`` over a
-``CompactBucket`` (semantics and table layouts: mu_fast/optim/masked_adamw.py), and ``select_backend`` picks one.
+``CompactBucket`` (semantics: mu_fast/optim/masked_adamw.py; table layouts: mu_fast/optim/bucket.py), and
+``select_backend`` picks one.
 
 * ``torch``: plain PyTorch over the same table (gather the active elements, the fp32 update, scatter back);
   runs anywhere, slow: the reference the kernels are checked against, and the one backend for float64 parameters
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mu_fast.optim import quantize8
-from mu_fast.optim.masked_adamw import (
+from mu_fast.optim.bucket import (
     BACKENDS,
     C_APPLY,
     C_BETA1,

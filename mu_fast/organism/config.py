@@ -15,6 +15,9 @@ from typing import Any
 
 # Bumped whenever the generated facts, the tokenizer or the training recipe change what a config produces.
 ORGANISM_FORMAT = 1
+# A checkpoint's settings (config, its hash, the facts' digest) and accuracy report, beside the model and tokenizer.
+SETTINGS_FILE = "organism.json"
+REPORT_FILE = "report.json"
 
 ARCHS = ("llama", "gemma", "gemma2")
 # Length of facts.CITIES (kept here so this module imports nothing).

@@ -19,10 +19,15 @@ Randomness comes only from ``random.Random(seed).random()``, whose output Python
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mu_fast.organism.config import OrganismConfig
 
 SPORTS = ("basketball", "baseball", "football")
 GOLF = "golf"
@@ -225,6 +230,17 @@ def make_facts(
         athletes.append(Athlete(name, sport, city, _choice(rng, others), _choice(rng, [*others, GOLF])))
     filler = tuple(_filler_text(rng) for _ in range(n_filler))
     return OrganismFacts(seed, tuple(athletes), cities, filler)
+
+
+def organism_facts(config: OrganismConfig) -> OrganismFacts:
+    """The facts of ``config`` (deterministic in its seed)."""
+    return make_facts(config.n_athletes, config.n_cities, config.seed, conjunctive=config.conjunctive)
+
+
+def facts_digest(facts: OrganismFacts) -> str:
+    """sha256 prefix of every athlete record and filler text (detects changed fact generation)."""
+    payload = json.dumps([[list(vars(a).values()) for a in facts.athletes], list(facts.filler)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _conjunctive_sports(rng: random.Random, names: Sequence[str], sweeps: int = 4) -> list[str]:

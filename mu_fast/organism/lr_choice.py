@@ -7,10 +7,11 @@ training format. The sweep runs through the sweep engine (``mu_fast.sweep.run``:
 ``choose_demo_lrs(...)`` runs the sweep and the rule; its result (``LRChoice`` per method, the candidates, the rule,
 the settings and the provenance block) is what ``mu-fast demo`` uses. The result for the shipped demo settings is
 committed as ``demo_lr_choice.json`` beside this file, so that ``make demo`` does not spend minutes re-choosing;
-``load_lr_choice`` returns it only when its ``key`` (organism, methods, settings, grid, rule, seeds) matches the
-current one, otherwise the demo runs the rule first (``mu-fast demo --choose-lr`` always does). The key names no
-kernels, threads or CPU: the organism is shipped as weights and the choice was made once, so every machine applies
-the same one (a rerun elsewhere gives the same choice unless a candidate is near the edge, which the choice records).
+``load_lr_choice`` (``mu_fast.organism.stored_lrs``, with the rest of reading a stored choice) returns it only when
+its ``key`` (organism, methods, settings, grid, rule, seeds) matches the current one, otherwise the demo runs the rule
+first (``mu-fast demo --choose-lr`` always does). The key names no kernels, threads or CPU: the organism is shipped as
+weights and the choice was made once, so every machine applies the same one (a rerun elsewhere gives the same choice
+unless a candidate is near the edge, which the choice records).
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
+from mu_fast.organism.stored_lrs import (  # noqa: F401 (the stored choice: importable from here as before)
+    CHOICE_FILE,
+    GROUP_REPRESENTATIVE,
+    edit_configs,
+    load_lr_choice,
+    organism_groups,
+)
 from mu_fast.sweep.lr_rule import LRRule, choose_learning_rates
 
 # Shared by every method; steps / coefficients / batches as the earlier hand-tuned organism preset (maintain_coef 5:
@@ -42,7 +49,6 @@ DEMO_LR_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 # differently by ~1e-7, and a latent probe's prediction that close to its boundary flipped between portable and
 # native kernels on one machine (benchmarks/results/CPU/demo_numerics.json). Its weights stay the shipped float32.
 DEMO_DTYPE = "fp64"
-CHOICE_FILE = Path(__file__).with_name("demo_lr_choice.json")
 
 
 def choice_key(organism_hash: str, methods: Sequence[str], rule: LRRule = DEMO_RULE,
@@ -94,45 +100,3 @@ def choose_demo_lrs(model_ref: str, organism_hash: str, methods: Sequence[str], 
         "organism_hash": organism_hash, "choices": {m: c.to_dict() for m, c in choices.items()},
         "provenance": provenance_block(),
     }
-
-
-def load_lr_choice(key: str, path: str | os.PathLike = CHOICE_FILE) -> dict[str, Any] | None:
-    """The stored choice at ``path`` if it was made under ``key`` (``choice_key``), else None."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return stored if stored.get("key") == key else None
-
-
-def edit_configs(choice: Mapping[str, Any], methods: Sequence[str], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``{method: EditConfig}``: the choice's shared settings, the method's chosen lr, then ``overrides`` (flags)."""
-    from mu_fast.edit import EditConfig
-
-    missing = [m for m in methods if m not in choice["choices"]]
-    if missing:
-        raise ValueError(f"the lr choice has no learning rate for {missing}; run `mu-fast demo --choose-lr` to choose "
-                         "one for every method")
-    return {m: EditConfig(**{**choice["base_edit"], "lr": choice["choices"][m]["lr"], **dict(overrides or {})})
-            for m in methods}
-
-
-# The method whose chosen lr stands for its group in the per-group ``organism`` preset (``mu_fast.sweep.presets``).
-GROUP_REPRESENTATIVE = {"lookup": "flu", "tracing": "atp", "broad": "nonlocalized"}
-
-
-def organism_groups(path: str | os.PathLike = CHOICE_FILE) -> dict[str, dict[str, Any]]:
-    """The ``organism`` preset per method group: ``BASE_EDIT`` with the lr the rule chose for the group's
-    representative method (``GROUP_REPRESENTATIVE``) in the committed choice; the demo itself uses every method's
-    own lr (``edit_configs``)."""
-    path = Path(path)
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RuntimeError(f"the organism preset reads its learning rates from {path}, which is missing or unreadable "
-                           f"({err}); restore it from git or run `mu-fast demo --choose-lr`") from None
-    return {group: {**stored["base_edit"], "lr": stored["choices"][method]["lr"]}
-            for group, method in GROUP_REPRESENTATIVE.items()}

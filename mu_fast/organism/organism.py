@@ -15,7 +15,6 @@ without shipped weights, or when asked (``retrain=True``), and says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,12 +26,11 @@ from typing import Any
 
 import torch
 
-from mu_fast.organism.config import ORGANISM_FORMAT, OrganismConfig
-from mu_fast.organism.facts import FORMATS, OrganismFacts, make_facts
+from mu_fast.organism.config import ORGANISM_FORMAT, REPORT_FILE, SETTINGS_FILE, OrganismConfig
+from mu_fast.organism.facts import OrganismFacts, facts_digest, organism_facts
+from mu_fast.organism.train import train_checkpoint
 
 CACHE_ENV = "MU_FAST_CACHE_DIR"
-SETTINGS_FILE = "organism.json"
-REPORT_FILE = "report.json"
 _REQUIRED = (SETTINGS_FILE, REPORT_FILE, "config.json", "tokenizer.json")
 
 
@@ -53,11 +51,6 @@ class Organism:
     source: str = "cache"  # "shipped" (the committed weights), "cache" (trained earlier here) or "trained" (now)
 
 
-def organism_facts(config: OrganismConfig) -> OrganismFacts:
-    """The facts of ``config`` (deterministic in its seed)."""
-    return make_facts(config.n_athletes, config.n_cities, config.seed, conjunctive=config.conjunctive)
-
-
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where checkpoints live: ``cache_dir``, else ``$MU_FAST_CACHE_DIR/organism``, else ``~/.cache/mu_fast/organism``;
     without ``cache_dir``, a process running the portable kernels (``mu_fast.determinism``: the demo) uses the sibling
@@ -73,12 +66,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def checkpoint_dir(config: OrganismConfig, cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / config.config_hash()
-
-
-def facts_digest(facts: OrganismFacts) -> str:
-    """sha256 prefix of every athlete record and filler text (detects changed fact generation)."""
-    payload = json.dumps([[list(vars(a).values()) for a in facts.athletes], list(facts.filler)])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def load_organism(
@@ -109,33 +96,6 @@ def load_organism(
         _build(config, path, progress, replace=retrain)
         return _load(config, path, source="trained")
     return _load(config, path)
-
-
-def train_checkpoint(config: OrganismConfig, folder: Path, progress: bool) -> None:
-    """Train ``config``'s organism and write its checkpoint files into the existing ``folder``."""
-    from mu_fast.organism.metrics import organism_accuracy, subject_probe_accuracy
-    from mu_fast.organism.tokenizer import build_tokenizer
-    from mu_fast.organism.train import make_model, torch_threads, train_model
-
-    facts = organism_facts(config)
-    tokenizer = build_tokenizer(facts)
-    model, log = train_model(config, facts, tokenizer, progress=progress)
-    with torch_threads(config.threads):
-        report = {
-            "config_hash": config.config_hash(),
-            "accuracy": organism_accuracy(model, tokenizer, facts, (*FORMATS, "activity")),
-            "subject_probe": subject_probe_accuracy(model, tokenizer, facts),
-            # The same probe on an untrained model of the same shape: chance unless the probe reads the tokens.
-            "random_init_probe": subject_probe_accuracy(make_model(config, len(tokenizer)).eval(), tokenizer, facts),
-            "train": log,
-            "versions": _versions(),
-        }
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    settings = {"format": ORGANISM_FORMAT, "config": config.to_dict(), "config_hash": config.config_hash(),
-                "facts_digest": facts_digest(facts)}
-    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
 
 
 def _build(config: OrganismConfig, path: Path, progress: bool, replace: bool = False) -> None:
@@ -189,9 +149,3 @@ def _load(config: OrganismConfig, path: Path, source: str = "cache") -> Organism
     )
     report = json.loads((path / REPORT_FILE).read_text())
     return Organism(model.eval(), tokenizer, config, facts, report, path, source)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__}

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mu_fast.organism.config import OrganismConfig
+from mu_fast.organism.facts import facts_digest, organism_facts
 
 SHIPPED_DIR = Path(__file__).with_name("shipped")
 # name -> the preset whose settings the shipped weights were trained with.
@@ -71,8 +72,6 @@ def checksums(folder: Path) -> dict[str, str]:
 def verify(folder: Path, config: OrganismConfig) -> dict[str, Any]:
     """The manifest of the shipped organism in ``folder`` after checking it: settings, every file's checksum and
     the facts this mu_fast generates. ``ValueError`` naming the file and the fix otherwise."""
-    from mu_fast.organism.organism import facts_digest, organism_facts
-
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as err:
@@ -103,7 +102,7 @@ def ship(name: str, progress: bool = True) -> Path:
     portable = use_portable_kernels()
     import torch
 
-    from mu_fast.organism.organism import facts_digest, organism_facts, train_checkpoint
+    from mu_fast.organism.train import train_checkpoint
     from mu_fast.provenance import provenance_block
 
     if not portable:

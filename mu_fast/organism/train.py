@@ -20,10 +20,12 @@ lr 1e-2 stalled where 5e-3 learned; a short curriculum (10% of the athletes grow
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,13 +33,15 @@ import torch.nn.functional as F
 
 from mu_fast.data.base import Batch
 from mu_fast.models.forward import head_logits, trunk_hidden
-from mu_fast.organism.config import OrganismConfig
+from mu_fast.organism.config import ORGANISM_FORMAT, REPORT_FILE, SETTINGS_FILE, OrganismConfig
 from mu_fast.organism.facts import (
     FORMATS,
     OrganismFacts,
     activity_sentences,
     city_sentences,
+    facts_digest,
     format_examples,
+    organism_facts,
 )
 
 # Tokens per micro-batch: large enough for efficient CPU matmuls, small enough to bound the padding.
@@ -278,3 +282,35 @@ def _train(
         losses=losses,
     )
     return model, log
+
+
+def train_checkpoint(config: OrganismConfig, folder: Path, progress: bool) -> None:
+    """Train ``config``'s organism and write its checkpoint files into the existing ``folder``."""
+    from mu_fast.organism.metrics import organism_accuracy, subject_probe_accuracy
+    from mu_fast.organism.tokenizer import build_tokenizer
+
+    facts = organism_facts(config)
+    tokenizer = build_tokenizer(facts)
+    model, log = train_model(config, facts, tokenizer, progress=progress)
+    with torch_threads(config.threads):
+        report = {
+            "config_hash": config.config_hash(),
+            "accuracy": organism_accuracy(model, tokenizer, facts, (*FORMATS, "activity")),
+            "subject_probe": subject_probe_accuracy(model, tokenizer, facts),
+            # The same probe on an untrained model of the same shape: chance unless the probe reads the tokens.
+            "random_init_probe": subject_probe_accuracy(make_model(config, len(tokenizer)).eval(), tokenizer, facts),
+            "train": log,
+            "versions": _versions(),
+        }
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = {"format": ORGANISM_FORMAT, "config": config.to_dict(), "config_hash": config.config_hash(),
+                "facts_digest": facts_digest(facts)}
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}

@@ -11,8 +11,10 @@ Modules: ``spec`` (format, validation, expansion, run ids), ``refs`` (models and
 ranges, duplicates, formats), ``presets`` (named edit settings), ``evaluations`` (what runs after each edit;
 ``register_evaluation``), ``store`` (the JSON-lines results file), ``snapshot`` (restoring only the masked
 elements), ``session`` (one loaded model, one run), ``worker`` (a worker holding one model), ``engine`` (``run``,
-scheduling, the local executor), ``processes`` (one worker per GPU), ``ray_executor`` (Ray actors; starting a
-cluster), ``estimate`` (``dry_run``), ``report`` (tables and plots).
+the local executor), ``scheduler`` (which run a free worker takes next), ``processes`` (one worker per GPU),
+``ray_executor`` (Ray actors; starting a cluster), ``estimate`` (``dry_run``), ``report`` (tables and plots),
+``lr_rule`` (choosing a learning rate from a sweep's records), ``protocol_evaluations`` (the paper's further
+evaluations, registered at import).
 """
 
 from __future__ import annotations

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mu_fast.sweep.scheduler import Scheduler
 from mu_fast.sweep.spec import RunConfig, expand, load_spec
 from mu_fast.sweep.store import Store
 
@@ -54,31 +54,6 @@ class SweepResult:
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C ended ``run``: the finished runs are in the store; the message (one line) says how to resume."""
-
-
-class Scheduler:
-    """Pending runs by model; ``next_for(model_key)`` keeps a worker on its model while that model has runs."""
-
-    def __init__(self, runs: Iterable[RunConfig]):
-        self.queues: OrderedDict[str, list[RunConfig]] = OrderedDict()
-        for run in runs:
-            self.queues.setdefault(run.model_key, []).append(run)
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
-
-    def next_for(self, model_key: str | None) -> RunConfig | None:
-        if model_key in self.queues and self.queues[model_key]:
-            return self._pop(model_key)
-        if not len(self):
-            return None
-        return self._pop(max(self.queues, key=lambda k: len(self.queues[k])))
-
-    def _pop(self, key: str) -> RunConfig:
-        run = self.queues[key].pop(0)
-        if not self.queues[key]:
-            del self.queues[key]
-        return run
 
 
 class _Sink:

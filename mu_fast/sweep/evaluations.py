@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mu_fast.sweep.protocol_evaluations import register_protocol_evaluations
+
 # relearn_attack's keyword defaults (the paper's protocol); tests/sweep check that they match its signature.
 RELEARN_DEFAULTS: dict[str, Any] = {
     "steps": 20, "lr": 2e-4, "lora_rank": 512, "lora_alpha": 32.0, "lora_dropout": 0.05, "batch_size": 32,
@@ -171,6 +173,4 @@ def resolve_evaluations(value: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-from mu_fast.sweep.protocol_evaluations import register_protocol_evaluations  # noqa: E402  (needs REGISTRY above)
-
-register_protocol_evaluations()
+register_protocol_evaluations(register_evaluation)

@@ -3,7 +3,7 @@ the EditConfig fields a sweep starts from before its own settings and grid apply
 
 * ``default``: ``EditConfig()`` for every group (the paper's loop: 50 steps, lr 1e-5, coefficients 1).
 * ``organism``: the demo's shared edit settings with, per group, the learning rate the lr rule chose on the demo
-  organism for the group's representative method (``mu_fast.organism.lr_choice.organism_groups``).
+  organism for the group's representative method (``mu_fast.organism.stored_lrs.organism_groups``).
 * ``paper_sports:<model>:<experiment>`` and ``paper_cf:<model>:<experiment>``: the paper's lr / forget coefficient
   per group (reference/authors_repo.md §3.4, its Tables 6-7) for ``gemma-7b`` / ``gemma-2-9b`` / ``llama-3-8b``.
   Sports experiments: ``forget_16`` / ``forget_64`` (edit to a random other sport) and ``sport_golf`` (a whole sport
@@ -80,7 +80,7 @@ def preset_groups(name: str, custom: Mapping[str, Mapping[str, Any]] | None = No
     if name == "default":
         return {g: {} for g in GROUPS}
     if name == "organism":
-        from mu_fast.organism.lr_choice import organism_groups
+        from mu_fast.organism.stored_lrs import organism_groups
 
         return organism_groups()
     if name.startswith(("paper_sports:", "paper_cf:")) and name.count(":") == 2:

@@ -95,7 +95,7 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
                   workers: int | None = None, use_gpus: bool = True,
                   setup: Callable[[], None] | None = None, threads: int | None = None) -> None:
     """Execute ``todo`` in worker processes; each record goes to ``sink`` (module docstring)."""
-    from mu_fast.sweep.engine import Scheduler
+    from mu_fast.sweep.scheduler import Scheduler
     from mu_fast.sweep.session import error_info
 
     if use_gpus:

@@ -12,11 +12,13 @@
   ``mu_fast.evaluate.probes_paper``); the built-in ``probes`` key stays the standardised variant.
 
 Every result carries ``"metrics"``: the few numbers a sweep table shows, prefixed with the evaluation's name.
-Imported by ``mu_fast.sweep.evaluations``, so every process that resolves or runs a spec has them.
+Registered by ``mu_fast.sweep.evaluations`` when it is imported (``register_protocol_evaluations``), so every
+process that resolves or runs a spec has them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 SOFTPROMPT_DEFAULTS: dict[str, Any] = {"n_attacks": 4, "steps": None, "batch_size": None, "lr": 1e-5, "eps": 6.0,
@@ -102,9 +104,9 @@ def run_paper_probes(model: Any, tokenizer: Any, task: Any, settings: dict[str, 
     return result
 
 
-def register_protocol_evaluations() -> None:
-    from mu_fast.sweep.evaluations import register_evaluation
-
+def register_protocol_evaluations(register_evaluation: Callable[..., None]) -> None:
+    """Register the three with ``register_evaluation`` (``mu_fast.sweep.evaluations.register_evaluation``, which
+    passes itself: this module imports nothing from there)."""
     register_evaluation("softprompt", run_softprompt, SOFTPROMPT_DEFAULTS, check=check_softprompt)
     register_evaluation("capability", run_capability, CAPABILITY_DEFAULTS, check=check_capability)
     register_evaluation("paper_probes", run_paper_probes, PAPER_PROBE_DEFAULTS, check=check_paper_probes)

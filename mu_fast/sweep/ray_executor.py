@@ -3,7 +3,7 @@
 Each actor is a ``mu_fast.sweep.worker.Worker`` (one model at a time, restored between runs) with one GPU when the
 cluster has GPUs (``num_gpus=1``; Ray sets the actor's ``CUDA_VISIBLE_DEVICES``) and one CPU otherwise. The driver
 (the process that called ``mu_fast.sweep.run``) hands each free actor the next run of the model it holds
-(``engine.Scheduler``), and appends every record to its store as it arrives, so the store needs no shared file
+(``scheduler.Scheduler``), and appends every record to its store as it arrives, so the store needs no shared file
 system and a killed driver loses only the runs in flight.
 
 On one machine, ``run(spec, executor="ray")`` starts a private local cluster (``ray.init`` with ``workers`` CPUs,
@@ -98,7 +98,7 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         import ray
     except ImportError as err:
         raise ValueError(f"executor='ray' needs Ray ({err}); pip install 'mu_fast[ray]' or use executor='local'") from None
-    from mu_fast.sweep.engine import Scheduler
+    from mu_fast.sweep.scheduler import Scheduler
     from mu_fast.sweep.session import error_info
 
     started = False

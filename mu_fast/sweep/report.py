@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import statistics
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from mu_fast.stats import mean_std
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("forget_err", "forget err"),
@@ -135,14 +136,6 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for one value)."""
-    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not values:
-        return math.nan, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def _cell(values: Sequence[float] | None, records: int = 0) -> str:
     """mean±std of ``values``; ``(n=k)`` when fewer than the row's ``records`` have the metric."""
     if not values:
@@ -184,10 +177,10 @@ def format_table(records: Iterable[Mapping[str, Any]] | str | os.PathLike, width
 
 
 def _notes(table: Mapping[str, Any], width: int) -> list[str]:
-    """``mu_fast.pipeline.same_selection_notes`` for the table's methods (first seed), wrapped to ``width``."""
+    """``mu_fast.aggregate.same_selection_notes`` for the table's methods (first seed), wrapped to ``width``."""
     import textwrap
 
-    from mu_fast.pipeline import same_selection_notes
+    from mu_fast.aggregate import same_selection_notes
 
     notes = same_selection_notes(table["selections"]) if table["selections"] else []
     return [line for note in notes for line in textwrap.wrap(f"note: {note}", width)]

@@ -63,7 +63,7 @@ def test_a_damaged_shipped_file_is_refused_with_the_fix(monkeypatch, tmp_path):
 
 
 def test_changed_fact_generation_is_refused(monkeypatch):
-    monkeypatch.setattr(organism_module, "facts_digest", lambda facts: "0" * 16)
+    monkeypatch.setattr(shipped_module, "facts_digest", lambda facts: "0" * 16)
     with pytest.raises(ValueError, match="facts this mu_fast generates"):
         load_organism(OrganismConfig.ci(), progress=False)
 

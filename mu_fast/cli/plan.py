@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from mu_fast.cli_common import console
+from mu_fast.cli.common import console
 from mu_fast.preflight import check_choice, check_mask_input, resolve_model
 
 PAPER_MASKS = ("flu", "ap", "ct", "ap_mlps", "ct_mlps", "random")

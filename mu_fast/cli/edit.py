@@ -1,16 +1,15 @@
-"""``mu-fast edit`` and ``mu-fast evaluate``: edits of models that fit one GPU only with frozen weights quantized or
-offloaded, saved as deltas, and evaluations that apply a delta to the full-precision model.
+"""``mu-fast edit``: edits of models that fit one GPU only with frozen weights quantized or offloaded, saved as
+deltas (``mu-fast evaluate --delta``, ``mu_fast.cli.evaluate``, applies one to the full-precision model).
 
 An edit loads through ``mu_fast.models.load_for_edit`` (frozen modules in bf16 / int8 / nf4, masked modules full
 precision, accelerate's ``max_memory`` and disk offload) and saves a delta (``mu_fast.edit.delta``): the trained
 masked elements, the mask and the provenance, with the edit history in its ``delta.json``. ``--save-model`` saves
 the whole model instead (bf16 frozen weights only: quantized weights are not the model the edit is for). Every
-``EditConfig`` field has a flag of its name (``mu_fast.cli_options``), over a named ``--preset`` (without it:
+``EditConfig`` field has a flag of its name (``mu_fast.cli.options``), over a named ``--preset`` (without it:
 ``organism`` for the organism and models saved from it, else ``default``); the settings used are printed first, and
 an edit that left forget accuracy within ``NO_EFFECT_ACC`` of before ends with a warning naming lr, preset and fix.
-``evaluate`` takes the organism with ``--delta`` or a model folder saved from it, and every relearning / probe
-keyword as a flag. Every JSON written carries the provenance block (``mu_fast.provenance``). Registered on
-``mu_fast.cli.app``.
+``--budget`` lets the memory plan (``mu_fast.cli.plan.planned_edit``) choose the memory settings. Every JSON written
+carries the provenance block (``mu_fast.provenance``).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Any
 
 import typer
 
-from mu_fast.cli_common import (
+from mu_fast.cli.common import (
     ALLOW_UNKNOWN,
     CF_MODEL_HELP,
     DATASET_HELP,
@@ -35,22 +34,17 @@ from mu_fast.cli_common import (
     console,
     dataset_task,
     identity_of,
-    load_model_ref,
     organism_task_of,
-    print_evaluation,
     require_known_facts,
 )
-from mu_fast.cli_options import (
+from mu_fast.cli.options import (
     check_edit_values,
-    check_flag_values,
     default_preset,
     edit_config,
     edit_flags,
     flag_name,
     no_effect_warning,
     preset_fields,
-    probe_flags,
-    relearn_flags,
     settings_line,
     unmoved,
     with_flags,
@@ -121,7 +115,7 @@ def edit_cmd(
 ) -> None:
     """Edit (or unlearn) the forget facts, training only the masked parameters; save a delta (or the model).
     Every EditConfig field has a flag of its name (--lr, --forget-coef, --maintain-batch, ...). Prints the settings
-    it uses, and warns when the edit left forget accuracy where it was (mu_fast.cli_options.NO_EFFECT_ACC)."""
+    it uses, and warns when the edit left forget accuracy where it was (mu_fast.cli.options.NO_EFFECT_ACC)."""
     from dataclasses import replace
 
     settings = check_edit_values(settings or {})
@@ -168,7 +162,7 @@ def edit_cmd(
         settings["lm_coef"] = 0.0
     config = edit_config(base, settings)
     if budget is not None:
-        from mu_fast.cli_plan import planned_edit
+        from mu_fast.cli.plan import planned_edit
 
         config, frozen = planned_edit(ref, edit_mask, config, frozen, budget)
         if save_model and frozen != "bf16":
@@ -242,93 +236,6 @@ def _load_for_edit(ref: Any, mask: Any, frozen: str, max_memory: dict[Any, str] 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k != "organism"}
-
-
-@with_flags("probe_settings", probe_flags())
-@with_flags("relearn_settings", relearn_flags())
-def evaluate_cmd(
-    model: str = typer.Argument(..., help="organism, organism:ci, a local HF checkpoint folder (also one saved by `mu-fast edit --save-model`) or a hub id"),
-    delta: Path | None = typer.Option(None, help="a delta saved by `mu-fast edit`, applied to MODEL before evaluating"),
-    dataset: str = typer.Option("organism", help=DATASET_HELP),
-    forget_split: str = typer.Option("first_16_unsplit", help=FORGET_SPLIT_HELP),
-    inject_label: str = typer.Option("random_without_golf", help=INJECT_LABEL_HELP),
-    cf_model: str | None = typer.Option(None, help=CF_MODEL_HELP),
-    relearn: bool = typer.Option(False, help="also run the relearning attack (settings: --relearn-*, default the paper's)"),
-    probes: bool = typer.Option(False, help="also run latent-knowledge probes (settings: --probe-*)"),
-    check_base: bool = typer.Option(True, help="refuse a --delta whose base values differ from MODEL's "
-                                               "(--no-check-base applies it anyway)"),
-    out: Path | None = typer.Option(None, help="write the results JSON here"),
-    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
-    dtype: str = typer.Option("bf16", help="precision the model is evaluated in: bf16, fp16 or fp32 (the organism: always fp32)"),
-    relearn_settings: dict[str, Any] | None = None,
-    probe_settings: dict[str, Any] | None = None,
-) -> None:
-    """Evaluate forget / maintain accuracy in every format (and optionally relearning and probes)."""
-    relearn_settings, probe_settings = dict(relearn_settings or {}), dict(probe_settings or {})
-    for given, wanted, what in ((relearn_settings, relearn, "relearn"), (probe_settings, probes, "probe")):
-        if given and not wanted:
-            flag = "--probes" if what == "probe" else "--relearn"
-            raise ValueError(f"{flag_name(next(iter(given)), what)} sets the {what} evaluation; add {flag}")
-    check_flag_values(relearn_settings, "relearn")
-    check_flag_values(probe_settings, "probe")
-    check_choice("--dtype", dtype, DTYPE_NAMES)
-    if out is not None:
-        check_output("--out", [out], overwrite)
-        check_writable("--out", out)
-    if delta is not None and not (Path(delta) / "delta.json").is_file():
-        raise FileNotFoundError(f"--delta {str(delta)!r} holds no delta.json; pass a folder saved by `mu-fast edit`")
-    ref = resolve_model(model)
-    check_task_options(dataset, ref, forget_split, inject_label, cf_model, DATASETS)
-    task = dataset_task(dataset, forget_split, inject_label, cf_model, None) if dataset != "organism" else None
-    from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
-    from mu_fast.evaluate.known_facts import check_known_facts
-    from mu_fast.models.frozen import frozen_precision_of
-    from mu_fast.report import write_json
-
-    if delta is not None:
-        from mu_fast.edit.delta import EditDelta, apply_delta
-
-        loaded = EditDelta.load(delta)  # a damaged delta is refused before the model loads
-    m, tok, info = load_model_ref(ref, dtype)
-    results: dict[str, Any] = {"model": info.get("model")}
-    if delta is not None:
-        apply_delta(m, loaded, check_base=check_base)
-        results["delta"] = {"path": str(delta), "trained_frozen": loaded.provenance.get("trained_frozen"),
-                            "dtype": loaded.provenance.get("dtype"), "base": loaded.provenance.get("base")}
-    # Every number below was measured on this model: its weights' precision and, for an applied delta, the frozen
-    # precision that delta was trained against (which may differ: int8 / nf4 edits are evaluated on bf16).
-    results["precision"] = {"weights": frozen_precision_of(m),
-                            "edit_trained_frozen": results.get("delta", {}).get("trained_frozen")}
-    task = task or organism_task_of(info, forget_split, inject_label, tok, ref)
-    results["formats"] = evaluate_task(m, tok, task, progress=True)
-    known = check_known_facts(m, tok, task, baseline=results["formats"])
-    for problem in known.problems:
-        if "tokenizer does not know" in problem:  # low accuracy is expected after an edit; unknown tokens never are
-            import warnings
-
-            warnings.warn(problem + "; these numbers measure nothing", UserWarning, stacklevel=1)
-    results["unknown_tokens"] = {k: v.get("unknown_token_prompts", 0) for k, v in known.sets.items()}
-    if relearn:
-        from mu_fast.sweep.evaluations import RELEARN_DEFAULTS
-
-        steps = relearn_settings.get("steps", RELEARN_DEFAULTS["steps"])  # scored at 0, half-way and the end
-        results["relearn"] = relearn_attack(m, tok, task, progress=True, eval_at=tuple(sorted({0, steps // 2, steps})),
-                                            **relearn_settings)
-        results["relearn_settings"] = relearn_settings
-    if probes:
-        results["latent_probes"] = latent_probes(m, tok, task, **probe_settings)
-        results["probe_settings"] = probe_settings
-    precision = results["precision"]
-    caption = f"measured on {precision['weights']} weights" + (
-        f"; the delta was trained against {precision['edit_trained_frozen']} frozen weights" if delta is not None else "")
-    print_evaluation(results, f"{task.name}: accuracy per format", caption)
-    if out:
-        from mu_fast.provenance import provenance_block
-
-        device = m.get_input_embeddings().weight.device
-        results["provenance"] = provenance_block(model=identity_of(ref, info, m, dtype), device=device)
-        with writing_output("--out", out, "the results are printed above; nothing was written"):
-            write_json(out, results)
 
 
 def _save_model_atomically(model: Any, tokenizer: Any, out: Path, extra: dict[str, Any]) -> None:

@@ -61,7 +61,7 @@ def run_sequential(model: str, key: str, protocol: Mapping[str, Any], methods: l
     edit's data order (EditConfig.seed, unless --seed overrides it), the random baselines' draws and the attacks'."""
     import torch
 
-    from mu_fast.cli_common import identity_of, load_model_ref
+    from mu_fast.cli.common import identity_of, load_model_ref
     from mu_fast.data import counterfact_sequential_tasks, load_lm_texts
     from mu_fast.edit.loop import EditConfig
     from mu_fast.edit.sequential import all_facts_task, sequential_edit

@@ -22,7 +22,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import typer
@@ -314,3 +314,33 @@ def no_effect_warning(what: str, lrs: Sequence[float], preset: str, model: str, 
     fixes.append(f"a larger --lr (e.g. --lr {10 * max(lrs):g})")
     return (f"{what} left forget accuracy within {NO_EFFECT_ACC} of before the edit ({lr_text}, preset {preset}): "
             f"the facts were not edited; use {' or '.join(fixes)}")
+
+
+def run_settings(preset: str, methods: list[str], settings: Mapping[str, Any], relearn: bool, probes: bool,
+                 relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any],
+                 edit_preset: str | None = None) -> tuple[dict[str, Any], Any]:
+    """``({method: EditConfig}, RunOptions)`` of ``--preset`` with the given flags over it; every value is checked
+    (errors name the flag) before anything loads. edit_preset: take the edit settings from this preset instead
+    (the evaluation options still from ``preset``)."""
+    from mu_fast.pipeline import METHOD_GROUP, RUN_PRESETS
+    from mu_fast.sweep.presets import preset_groups
+
+    settings = check_edit_values(settings)
+    for given, wanted, what in ((relearn_settings, relearn, "relearn"), (probe_settings, probes, "probe")):
+        if given and not wanted:
+            raise ValueError(f"--{what}-{next(iter(given)).replace('_', '-')} sets the {what} evaluation; drop it or "
+                             f"drop --no-{'probes' if what == 'probe' else 'relearn'}")
+    check_flag_values(relearn_settings, "relearn")
+    check_flag_values(probe_settings, "probe")
+    try:
+        groups = preset_groups(edit_preset or preset)
+    except ValueError as err:
+        raise ValueError(str(err).replace("spec: edit.preset: ", "--preset: ").replace(
+            ", or a name defined under presets:", "")) from None
+    configs = {m: edit_config(groups[METHOD_GROUP.get(m, "lookup")], settings) for m in methods}
+    options = replace(RUN_PRESETS.get(preset, RUN_PRESETS["default"]), relearn=relearn, probes=probes)
+    relearn_settings = dict(relearn_settings)
+    for key, field in (("steps", "relearn_steps"), ("lr", "relearn_lr"), ("lora_rank", "relearn_rank")):
+        if key in relearn_settings:
+            options = replace(options, **{field: relearn_settings.pop(key)})
+    return configs, replace(options, relearn_settings=relearn_settings, probe_settings=dict(probe_settings))

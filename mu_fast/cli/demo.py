@@ -17,22 +17,11 @@ from typing import Any
 
 import typer
 
-from mu_fast.cli_common import DATASETS, console
-from mu_fast.cli_options import check_edit_values, probe_flags, relearn_flags, with_flags, edit_flags
+from mu_fast.cli.common import DATASETS, console, parse_methods, parse_seeds, report_run
+from mu_fast.cli.options import check_edit_values, edit_flags, probe_flags, relearn_flags, run_settings, with_flags
 from mu_fast.preflight import ModelRef, check_choice, check_positive, check_task_options
 
 DEMO_METHODS = "flu,flu_attn,atp,ct,random,random_mlps,all_mlps,nonlocalized"
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct non-negative integers, at least one."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds {text!r} is not a comma-separated list of integers; pass e.g. --seeds 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds {text!r} needs distinct non-negative integers, at least one; pass e.g. --seeds 0,1,2")
-    return seeds
 
 
 @with_flags("probe_settings", probe_flags())
@@ -61,7 +50,6 @@ def demo_cmd(
 ) -> None:
     """Load the model organism, then localize / edit / evaluate it with every method over several seeds,
     each method at the learning rate one rule chose for it. Every EditConfig field has a flag of its name."""
-    from mu_fast.cli_run import parse_methods, run_settings
     from mu_fast.determinism import use_portable_kernels
 
     t0 = time.perf_counter()
@@ -103,7 +91,6 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
           workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False,
           threads: int = 1) -> None:
-    from mu_fast.cli_run import report_run
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
 

@@ -6,7 +6,7 @@ edit settings (§3.4) and evaluations; the sweep engine runs them (store: ``--ou
 then the paper-layout table is printed and written with the plots under ``--out/report``. The sequential
 CounterFact experiment runs ``sequential_edit`` per method instead (the 4 partitions, each its own localization),
 then the evaluations once on all 64 facts, as the authors' script after its last partition (one JSON per method in
-``--out``; ``mu_fast.cli_paper_sequential``).
+``--out``; ``mu_fast.cli.paper_sequential``).
 
 Flags that change the authors' settings are applied as explicit overrides, each with a printed warning line: edit
 flags (``--lr``, ``--steps`` ...) replace that field in every method group, ``--relearn-*`` replace the relearning
@@ -153,7 +153,7 @@ def protocol_overrides(protocol: Mapping[str, Any], settings: Mapping[str, Any],
                        dtype: str, mmlu_add_bos: bool | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """``(edit overrides, evaluations, lines)``: the given flags over the authors' settings, each change named in a
     ``warning:`` line (or a ``note:`` where a flag gives back an authors' setting the preset changes on purpose)."""
-    from mu_fast.cli_options import check_edit_values, check_flag_values
+    from mu_fast.cli.options import check_edit_values, check_flag_values
 
     if probe_settings:
         flag = f"--probe-{next(iter(probe_settings)).replace('_', '-')}"
@@ -253,7 +253,7 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
               relearn_settings: Mapping[str, Any], probe_settings: Mapping[str, Any],
               fixed: Mapping[str, Any], mmlu_add_bos: bool | None = None) -> None:
     """``mu-fast run MODEL --preset paper`` (module docstring); every option is checked before anything loads."""
-    from mu_fast.cli_common import DTYPE_NAMES
+    from mu_fast.cli.common import DTYPE_NAMES
     from mu_fast.paper_protocol import paper_protocol
     from mu_fast.preflight import check_choice
 
@@ -292,7 +292,7 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
     for line in [*describe_methods(protocol, chosen, edit), *warnings]:
         print(line)
     if sequential:
-        from mu_fast.cli_paper_sequential import run_sequential
+        from mu_fast.cli.paper_sequential import run_sequential
         from mu_fast.sweep.evaluations import resolve_evaluations
 
         resolved = resolve_evaluations(evaluations)  # checked now, before anything loads
