@@ -37,7 +37,7 @@ from mu_fast.models.identity import versions  # noqa: E402
 from mu_fast.organism import organism_task  # noqa: E402
 from mu_fast.edit import EditConfig  # noqa: E402
 from mu_fast.organism.lr_choice import organism_groups  # noqa: E402
-from mu_fast.pipeline import summarize  # noqa: E402
+from mu_fast.sweep.one_run import summarize  # noqa: E402
 
 FROZEN = ("bf16", "int8", "nf4")
 EXTRA_BF16_SEEDS = (1, 2)

@@ -1,5 +1,5 @@
 """Several seeds of one method folded into one row: mean ± sample std of every summary number, and the spread of
-what each seed selected (``mu_fast.pipeline.compare_localizations(seeds=...)``).
+what each seed selected (``mu_fast.sweep.compare``).
 
 Seeds matter because much of a run is random: AtP / CT corrupt prompts with noise, the random baselines draw their
 components, FLU's probes and the latent probes are trained from random initialisations, the edit draws its batch
@@ -21,11 +21,6 @@ from mu_fast.stats import mean_std
 # paraphrase edit ~ MCQ err and Q/A edit), to stay within 100 columns.
 DEMO_COLUMNS = ("trainable_params", "forget_err", "maintain_acc", "qa_edit_acc", "mcq_forget_err", "other_attr_acc",
                 "relearn_acc", "probe_true_acc")
-
-
-def run_file(method: str, seed: int, n_seeds: int) -> str:
-    """The file name of one method's run: ``<method>.json`` for a single seed, ``<method>.seed<S>.json`` otherwise."""
-    return f"{method}.json" if n_seeds == 1 else f"{method}.seed{seed}.json"
 
 
 def aggregate_runs(runs: Mapping[int, Mapping[str, Any]], n_layers: int) -> dict[str, Any]:
@@ -93,56 +88,6 @@ def selection_lines(methods: Mapping[str, Mapping[str, Any]], n_seeds: int, widt
                     break
         lines.append(text if len(text) <= width else text[: width - 1] + "…")
     return lines
-
-
-class RunsBar:
-    """A progress bar over (method, seed) runs, or nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar: Any = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="runs", unit="run", leave=False)
-
-    def done(self, method: str, seed: int) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{method} seed {seed}")
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class Stages:
-    """A progress bar over the stages of one unit of work (``method: localize > edit > ...``), or nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-
-    def start(self, name: str, stages: Sequence[str]) -> None:
-        if not self.enabled:
-            return
-        from tqdm.auto import tqdm
-
-        self.stages = list(stages)
-        self.bar = tqdm(total=len(self.stages), desc=name, leave=False, unit="stage",
-                        bar_format="{desc}: {n}/{total} stages [{elapsed}]{postfix}")
-        self.bar.set_postfix_str(self.stages[0])
-
-    def next(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if self.bar.n < len(self.stages):
-                self.bar.set_postfix_str(self.stages[self.bar.n])
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def same_selection_notes(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:

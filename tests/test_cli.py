@@ -47,13 +47,18 @@ def test_demo_runs_the_job_and_writes_the_report(ci_organism, cache_root, tmp_pa
     assert "(before edit)" in result.output
     assert "choosing learning rates by the rule" in result.output
     files = ["results.json", "lr_choice.json", "lr_sweep.jsonl", "probe_accuracy.png", "localization_map.png",
-             "robustness.png"] + [f"{m}.seed{s}.json" for m in ("flu", "atp") for s in (0, 1)]
+             "robustness.png", "runs.jsonl"]
     for name in files:
         assert (out / name).is_file(), name
         # world-readable like any file written under umask 022 (mkstemp alone makes 0600)
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
     results = json.loads((out / "results.json").read_text())
     assert list(results["methods"]) == ["flu", "atp"] and results["seeds"] == [0, 1]
+    runs = load_results(out / "runs.jsonl", status=None)  # the runs: a sweep store, one record per method and seed
+    assert sorted((r["config"]["method"], r["config"]["seed"]) for r in runs) == [("atp", 0), ("atp", 1), ("flu", 0),
+                                                                                   ("flu", 1)]
+    assert all(r["status"] == "ok" and r["config"]["model"]["ref"] == "organism:ci" for r in runs)
+    assert {r["config"]["task"]["forget_split"] for r in runs} == {"first_16_unsplit"}
 
     # The lr rule: its sweep ran on the validation forget set, training format only, and its choice is the rule
     # applied to those records; each method then edited at its own chosen lr with the demo's shared settings.
@@ -93,20 +98,22 @@ def test_demo_runs_the_job_and_writes_the_report(ci_organism, cache_root, tmp_pa
         assert noise not in result.output, noise
 
     # A second run with the same settings reuses the lr choice and every run: nothing is rewritten.
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.seed*.json")}
+    store = (out / "runs.jsonl").read_text()
     sweep_size = (out / "lr_sweep.jsonl").stat().st_size
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "choosing learning rates" not in again.output
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.seed*.json")} == stamps
+    assert (out / "runs.jsonl").read_text() == store
     assert (out / "lr_sweep.jsonl").stat().st_size == sweep_size
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
-    # The choice's key names no kernels or threads: under the other kernels the same choice applies (the runs
-    # themselves are redone: a run is keyed by the numerics it was computed with).
+    # The choice's key names no kernels or threads: under the other kernels the same choice applies, and so do the
+    # runs (a sweep run is named by what it computes; the kernels are provenance, and the demo's table is the same
+    # under either: mu_fast.determinism).
     native = CliRunner().invoke(app, args + ["--portable-kernels"])
     assert native.exit_code == 0, native.output
     assert "choosing learning rates" not in native.output
     assert (out / "lr_sweep.jsonl").stat().st_size == sweep_size
+    assert (out / "runs.jsonl").read_text() == store
     assert json.loads((out / "results.json").read_text())["lr_choice"] == choice
 
 

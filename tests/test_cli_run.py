@@ -129,8 +129,7 @@ def test_run_compares_methods_on_the_organism(ci_organism, cli_env, tmp_path, ca
                                   str(out)], capsys)
     assert code == 0, err
     assert "(before edit)" in stdout and "mean±std over 2 seeds" in stdout and "selections over 2 seeds" in stdout
-    for name in ("results.json", "flu.seed0.json", "random.seed1.json", "probe_accuracy.png", "localization_map.png",
-                 "robustness.png"):
+    for name in ("results.json", "runs.jsonl", "probe_accuracy.png", "localization_map.png", "robustness.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert_provenance(results["provenance"], "organism")
@@ -144,10 +143,12 @@ def test_run_compares_methods_on_the_organism(ci_organism, cli_env, tmp_path, ca
     assert configs["flu"]["steps"] == configs["random"]["steps"] == 2
     for method in ("flu", "random"):
         assert set(results["methods"][method]["runs"]) == {"0", "1"}
-        record = json.loads((out / f"{method}.seed1.json").read_text())
+        records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]  # the sweep store
+        record = next(r for r in records if r["config"]["method"] == method and r["config"]["seed"] == 1)
+        assert record["config"]["model"]["ref"] == "organism:ci" and record["config"]["task"]["dataset"] == "organism"
         assert_provenance(record["provenance"], "organism")
         assert record["edit"]["config"]["seed"] == 1
-        assert "relearn_acc" in record["summary"] and "probe_true_acc" in record["summary"]
+        assert "relearn_acc" in record["metrics"] and "probe_true_acc" in record["metrics"]
 
 
 def test_sweep_dry_run_prints_the_runs_and_estimates(tmp_path, capsys, no_loading):

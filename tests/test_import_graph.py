@@ -19,7 +19,7 @@ function or class in as an argument; not by hiding the import.
 
 Layers. The lower layer is the library: models, data, masks, optim, localize, edit, evaluate, memory, the kernels,
 the organism, and the shared utilities (files, provenance, determinism, console, stats, worker_lifetime, _ext). The
-upper layer runs many runs and talks to users: sweep, pipeline, pipeline_workers, aggregate, report, the CLI, the
+upper layer runs many runs and talks to users: sweep, pipeline, aggregate, report, the CLI, the
 paper protocol (it builds sweep specs) and preflight (the CLI's option checks). A lower module imports no upper one.
 The organism is lower (``mu_fast.models.loading`` loads it) except ``mu_fast.organism.lr_choice``, which runs the
 sweep engine to choose the demo's learning rates and is upper: reading the stored choice, which it re-exports, is
@@ -40,7 +40,7 @@ LOWER = ("mu_fast.models", "mu_fast.data", "mu_fast.masks", "mu_fast.optim", "mu
          "mu_fast.evaluate", "mu_fast.memory", "mu_fast.kernels", "mu_fast.organism", "mu_fast.files",
          "mu_fast.provenance", "mu_fast.determinism", "mu_fast.console", "mu_fast.stats", "mu_fast.worker_lifetime",
          "mu_fast._ext")
-UPPER = ("mu_fast.sweep", "mu_fast.pipeline", "mu_fast.pipeline_workers", "mu_fast.aggregate", "mu_fast.report",
+UPPER = ("mu_fast.sweep", "mu_fast.pipeline", "mu_fast.aggregate", "mu_fast.report",
          "mu_fast.cli", "mu_fast.paper_protocol", "mu_fast.preflight")
 # Modules under a LOWER package that belong to the upper layer (module docstring).
 UPPER_IN_LOWER = ("mu_fast.organism.lr_choice",)

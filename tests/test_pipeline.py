@@ -42,9 +42,14 @@ def test_localize_methods_respect_the_budget_rule(setup):
         localize("magic", model, tok, task)
 
 
+def _store(folder):
+    return [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
+
+
 def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
     model, tok, task = setup
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     configs = {m: EditConfig(steps=2, lr=1e-2, lm_batch=4, maintain_batch=8) for m in ("flu", "atp", "all_mlps")}
     options = RunOptions(relearn=True, relearn_steps=2, relearn_rank=8, probes=True)
     with pytest.warns(UnknownFactsWarning, match="RUNNING ANYWAY"):  # a random model knows no facts
@@ -52,18 +57,22 @@ def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
                                         progress=False, allow_unknown_facts=True)
     for name, p in model.named_parameters():
         assert p.equal(before[name]), f"compare_localizations modified the caller's model ({name})"
-    for method in configs:
-        saved = json.loads((tmp_path / f"{method}.json").read_text())
-        summary = saved["summary"]
+        assert p.requires_grad == flags[name], f"compare_localizations changed requires_grad of {name}"
+    records = _store(tmp_path)  # the sweep store: one record per method (one seed)
+    assert sorted(r["config"]["method"] for r in records) == sorted(configs)
+    for record in records:
+        method, summary = record["config"]["method"], record["metrics"]
+        assert record["status"] == "ok" and record["config"]["task"]["dataset"] == "memory"
         assert 0.0 <= summary["forget_err"] <= 1.0 and "relearn_acc" in summary and "probe_true_acc" in summary
         assert summary["trainable_params"] == results["methods"][method]["localization"]["trainable_params"] > 0
+        assert results["methods"][method]["runs"]["0"]["summary"] == summary
     for plot in ("probe_accuracy.png", "localization_map.png", "robustness.png"):
         assert (tmp_path / plot).stat().st_size > 1000
-    # A rerun with the same settings reuses every finished method instead of recomputing it.
-    stamp = (tmp_path / "atp.json").stat().st_mtime_ns
+    # A rerun with the same settings reuses every finished run: the store gains no line.
+    text = (tmp_path / "runs.jsonl").read_text()
     again = compare_localizations(model, tok, task, list(configs), configs, options, out_dir=tmp_path, progress=False,
                                   allow_unknown_facts=True)
-    assert (tmp_path / "atp.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "runs.jsonl").read_text() == text
     assert again["summary"]["atp"] == results["summary"]["atp"]
     saved = json.loads((tmp_path / "results.json").read_text())
     prov = saved["provenance"]
@@ -73,29 +82,31 @@ def test_compare_localizations_writes_results_and_resumes(setup, tmp_path):
     assert "mL.N" in saved["legend"]["components"]
 
 
-def test_results_from_other_package_versions_are_recomputed(setup, tmp_path, monkeypatch):
-    """Resuming must not mix numbers computed under other package versions into a report."""
-    import mu_fast.pipeline as pipeline
+def test_other_weights_or_facts_are_never_taken_from_the_store(setup, tmp_path):
+    """Runs are named by the weights' and the task's digests: a changed model or task runs anew in the same folder,
+    and resume=False sets the store aside (renamed, not deleted) and runs again."""
+    import copy
 
     model, tok, task = setup
     configs = {"all_mlps": EditConfig(steps=1, lr=1e-2, lm_batch=4, maintain_batch=8)}
     options = RunOptions(relearn=False, probes=False)
 
-    def run():
-        compare_localizations(model, tok, task, ["all_mlps"], configs, options, out_dir=tmp_path, progress=False,
-                              allow_unknown_facts=True)
-        return (tmp_path / "all_mlps.json").stat().st_mtime_ns
+    def run(m=model, t=task, resume=True):
+        with pytest.warns(UnknownFactsWarning):
+            compare_localizations(m, tok, t, ["all_mlps"], configs, options, out_dir=tmp_path, progress=False,
+                                  allow_unknown_facts=True, resume=resume)
+        return _store(tmp_path)
 
-    first = run()
-    assert run() == first
-    real = pipeline.provenance_block
-
-    def other_versions(*args, **kwargs):
-        block = real(*args, **kwargs)
-        return {**block, "versions": {**block["versions"], "transformers": "0.0.1"}}
-
-    monkeypatch.setattr(pipeline, "provenance_block", other_versions)
-    assert run() != first
+    assert len(run()) == 1 and len(run()) == 1
+    other = copy.deepcopy(model)
+    with __import__("torch").no_grad():
+        other.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert len(run(other)) == 2
+    changed = copy.deepcopy(task)
+    changed.lm_texts = ["other filler text"] + list(changed.lm_texts)
+    assert len(run(t=changed)) == 3
+    assert len(run(resume=False)) == 1
+    assert len(list(tmp_path.glob("runs.*.jsonl"))) == 1  # the earlier store, kept
 
 
 def test_unknown_facts_are_refused_before_any_method(setup, tmp_path):
@@ -113,13 +124,12 @@ def test_progress_shows_every_stage(setup, capsys):
     with pytest.warns(UnknownFactsWarning):
         compare_localizations(model, tok, task, ["all_mlps"], configs, options, progress=True, allow_unknown_facts=True)
     captured = capsys.readouterr()
-    for stage in ("FLU probes", "localize", "edit", "evaluate", "relearn", "probes"):
-        assert stage in captured.err, stage
+    assert "sweep compare" in captured.err and "1/1" in captured.err  # the engine's bar over the runs
     assert "Components:" in captured.out and all(len(line) <= 100 for line in captured.out.splitlines())
 
 
 def test_same_selection_notes_flag_repeated_rows():
-    from mu_fast.pipeline import same_selection_notes
+    from mu_fast.aggregate import same_selection_notes
 
     methods = {
         "flu": {"localization": {"components": ["m0"]}},
@@ -135,7 +145,7 @@ def test_same_selection_notes_flag_repeated_rows():
 
 
 def test_seeds_give_mean_and_std_per_method(setup, tmp_path, capsys):
-    """Several seeds: one JSON per method and seed, the aggregate is their mean ± sample std, and every seed's
+    """Several seeds: one store record per method and seed, the aggregate is their mean ± sample std, and every seed's
     selection is kept (random draws anew per seed); the printed table shows mean±std cells."""
     import statistics
 
@@ -147,8 +157,10 @@ def test_seeds_give_mean_and_std_per_method(setup, tmp_path, capsys):
                                         progress=False, show_table=True, allow_unknown_facts=True, seeds=(0, 1, 2))
     assert results["seeds"] == [0, 1, 2]
     for method in configs:
-        runs = [json.loads((tmp_path / f"{method}.seed{s}.json").read_text()) for s in (0, 1, 2)]
+        runs = [results["methods"][method]["runs"][str(s)] for s in (0, 1, 2)]
         assert [r["seed"] for r in runs] == [0, 1, 2]
+        stored = {r["config"]["seed"]: r["metrics"] for r in _store(tmp_path) if r["config"]["method"] == method}
+        assert stored == {s: r["summary"] for s, r in zip((0, 1, 2), runs)}
         assert [r["edit"]["config"]["seed"] for r in runs] == [0, 1, 2]  # batch order drawn per seed
         agg = results["methods"][method]
         values = [r["summary"]["maintain_acc"] for r in runs]
@@ -187,4 +199,5 @@ def test_worker_processes_give_the_same_numbers(setup, tmp_path):
             assert a["localization"]["components"] == b["localization"]["components"]
             assert {k: v for k, v in a["summary"].items() if k != "seconds"} == \
                    {k: v for k, v in b["summary"].items() if k != "seconds"}, (method, seed)
-        assert (tmp_path / f"{method}.seed1.json").is_file()
+    assert {(r["config"]["method"], r["config"]["seed"]) for r in _store(tmp_path)} == \
+        {(m, s) for m in configs for s in (0, 1)}

@@ -123,9 +123,12 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                out: Path, fresh: bool, title: str, identity: Mapping[str, Any], task_info: Mapping[str, Any],
                allow_unknown_facts: bool, provenance: Mapping[str, Any] | None = None,
                seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None,
-               workers: int = 1, threads: int = 1) -> dict[str, Any]:
-    """``compare_localizations`` with the command line's report lines; the LM retain loss is off without texts.
-    seeds: every method over these seeds (mean ± std); extra: more fields of results.json (the demo's lr choice)."""
+               workers: int = 1, threads: int = 1, executor: str | None = None, ray_address: str | None = None,
+               model_name: str | None = None, model_info: Mapping[str, Any] | None = None,
+               task_ref: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``compare_localizations`` (a sweep into ``out/runs.jsonl``) with the command line's report lines; the LM
+    retain loss is off without texts. seeds: every method over these seeds (mean ± std); extra: more fields of
+    results.json (the demo's lr choice); executor / workers / threads / ray_address: the sweep engine's."""
     from mu_fast.pipeline import compare_localizations
 
     if not task.lm_texts:
@@ -133,7 +136,8 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
     results = compare_localizations(model, tokenizer, task, methods, configs, options, out_dir=out, resume=not fresh,
                                     title=title, allow_unknown_facts=allow_unknown_facts, provenance=provenance,
                                     identity=identity, task_info=task_info, seeds=seeds, extra=extra,
-                                    workers=workers, threads=threads)
+                                    workers=workers, threads=threads, executor=executor, ray_address=ray_address,
+                                    model_name=model_name, model_info=model_info, task_ref=task_ref)
     screen = console()
     block = results["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in block["versions"].items() if v)
@@ -151,5 +155,6 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                                  if cpu.get("family") else "")
     screen.print(f"versions: {versions}; {host['cpu_capability']} kernels, {host['torch_threads']} torch thread(s) on "
                  f"{where} (all in results.json)", highlight=False)
-    screen.print(f"report: {out}/ (results.json, probe_accuracy.png, localization_map.png, robustness.png)")
+    screen.print(f"report: {out}/ (runs.jsonl: the sweep store, one record per run; results.json, probe_accuracy.png, "
+                 "localization_map.png, robustness.png)")
     return results

@@ -5,7 +5,10 @@
 2. Learning rates: per method, the one ``mu_fast.organism.lr_choice`` chose by the stated rule on a validation
    forget set (the committed choice when its key matches; otherwise, or with ``--choose-lr``, the rule's sweep runs
    first through the sweep engine and its choice is written to the report folder).
-3. ``compare_localizations`` over ``--seeds``: mean ± std per method, the spread of selections, plots with error bars.
+3. Every method over ``--seeds`` as a sweep (``mu_fast.sweep.compare``): the runs go to the sweep engine's executor
+   (``--executor processes`` with ``--workers`` by default, ``local``, or ``ray``) and into ``--out/runs.jsonl``, so a
+   killed demo started again recomputes nothing that finished; then mean ± std per method, paired intervals against
+   FLU, the spread of selections and plots with error bars, from the store.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def demo_cmd(
     lr_grid: str | None = typer.Option(None, help="learning rates the rule chooses from, comma-separated (default: mu_fast.organism.lr_choice.LR_GRID)"),
     relearn: bool = typer.Option(True, help="run the relearning attack (settings: --relearn-*)"),
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
-    workers: int = typer.Option(2, help="worker processes for the runs (the numbers do not depend on it)"),
+    executor: str = typer.Option("processes", help="where the runs go: processes (--workers worker processes), local (this process) or ray (Ray actors; --ray-address)"),
+    ray_address: str | None = typer.Option(None, help="--executor ray: an existing cluster (auto, or host:port); default a local one"),
+    workers: int = typer.Option(2, help="worker processes or Ray actors for the runs (the numbers do not depend on it)"),
     threads: int = typer.Option(1, help="torch threads per process (the table does not depend on it: checked with 1 and 2)"),
     fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
     portable: bool = typer.Option(False, "--portable-kernels/--native-kernels", help="--portable-kernels: torch's baseline x86-64 kernels, MKL's reproducible path (slower; the table is the same with either: mu_fast.determinism)"),
@@ -59,6 +64,9 @@ def demo_cmd(
         raise ValueError(f"--seed is not an option of demo: pass --seeds {seed} (each seed sets the localization's, "
                          "the edit's, the relearning's and the probes' draws)")
     check_choice("--preset", preset, ("demo", "ci"))
+    check_choice("--executor", executor, ("processes", "local", "ray"))
+    if ray_address is not None and executor != "ray":
+        raise ValueError("--ray-address is an option of --executor ray; add --executor ray or drop it")
     method_list = parse_methods(methods)
     seed_list = parse_seeds(seeds)
     grid = parse_grid(lr_grid)
@@ -82,7 +90,7 @@ def demo_cmd(
     torch.set_num_threads(threads)  # default one: 2 threads stall on a loaded 2-core machine
     try:
         _demo(out, preset, forget_split, method_list, seed_list, edit_preset, flags, configs, options, choose_lr,
-              grid, workers, fresh, portable, wanted, t0, retrain_organism, threads)
+              grid, workers, fresh, portable, wanted, t0, retrain_organism, threads, executor, ray_address)
     finally:
         torch.set_num_threads(before)
 
@@ -90,7 +98,7 @@ def demo_cmd(
 def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], seeds: list[int], edit_preset: str,
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
           workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False,
-          threads: int = 1) -> None:
+          threads: int = 1, executor: str = "processes", ray_address: str | None = None) -> None:
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
 
@@ -106,6 +114,11 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
              "trained": f"trained now, cached in {org.path}"}[org.source]
     screen.print(f"organism ({where}) ready in {t_org:.1f} s; argmax accuracy per format: {json.dumps(accuracy)}",
                  highlight=False)
+    from mu_fast.models.precision import to_float64
+    from mu_fast.organism.lr_choice import DEMO_DTYPE
+
+    assert DEMO_DTYPE == "fp64"
+    org.model = to_float64(org.model)  # the same numbers on every CPU (lr_choice.DEMO_DTYPE, mu_fast.models.precision)
     lr_choice = None
     if edit_preset == "organism":
         lr_choice = demo_lr_choice(org, preset, method_list, out, choose_lr, flags, grid, workers)
@@ -113,11 +126,6 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
 
         configs = edit_configs(lr_choice, method_list)
         screen.print(lr_lines(lr_choice, method_list), highlight=False)
-    from mu_fast.models.precision import to_float64
-    from mu_fast.organism.lr_choice import DEMO_DTYPE
-
-    assert DEMO_DTYPE == "fp64"
-    org.model = to_float64(org.model)  # the same numbers on every CPU (lr_choice.DEMO_DTYPE, mu_fast.models.precision)
     task = organism_task(org.facts, forget_split=forget_split, inject_label="random_without_golf", tokenizer=org.tokenizer)
     provenance = {"organism": {"preset": preset, "config_hash": org.config.config_hash(), "path": str(org.path),
                                "source": org.source,
@@ -129,7 +137,9 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
                f"organism ({preset}), {forget_split}, edit to a random other sport", identity,
                {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
                provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None, workers=workers,
-               threads=threads)
+               threads=threads, executor=executor, ray_address=ray_address, model_name=f"organism:{preset}",
+               model_info={"organism": org},
+               task_ref={"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"})
     kernels = "portable" if portable else "native"
     screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s, "
                  f"{len(method_list)} methods × {len(seeds)} seeds {time.perf_counter() - t_runs:.1f} s)")
@@ -168,7 +178,7 @@ def demo_lr_choice(org: Any, preset: str, methods: list[str], out: Path, choose_
     screen.print(f"choosing learning rates by the rule: {DEMO_RULE.describe()}", highlight=False)
     ref = "organism" if preset == "demo" else f"organism:{preset}"
     choice = choose_demo_lrs(ref, org.config.config_hash(), methods, out / "lr_sweep.jsonl", base=base, grid=grid,
-                             workers=workers)
+                             workers=workers, organism=None if org.source == "shipped" else org)
     write_json(local, choice)
     screen.print(f"lr choice written to {local} (copy it over mu_fast/organism/demo_lr_choice.json to ship it)")
     return choice

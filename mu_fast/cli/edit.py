@@ -146,7 +146,7 @@ def edit_cmd(
     from mu_fast.edit.loop import snapshot
     from mu_fast.masks import Mask
     from mu_fast.models.edit_loading import check_offload_dir
-    from mu_fast.pipeline import METHOD_GROUP
+    from mu_fast.sweep.presets import METHOD_GROUP
     from mu_fast.provenance import provenance_block
 
     try:

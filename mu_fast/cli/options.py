@@ -241,7 +241,7 @@ def preset_fields(name: str, method: str | None) -> tuple[str, dict[str, Any]]:
     ``method``; a preset that differs between groups needs the method."""
     import json
 
-    from mu_fast.pipeline import METHOD_GROUP
+    from mu_fast.sweep.presets import METHOD_GROUP
     from mu_fast.sweep.presets import preset_groups
 
     try:
@@ -322,7 +322,8 @@ def run_settings(preset: str, methods: list[str], settings: Mapping[str, Any], r
     """``({method: EditConfig}, RunOptions)`` of ``--preset`` with the given flags over it; every value is checked
     (errors name the flag) before anything loads. edit_preset: take the edit settings from this preset instead
     (the evaluation options still from ``preset``)."""
-    from mu_fast.pipeline import METHOD_GROUP, RUN_PRESETS
+    from mu_fast.sweep.one_run import RUN_PRESETS
+    from mu_fast.sweep.presets import METHOD_GROUP
     from mu_fast.sweep.presets import preset_groups
 
     settings = check_edit_values(settings)

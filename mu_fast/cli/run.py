@@ -81,7 +81,9 @@ def run_cmd(
     experiment: str | None = typer.Option(None, help="--preset paper: forget_16, forget_64, sport_golf (sports), forget_64_sequential (counterfact)"),
     paper_model: str | None = typer.Option(None, help="--preset paper: gemma-7b, gemma-2-9b or llama-3-8b (default: from MODEL's name or config.json)"),
     seeds: str = typer.Option("0", help="seeds of everything random, e.g. 0,1,2: every method runs once per seed and the table shows mean ± std (the authors ran one)"),
-    workers: int = typer.Option(1, help="worker processes for the runs (one torch thread each; same numbers as one process)"),
+    workers: int = typer.Option(1, help="worker processes (or Ray actors) for the runs (one torch thread each; same numbers as one process)"),
+    executor: str | None = typer.Option(None, help="where the runs go: local (this process), processes (--workers worker processes) or ray (Ray actors; --ray-address). Default: processes with --workers > 1, else local"),
+    ray_address: str | None = typer.Option(None, help="--executor ray: an existing cluster (auto, or host:port); default a local one"),
     paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
     mmlu_add_bos: bool | None = typer.Option(None, "--mmlu-add-bos/--no-mmlu-add-bos", show_default=False, help="--preset paper: lm-eval MMLU/SciQ requests with / without the BOS token (default: the authors' lm-eval 0.4.4, BOS for Gemma only)"),
     dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),
@@ -110,6 +112,10 @@ def run_cmd(
     preset = preset or default_preset(model)
     seed_list = parse_seeds(seeds)
     check_positive("--workers", workers, integer=True)
+    if executor is not None:
+        check_choice("--executor", executor, ("local", "processes", "ray"))
+    if ray_address is not None and executor != "ray":
+        raise ValueError("--ray-address is an option of --executor ray; add --executor ray or drop it")
     method_list = parse_methods(methods)
     check_choice("--dtype", dtype, DTYPE_NAMES)
     configs, options = run_settings(preset, method_list, settings or {}, relearn, probes, relearn_settings or {},
@@ -134,8 +140,35 @@ def run_cmd(
         results = report_run(m, tok, task, method_list, configs, options, out, fresh,
                              f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
                              {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label},
-                             allow_unknown_facts, provenance, seeds=seed_list, workers=workers)
+                             allow_unknown_facts, provenance, seeds=seed_list, workers=workers, executor=executor,
+                             ray_address=ray_address, **sweep_names(ref, info, dataset, forget_split, inject_label,
+                                                                    cf_model, lm_texts))
     console().print(f"total {time.perf_counter() - t0:.1f} s")
+    _warn_unmoved(results, method_list, configs, preset, model)
+
+
+def sweep_names(ref: Any, info: dict[str, Any], dataset: str, forget_split: str, inject_label: str,
+                cf_model: str | None, lm_texts: str | None) -> dict[str, Any]:
+    """How the sweep store names MODEL and the task: the reference MODEL was loaded from (an organism, a folder, a hub
+    id) and the task's dataset / split / label, where the spec can name them; otherwise (a folder saved from the
+    organism, random weights) the model and task by digest (``mu_fast.sweep.provided``)."""
+    from mu_fast.cli.common import model_name
+
+    names: dict[str, Any] = {"model_info": info}
+    if ref.kind in ("organism", "local", "hub") and not ref.organism:
+        names["model_name"] = model_name(ref)
+        task = {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label}
+        if dataset == "counterfact" and cf_model:
+            task["cf_model"] = cf_model
+        if lm_texts and dataset != "organism":
+            task["lm_texts"] = lm_texts
+        if (dataset != "counterfact" or cf_model) and not (lm_texts and dataset == "organism"):
+            names["task_ref"] = task  # (the organism's task with LM texts has no spec form: named by digest)
+    return names
+
+
+def _warn_unmoved(results: dict[str, Any], method_list: list[str], configs: dict[str, Any], preset: str,
+                  model: str) -> None:
     before = results["before"]["normal"]["forget"]["acc"]
     idle = [m for m in method_list if "forget_err" in results["summary"].get(m, {})
             and unmoved(before, 1.0 - results["summary"][m]["forget_err"])]

@@ -80,16 +80,33 @@ def lr_sweep_spec(model_ref: str, methods: Sequence[str], store: str | os.PathLi
 def choose_demo_lrs(model_ref: str, organism_hash: str, methods: Sequence[str], store: str | os.PathLike,
                     rule: LRRule = DEMO_RULE, base: Mapping[str, Any] = BASE_EDIT, grid: Sequence[float] = LR_GRID,
                     validation_split: str = VALIDATION_SPLIT, seeds: Sequence[int] = DEMO_LR_SEEDS,
-                    progress: bool = True, threads: int | None = 1, workers: int = 1) -> dict[str, Any]:
+                    progress: bool = True, threads: int | None = 1, workers: int = 1,
+                    organism: Any = None) -> dict[str, Any]:
     """Run the lr sweep (resumable: ``store`` keeps finished runs) and apply ``rule``; return the choice record.
-    workers > 1: the runs go to that many worker processes (``--executor processes``)."""
+    workers > 1: the runs go to that many worker processes (``--executor processes``). organism: a loaded
+    ``Organism`` in fp64 whose weights are not the shipped ones (``--retrain-organism``): the runs use it (named by
+    its weights' digest, ``mu_fast.sweep.provided``) instead of loading ``model_ref``."""
     from mu_fast import sweep
     from mu_fast.provenance import provenance_block
 
     spec = lr_sweep_spec(model_ref, methods, store, base, grid, validation_split, seeds)
+    setup = None
+    if organism is not None:
+        from mu_fast.sweep.provided import Provided, weights_digest
+        from mu_fast.sweep.refs import resolve_model
+
+        spec["models"][0]["digest"] = weights_digest(organism.model)
+        setup = Provided(resolve_model(spec["models"][0], "models[0]"), organism.model, organism.tokenizer,
+                         {"organism": organism}, {})
     wanted = {run.run_id for run in sweep.expand(spec)}
     executor = {"executor": "processes", "workers": workers} if workers > 1 else {}
-    sweep.run(spec, store=store, progress=progress, threads=threads, **executor)
+    try:
+        sweep.run(spec, store=store, progress=progress, threads=threads, setup=setup, **executor)
+    finally:
+        if setup is not None:
+            from mu_fast.sweep.provided import withdraw
+
+            withdraw(setup.model_ref)
     records = [r for r in sweep.load_results(store, status=None) if r.get("run_id") in wanted]
     choices = choose_learning_rates(records, rule)
     return {

@@ -6,7 +6,7 @@ Built in (spec key ``evaluations:``):
   ``mu_fast.evaluate.evaluate_task``; ``batch_size`` is its batch.
 * ``relearn``: the relearning attack (``mu_fast.evaluate.relearn_attack``), ``false`` / ``true`` (its defaults, the
   paper's) or a mapping of its keyword arguments (``steps``, ``lr``, ``lora_rank``, ...). It is evaluated at steps 0,
-  steps // 2 and steps, as ``mu_fast.pipeline`` does.
+  steps // 2 and steps, as ``mu_fast.sweep.one_run`` does.
 * ``probes``: latent-knowledge probes (``mu_fast.evaluate.latent_probes``), ``false`` / ``true`` / its arguments.
 
 Registered at import (``mu_fast.sweep.protocol_evaluations``): ``softprompt`` (the soft-prompt attack),

@@ -40,7 +40,7 @@ REASONS = ("smallest lr reaching the target", "target not reached", "maintain be
 
 @dataclass(frozen=True)
 class LRRule:
-    """The rule (module docstring). Metrics are record summary keys (``mu_fast.pipeline.summarize``)."""
+    """The rule (module docstring). Metrics are record summary keys (``mu_fast.sweep.one_run.summarize``)."""
 
     forget_err_target: float = 0.9
     maintain_floor: float = 0.9

@@ -1,4 +1,4 @@
-"""Named edit presets: per method group (``lookup`` / ``tracing`` / ``broad``, ``mu_fast.pipeline.METHOD_GROUP``)
+"""Named edit presets: per method group (``lookup`` / ``tracing`` / ``broad``, ``METHOD_GROUP``)
 the EditConfig fields a sweep starts from before its own settings and grid apply.
 
 * ``default``: ``EditConfig()`` for every group (the paper's loop: 50 steps, lr 1e-5, coefficients 1).
@@ -21,6 +21,14 @@ from dataclasses import asdict
 from typing import Any
 
 GROUPS = ("lookup", "tracing", "broad")
+# The paper tunes lr / forget coefficient per group of methods (authors_repo.md §3.4): fact-lookup-sized MLP
+# selections, output-tracing and random selections, and the broad selections.
+METHOD_GROUP = {
+    "flu": "lookup", "flu_attn": "lookup", "random_mlps": "lookup", "atp_mlps": "lookup", "ct_mlps": "lookup",
+    "atp": "tracing", "ct": "tracing", "random": "tracing",
+    "all_mlps": "broad", "nonlocalized": "broad", "manual": "lookup",
+}
+DEMO_METHODS = ("flu", "flu_attn", "atp", "ct", "random", "random_mlps", "all_mlps", "nonlocalized")
 
 # §3.4: (lookup, tracing, broad) lr / forget_coef, from the committed run configs.
 _PAPER: dict[tuple[str, str, str], tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
@@ -100,6 +108,5 @@ def preset_config(name: str, method: str = "manual", **overrides: Any) -> Any:
     of no group, e.g. a hand-made mask, takes the lookup group's), with ``overrides`` on top:
     ``edit(model, tokenizer, task, loc.mask, preset_config("organism", "flu"))``."""
     from mu_fast.edit.loop import EditConfig
-    from mu_fast.pipeline import METHOD_GROUP
 
     return EditConfig(**{**preset_groups(name)[METHOD_GROUP.get(method, "lookup")], **overrides})

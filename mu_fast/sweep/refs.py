@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 TASK_KEYS = ("dataset", "forget_splits", "forget_split", "inject_labels", "inject_label", "maintain_split", "lm_texts",
-             "cf_model")
-MODEL_KEYS = ("name", "dtype", "tokenizer", "paper_model", "layers")
+             "cf_model", "name", "digest")
+MODEL_KEYS = ("name", "dtype", "tokenizer", "paper_model", "layers", "digest")
 DATASETS = ("organism", "sports", "counterfact")
+# ``memory``: a task object a caller provides (``mu_fast.sweep.provided``), named by its digest; not for spec files.
+MEMORY = "memory"
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
 
 
@@ -49,7 +51,16 @@ def resolve_model(entry: Any, where: str) -> dict[str, Any]:
     if dtype is not None and dtype not in DTYPES:
         raise spec_error(f"{where}.dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     out: dict[str, Any] = {}
-    if name == "organism" or name.startswith("organism:"):
+    digest = entry.get("digest")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{8,64}", digest)):
+        raise spec_error(f"{where}.digest", f"{digest!r} is not a hex digest of the weights "
+                         "(mu_fast.sweep.provided.weights_digest); drop it or pass the digest")
+    if name.startswith("memory:"):
+        if digest is None:
+            raise spec_error(where, f"{name} is a model held in memory (mu_fast.sweep.provided); it needs digest: "
+                             "<weights_digest(model)> so that its runs are told apart from other weights")
+        out = {"ref": name, "kind": "memory", "dtype": dtype or "fp32"}
+    elif name == "organism" or name.startswith("organism:"):
         from mu_fast.organism import OrganismConfig
 
         preset = name.split(":", 1)[1] if ":" in name else "demo"
@@ -92,7 +103,17 @@ def resolve_model(entry: Any, where: str) -> dict[str, Any]:
             out["paper_model"] = paper_model(entry["paper_model"]).key
         except ValueError as err:
             raise spec_error(f"{where}.paper_model", str(err)) from None
+    if digest is not None:
+        out["digest"] = digest  # weights other than the name's usual ones (a retrained organism, a model in memory)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def memory_task(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The reference of a task a caller provides (``mu_fast.sweep.provided``): its name and digest."""
+    check_keys(where, entry, ("dataset", "name", "digest"))
+    if not isinstance(entry.get("name"), str) or not isinstance(entry.get("digest"), str):
+        raise spec_error(where, "a memory task needs name: and digest: (mu_fast.sweep.provided.task_digest)")
+    return {"dataset": MEMORY, "name": entry["name"], "digest": entry["digest"]}
 
 
 def paper_model_of(model: Mapping[str, Any]) -> str | None:
@@ -118,7 +139,9 @@ def resolve_tasks(entry: Any, where: str, models: list[dict[str, Any]]) -> list[
 
     if not isinstance(entry, Mapping):
         raise spec_error(where, f"a task is a mapping with dataset:, forget_splits:, ...; got {entry!r}")
-    check_keys(where, entry, TASK_KEYS)
+    if entry.get("dataset") == MEMORY:
+        return [memory_task(entry, where)]
+    check_keys(where, entry, TASK_KEYS[:-2])
     dataset = entry.get("dataset")
     if dataset not in DATASETS:
         raise spec_error(f"{where}.dataset", f"unknown dataset {dataset!r}{close_hint(dataset, DATASETS)}; use {', '.join(DATASETS)}")

@@ -9,9 +9,10 @@ on every call), the before-edit evaluation and FLU results are cached too. Any e
 caught and becomes a ``failed`` record (type, message, traceback excerpt); then the model is checked against its
 fingerprint and reloaded if the failure left it changed.
 
-The edit and the evaluations are ``mu_fast.pipeline.edit_and_evaluate``, the per-run body the demo and
-``mu-fast run`` use too; here it runs on the loaded model, which is restored from a masked snapshot afterwards
-instead of deep-copied.
+The edit and the evaluations are ``mu_fast.sweep.one_run.edit_and_evaluate``; it runs on the loaded model, which is
+restored from a masked snapshot afterwards. A model (and tasks) the caller already holds (``mu_fast.sweep.provided``:
+the demo, ``mu-fast run``, ``compare_localizations``) is used instead of loading one; it cannot be reloaded, so a
+failed run that left it changed fails the session's later runs with that reason.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mu_fast.pipeline import check_finite as _check_finite  # noqa: F401 (the per-run body's check, importable here)
+from mu_fast.sweep.one_run import check_finite as _check_finite  # noqa: F401 (the per-run body's check, importable here)
 from mu_fast.sweep.snapshot import MaskedSnapshot, fingerprint
 from mu_fast.sweep.spec import BUDGET_METHODS, RunConfig, paper_model_of
 from mu_fast.sweep.store import RECORD_FORMAT
@@ -41,8 +42,20 @@ def load_sweep_model(ref: Mapping[str, Any], device: str | None = None) -> tuple
     ``device`` (default: the first visible GPU, else the CPU)."""
     from mu_fast.models.loading import load_model
 
+    from mu_fast.sweep.provided import model_for
+
+    held = model_for(ref)
+    if held is not None:  # the caller's own model (mu_fast.sweep.provided): used as it is, where it is
+        model, tokenizer, info = held
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval(), tokenizer if isinstance(tokenizer, CachedTokenizer) else CachedTokenizer(tokenizer), info
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = ref["kind"]
+    if kind == "memory":
+        raise RuntimeError(f"{ref['ref']} is a model held in memory by the process that started the sweep "
+                           "(mu_fast.sweep.provided); run it through that process's API (compare_localizations), "
+                           "not from a spec")
     if kind == "organism":
         model, tokenizer, info = load_model(ref["ref"], dtype=ref["dtype"], progress=False)  # fp32, or fp64 (demo)
         model = model.to(device)
@@ -76,7 +89,15 @@ def load_sweep_model(ref: Mapping[str, Any], device: str | None = None) -> tuple
 
 
 def build_task(ref: Mapping[str, Any], info: Mapping[str, Any], tokenizer: Any) -> Any:
-    """The FactTask of a resolved task reference (``refs.resolve_tasks``)."""
+    """The FactTask of a resolved task reference (``refs.resolve_tasks``), or the one provided for it."""
+    from mu_fast.sweep.provided import task_for
+
+    held = task_for(ref)
+    if held is not None:
+        return held
+    if ref["dataset"] == "memory":
+        raise RuntimeError(f"task {ref['name']} ({ref['digest']}) is held in memory by the process that started the "
+                           "sweep (mu_fast.sweep.provided); it cannot be built from its reference")
     texts = None
     if ref.get("lm_texts"):
         from mu_fast.data import load_lm_texts
@@ -167,6 +188,7 @@ class ModelSession:
         self.fingerprint = fingerprint(self.model)
         self.runs = 0
         self.reloads = 0
+        self.broken: str | None = None
         self._tasks: dict[str, Any] = {}
         self._baselines: dict[str, dict[str, Any]] = {}
         self._flu: dict[str, Any] = {}
@@ -182,7 +204,7 @@ class ModelSession:
     def baseline(self, run: RunConfig, task: Any) -> dict[str, Any]:
         """The unedited model's evaluation in the run's formats: ``{"evals", "summary"}`` (once per task)."""
         from mu_fast.evaluate import evaluate_task
-        from mu_fast.pipeline import before_summary
+        from mu_fast.sweep.one_run import before_summary
 
         ev = run.evaluations
         key = _key([run.task, ev["formats"], ev["batch_size"]])
@@ -249,6 +271,8 @@ class ModelSession:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         try:
+            if self.broken:
+                raise RuntimeError(self.broken)
             record.update(self._run(run, timings))
             record["status"] = "ok"
         except Exception as err:  # noqa: BLE001 - any failure is recorded and the sweep goes on
@@ -269,6 +293,12 @@ class ModelSession:
         except Exception:  # noqa: BLE001 - a model that cannot even be read is reloaded
             unchanged = False
         if not unchanged:
+            from mu_fast.sweep.provided import model_for
+
+            if model_for(self.ref) is not None:  # the caller's model cannot be reloaded: no further run may use it
+                self.broken = ("a failed run left the provided model changed and it cannot be reloaded; rerun: "
+                               "the finished runs are in the store")
+                return
             self.model, self.tokenizer, self.info = load_sweep_model(self.ref, self.requested_device)
             self._tasks.clear()  # tasks cache the tokenizer they were tokenized with
             self._baselines.clear()
@@ -276,7 +306,7 @@ class ModelSession:
 
     def _run(self, run: RunConfig, timings: dict[str, float]) -> dict[str, Any]:
         from mu_fast.edit.loop import EditConfig
-        from mu_fast.pipeline import edit_and_evaluate
+        from mu_fast.sweep.one_run import edit_and_evaluate
 
         def lap(name: str, t0: float) -> float:
             now = time.perf_counter()
@@ -307,6 +337,8 @@ class ModelSession:
             "metrics": metrics,
             "before": before["summary"],
             "results": out,
-            "localization": {**loc.summary(), "cached": cached, "layer_fractions": loc.layer_fractions(self.table)},
+            "localization": {**loc.summary(), "cached": cached, "layer_fractions": loc.layer_fractions(self.table),
+                             **({"flu_layers": list(flu.layers)} if (flu := self._flu.get(_key([run.task, run.seed])))
+                                else {})},
             "edit": edit,
         }

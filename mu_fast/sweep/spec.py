@@ -286,7 +286,7 @@ def resolved_edit(settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ expansion
 def method_group(method: str) -> str:
-    from mu_fast.pipeline import METHOD_GROUP
+    from mu_fast.sweep.presets import METHOD_GROUP
 
     if method.startswith("paper:"):
         return PAPER_GROUP[method.split(":", 1)[1]]
@@ -366,7 +366,7 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     check_formats(evaluations["formats"], tasks)
     for task in tasks:
         lm = any(settings.get("lm_coef", 1.0) for g in grids.values() for settings, _ in g)
-        if lm and task["dataset"] != "organism" and "lm_texts" not in task:
+        if lm and task["dataset"] not in ("organism", "memory") and "lm_texts" not in task:
             raise spec_error("tasks", f"{task['dataset']} has no LM texts for the LM retain loss (lm_coef > 0); add "
                         "lm_texts: <text file or pile> to the task, or set edit: {lm_coef: 0}")
     store = spec.get("store")

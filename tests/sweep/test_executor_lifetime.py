@@ -4,7 +4,7 @@
   driver, whether they were running or still starting (the ``gpus`` executor is the same code with GPUs);
 * Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it) ends the sweep with one line, no traceback
   or library warning, and the store keeps every finished run;
-* the demo's worker pool (``pipeline_workers``) dies with its driver too;
+* the demo's workers (``compare_localizations`` with workers=2: the processes executor) die with their driver too;
 * a local Ray cluster listens on the loopback address only.
 
 Processes are found by their parent's pid before the kill and told apart from a reused pid by their start time.
@@ -265,7 +265,8 @@ def test_the_demo_worker_pool_dies_with_its_driver(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script), str(out)], env=_env(), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
-        _wait_for(lambda: out.is_dir() and any(out.glob("random*.json")), 300, proc, "a finished run")
+        _wait_for(lambda: (out / "runs.jsonl").is_file() and '"random"' in (out / "runs.jsonl").read_text(), 300, proc,
+                  "a finished run")
         time.sleep(2)
         workers, trackers = _sweep_children(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
