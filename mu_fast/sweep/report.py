@@ -358,6 +358,30 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def comparison_lines(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> list[str]:
+    """Under the tables, for each model and task whose runs are a comparison over seeds (each method at one setting,
+    ``mu_fast.sweep.compare.is_comparison``: the demo's and ``mu-fast run``'s stores): the spread of what each seed
+    selected and every method against FLU on the same seeds (paired 95% t intervals, Holm)."""
+    from mu_fast.aggregate import paired_lines, paired_verdicts, selection_lines
+    from mu_fast.sweep.compare import comparison, is_comparison
+
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in _records(records):
+        if _placeable(r.get("config")) and r.get("status") == "ok":
+            grouped[(r["config"]["model"]["ref"], _task_label(r["config"]["task"]))].append(r)
+    lines: list[str] = []
+    for (model, task), recs in grouped.items():
+        if not is_comparison(recs):
+            continue
+        report = comparison(recs)
+        if report["n_seeds"] < 2:
+            continue
+        lines += ["", f"{model} · {task}"] + selection_lines(report["methods"], report["n_seeds"])
+        if report.get("paired"):
+            lines += paired_lines(report["paired"]) + paired_verdicts(report["paired"])
+    return lines
+
+
 def write_report(records: Iterable[Mapping[str, Any]] | str | os.PathLike, out_dir: str | os.PathLike,
                  metric: str = "forget_err") -> dict[str, Any]:
     """Write ``table.txt`` and, per table, ``robustness_<slug>.png``, ``tradeoff_<slug>.png`` and
@@ -365,7 +389,7 @@ def write_report(records: Iterable[Mapping[str, Any]] | str | os.PathLike, out_d
     recs = _records(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = format_table(recs)
+    text = "\n".join([format_table(recs), *comparison_lines(recs)])
     (out / "table.txt").write_text(text + "\n")
     plots = []
     for (model, task), table in tables(recs).items():
