@@ -60,3 +60,26 @@ def spec(ckpt: Path, methods: list[str], steps: int = 1, relearn: bool = False, 
             "evaluations": {"formats": ["normal"], "batch_size": 64,
                             "relearn": {"steps": 2, "lora_rank": 4, "batch_size": 8} if relearn else False},
             **extra}
+
+
+def gate(model: Any, tokenizer: Any, task: Any, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A final evaluation that waits (up to 60 s) for the file ``$SEQ_TEST_GATE``: the driver writes it when it has
+    received the sequence's earlier steps, which it can only do if they were sent before the sequence ended."""
+    import os
+    import time
+
+    path = Path(os.environ["SEQ_TEST_GATE"])
+    deadline = time.time() + 60
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} never appeared: the driver did not get the earlier steps' records in time")
+        time.sleep(0.05)
+    return {"waited_for": path.name}
+
+
+def install_with_gate() -> None:
+    """``install`` plus the ``gate`` evaluation (the executors' ``setup=`` in worker processes)."""
+    from mu_fast.sweep.evaluations import register_evaluation
+
+    install()
+    register_evaluation("gate", gate)
