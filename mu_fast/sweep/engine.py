@@ -15,6 +15,17 @@ runs in flight, and started again it skips every recorded run. The driver holds 
 (``Store.driver_lock``): a second sweep on the same store is refused at once with one line.
 Ctrl-C (SIGINT) stops every executor the same way
 and ``run`` raises ``SweepInterrupted``, whose message says what the store keeps and how to resume.
+
+Sequential runs (``kind: sequential``, ``mu_fast.sweep.spec``): a run is a sequence of partition edits and writes one
+record per step, each with its own run id (``RunConfig.step_run``). Every executor passes a run's records to the
+store as the worker sends them (``worker.run_records``): the local executor as the session yields them, the
+processes executor as each arrives on the results queue (a run ends after its expected records or a failed one),
+Ray through a streaming generator (``ray_executor``); so a killed sweep loses only the step in flight. A sequence
+whose steps are all recorded is skipped; one recorded up to step k-1 is handed out with ``replay=k``: the worker
+replays the edits of steps 0..k-1 (no evaluation, no record; same seeds and data order, so the same weights) and
+runs the rest, whose records say ``sequence.replayed``. A failed step ends its sequence (its later steps are not
+run); it counts as finished unless ``retry_failed``, which resumes the sequence at that step. ``SweepResult``
+counts records (``unit``: ``steps`` for a sequential spec).
 """
 
 from __future__ import annotations

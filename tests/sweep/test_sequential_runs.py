@@ -187,3 +187,37 @@ def test_processes_executor_streams_each_steps_record(small_cf, tmp_path, monkey
         assert lines(store)[-1]["results"]["gate"] == {"waited_for": "gate"}
     finally:
         evaluations.REGISTRY.pop("gate", None)
+
+
+def test_ray_executor_streams_each_steps_record(small_cf, tmp_path, monkeypatch):
+    """As the processes test, on a local Ray cluster (one actor): the sequence is one streaming-generator call, and
+    the last step's gate opens only if the driver stored steps 0-2 while the actor still ran the sequence."""
+    pytest.importorskip("ray")
+    setup.install_with_gate()
+    try:
+        gate = tmp_path / "gate"
+        monkeypatch.setenv("SEQ_TEST_GATE", str(gate))
+        store = tmp_path / "s.jsonl"
+        seen = []
+
+        def on_record(record):
+            seen.append((record["config"]["step"], len(lines(store))))
+            if record["config"]["step"] == 2:
+                gate.touch()
+
+        spec = setup.spec(small_cf(2), ["all_mlps"], evaluations={"formats": ["normal"], "gate": True})
+        result = sweep.run(spec, store=store, executor="ray", workers=1, threads=1, progress=False,
+                           setup=setup.install_with_gate, on_record=on_record)
+        assert (result.ok, result.failed) == (4, 0), [r.get("error") for r in result.records]
+        assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    finally:
+        evaluations.REGISTRY.pop("gate", None)
+
+
+def test_report_rows_name_the_step(small_cf, tmp_path):
+    from mu_fast.sweep.report import format_table
+
+    store = tmp_path / "s.jsonl"
+    sweep.run(setup.spec(small_cf(2), ["all_mlps"]), store=store, progress=False)
+    table = format_table(store)
+    assert all(f"all_mlps step={k}" in table for k in range(4)) and "averages" not in table
