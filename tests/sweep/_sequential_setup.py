@@ -83,3 +83,21 @@ def install_with_gate() -> None:
 
     install()
     register_evaluation("gate", gate)
+
+
+def die_once(model: Any, tokenizer: Any, task: Any, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A final evaluation whose first call (no file ``$SEQ_TEST_DIE`` yet) ends the worker process at once."""
+    import os
+
+    path = Path(os.environ["SEQ_TEST_DIE"])
+    if not path.exists():
+        path.touch()
+        os._exit(3)
+    return {"survived": True}
+
+
+def install_with_die() -> None:
+    from mu_fast.sweep.evaluations import register_evaluation
+
+    install()
+    register_evaluation("die_once", die_once)

@@ -221,3 +221,24 @@ def test_report_rows_name_the_step(small_cf, tmp_path):
     sweep.run(setup.spec(small_cf(2), ["all_mlps"]), store=store, progress=False)
     table = format_table(store)
     assert all(f"all_mlps step={k}" in table for k in range(4)) and "averages" not in table
+
+
+def test_a_worker_dying_mid_sequence_fails_the_step_in_flight(small_cf, tmp_path, monkeypatch):
+    """The worker process exits during the first sequence's last step: steps 0-2 are stored, step 3 gets the failed
+    record (stage worker), and a fresh worker runs the next sequence."""
+    setup.install_with_die()
+    try:
+        monkeypatch.setenv("SEQ_TEST_DIE", str(tmp_path / "died"))
+        store = tmp_path / "s.jsonl"
+        spec = setup.spec(small_cf(2), ["all_mlps", "nonlocalized"], evaluations={"formats": ["normal"], "die_once": True})
+        result = sweep.run(spec, store=store, executor="processes", workers=1, threads=1, progress=False,
+                           setup=setup.install_with_die)
+        assert (result.ok, result.failed) == (7, 1)
+        records = lines(store)
+        failed = next(r for r in records if r["status"] == "failed")
+        first = sweep.expand(spec)[0]
+        assert failed["run_id"] == first.step_run(3).run_id and failed["error"]["stage"] == "worker"
+        assert "exit code 3" in failed["error"]["message"]
+        assert [r["config"]["step"] for r in records if r["config"]["method"] == first.method] == [0, 1, 2, 3]
+    finally:
+        evaluations.REGISTRY.pop("die_once", None)
