@@ -242,3 +242,39 @@ def test_a_worker_dying_mid_sequence_fails_the_step_in_flight(small_cf, tmp_path
         assert [r["config"]["step"] for r in records if r["config"]["method"] == first.method] == [0, 1, 2, 3]
     finally:
         evaluations.REGISTRY.pop("die_once", None)
+
+
+SEQ_ERRORS = {
+    "partitions without the kind": ({"kind": "single", "partitions": 4}, "partitions: is for kind: sequential"),
+    "unknown kind": ({"kind": "sequental"}, "did you mean 'sequential'"),
+    "other partition count": ({"partitions": 8}, "set partitions: 4"),
+    "a method without per-partition localizations": ({"methods": ["flu"]}, "has no per-partition localization"),
+    "a budget": ({"budget": 1000}, "drop budget: or set budget: paper"),
+    "another forget split": ({"tasks": [{"dataset": "counterfact", "forget_splits": ["first_16_unsplit"],
+                                         "cf_model": "gemma-7b"}]}, r"forget_splits: \[first_64_unsplit\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ_ERRORS))
+def test_sequential_spec_errors_are_one_line(case, tmp_path):
+    change, message = SEQ_ERRORS[case]
+    (tmp_path / "config.json").write_text("{}")
+    spec = {**setup.spec(tmp_path, ["all_mlps"]), **change}
+    with pytest.raises(ValueError, match=message) as err:
+        sweep.expand(spec)
+    assert "\n" not in str(err.value) and str(err.value).startswith("spec: ")
+
+
+def test_single_runs_keep_their_ids_and_config_keys():
+    """Run kinds leave single runs as they were: no new config keys, the id of the identity without kind."""
+    import hashlib
+
+    from tests.sweep._fake_runs import SPEC
+
+    run = sweep.expand(SPEC)[0]
+    assert set(run.to_dict()) == {"run_id", "model", "task", "method", "budget", "seed", "edit", "evaluations",
+                                  "group", "axes"}
+    old = {"format": 1, "model": run.model, "task": run.task, "method": run.method, "budget": run.budget,
+           "seed": run.seed, "edit": run.edit, "evaluations": run.evaluations}
+    payload = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    assert run.run_id == hashlib.sha256(payload.encode()).hexdigest()[:16]
