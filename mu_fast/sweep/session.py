@@ -404,9 +404,8 @@ class ModelSession:
                 now = time.perf_counter()
                 for row in part["edit"]["history"]:
                     check_finite("edit", row, row.get("step"))
-                if step == replay and replay:
-                    timings["replay"] = now - t - part["edit"]["seconds"]  # the replayed edits (and this edit's
-                # evaluation, which is not measured apart)
+                if step == replay and replay:  # the replayed edits, with this step's evaluation (not timed apart)
+                    timings["replay"] = now - t - part["edit"]["seconds"]
                 timings["step"] = now - t
                 last = step == steps - 1
                 results: dict[str, Any] = {"evals": {k: v for k, v in part["eval"].items() if k != "per_partition"},
