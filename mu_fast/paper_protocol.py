@@ -15,9 +15,10 @@ the authors ran, reusing the modules that already hold each part:
   difference: CounterFact relearns toward the true answer (theirs toward ``target_false``, a bug;
   ``cf_target_false_bug=True`` gives theirs);
 * ``spec``: a sweep spec (``mu_fast.sweep.run(spec)``) that runs all of it, ``None`` for the sequential CounterFact
-  experiment: each of the 9 methods edits the 4 partitions in turn (``mu_fast.edit.sequential.sequential_edit``
-  over ``paper_sequential_masks``), then the same evaluations run once on all 64 facts, as the authors' script did
-  after its last partition (``mu-fast run --preset paper`` does all of it).
+  experiment, whose spec is ``paper_sequential_spec(protocol)`` (``kind: sequential``): each of the 9 methods edits
+  the 4 partitions in turn (``mu_fast.edit.sequential.sequential_steps`` over ``paper_sequential_masks``), then the
+  same evaluations run once on all 64 facts, as the authors' script did after its last partition (``mu-fast run
+  --preset paper`` does all of it).
 
 Differences that remain are listed in docs/protocol_differences.md.
 """
@@ -140,9 +141,10 @@ def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str
         for entry in methods.values():
             entry["localization"] = None
         out["spec"] = None
-        out["spec_note"] = ("sweeps edit one forget set at a time; run the 4 partitions with "
-                            "mu_fast.edit.sequential.sequential_edit over paper_sequential_masks (the per-partition "
-                            "localizations in 'partitions'), then 'evaluations' on all 64 facts (mu-fast run --preset paper)")
+        out["spec_note"] = ("a sequential sweep (kind: sequential): paper_sequential_spec(protocol) builds it; its runs "
+                            "edit the 4 partitions as mu_fast.edit.sequential.sequential_edit over paper_sequential_masks "
+                            "(the per-partition localizations in 'partitions'), then run 'evaluations' on all 64 facts "
+                            "(mu-fast run --preset paper)")
         return out
     out["spec"] = {
         "name": f"paper_{data}_{model}_{experiment}",
@@ -156,6 +158,28 @@ def paper_protocol(model_key: str, dataset: str, experiment: str, model_ref: str
         "store": f"sweeps/paper_{data}_{model}_{experiment}.jsonl",
     }
     return out
+
+
+def paper_sequential_spec(protocol: dict[str, Any], model_ref: str | None = None, lm_texts: str | None = "pile",
+                          seeds: tuple[int, ...] | list[int] = (0,)) -> dict[str, Any]:
+    """The sweep spec (``kind: sequential``, ``mu_fast.sweep.spec``) of a sequential ``paper_protocol``: every
+    method over the 4 partitions, the authors' edit preset and evaluations; model_ref, lm_texts and seeds as
+    ``paper_protocol``'s. Its runs are sequences of 4 steps, one store record each."""
+    if protocol.get("partitions") is None:
+        raise ValueError(f"{protocol['experiment']} is not a sequential experiment; its spec is protocol['spec']")
+    model, experiment = protocol["model"], protocol["experiment"]
+    return {
+        "name": f"paper_counterfact_{model}_{experiment}",
+        "kind": "sequential",
+        "partitions": len(protocol["partitions"]),
+        "models": [{"name": model_ref or paper_model(model).hf_id, "dtype": "bf16", "paper_model": model}],
+        "tasks": _tasks("cf", experiment, model, lm_texts),
+        "methods": list(METHODS),
+        "edit": {"preset": protocol["edit_preset"]},
+        "seeds": [int(s) for s in seeds],
+        "evaluations": protocol["evaluations"],
+        "store": f"sweeps/paper_counterfact_{model}_{experiment}.jsonl",
+    }
 
 
 def paper_sequential_masks(model: Any, method: str, model_key: str | None = None, seed: int = 0) -> list[Any]:

@@ -4,9 +4,10 @@ The paper model (gemma-7b, gemma-2-9b or llama-3-8b) is MODEL's name, a local fo
 (``_name_or_path``) or has its shapes, or ``--paper-model``. ``paper_protocol`` gives every method's localization,
 edit settings (§3.4) and evaluations; the sweep engine runs them (store: ``--out/<spec name>.jsonl``, resumable),
 then the paper-layout table is printed and written with the plots under ``--out/report``. The sequential
-CounterFact experiment runs ``sequential_edit`` per method instead (the 4 partitions, each its own localization),
-then the evaluations once on all 64 facts, as the authors' script after its last partition (one JSON per method in
-``--out``; ``mu_fast.cli.paper_sequential``).
+CounterFact experiment is a ``kind: sequential`` sweep (``paper_protocol.paper_sequential_spec``; store
+``--out/<spec name>.jsonl``, one record per partition step, resumable): per method the 4 partitions in turn, each its
+own localization, then the evaluations once on all 64 facts, as the authors' script after its last partition; its
+table is printed and one JSON per method written in ``--out`` (``mu_fast.cli.paper_sequential``).
 
 Flags that change the authors' settings are applied as explicit overrides, each with a printed warning line: edit
 flags (``--lr``, ``--steps`` ...) replace that field in every method group, ``--relearn-*`` replace the relearning
@@ -295,14 +296,15 @@ def run_paper(model: str, dataset: str, experiment: str | None, paper_model: str
         from mu_fast.cli.paper_sequential import run_sequential
         from mu_fast.sweep.evaluations import resolve_evaluations
 
-        resolved = resolve_evaluations(evaluations)  # checked now, before anything loads
+        resolve_evaluations(evaluations)  # checked now, before anything loads
         for line in [*describe_partitions(protocol, chosen, seed_list[0]), describe_sequential_evaluations(evaluations)]:
             print(line)
         if not dry_run:
             from mu_fast.preflight import writing_output
 
-            with writing_output("--out", out, "the methods written before are kept in --out"):
-                run_sequential(model, key, protocol, chosen, edit, resolved, texts, dtype, out, seed_list[0])
+            with writing_output("--out", out, "every step stored before is kept in --out; run again to resume"):
+                run_sequential(model, key, protocol, chosen, edit, evaluations, texts, dtype, out, seed_list[0],
+                               fresh=fresh)
         return
     spec = dict(protocol["spec"])
     spec["methods"] = chosen

@@ -2,112 +2,104 @@
 CounterFact runs (authors_repo.md §3.6, their ``localized_finetuning_script_counterfact_sequential.py``).
 
 Per method (the paper's five selections and the four baselines, as the authors' ``results_rebuttal_counterfact/
-*_sequential`` runs): ``sequential_edit`` over the 4 partitions with their own masks (``paper_sequential_masks``),
-then, after the last partition and on all 64 facts, the evaluations the authors' script ran there (its
-``do_full_mmlu_evals``, ``do_softprompt_evals`` and ``do_relearning_evals``): the relearning attack (trained on the
-first 32 facts, scored on the last 32, as their ``first_64_split``), the soft-prompt attack and lm-eval, each as
-the sweep runs it (``--no-relearn`` and ``--paper-evals`` turn them off). The model is restored between methods.
-Writes ``out/<method>.json`` (partitions' records, final evaluations, edit settings, provenance) and prints a table.
+*_sequential`` runs): one sequential sweep run (``kind: sequential``, ``mu_fast.sweep.spec``; the spec is
+``mu_fast.paper_protocol.paper_sequential_spec``) edits the 4 partitions in turn, each with its own mask
+(``paper_sequential_masks``), then, after the last partition and on all 64 facts, runs the evaluations the authors'
+script ran there (its ``do_full_mmlu_evals``, ``do_softprompt_evals`` and ``do_relearning_evals``): the relearning
+attack (trained on the first 32 facts, scored on the last 32, as their ``first_64_split``), the soft-prompt attack
+and lm-eval, each as the sweep runs it (``--no-relearn`` and ``--paper-evals`` turn them off). The sweep engine runs
+it (store ``--out/paper_counterfact_<model>_forget_64_sequential.jsonl``, one record per partition step, appended
+as each step finishes; a killed run resumes at the first step not recorded, replaying the recorded steps' edits;
+failed runs are retried; ``--fresh`` starts a new store). The model is restored between methods. From the store it
+writes ``out/<method>.json`` (partitions' records, final evaluations, edit settings, provenance) for every method
+whose 4 steps are recorded, and prints a table.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-def final_evaluations(model: Any, tokenizer: Any, task: Any, evaluations: Mapping[str, Any], seed: int,
-                      progress: bool = True) -> dict[str, Any]:
-    """The resolved sweep ``evaluations`` (``resolve_evaluations``) other than the formats, run on the edited
-    ``model`` as a sweep run does: ``relearn`` (evaluated at steps 0, steps // 2 and steps), ``probes`` and the
-    registered ones (``softprompt``, ``capability``, ...). Returns ``{name: result}``; the model is left unchanged."""
-    from mu_fast.evaluate import latent_probes, relearn_attack
-    from mu_fast.sweep.evaluations import REGISTRY
-
-    out: dict[str, Any] = {}
-    if evaluations.get("relearn") is not None:
-        settings = dict(evaluations["relearn"])
-        steps = settings["steps"]
-        out["relearn"] = relearn_attack(model, tokenizer, task, seed=seed, eval_batch_size=evaluations["batch_size"],
-                                        progress=progress, eval_at=tuple(sorted({0, steps // 2, steps})), **settings)
-    if evaluations.get("probes") is not None and task.classes:
-        out["latent_probes"] = latent_probes(model, tokenizer, task, batch_size=evaluations["batch_size"],
-                                             **evaluations["probes"])
-    for name, settings in (evaluations.get("extra") or {}).items():
-        out[name] = REGISTRY[name].fn(model, tokenizer, task, settings, seed)
-    return out
-
-
-def final_metrics(final: Mapping[str, Any]) -> dict[str, Any]:
-    """The few numbers the table shows: held-out accuracy after relearning, forget accuracy under the soft-prompt
-    attack, and each lm-eval task's accuracy (None where not run; "skipped" where skipped)."""
-    relearn = final.get("relearn")
-    metrics: dict[str, Any] = {"relearn_acc": None if relearn is None or relearn["final"] is None
-                               else relearn["final"]["normal"]["acc"]}
-    soft = final.get("softprompt")
-    metrics["softprompt_forget_acc"] = None if soft is None else soft["metrics"]["softprompt_forget_acc"]
-    capability = final.get("capability")
-    metrics["mmlu_acc"] = (None if capability is None else "skipped" if "skipped" in capability
-                           else capability["metrics"].get("capability_mmlu_acc"))
-    return metrics
+from mu_fast.sweep.sequence import final_evaluations, final_metrics  # noqa: F401 (their home before the engine ran this)
 
 
 def run_sequential(model: str, key: str, protocol: Mapping[str, Any], methods: list[str], edit: Mapping[str, Any],
-                   evaluations: Mapping[str, Any], texts: str | None, dtype: str, out: Path, seed: int = 0) -> None:
-    """Run the sequential experiment (module docstring). evaluations: resolved (``resolve_evaluations``). seed: the
-    edit's data order (EditConfig.seed, unless --seed overrides it), the random baselines' draws and the attacks'."""
-    import torch
+                   evaluations: Mapping[str, Any], texts: str | None, dtype: str, out: Path, seed: int = 0,
+                   fresh: bool = False) -> None:
+    """Run the sequential experiment (module docstring). evaluations: the spec's (``resolve_evaluations`` accepts
+    them). seed: the edit's data order (EditConfig.seed, seed + p for partition p), the random baselines' draws and
+    the attacks'. fresh: keep the earlier store aside and start a new one."""
+    import mu_fast.sweep as sweep
+    from mu_fast.paper_protocol import paper_sequential_spec
+    from mu_fast.preflight import resolve_model, writing_output
 
-    from mu_fast.cli.common import identity_of, load_model_ref
-    from mu_fast.data import counterfact_sequential_tasks, load_lm_texts
-    from mu_fast.edit.loop import EditConfig
-    from mu_fast.edit.sequential import all_facts_task, sequential_edit
-    from mu_fast.paper_protocol import paper_sequential_masks
-    from mu_fast.preflight import resolve_model
-    from mu_fast.provenance import provenance_block
-    from mu_fast.sweep.snapshot import MaskedSnapshot
+    spec = paper_sequential_spec(dict(protocol), model_ref=model, lm_texts=texts, seeds=[seed])
+    spec["methods"] = list(methods)
+    spec["edit"] = {**spec["edit"], **edit}
+    spec["evaluations"] = dict(evaluations)
+    spec["models"] = [{**m, "dtype": dtype} for m in spec["models"]]
+    store = out / f"{spec.pop('store').rsplit('/', 1)[-1]}"
+    resolve_model(model)
+    if fresh and store.exists():
+        kept = store.with_name(f"{store.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+        store.rename(kept)
+        print(f"--fresh: the earlier results are kept as {kept}")
+    with writing_output("--out", out, "every step stored before is kept; free space or fix the path, then run again "
+                        "to resume"):
+        result = sweep.run(spec, store=store, retry_failed=True)  # a rerun after a fix retries the failed steps
+    print(str(result))
+    from mu_fast.sweep.store import load_results
 
-    ref = resolve_model(model)
-    lm = load_lm_texts(texts, n=2048, seed=0) if texts else None
-    tasks = counterfact_sequential_tasks(model=key, lm_texts=lm)
-    everything = all_facts_task(tasks)
-    net, tokenizer, info = load_model_ref(ref, dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    identity = identity_of(ref, info, net, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method in methods:
-        fields = {"seed": seed, **protocol["methods"][method]["edit"], **edit}
-        if not texts:
-            fields["lm_coef"] = 0.0
-        if "betas" in fields:
-            fields["betas"] = tuple(fields["betas"])
-        config = EditConfig(**fields)
-        masks = paper_sequential_masks(net, method, model_key=key, seed=seed)
-        snapshot = MaskedSnapshot.take(net, functools.reduce(lambda a, b: a.union(b), masks))  # one copy, even
-        try:                                                                                   # for nonlocalized
-            records = sequential_edit(net, tokenizer, tasks, masks, config, formats=evaluations["formats"],
-                                      eval_batch_size=evaluations["batch_size"])
-            final = final_evaluations(net, tokenizer, everything, evaluations, seed)
-        finally:
-            snapshot.restore(net)
-        path = out / f"{method.replace(':', '_')}.json"
-        block = provenance_block(model=identity, device=next(net.parameters()).device)
-        path.write_text(json.dumps({"method": method, "paper_model": key, "experiment": protocol["experiment"],
-                                    "edit_config": dict(vars(config)), "partitions": records,
-                                    "final_evaluations": final, "final_metrics": final_metrics(final),
-                                    "evaluation_settings": dict(evaluations), "provenance": block},
-                                   indent=1, default=str))
-        last = records[-1]["eval"]
-        maintain = last.get("normal", {}).get("maintain", {}).get("acc")
-        rows.append((method, [p["acc"] for p in last["per_partition"]], maintain, final_metrics(final)))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    records = load_results(store, status=None)
+    runs = {r.method: r for r in sweep.expand(spec)}
+    rows, failures = [], []
+    with writing_output("--out", out, f"the runs are kept in {store}"):
+        for method in methods:
+            steps = [_latest(records, runs[method].step_run(k).run_id) for k in range(runs[method].steps)]
+            failed = next((r for r in steps if r is not None and r.get("status") != "ok"), None)
+            if failed is not None or any(r is None for r in steps):
+                error = (failed or {}).get("error") or {"type": "?", "message": "not recorded"}
+                where = failed["config"]["step"] if failed else sum(r is not None for r in steps)
+                failures.append(f"{method}: failed at step {where} ({error['type']}: {error['message']})")
+                continue
+            summary = method_summary(method, key, protocol["experiment"], steps, runs[method].evaluations, store)
+            (out / f"{method.replace(':', '_')}.json").write_text(json.dumps(summary, indent=1, default=str))
+            last = steps[-1]
+            maintain = last["results"]["evals"].get("normal", {}).get("maintain", {}).get("acc")
+            rows.append((method, [p["acc"] for p in last["results"]["per_partition"]], maintain,
+                         summary["final_metrics"]))
     print_table(rows, out)
+    for line in failures:
+        print(line)
+    if not rows:
+        raise RuntimeError(f"no sequence of {store} finished ({failures[0] if failures else 'no record'}); fix the "
+                           "cause and run again (the failed steps are retried; recorded ones are kept)")
+
+
+def _latest(records: list[dict[str, Any]], run_id: str) -> dict[str, Any] | None:
+    return next((r for r in records if r["run_id"] == run_id), None)
+
+
+def method_summary(method: str, key: str, experiment: str, steps: list[dict[str, Any]],
+                   evaluation_settings: Mapping[str, Any], store: Path) -> dict[str, Any]:
+    """One method's ``<method>.json`` from its 4 step records: ``partitions`` (as ``sequential_edit`` returns them),
+    ``final_evaluations`` and ``final_metrics`` (from the last step), the edit settings and the provenance."""
+    partitions = []
+    for record in steps:
+        results = record["results"]
+        partitions.append({"partition": record["config"]["step"], "task": record["localization"]["task"],
+                           "trainable_elements": record["localization"]["trainable_params"], "edit": record["edit"],
+                           "eval": {**results["evals"], "per_partition": results["per_partition"]}})
+    results = steps[-1]["results"]
+    final = {name: results[name] for name in results["final_evaluations"]}
+    return {"method": method, "paper_model": key, "experiment": experiment, "edit_config": steps[-1]["config"]["edit"],
+            "partitions": partitions, "final_evaluations": final, "final_metrics": final_metrics(final),
+            "evaluation_settings": dict(evaluation_settings), "provenance": steps[-1]["provenance"],
+            "store": str(store), "run_ids": [r["run_id"] for r in steps],
+            "replayed": [r["sequence"]["replayed"] for r in steps]}
 
 
 def print_table(rows: list[tuple[str, list[float], float | None, dict[str, Any]]], out: Path) -> None:

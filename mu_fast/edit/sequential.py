@@ -13,7 +13,7 @@ drew from the global generator, so each partition saw another order).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -111,25 +111,48 @@ def sequential_edit(
     Returns one record per partition: ``{"partition", "task", "trainable_elements", "edit": {"history",
     "seconds", "optimizer"}, "eval": {...}}``.
     """
+    return list(sequential_steps(model, tokenizer, tasks_per_partition, masks_per_partition, config, eval_fn,
+                                 formats, progress, eval_batch_size))
+
+
+def sequential_steps(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks_per_partition: Sequence[FactTask],
+    masks_per_partition: MaskSource,
+    config: EditConfig | None = None,
+    eval_fn: Callable[[torch.nn.Module, int], dict[str, Any]] | None = None,
+    formats: Sequence[str] | None = ("normal",),
+    progress: bool = True,
+    eval_batch_size: int = 64,
+    replay: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """``sequential_edit`` one partition at a time: yields each partition's record as soon as it is edited and
+    evaluated (the model stays edited while the caller holds it). replay: the first ``replay`` partitions are
+    edited (same masks, seeds and data order) but neither evaluated nor yielded, to resume a sequence whose first
+    records are kept elsewhere: the edit draws its batches from its own seeded generator, so skipping their
+    evaluations leaves the later partitions' numbers as they were."""
     tasks = list(tasks_per_partition)
     check_partitions(tasks)
     if not callable(masks_per_partition) and len(masks_per_partition) != len(tasks):
         raise ValueError(f"{len(masks_per_partition)} masks for {len(tasks)} partitions; give one Mask per partition")
+    if not 0 <= replay <= len(tasks):
+        raise ValueError(f"replay={replay} for {len(tasks)} partitions; replay 0..{len(tasks)} partitions")
     config = config or EditConfig(steps=SEQUENTIAL_STEPS)
     everything = all_facts_task(tasks)
-    records = []
     for p, task in enumerate(tasks):
         mask = _mask_for(masks_per_partition, p, task)
         result = edit(model, tokenizer, task, mask, replace(config, seed=config.seed + p), progress=progress)
+        if p < replay:
+            continue
         with torch.no_grad():
             evaluation = eval_fn(model, p) if eval_fn is not None else _evaluate_all(
                 model, tokenizer, tasks, everything, formats, eval_batch_size)
-        records.append({
+        yield {
             "partition": p, "task": task.name, "trainable_elements": mask.param_count(),
             "edit": {"history": result.history, "seconds": result.seconds, "optimizer": result.optimizer},
             "eval": evaluation,
-        })
-    return records
+        }
 
 
 def _evaluate_all(model: Any, tokenizer: Any, tasks: list[FactTask], everything: FactTask,

@@ -15,10 +15,22 @@ runs in flight, and started again it skips every recorded run. The driver holds 
 (``Store.driver_lock``): a second sweep on the same store is refused at once with one line.
 Ctrl-C (SIGINT) stops every executor the same way
 and ``run`` raises ``SweepInterrupted``, whose message says what the store keeps and how to resume.
+
+Sequential runs (``kind: sequential``, ``mu_fast.sweep.spec``): a run is a sequence of partition edits and writes one
+record per step, each with its own run id (``RunConfig.step_run``). Every executor passes a run's records to the
+store as the worker sends them (``worker.run_records``): the local executor as the session yields them, the
+processes executor as each arrives on the results queue (a run ends after its expected records or a failed one),
+Ray through a streaming generator (``ray_executor``); so a killed sweep loses only the step in flight. A sequence
+whose steps are all recorded is skipped; one recorded up to step k-1 is handed out with ``replay=k``: the worker
+replays the edits of steps 0..k-1 (no evaluation, no record; same seeds and data order, so the same weights) and
+runs the rest, whose records say ``sequence.replayed``. A failed step ends its sequence (its later steps are not
+run); it counts as finished unless ``retry_failed``, which resumes the sequence at that step. ``SweepResult``
+counts records (``unit``: ``steps`` for a sequential spec).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +49,8 @@ RunCallback = Callable[[RunConfig], None]
 
 @dataclass
 class SweepResult:
-    """What ``run`` did: counts, the store path, the records it wrote, wall time."""
+    """What ``run`` did: counts, the store path, the records it wrote, wall time. Counts are of records: a
+    sequential run counts once per step (``unit`` is then ``steps``)."""
 
     store: Path
     total: int
@@ -46,9 +59,10 @@ class SweepResult:
     failed: int = 0
     seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
+    unit: str = "runs"
 
     def __str__(self) -> str:
-        return (f"{self.total} runs: {self.skipped} already in {self.store}, {self.ok} ok, {self.failed} failed, "
+        return (f"{self.total} {self.unit}: {self.skipped} already in {self.store}, {self.ok} ok, {self.failed} failed, "
                 f"{self.seconds:.1f} s")
 
 
@@ -86,9 +100,32 @@ def store_path(spec: Mapping[str, Any], store: str | os.PathLike | None) -> Path
 
 
 def pending_runs(runs: list[RunConfig], store: Store, retry_failed: bool = False) -> list[RunConfig]:
-    """The runs ``store`` has no finished record of (failed ones count as finished unless ``retry_failed``)."""
-    done = store.finished(include_failed=not retry_failed)
-    return [r for r in runs if r.run_id not in done]
+    """The runs ``store`` has no finished record of (failed ones count as finished unless ``retry_failed``).
+
+    A sequence (``kind: sequential``) is finished when each of its steps' latest record is ok, or (without
+    ``retry_failed``) when the first step without an ok record has a failed one. Otherwise it is returned with
+    ``replay`` = its leading ok steps: those are replayed, edit only, and the rest run."""
+    if not any(r.sequential for r in runs):
+        done = store.finished(include_failed=not retry_failed)
+        return [r for r in runs if r.run_id not in done]
+    latest = {rid: r.get("status") for rid, r in store.latest().items()}
+    out = []
+    for run in runs:
+        if not run.sequential:
+            if latest.get(run.run_id) not in (("ok",) if retry_failed else ("ok", "failed")):
+                out.append(run)
+            continue
+        statuses = [latest.get(run.step_run(k).run_id) for k in range(run.steps)]
+        ok = next((k for k, status in enumerate(statuses) if status != "ok"), run.steps)
+        if ok == run.steps or (statuses[ok] == "failed" and not retry_failed):
+            continue
+        out.append(dataclasses.replace(run, replay=ok))
+    return out
+
+
+def records_left(todo: list[RunConfig]) -> int:
+    """The records the pending runs ``todo`` write when nothing fails (a sequence: one per step not yet recorded)."""
+    return sum(r.steps - r.replay for r in todo)
 
 
 def run(
@@ -130,11 +167,12 @@ def run(
     bar = None
     try:
         todo = pending_runs(runs, st, retry_failed)
-        result = SweepResult(st.path, len(runs), len(runs) - len(todo))
+        total, left = records_left(runs), records_left(todo)
+        result = SweepResult(st.path, total, total - left, unit="steps" if any(r.sequential for r in runs) else "runs")
         if progress and todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"sweep {data.get('name', '')}".strip(), unit="run")
+            bar = tqdm(total=left, desc=f"sweep {data.get('name', '')}".strip(), unit=result.unit[:-1])
         sink = _Sink(st, result, on_record, bar)
         if not todo:
             pass
@@ -150,9 +188,11 @@ def run(
 
             run_ray(todo, sink, on_run_start, workers=workers, address=ray_address, setup=setup, threads=threads)
     except KeyboardInterrupt:
-        left = len(pending_runs(runs, st, retry_failed))  # the store, not the counts: Ctrl-C may land between them
-        raise SweepInterrupted(f"sweep interrupted: {st.path} keeps {result.total - left} of the {result.total} runs; "
-                               f"run the same command again to run the other {left}") from None
+        # the store, not the counts: Ctrl-C may land between them
+        left = records_left(pending_runs(runs, st, retry_failed))
+        unit = "steps" if any(r.sequential for r in runs) else "runs"
+        raise SweepInterrupted(f"sweep interrupted: {st.path} keeps {records_left(runs) - left} of the "
+                               f"{records_left(runs)} {unit}; run the same command again to run the other {left}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -163,11 +203,12 @@ def run(
 
 def _run_local(todo: list[RunConfig], sink: _Sink, on_run_start: RunCallback | None,
                setup: Callable[[], None] | None, threads: int | None) -> None:
-    from mu_fast.sweep.worker import Worker
+    from mu_fast.sweep.worker import Worker, run_records
 
     worker = Worker(None, setup, threads)
     scheduler = Scheduler(todo)
     while (run_config := scheduler.next_for(worker.model_key)) is not None:
         if on_run_start is not None:
             on_run_start(run_config)
-        sink(worker.execute(run_config.to_dict()))
+        for record in run_records(worker, run_config.to_dict()):
+            sink(record)

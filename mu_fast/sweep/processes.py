@@ -2,8 +2,10 @@
 
 Workers are started with the ``spawn`` method (a fresh interpreter: CUDA cannot be shared with a forked child) and
 each holds one model at a time (``mu_fast.sweep.worker``). The parent hands a worker its next run when the worker
-returns a record, and appends the record to the store. A worker that dies (killed, out of host memory, a crash in
-native code) fails its run in flight with the exit code and is replaced by a fresh one on the same device.
+has sent the last record of its run, and appends each record to the store as it arrives: a single run sends one, a
+sequential run one per step as each step finishes (``worker.run_records``), and a failed record ends its run. A
+worker that dies (killed, out of host memory, a crash in native code) fails its run in flight (a sequence: the step
+in flight) with the exit code and is replaced by a fresh one on the same device.
 With ``use_gpus=False`` the same machinery runs ``workers`` CPU processes (each with ``torch`` threads = cores /
 workers), which is how it is tested on machines without GPUs.
 
@@ -88,6 +90,7 @@ class _Slot:
             self.process.start()
         self.run: RunConfig | None = None
         self.model_key: str | None = None
+        self.left = 0  # records the run in flight still sends (a sequence: one per step)
 
 
 def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
@@ -97,6 +100,7 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
     """Execute ``todo`` in worker processes; each record goes to ``sink`` (module docstring)."""
     from mu_fast.sweep.scheduler import Scheduler
     from mu_fast.sweep.session import error_info
+    from mu_fast.sweep.worker import expected_records
 
     if use_gpus:
         available = visible_gpus()
@@ -126,7 +130,9 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         if on_run_start is not None:
             on_run_start(run)
         slot.run, slot.model_key = run, run.model_key
-        slot.tasks.put(run.to_dict())
+        data = run.to_dict()
+        slot.left = expected_records(data)
+        slot.tasks.put(data)
         return True
 
     finished = False
@@ -141,7 +147,10 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
                     if slot.run is not None and not slot.process.is_alive():
                         dead = RuntimeError(f"worker {i} ({slot.device} {slot.visible}) died with exit code "
                                             f"{slot.process.exitcode} while running this run")
-                        sink({"format": 1, "run_id": slot.run.run_id, "config": slot.run.to_dict(), "status": "failed",
+                        lost = slot.run
+                        if lost.sequential:  # the step in flight: the steps before it are in the store
+                            lost = lost.step_run(lost.steps - slot.left)
+                        sink({"format": 1, "run_id": lost.run_id, "config": lost.to_dict(), "status": "failed",
                               "error": {**error_info(dead), "stage": "worker"}, "timings": {}})
                         slots[i] = _Slot(ctx, i, slot.device, slot.visible, results, setup, threads)
                         busy -= 1
@@ -150,8 +159,12 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
             if "ready" in record:
                 continue
             sink(record)
+            slot = slots[worker_id]
+            slot.left -= 1
+            if slot.left > 0 and record.get("status") == "ok":
+                continue  # a sequence's step: its next steps follow from the same worker
             busy -= 1
-            busy += hand_out(slots[worker_id])
+            busy += hand_out(slot)
         finished = True
     finally:
         with sigint_ignored():  # a second Ctrl-C does not interrupt the clean-up

@@ -4,7 +4,10 @@ Each actor is a ``mu_fast.sweep.worker.Worker`` (one model at a time, restored b
 cluster has GPUs (``num_gpus=1``; Ray sets the actor's ``CUDA_VISIBLE_DEVICES``) and one CPU otherwise. The driver
 (the process that called ``mu_fast.sweep.run``) hands each free actor the next run of the model it holds
 (``scheduler.Scheduler``), and appends every record to its store as it arrives, so the store needs no shared file
-system and a killed driver loses only the runs in flight.
+system and a killed driver loses only the runs in flight. A sequential run is one call of the actor's
+``execute_sequence`` with ``num_returns="streaming"`` (a Ray streaming generator): the driver waits on the
+generator with ``ray.wait`` and stores each step's record as the actor yields it, so a killed driver loses only the
+step in flight. An actor that dies fails its run in flight (a sequence: the step in flight).
 
 On one machine, ``run(spec, executor="ray")`` starts a private local cluster (``ray.init`` with ``workers`` CPUs,
 no dashboard) and stops it at the end. That cluster listens on the loopback address only: Ray's servers (GCS,
@@ -86,6 +89,10 @@ class _Actor:
     def execute(self, run_data: dict[str, Any]) -> dict[str, Any]:
         return self.worker.execute(run_data)
 
+    def execute_sequence(self, run_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Called with ``num_returns="streaming"``: each step's record reaches the driver as it is yielded."""
+        yield from self.worker.execute_sequence(run_data)
+
     def where(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
@@ -100,6 +107,7 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         raise ValueError(f"executor='ray' needs Ray ({err}); pip install 'mu_fast[ray]' or use executor='local'") from None
     from mu_fast.sweep.scheduler import Scheduler
     from mu_fast.sweep.session import error_info
+    from mu_fast.sweep.worker import expected_records
 
     started = False
     if not ray.is_initialized():
@@ -131,7 +139,7 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         actors = [actor_class.remote(setup, threads) for _ in range(count)]
         scheduler = Scheduler(todo)
         holding: dict[int, str | None] = {i: None for i in range(count)}
-        pending: dict[Any, tuple[int, RunConfig]] = {}
+        pending: dict[Any, tuple[int, RunConfig, int]] = {}  # ref or streaming generator: (actor, run, records left)
 
         def hand_out(i: int) -> None:
             run = scheduler.next_for(holding[i])
@@ -140,21 +148,34 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
             if on_run_start is not None:
                 on_run_start(run)
             holding[i] = run.model_key
-            pending[actors[i].execute.remote(run.to_dict())] = (i, run)
+            data = run.to_dict()
+            if run.sequential:  # one record per step, streamed as each step finishes
+                waitable = actors[i].execute_sequence.options(num_returns="streaming").remote(data)
+            else:
+                waitable = actors[i].execute.remote(data)
+            pending[waitable] = (i, run, expected_records(data))
 
         for i in range(count):
             hand_out(i)
         while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i, run = pending.pop(ref)
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            i, run, left = pending.pop(ready)
+            lost = run.step_run(run.steps - left) if run.sequential else run  # the step (or run) this record is of
             try:
-                record = ray.get(ref)
+                record = ray.get(next(ready)) if run.sequential else ray.get(ready)
             except Exception as err:  # noqa: BLE001 - an actor that died fails its run; a new one takes its place
-                record = {"format": 1, "run_id": run.run_id, "config": run.to_dict(), "status": "failed",
+                if isinstance(err, StopIteration):
+                    err = RuntimeError(f"the actor's sequence ended after {run.steps - left} of {run.steps} steps "
+                                       "without a failed record")
+                record = {"format": 1, "run_id": lost.run_id, "config": lost.to_dict(), "status": "failed",
                           "error": {**error_info(err), "stage": "ray actor"}, "timings": {}}
                 actors[i] = actor_class.remote(setup, threads)
                 holding[i] = None
+                left = 1
             sink(record)
+            if left > 1 and record.get("status") == "ok":
+                pending[ready] = (i, run, left - 1)  # the sequence's next steps come from the same generator
+                continue
             hand_out(i)
         for actor in actors:
             ray.kill(actor)

@@ -1,7 +1,7 @@
 """Tables and plots of a sweep's records (``mu_fast.sweep.load_results``), in the paper's layout.
 
 Records are grouped into one table per (model, task). Rows are a method plus the grid values that vary within the
-table (``flu lr=0.001``); each cell is the mean ± sample standard deviation over seeds (``n`` seeds, no ± for one).
+table (``flu lr=0.001``) and, for a sequential run's records, the step (``paper:flu step=3``: after 4 partitions); each cell is the mean ± sample standard deviation over seeds (``n`` seeds, no ± for one).
 The title says how many seeds; where rows have different numbers of seeds (a damaged store, a sweep still running)
 an ``n`` column gives each row's, and a cell over fewer records than its row says ``(n=k)``: no number claims more
 seeds than it has. Records whose config lacks the model, task or method are left out with a warning.
@@ -96,7 +96,8 @@ def tables(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -> dict[tup
             if components is not None and r["config"].get("seed") == min(x["config"].get("seed", 0) for x in recs):
                 table["selections"].setdefault(r["config"]["method"], {"localization": {"components": components}})
             axes = {a: r["config"].get("axes", {}).get(a) for a in varying}
-            label = " ".join([r["config"]["method"], *(f"{a}={_short(v)}" for a, v in axes.items() if v is not None)])
+            label = " ".join([r["config"]["method"], *(f"{a}={_short(v)}" for a, v in axes.items() if v is not None),
+                              *([f"step={r['config']['step']}"] if r["config"].get("step") is not None else [])])
             row = table["rows"].setdefault(label, defaultdict(list))
             table["axes"][label], table["methods"][label] = axes, r["config"]["method"]
             table["seeds"][label].append(r["config"].get("seed"))

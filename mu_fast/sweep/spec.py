@@ -23,6 +23,8 @@ A spec (every key but ``models``, ``tasks`` and ``methods`` is optional)::
     seeds: [0, 1]
     evaluations: {formats: all, relearn: {steps: 4, lr: 1.0e-3, lora_rank: 16}, probes: true}
     store: sweeps/ci.jsonl
+    kind: single                     # single (default) | sequential (below)
+    partitions: 4                    # kind: sequential only
 
 A run's EditConfig: the preset's fields for the method's group, then ``edit``'s fields, then ``edit.groups[group]``,
 then ``edit.methods[method]``;
@@ -34,6 +36,23 @@ label, maintain split, LM texts, CounterFact table), method, budget (None for me
 EditConfig field and every evaluation setting. Not included: the spec's name, vars, store path, the executor and
 anything about the machine (those are provenance). Integer values of float fields are stored as floats, so
 ``lr: 1`` and ``lr: 1.0`` are one run. Runs that resolve to the same id are run once.
+
+Run kinds (``kind:``). ``single`` (the default): a run is one localize -> edit -> evaluate of one forget set, one
+store record. ``sequential``: a run is a *sequence* of partition edits of one method on one model (the paper's
+sequential CounterFact runs, authors_repo.md §3.6): the task's forget facts (``first_64_unsplit``: the first 64)
+are split into ``partitions`` partitions (4 of 16: 0_16, 16_32, 32_48, 48_64;
+``mu_fast.data.counterfact_sequential_tasks``) edited in turn, each with its own mask
+(``mu_fast.paper_protocol.paper_sequential_masks``: the paper's selection of that range, or the baseline drawn for
+it with seed ``seed + p``), optimizer and schedule (EditConfig seed ``seed + p``), the model not restored between
+partitions; after each partition every partition's facts are evaluated, and after the last one the other
+evaluations (relearning, probes, registered ones) run once on all facts. Only ``tasks`` of ``dataset:
+counterfact`` with forget split ``first_64_unsplit``, ``partitions: 4`` (the ranges whose localizations ship),
+``budget: paper`` (each partition its own) and the methods ``SEQUENTIAL_METHODS`` (paper:<selection> and the
+baselines random, random_mlps, all_mlps, nonlocalized), on a model with a paper model, are accepted. A sequence
+has a run id as any run (its identity adds ``kind`` and ``partitions``), and each of its steps (partition edits)
+has its own: the sequence's identity plus ``step`` (0-based), ``RunConfig.step_run(k)``. A sequence writes one
+store record per step (``mu_fast.sweep.session.ModelSession.execute_sequence``), so a sequence is finished when
+every step is recorded; ``RunConfig.replay`` (not hashed) is how many recorded steps a resumed sequence replays.
 
 Checked when the spec is read, before any model loads: every key, name and number (EditConfig fields: positive
 steps, batches and lr, non-negative coefficients, betas in [0, 1); evaluation settings: ``mu_fast.sweep.evaluations``),
@@ -71,16 +90,24 @@ from mu_fast.sweep.refs import (
 )
 
 RUN_FORMAT = 1
-SPEC_KEYS = ("name", "vars", "models", "tasks", "methods", "budget", "edit", "presets", "seeds", "evaluations", "store")
+SPEC_KEYS = ("name", "vars", "models", "tasks", "methods", "budget", "edit", "presets", "seeds", "evaluations", "store",
+             "kind", "partitions")
+KINDS = ("single", "sequential")
 BUDGET_METHODS = ("atp", "ct", "atp_mlps", "ct_mlps", "random")
 PAPER_METHODS = ("ap", "ct", "ap_mlps", "ct_mlps", "flu")
+SEQUENTIAL_METHODS = tuple(f"paper:{m}" for m in ("flu", "ap", "ct", "ap_mlps", "ct_mlps")) + (
+    "random", "random_mlps", "all_mlps", "nonlocalized")  # mu_fast.paper_protocol.METHODS, without importing it
+SEQUENTIAL_PARTITIONS = 4
+SEQUENTIAL_FORGET_SPLIT = "first_64_unsplit"
 PAPER_GROUP = {"flu": "lookup", "ap_mlps": "lookup", "ct_mlps": "lookup", "ap": "tracing", "ct": "tracing"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One run, fully resolved. ``axes``: the grid values that set it apart (for reports; not hashed)."""
+    """One run, fully resolved. ``axes``: the grid values that set it apart (for reports; not hashed). ``kind``,
+    ``partitions``: the run kind (module docstring); ``step``: a sequence's step (its records' configs; None for
+    the sequence itself); ``replay``: the recorded steps a resumed sequence replays first (not hashed)."""
 
     model: dict[str, Any]
     task: dict[str, Any]
@@ -91,11 +118,41 @@ class RunConfig:
     evaluations: dict[str, Any]
     group: str
     axes: dict[str, Any] = field(default_factory=dict)
+    kind: str = "single"
+    partitions: int | None = None
+    step: int | None = None
+    replay: int = 0
 
     def identity(self) -> dict[str, Any]:
-        """What the run id hashes (module docstring)."""
-        return {"format": RUN_FORMAT, "model": self.model, "task": self.task, "method": self.method,
-                "budget": self.budget, "seed": self.seed, "edit": self.edit, "evaluations": self.evaluations}
+        """What the run id hashes (module docstring); a single run's is what it was before run kinds existed."""
+        out = {"format": RUN_FORMAT, "model": self.model, "task": self.task, "method": self.method,
+               "budget": self.budget, "seed": self.seed, "edit": self.edit, "evaluations": self.evaluations}
+        if self.kind != "single":
+            out.update(kind=self.kind, partitions=self.partitions)
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+    @property
+    def sequential(self) -> bool:
+        return self.kind == "sequential"
+
+    @property
+    def steps(self) -> int:
+        """Store records a finished run has: its partitions for a sequence, else 1."""
+        return int(self.partitions) if self.sequential and self.step is None else 1
+
+    def step_run(self, step: int) -> RunConfig:
+        """Step ``step`` (0-based) of this sequence: the config (and run id) of that step's record."""
+        if not self.sequential or self.step is not None:
+            raise ValueError(f"run {self.run_id} is not a sequence; only kind: sequential runs have steps")
+        if not 0 <= step < self.steps:
+            raise ValueError(f"step {step} of a sequence of {self.steps} steps; steps are 0..{self.steps - 1}")
+        return dataclasses.replace(self, step=step, replay=0)
+
+    def sequence(self) -> RunConfig:
+        """The sequence a step belongs to (itself for a sequence or a single run)."""
+        return dataclasses.replace(self, step=None, replay=0)
 
     @property
     def run_id(self) -> str:
@@ -108,15 +165,26 @@ class RunConfig:
         return json.dumps(self.model, sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, **dataclasses.asdict(self)}
+        """JSON-ready fields and ``run_id``; a single run's keys are what they were before run kinds existed; a
+        step's add ``sequence_id``; ``replay`` only where not 0."""
+        data = {"run_id": self.run_id, **dataclasses.asdict(self)}
+        if not self.replay:
+            del data["replay"]
+        if not self.sequential:
+            for name in ("kind", "partitions", "step"):
+                del data[name]
+        elif self.step is not None:
+            data["sequence_id"] = self.sequence().run_id
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         return cls(**{f.name: copy.deepcopy(data[f.name]) for f in dataclasses.fields(cls) if f.name in data})
 
     def label(self) -> str:
-        """``method`` plus the grid values, e.g. ``flu lr=0.001``."""
-        return " ".join([self.method, *(f"{k}={v}" for k, v in sorted(self.axes.items()))])
+        """``method`` plus the grid values, e.g. ``flu lr=0.001`` (a sequence's step: ``step=2``)."""
+        step = [] if self.step is None else [f"step={self.step}"]
+        return " ".join([self.method, *(f"{k}={v}" for k, v in sorted(self.axes.items())), *step])
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -372,12 +440,50 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     store = spec.get("store")
     if store is not None and not isinstance(store, str):
         raise spec_error("store", f"a file path for the results (JSON lines); got {store!r}")
+    kind, partitions = _check_kind(spec, models, tasks, methods, budgets)
     return {"name": str(spec.get("name", "sweep")), "models": models, "tasks": tasks, "methods": methods,
-            "budgets": budgets, "seeds": seeds, "grids": grids, "evaluations": evaluations, "store": store}
+            "budgets": budgets, "seeds": seeds, "grids": grids, "evaluations": evaluations, "store": store,
+            "kind": kind, "partitions": partitions}
+
+
+def _check_kind(spec: Mapping[str, Any], models: list[dict[str, Any]], tasks: list[dict[str, Any]],
+                methods: list[str], budgets: list[int | None]) -> tuple[str, int | None]:
+    """``(kind, partitions)`` of a spec (module docstring: run kinds); what a sequential spec cannot run is refused."""
+    kind = spec.get("kind", "single")
+    if kind not in KINDS:
+        raise spec_error("kind", f"{kind!r}{close_hint(kind, KINDS)}; use single (one edit per run) or sequential "
+                         "(partitions edited in turn)")
+    if kind == "single":
+        if spec.get("partitions") is not None:
+            raise spec_error("partitions", "partitions: is for kind: sequential; add kind: sequential or drop it")
+        return kind, None
+    partitions = spec.get("partitions", SEQUENTIAL_PARTITIONS)
+    if partitions != SEQUENTIAL_PARTITIONS or isinstance(partitions, bool):
+        raise spec_error("partitions", f"{partitions!r}: a sequence edits the paper's {SEQUENTIAL_PARTITIONS} "
+                         "partitions (0_16, 16_32, 32_48, 48_64), the ranges whose localizations ship; set "
+                         f"partitions: {SEQUENTIAL_PARTITIONS}")
+    for task in tasks:
+        if task["dataset"] != "counterfact" or task["forget_split"] != SEQUENTIAL_FORGET_SPLIT:
+            raise spec_error("tasks", f"kind: sequential edits CounterFact's first 64 facts in partitions; got "
+                             f"{task['dataset']}:{task['forget_split']}: use dataset: counterfact, forget_splits: "
+                             f"[{SEQUENTIAL_FORGET_SPLIT}]")
+    for method in methods:
+        if method not in SEQUENTIAL_METHODS:
+            raise spec_error("methods", f"{method!r} has no per-partition localization; kind: sequential runs "
+                             f"{', '.join(SEQUENTIAL_METHODS)}")
+    if budgets != [None]:
+        raise spec_error("budget", "kind: sequential takes each partition's own paper budget; drop budget: or set "
+                         "budget: paper")
+    missing = [m["ref"] for m in models if paper_model_of(m) is None]
+    if missing:
+        raise spec_error("models", f"kind: sequential needs a paper model (gemma-7b, gemma-2-9b, llama-3-8b) for the "
+                         f"partitions' localizations; {missing[0]} is none: add paper_model: to its models entry")
+    return kind, partitions
 
 
 def expand(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any] | None = None) -> list[RunConfig]:
-    """Every run of ``spec`` in a fixed order (model, task, method, budget, grid point, seed), each once."""
+    """Every run of ``spec`` in a fixed order (model, task, method, budget, grid point, seed), each once (a
+    sequential spec's runs are sequences: ``RunConfig.step_run`` gives their steps)."""
     parts = validate(load_spec(spec, vars))
     runs: dict[str, RunConfig] = {}
     for model in parts["models"]:
@@ -390,6 +496,7 @@ def expand(spec: str | os.PathLike | Mapping[str, Any], vars: Mapping[str, Any] 
                         for seed in parts["seeds"]:
                             labels = dict(axes, **({"budget": budget} if len(budgets) > 1 else {}))
                             run = RunConfig(model, task, method, budget, seed, resolved_edit(settings, seed),
-                                            parts["evaluations"], group, labels)
+                                            parts["evaluations"], group, labels, kind=parts["kind"],
+                                            partitions=parts["partitions"])
                             runs.setdefault(run.run_id, run)
     return list(runs.values())

@@ -1,7 +1,9 @@
 """The loop every sweep worker runs (a GPU worker process, a Ray actor): hold one model, execute runs of it.
 
 ``Worker.execute(run)`` loads the run's model if it does not hold it yet (dropping the previous one), then runs it
-(``ModelSession.execute``). A model that fails to load fails each of its runs with the load error, without loading
+(``ModelSession.execute``); ``Worker.execute_sequence(run)`` does the same for a sequential run and yields its
+records, one per step, as they come (``ModelSession.execute_sequence``). ``run_records(worker, run)`` is either,
+as an iterator: what every executor sends on, record by record. A model that fails to load fails each of its runs with the load error, without loading
 again. ``process_main`` is the entry point of a worker process: it pins the process to one device through
 ``CUDA_VISIBLE_DEVICES`` before torch is imported, then serves runs from a queue. This module imports nothing heavy
 at import time, so that the environment is set first.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 
@@ -30,11 +32,33 @@ class Worker:
         self.load_error: tuple[str, dict[str, Any]] | None = None
 
     def execute(self, run_data: Mapping[str, Any]) -> dict[str, Any]:
-        from mu_fast.sweep.session import ModelSession, error_info
+        """The record of a single run (a sequential run's records: ``execute_sequence``)."""
         from mu_fast.sweep.spec import RunConfig
-        from mu_fast.sweep.store import RECORD_FORMAT
 
         run = RunConfig.from_dict(run_data)
+        failed = self._load(run)
+        if failed is not None:
+            return failed
+        return self.session.execute(run)
+
+    def execute_sequence(self, run_data: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """The records of a sequential run, one per step as each finishes (``ModelSession.execute_sequence``); a
+        model that fails to load gives one failed record, for the first step to run."""
+        from mu_fast.sweep.spec import RunConfig
+
+        run = RunConfig.from_dict(run_data)
+        failed = self._load(run, run.step_run(min(run.replay, run.steps - 1)))
+        if failed is not None:
+            yield failed
+            return
+        yield from self.session.execute_sequence(run)
+
+    def _load(self, run: Any, record_as: Any = None) -> dict[str, Any] | None:
+        """Hold ``run``'s model (loading it if needed); None, or the failed record (of ``record_as``, default the
+        run) when the model does not load."""
+        from mu_fast.sweep.session import ModelSession, error_info
+        from mu_fast.sweep.store import RECORD_FORMAT
+
         if self.session is None or self.session.key != run.model_key:
             if self.load_error is not None and self.load_error[0] == run.model_key:
                 error = self.load_error[1]
@@ -50,10 +74,11 @@ class Worker:
             if error is not None:
                 from mu_fast.provenance import provenance_block
 
-                return {"format": RECORD_FORMAT, "run_id": run.run_id, "config": run.to_dict(), "status": "failed",
+                target = record_as or run
+                return {"format": RECORD_FORMAT, "run_id": target.run_id, "config": target.to_dict(), "status": "failed",
                         "error": error, "timings": {}, "provenance": provenance_block(model={"ref": run.model["ref"]},
                                                                                       device=self.device)}
-        return self.session.execute(run)
+        return None
 
     @property
     def model_key(self) -> str | None:
@@ -72,4 +97,22 @@ def process_main(worker_id: int, device: str, visible: str | None, tasks: Any, r
         run_data = tasks.get()
         if run_data is None:
             return
-        results.put((worker_id, worker.execute(run_data)))
+        for record in run_records(worker, run_data):
+            results.put((worker_id, record))
+
+
+def run_records(worker: Any, run_data: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every record of one run as it comes: a single run's one (``worker.execute``), a sequential run's one per step
+    (``worker.execute_sequence``). What every executor iterates; a run has ended after ``expected_records(run_data)``
+    records or a failed one."""
+    if run_data.get("kind") == "sequential":
+        yield from worker.execute_sequence(run_data)
+    else:
+        yield worker.execute(run_data)
+
+
+def expected_records(run_data: Mapping[str, Any]) -> int:
+    """How many records a run sends when nothing fails: its steps left for a sequence, else 1."""
+    if run_data.get("kind") == "sequential":
+        return int(run_data["partitions"]) - int(run_data.get("replay", 0))
+    return 1
