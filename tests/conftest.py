@@ -54,3 +54,18 @@ def ci_organism(ci_cache):
     from mu_fast.organism import OrganismConfig, load_organism
 
     return load_organism(OrganismConfig.ci(), cache_dir=ci_cache, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_as_found():
+    """No test may leave SIGINT's handler changed in the pytest process: a later test that starts a command inherits
+    an ignored SIGINT, and its Ctrl-C then does nothing (seen in full-suite runs). The handler is put back, and the
+    test that changed it fails, named."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"this test left SIGINT's handler changed ({before!r} -> {after!r}); restore it")

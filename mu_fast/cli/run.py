@@ -1,6 +1,6 @@
 """``mu-fast run``: the demo's job on any model. Registered on ``mu_fast.cli.app``.
 
-``run`` localizes, edits and evaluates a task once per method and seed (``mu_fast.pipeline.compare_localizations``;
+``run`` localizes, edits and evaluates a task once per method and seed (``mu_fast.sweep.compare`` through ``mu_fast.pipeline.compare_localizations``: a sweep;
 ``--seeds 0,1,2`` gives mean ± std, ``--workers`` runs them in worker processes) and writes the demo's report:
 results.json, one JSON per method (and seed), the table and the plots. The edit settings come from a named
 ``--preset`` (``mu_fast.sweep.presets``: ``organism`` the demo's settings with the lr rule's choice per group,

@@ -200,13 +200,18 @@ def is_comparison(records: Sequence[Mapping[str, Any]]) -> bool:
         return False
     import json
 
-    keys = {json.dumps([r["config"]["model"], r["config"]["task"], r["config"]["evaluations"]], sort_keys=True)
-            for r in ok}
-    per_method: dict[str, set[str]] = {}
-    for r in ok:
-        c = r["config"]
-        per_method.setdefault(c["method"], set()).add(json.dumps([{k: v for k, v in c["edit"].items() if k != "seed"},
-                                                                 c["budget"]], sort_keys=True))
+    try:
+        keys = {json.dumps([r["config"]["model"], r["config"]["task"], r["config"]["evaluations"]], sort_keys=True)
+                for r in ok}
+        per_method: dict[str, set[str]] = {}
+        for r in ok:
+            c = r["config"]
+            settings = [{k: v for k, v in c["edit"].items() if k != "seed"}, c["budget"], c.get("kind", "single")]
+            per_method.setdefault(c["method"], set()).add(json.dumps(settings, sort_keys=True))
+            if r.get("metrics") is None or c.get("kind", "single") != "single":
+                return False
+    except (KeyError, TypeError, AttributeError):  # records of another shape (not written by the engine)
+        return False
     return len(keys) == 1 and all(len(v) == 1 for v in per_method.values())
 
 

@@ -4,7 +4,7 @@ evaluations after the last partition and the numbers each step's record carries.
 ``final_evaluations`` is what the authors' sequential script ran after its last partition (their
 ``do_relearning_evals``, ``do_softprompt_evals``, ``do_full_mmlu_evals``), on all facts: the sweep's ``evaluations``
 other than the formats, run as a single run runs them. ``final_metrics`` picks the few numbers the sequential
-table shows. ``step_metrics`` is a step record's ``metrics``: ``mu_fast.pipeline.summarize`` of the evaluation on
+table shows. ``step_metrics`` is a step record's ``metrics``: ``mu_fast.sweep.one_run.summarize`` of the evaluation on
 all partitions' facts (forget_err, maintain_acc, ...; relearn_acc and probe_true_acc on the last step), each
 partition's forget accuracy (``partition_<p>_forget_acc``, the training format on that partition's facts) and, on
 the last step, ``final_metrics``.
@@ -55,7 +55,7 @@ def final_metrics(final: Mapping[str, Any]) -> dict[str, Any]:
 def step_metrics(partition: Mapping[str, Any], final: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
     """A step record's ``metrics`` (module docstring) from its ``sequential_steps`` record and, on the last step
     only, ``final_evaluations``' result (None on the other steps)."""
-    from mu_fast.pipeline import summarize
+    from mu_fast.sweep.one_run import summarize
 
     evaluation = partition["eval"]
     relearn = None if final is None else final.get("relearn")

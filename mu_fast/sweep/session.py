@@ -393,7 +393,7 @@ class ModelSession:
         from mu_fast.edit.loop import EditConfig
         from mu_fast.edit.sequential import sequential_steps
         from mu_fast.paper_protocol import CF_PARTITIONS, paper_sequential_masks
-        from mu_fast.pipeline import check_finite
+        from mu_fast.sweep.one_run import check_finite
         from mu_fast.provenance import provenance_block
         from mu_fast.sweep.sequence import final_evaluations, step_metrics
 
