@@ -130,6 +130,9 @@ class BatchedDeltas:
         self.numel = offset
         self.base = torch.cat([compact(self.params[b.name], self.masks[b.config][b.name]) for b in self.blocks])
         self.values = self.base.clone()
+        wide = torch.promote_types(self.dtype, torch.float32)
+        self.exp_avg = torch.zeros(self.numel, dtype=wide, device=self.device)  # AdamW moments, same layout
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.config_of = torch.cat([torch.full((b.stop - b.start,), b.config, dtype=torch.int64) for b in self.blocks]
                                    ).to(self.device)
         self.by_module: dict[str, dict[int, list[_Block]]] = {}
@@ -143,6 +146,16 @@ class BatchedDeltas:
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return len(self.masks)
+
+    def numel_of(self, k: int) -> int:
+        """Selected elements of configuration k (all its parameters)."""
+        return sum(b.stop - b.start for b in self.blocks if b.config == k)
+
+    def state_bytes(self, k: int) -> int:
+        """Persistent bytes configuration k adds: its values, their base values and its two moments."""
+        n = self.numel_of(k)
+        return n * (self.values.element_size() + self.base.element_size() + self.exp_avg.element_size()
+                    + self.exp_avg_sq.element_size())
 
     def block_values(self, k: int, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Configuration k's compact 1-D values per parameter (canonical order), from ``flat`` (default: the values)."""
@@ -380,9 +393,6 @@ def edit_batched(
     n_forget = len(forget)
 
     deltas = BatchedDeltas(model, masks)
-    wide = torch.promote_types(deltas.dtype, torch.float32)
-    exp_avg = torch.zeros(deltas.numel, dtype=wide, device=device)
-    exp_avg_sq = torch.zeros_like(exp_avg)
     f64 = dict(dtype=torch.float64, device=deltas.device)
     hyper = {name: torch.tensor([getattr(c, name) for c in configs], **f64) for name in ("weight_decay", "eps")}
     hyper["beta1"] = torch.tensor([c.betas[0] for c in configs], **f64)
@@ -440,7 +450,7 @@ def edit_batched(
                 with deltas.groups(lm_seg, delta):
                     _lm_backward(model, lm.to(device), lm_seg, configs, chunk, records)
             grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
-            _clip_and_step(deltas, grad, exp_avg, exp_avg_sq, hyper, configs, schedules, step, live, records)
+            _clip_and_step(deltas, grad, hyper, configs, schedules, step, live, records)
             now = time.perf_counter() - start
             for k in live:
                 rec = {"step": step, **{name: float(v) for name, v in records[k].items()}}
@@ -497,8 +507,7 @@ def _lm_backward(model: torch.nn.Module, lm: Batch, segments: list[tuple[int, in
         records[k]["lm_loss"] = sums[g] / counts[g]
 
 
-def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                   hyper: dict[str, torch.Tensor], configs: Sequence[EditConfig], schedules: list[list[float]],
+def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, hyper: dict[str, torch.Tensor], configs: Sequence[EditConfig], schedules: list[list[float]],
                    step: int, live: list[int], records: dict[int, dict[str, Any]]) -> None:
     """Per-configuration gradient norm and clip factor, then one AdamW update of every live configuration."""
     K = len(configs)
@@ -514,7 +523,7 @@ def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, exp_avg: torch.Ten
     steps = torch.tensor([float(step + 1)] * K, **f64)
     live_mask = torch.zeros(K, dtype=torch.bool, device=g.device)
     live_mask[live] = True
-    adamw_update_(deltas.values, g, exp_avg, exp_avg_sq, lr=lr, weight_decay=hyper["weight_decay"],
+    adamw_update_(deltas.values, g, deltas.exp_avg, deltas.exp_avg_sq, lr=lr, weight_decay=hyper["weight_decay"],
                   beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"], step=steps,
                   config_of=deltas.config_of, live=live_mask)
     for k in live:
