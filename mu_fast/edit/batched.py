@@ -216,22 +216,28 @@ class BatchedDeltas:
 
     # ------------------------------------------------------------- forwarding
     def attach(self) -> None:
-        """Register the forward hooks on the masked modules (inactive until ``groups`` is entered)."""
+        """Route the masked modules' forwards through ``_forward`` (the plain forward until ``groups`` is entered)."""
         if self._hooks:
             return
         modules = dict(self.model.named_modules())
         for name in self.by_module:
-            self._hooks.append(modules[name].register_forward_hook(self._hook(name)))
+            module = modules[name]
+            self._hooks.append((module, module.__dict__.get("forward")))
+            module.forward = self._forward(name, module)
 
     def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
+        """Give the masked modules their own forwards back."""
+        for module, own in self._hooks:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
         self._hooks = []
 
     @contextlib.contextmanager
     def groups(self, segments: Sequence[tuple[int, int, int]], delta: torch.Tensor) -> Iterator[None]:
         """Inside, forward passes add ``delta`` (flat, like ``values``) per group: ``segments`` lists
-        ``(config, first row, end row)`` of the batch."""
+        ``(config, first row, end row)`` of the batch, in row order and covering it."""
         if self._applied is not None:
             raise ValueError(f"configuration {self._applied} is applied to the model; restore() before a batched forward")
         self._segments, self._delta = list(segments), delta
@@ -240,26 +246,41 @@ class BatchedDeltas:
         finally:
             self._segments = self._delta = None
 
-    def _hook(self, module_name: str) -> Callable[..., Any]:
+    def _forward(self, module_name: str, module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The batched forward of one masked ``nn.Linear``: per group k, ``x_k·W0^T (+ b0)`` plus group k's blocks.
+        Without a whole-weight block in any group the frozen GEMM runs once over every row; a group whose mask
+        holds the whole weight computes ``x_k·(W0 + D_k)^T`` instead (one GEMM, not two)."""
         per_config = self.by_module[module_name]
+        plain = type(module).forward
 
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-            if self._segments is None:
-                return None
-            x = args[0]
-            if x.shape[0] != self._segments[-1][2]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            segments = self._segments
+            if segments is None:
+                return plain(module, x)
+            if x.shape[0] != segments[-1][2]:
                 raise ValueError(f"{module_name} got a batch of {x.shape[0]} rows but the groups cover "
-                                 f"{self._segments[-1][2]}; run batched forwards with the batch first")
-            parts, changed = [], False
-            for k, lo, hi in self._segments:
-                y = output[lo:hi]
-                for b in per_config.get(k, ()):
-                    y = _add_block(y, x[lo:hi], b, self._delta[b.start:b.stop].view(b.shape))
-                    changed = True
-                parts.append(y)
-            return torch.cat(parts, 0) if changed else None
+                                 f"{segments[-1][2]}; run batched forwards with the batch first")
+            blocks = [per_config.get(k, ()) for k, _, _ in segments]
+            if not any(blocks):
+                return plain(module, x)
+            sizes = [hi - lo for _, lo, hi in segments]
+            xs = x.split(sizes)
+            whole = [next((b for b in bl if b.kind == "whole" and not b.is_bias), None) for bl in blocks]
+            if any(w is not None for w in whole):
+                ys = [F.linear(xk, module.weight if w is None else module.weight + self._view(w), module.bias)
+                      for xk, w in zip(xs, whole, strict=True)]
+            else:
+                ys = list(plain(module, x).split(sizes))
+            for i, bl in enumerate(blocks):
+                for b in bl:
+                    if b is not whole[i]:
+                        ys[i] = _add_block(ys[i], xs[i], b, self._view(b))
+            return torch.cat(ys, 0)
 
-        return hook
+        return forward
+
+    def _view(self, b: _Block) -> torch.Tensor:
+        return self._delta[b.start:b.stop].view(b.shape)
 
 
 def _add_block(y: torch.Tensor, x: torch.Tensor, b: _Block, d: torch.Tensor) -> torch.Tensor:
