@@ -9,11 +9,13 @@ whole MLP layers, two heads + 16 neurons, one whole attention layer, 32 random n
 
 * single: ``edit`` (its default optimizer, MaskedAdamW) once per configuration on the model, weights restored between
   configurations (outside the timed part);
-* batched: ``edit_batched(model, ..., masks, configs)`` once.
+* batched: ``edit_batched(model, ..., masks, configs)`` once (all K groups in one forward/backward per step);
+* batched_pass1: the same with ``groups_per_pass=1`` (one group per forward/backward, one shared optimizer step).
 
-One torch thread. Besides pytest-benchmark's rounds, ``PAIRS`` interleaved (single, batched) pairs are timed in
-thread CPU time (time descheduled on a shared machine is not counted); ``extra_info`` records their medians, the
-median per-pair ratio ``speedup`` (single / batched) and the CPU model.
+One torch thread. Besides pytest-benchmark's rounds (1 each), the batched row times ``PAIRS`` interleaved (single,
+batched, batched_pass1) triples in thread CPU time (time descheduled on a shared machine is not counted);
+``extra_info`` records their medians, the median per-triple ratios ``speedup`` (single / batched) and
+``speedup_pass1`` (single / batched_pass1) and the CPU model.
 
 Run: ``pytest benchmarks/bench_batched_edit.py --benchmark-only --benchmark-json
 benchmarks/results/CPU/bench_batched_edit.json`` (``-k "K4"`` for one K).
@@ -99,7 +101,7 @@ def _cpu_model() -> str:
         return "unknown"
 
 
-@pytest.mark.parametrize("impl", ["single", "batched"])
+@pytest.mark.parametrize("impl", ["single", "batched", "batched_pass1"])
 @pytest.mark.parametrize("K", KS, ids=[f"K{k}" for k in KS])
 @pytest.mark.parametrize("which", ["same", "mixed"])
 def test_batched_edit(benchmark, which, K, impl):
@@ -124,6 +126,9 @@ def test_batched_edit(benchmark, which, K, impl):
         def batched():
             edit_batched(model, tok, task, masks, configs)
 
+        def batched_pass1():
+            edit_batched(model, tok, task, masks, configs, groups_per_pass=1)
+
         def seconds(fn) -> float:
             t0 = time.thread_time()
             fn()
@@ -131,16 +136,17 @@ def test_batched_edit(benchmark, which, K, impl):
 
         pairs = []
         if impl == "batched":  # the pairs once per K (the "single" row only times its own rounds)
-            seconds(single), seconds(batched)  # warm-up
-            pairs = [(seconds(single), seconds(batched)) for _ in range(PAIRS)]
-        benchmark.pedantic(single if impl == "single" else batched, rounds=1, warmup_rounds=0, iterations=1)
+            seconds(single), seconds(batched), seconds(batched_pass1)  # warm-up
+            pairs = [(seconds(single), seconds(batched), seconds(batched_pass1)) for _ in range(PAIRS)]
+        fn = {"single": single, "batched": batched, "batched_pass1": batched_pass1}[impl]
+        benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
     finally:
         torch.set_num_threads(threads)
     benchmark.group = f"K={K} configurations, {which} masks, {STEPS} steps"
     benchmark.extra_info.update(impl=impl, K=K, masks=which, steps=STEPS, threads=1, cpu_model=_cpu_model(), **context())
     if pairs:
         benchmark.extra_info.update(
-            interleaved_pairs=PAIRS, interleaved_clock="thread_time", single_s=statistics.median(a for a, _ in pairs),
-            batched_s=statistics.median(b for _, b in pairs), speedup=statistics.median(a / b for a, b in pairs))
-        print(f"K={K} {which} masks: single {benchmark.extra_info['single_s']:.3f} s, batched {benchmark.extra_info['batched_s']:.3f} s, "
-              f"speedup {benchmark.extra_info['speedup']:.2f}x ({_cpu_model()}, 1 thread, {STEPS} steps)")
+            interleaved_triples=PAIRS, interleaved_clock="thread_time", single_s=statistics.median(p[0] for p in pairs),
+            batched_s=statistics.median(p[1] for p in pairs), batched_pass1_s=statistics.median(p[2] for p in pairs),
+            speedup=statistics.median(p[0] / p[1] for p in pairs),
+            speedup_pass1=statistics.median(p[0] / p[2] for p in pairs))

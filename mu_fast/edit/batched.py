@@ -389,12 +389,14 @@ def edit_batched(
     masks: Sequence[Mask],
     configs: Sequence[EditConfig],
     eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    groups_per_pass: int | None = None,
 ) -> BatchedEdit:
     """Train ``len(configs)`` edits of ``task`` together over the frozen ``model`` (module docstring): configuration k
     uses ``masks[k]`` and ``configs[k]`` and gets the losses, gradients and updates ``edit(model, tokenizer, task,
     masks[k], configs[k])`` would. The model's weights are unchanged afterwards; ``result.deltas.variant(k)`` applies
     configuration k. eval_fn, if given, is called on variant k every ``configs[k].eval_every`` steps and after its
-    last step (results in ``result[k].evals``).
+    last step (results in ``result[k].evals``). groups_per_pass: configurations per forward/backward pass (None: all
+    live ones in one pass; the gradients are the same either way, each pass accumulates into its groups' deltas).
     """
     configs = list(configs)
     masks = list(masks)
@@ -404,6 +406,8 @@ def edit_batched(
         raise ValueError(f"got {len(masks)} masks for {len(configs)} configurations; pass one mask per configuration")
     for k, config in enumerate(configs):
         _check_config(k, config)
+    if groups_per_pass is not None and (not isinstance(groups_per_pass, int) or groups_per_pass <= 0):
+        raise ValueError(f"groups_per_pass must be a positive integer or None (all in one pass); got {groups_per_pass!r}")
     K = len(configs)
     device = model.get_input_embeddings().weight.device
     pad = pad_id_of(tokenizer)
@@ -434,42 +438,47 @@ def edit_batched(
     try:
         for step in range(max(c.steps for c in configs)):
             live = [k for k in range(K) if step < configs[k].steps]
-            fact_rows: list[list[int]] = []
-            fact_seg, lm_seg, lm_rows, maintain_labels = [], [], [], []
-            for k in live:
+            picks = {}
+            for k in live:  # each configuration's own samples, drawn as edit draws them
                 m_idx = next(data[k].maintain)
-                lo = len(fact_rows)
-                fact_rows += forget.input_ids + [maintain.input_ids[i] for i in m_idx]
-                fact_seg.append((k, lo, len(fact_rows)))
-                maintain_labels.append(maintain.answer_ids[m_idx].to(device))
-                if data[k].lm is not None and configs[k].lm_coef:
-                    lo = len(lm_rows)
-                    lm_rows += [data[k].lm_ids[i] for i in next(data[k].lm)]
-                    lm_seg.append((k, lo, len(lm_rows)))
+                lm_idx = next(data[k].lm) if data[k].lm is not None and configs[k].lm_coef else None
+                picks[k] = (m_idx, lm_idx)
             delta = (deltas.values - deltas.base).requires_grad_(True)
-            records = {k: {} for k in live}
-            # forget + maintain: one packed forward over every live configuration's batch
-            with deltas.groups(fact_seg, delta):
-                logits = gathered_logits(model, pad_batch(fact_rows, pad).to(device))
-            total = logits.new_zeros(())
-            for (k, lo, hi), labels in zip(fact_seg, maintain_labels, strict=True):
-                c = configs[k]
-                f_logits, m_logits = logits[lo:lo + n_forget], logits[lo + n_forget:hi]
-                f = (unlearn_loss(f_logits, forget_targets, c.unlearn_threshold, reduction="sum") if task.unlearn
-                     else inject_loss(f_logits, forget_targets, reduction="sum"))
-                m = maintain_loss(m_logits, labels, reduction="sum")
-                n_maintain = hi - lo - n_forget
-                total = total + c.forget_coef * f / n_forget + c.maintain_coef * m / n_maintain
-                records[k]["forget_loss"] = f.detach() / n_forget
-                records[k]["maintain_loss"] = m.detach() / n_maintain
-            total.backward()
-            del logits, total, f_logits, m_logits
-            for k in live:
-                records[k]["lm_loss"] = torch.zeros((), device=device)
-            if lm_seg:
-                lm = pad_batch(lm_rows, pad)
-                with deltas.groups(lm_seg, delta):
-                    _lm_backward(model, lm.to(device), lm_seg, configs, chunk, records)
+            records = {k: {"lm_loss": torch.zeros((), device=device)} for k in live}
+            size = len(live) if groups_per_pass is None else groups_per_pass
+            for part in (live[i:i + size] for i in range(0, len(live), size)):
+                fact_rows: list[list[int]] = []
+                fact_seg, lm_seg, lm_rows, maintain_labels = [], [], [], []
+                for k in part:
+                    m_idx, lm_idx = picks[k]
+                    lo = len(fact_rows)
+                    fact_rows += forget.input_ids + [maintain.input_ids[i] for i in m_idx]
+                    fact_seg.append((k, lo, len(fact_rows)))
+                    maintain_labels.append(maintain.answer_ids[m_idx].to(device))
+                    if lm_idx is not None:
+                        lo = len(lm_rows)
+                        lm_rows += [data[k].lm_ids[i] for i in lm_idx]
+                        lm_seg.append((k, lo, len(lm_rows)))
+                # forget + maintain: one packed forward over the groups of this pass
+                with deltas.groups(fact_seg, delta):
+                    logits = gathered_logits(model, pad_batch(fact_rows, pad).to(device))
+                total = logits.new_zeros(())
+                for (k, lo, hi), labels in zip(fact_seg, maintain_labels, strict=True):
+                    c = configs[k]
+                    f_logits, m_logits = logits[lo:lo + n_forget], logits[lo + n_forget:hi]
+                    f = (unlearn_loss(f_logits, forget_targets, c.unlearn_threshold, reduction="sum") if task.unlearn
+                         else inject_loss(f_logits, forget_targets, reduction="sum"))
+                    m = maintain_loss(m_logits, labels, reduction="sum")
+                    n_maintain = hi - lo - n_forget
+                    total = total + c.forget_coef * f / n_forget + c.maintain_coef * m / n_maintain
+                    records[k]["forget_loss"] = f.detach() / n_forget
+                    records[k]["maintain_loss"] = m.detach() / n_maintain
+                total.backward()
+                del logits, total, f_logits, m_logits
+                if lm_seg:
+                    lm = pad_batch(lm_rows, pad)
+                    with deltas.groups(lm_seg, delta):
+                        _lm_backward(model, lm.to(device), lm_seg, configs, chunk, records)
             grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
             _clip_and_step(deltas, grad, hyper, configs, schedules, step, live, records)
             now = time.perf_counter() - start

@@ -82,9 +82,9 @@ CONFIGS = [dict(steps=4, lr=2e-2, seed=1, maintain_batch=5, lm_batch=3),
            dict(steps=5, lr=1e-2, seed=3, lm_coef=0.0, maintain_batch=3, betas=(0.8, 0.99), eps=1e-6)]
 
 
-def _compare(model, tokenizer, task, masks, configs, eval_fn=None, norm_tol=TOL):
+def _compare(model, tokenizer, task, masks, configs, eval_fn=None, norm_tol=TOL, groups_per_pass=None):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = edit_batched(model, tokenizer, task, masks, configs, eval_fn=eval_fn)
+    out = edit_batched(model, tokenizer, task, masks, configs, eval_fn=eval_fn, groups_per_pass=groups_per_pass)
     for name, p in model.named_parameters():  # the frozen base is never written
         assert torch.equal(_bits(p), _bits(before[name])), f"edit_batched changed the base weight {name}"
     for k, (mask, config) in enumerate(zip(masks, configs, strict=True)):
@@ -124,11 +124,11 @@ def test_batched_equals_single_edits(structure, tokenizer):
 
 def test_weight_decay_on_partial_masks_and_unlearning(tokenizer):
     """Weight decay acts on W0 + D of the selected elements only (MaskedAdamW's rule; torch AdamW refuses it on
-    partial masks), on an unlearning task, on Gemma-2 (soft-capping)."""
+    partial masks), on an unlearning task, on Gemma-2 (soft-capping); two groups per pass (passes of 2 and 1)."""
     model = _model(tokenizer, arch="gemma2")
     configs = [EditConfig(optimizer="masked", weight_decay=wd, **c) for wd, c in zip((0.1, 0.0, 0.5), CONFIGS, strict=True)]
     # MaskedAdamW reports its gradient norm in fp32 (its control vector), hence the looser tolerance there only
-    _compare(model, tokenizer, tiny_task(unlearn=True), _masks(model, "mixed"), configs, norm_tol=1e-6)
+    _compare(model, tokenizer, tiny_task(unlearn=True), _masks(model, "mixed"), configs, norm_tol=1e-6, groups_per_pass=2)
 
 
 def test_eval_fn_sees_each_variant(tokenizer):
@@ -243,5 +243,7 @@ def test_clear_errors(tokenizer):
     with pytest.raises(ValueError, match="nn.Linear"):
         emb = Mask.whole(model, ["model.embed_tokens.weight"])
         edit_batched(model, tokenizer, task, [emb], [EditConfig(steps=1)])
+    with pytest.raises(ValueError, match="groups_per_pass"):
+        edit_batched(model, tokenizer, task, [mask], [EditConfig(steps=1)], groups_per_pass=0)
     with pytest.raises(ValueError, match="selects no parameters"):
         edit_batched(model, tokenizer, task, [Mask()], [EditConfig(steps=1)])
