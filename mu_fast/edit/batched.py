@@ -104,9 +104,10 @@ class BatchedDeltas:
                     continue
                 module_name, _, attr = name.rpartition(".")
                 module = modules.get(module_name)
-                if not isinstance(module, torch.nn.Linear) or attr not in ("weight", "bias"):
-                    raise ValueError(f"edit_batched adds deltas to nn.Linear weights and biases only, but mask {k} selects "
-                                     f"{name!r} of a {type(module).__name__}; drop it from the mask or use edit()")
+                if type(module) is not torch.nn.Linear or attr not in ("weight", "bias"):  # noqa: E721 (subclasses: quantized)
+                    raise ValueError(f"edit_batched adds deltas to plain nn.Linear weights and biases only, but mask {k} "
+                                     f"selects {name!r} of a {type(module).__name__}; drop it from the mask, load the model "
+                                     "unquantized, or use edit()")
                 sel, param = mask[name], self.params[name]
                 n = sel.numel(tuple(param.shape))
                 if sel.kind == "whole":
@@ -537,8 +538,8 @@ def _lm_backward(model: torch.nn.Module, lm: Batch, segments: list[tuple[int, in
         records[k]["lm_loss"] = sums[g] / counts[g]
 
 
-def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, hyper: dict[str, torch.Tensor], configs: Sequence[EditConfig], schedules: list[list[float]],
-                   step: int, live: list[int], records: dict[int, dict[str, Any]]) -> None:
+def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, hyper: dict[str, torch.Tensor],
+                   configs: Sequence[EditConfig], schedules: list[list[float]], step: int, live: list[int], records: dict[int, dict[str, Any]]) -> None:
     """Per-configuration gradient norm and clip factor, then one AdamW update of every live configuration."""
     K = len(configs)
     wide = torch.promote_types(grad.dtype, torch.float32)

@@ -247,3 +247,23 @@ def test_clear_errors(tokenizer):
         edit_batched(model, tokenizer, task, [mask], [EditConfig(steps=1)], groups_per_pass=0)
     with pytest.raises(ValueError, match="selects no parameters"):
         edit_batched(model, tokenizer, task, [Mask()], [EditConfig(steps=1)])
+
+
+def test_fp32_matches_edit_with_its_default_optimizer(tokenizer):
+    """fp32, ``edit``'s default optimizer (MaskedAdamW): same losses to 1e-4 relative and weights to 1e-5 (fp32
+    rounding of a different summation order, compounded over 4 steps)."""
+    model = make_tiny_model("llama", seed=int(torch.randint(0, 2**31 - 1, ())), vocab_size=len(tokenizer),
+                            num_hidden_layers=3, initializer_range=0.2)
+    masks = _masks(model, "mixed")
+    configs = [EditConfig(weight_decay=0.05, **c) for c in CONFIGS]
+    out = edit_batched(model, tokenizer, tiny_task(), masks, configs)
+    for k, (mask, config) in enumerate(zip(masks, configs, strict=True)):
+        ref_model = copy.deepcopy(model)
+        ref = edit(ref_model, tokenizer, tiny_task(), mask, config, progress=False)
+        for a, b in zip(ref.history, out[k].history, strict=True):
+            for key in ("forget_loss", "maintain_loss", "lm_loss", "grad_norm", "lr"):
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (k, key, a[key], b[key])
+        edited = out.deltas.edited(k)
+        for name, p in ref_model.named_parameters():
+            if name in mask:
+                assert (edited[name] - p.detach()).abs().max() <= 1e-5, (k, name)
