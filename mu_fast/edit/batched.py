@@ -289,9 +289,7 @@ def _add_block(y: torch.Tensor, x: torch.Tensor, b: _Block, d: torch.Tensor) -> 
     if b.is_bias:
         if b.kind == "whole":
             return y + d
-        if b.kind == "rows":
-            return y.index_add(-1, b.index, d.expand(*y.shape[:-1], -1))
-        return y + torch.zeros(y.shape[-1], dtype=d.dtype, device=d.device).masked_scatter(b.index, d)
+        return y.index_add(-1, b.index, d.expand(*y.shape[:-1], -1))  # rows (a Mask turns 1-D element masks into rows)
     if b.kind == "whole":
         return y + F.linear(x, d)
     if b.kind == "rows":

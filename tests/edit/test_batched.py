@@ -267,3 +267,19 @@ def test_fp32_matches_edit_with_its_default_optimizer(tokenizer):
         for name, p in ref_model.named_parameters():
             if name in mask:
                 assert (edited[name] - p.detach()).abs().max() <= 1e-5, (k, name)
+
+
+def test_qkv_biases(tokenizer):
+    """Qwen-2's q/k/v biases: head rows of a bias, a whole bias, and a random element mask of a bias (a Mask stores it
+    as rows) next to rows of its weight."""
+    model = _model(tokenizer, arch="qwen2")
+    t = SiteTable(model)
+    qb = t.param_name(1, "q", bias=True)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    masks = [Mask.from_components(t, [Component("attn", 0, 1), Component("attn", 2, 2)]),
+             Mask.from_components(t, [Component("attn.v", 1)]),
+             Mask().add(qb, (t.matrix_shape("q")[0],), "elements", torch.rand(t.matrix_shape("q")[0], generator=g) < 0.4)
+             .add(t.param_name(1, "q"), t.matrix_shape("q"), "rows", [0, 5, 9])]
+    kinds = {masks[0][t.param_name(0, "q", bias=True)].kind, masks[1][t.param_name(1, "v", bias=True)].kind, masks[2][qb].kind}
+    assert kinds == {"rows", "whole"}
+    _compare(model, tokenizer, tiny_task(), masks, [EditConfig(optimizer="torch", **c) for c in CONFIGS])
