@@ -12,10 +12,12 @@ Per step (what ``edit`` does per configuration, done once for all of them):
   ``config.seed``: the same maintain / LM samples, in the same order); the K fact groups are concatenated (padded to
   a common length: right padding, so each row's logits are those of its own batch up to float summation order) and
   the K LM groups likewise;
-* one forward over all groups: frozen modules run once; a masked ``nn.Linear`` runs its frozen GEMM once over all
-  rows, then adds, per group k, ``x_k·D_k^T`` restricted to its selection (rows: ``y[..., rows] += x_k·D_k^T``;
-  columns: ``y += x_k[..., cols]·D_k^T``; whole: ``y += x_k·D_k^T``; element masks: a dense scattered ``D_k``; biases
-  likewise) in a per-group loop (the plain-torch reference path; no fused kernel yet);
+* one forward over all groups (or ``groups_per_pass`` groups at a time): frozen modules run once; a masked
+  ``nn.Linear`` runs its frozen GEMM once over all rows, then adds, per group k, ``x_k·D_k^T`` restricted to its
+  selection (rows: ``y[..., rows] += x_k·D_k^T``; columns: ``y += x_k[..., cols]·D_k^T``; element masks: a dense
+  scattered ``D_k``; biases likewise) in a per-group loop (the plain-torch reference path; no fused kernel yet); a
+  group whose mask holds the whole weight computes ``x_k·(W0 + D_k)^T`` instead (one GEMM rather than two), and
+  then that module's frozen GEMM runs per group;
 * per configuration the loss ``edit`` computes (forget / maintain sums over its own rows divided by its own row
   counts, its LM mean over its own targets, its own coefficients); one backward of their sum gives every ``D_k``
   its own gradient (groups never mix: each group's rows only see its own deltas);
@@ -30,10 +32,18 @@ Per step (what ``edit`` does per configuration, done once for all of them):
 A configuration whose ``steps`` are done leaves the batch (its values no longer change); the others continue.
 
 Numerics: the values and their update live in the parameter's dtype with fp32 moments (fp64 for fp64 models), i.e.
-``edit`` with ``optimizer="torch"`` (or MaskedAdamW without ``master_weights``) per configuration; the forward computes
-``x·W0^T + x·D^T`` rather than ``x·(W0 + D)^T`` (equal up to float rounding). Not supported (refused with a one-line
+``edit`` with ``optimizer="torch"`` (or MaskedAdamW without ``master_weights``) per configuration; for partial
+selections the forward computes ``x·W0^T + x·D^T`` rather than ``x·(W0 + D)^T`` (equal up to float rounding). Not supported (refused with a one-line
 error): 8-bit optimizer state, master weights, bitsandbytes, micro-batching, gradient checkpointing, and masked
 parameters other than ``nn.Linear`` weights / biases.
+
+Speed (``benchmarks/bench_batched_edit.py``, organism-sized Llama, AMD EPYC, 1 thread): no gain on this CPU. The
+time of K single ``edit`` calls divided by that of one ``edit_batched`` of K was 0.85-0.89 (same mask, K = 4, 8) and
+0.71-0.77 (mixed masks), i.e. the batched run was slower:
+the step is GEMM-bound, the K-fold activations fall out of cache, and with mixed masks every group back-propagates
+down to the lowest masked layer of any group. ``groups_per_pass=1`` (one forward/backward per group, one shared
+optimizer step) measured 0.96-1.11. The batched pass is meant for GPUs (one launch sequence for K groups); not
+measured there yet.
 
 Memory (measured by ``tests/edit/test_batched.py::test_memory_per_configuration``): per configuration with n
 selected elements, persistent 4 buffers of n elements (values, their base values, two moments: 16 B per element in
