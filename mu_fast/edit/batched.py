@@ -33,15 +33,14 @@ A configuration whose ``steps`` are done leaves the batch (its values no longer 
 
 Numerics: the values and their update live in the parameter's dtype with fp32 moments (fp64 for fp64 models), i.e.
 ``edit`` with ``optimizer="torch"`` (or MaskedAdamW without ``master_weights``) per configuration; for partial
-selections the forward computes ``x·W0^T + x·D^T`` rather than ``x·(W0 + D)^T`` (equal up to float rounding). Not supported (refused with a one-line
-error): 8-bit optimizer state, master weights, bitsandbytes, micro-batching, gradient checkpointing, and masked
-parameters other than ``nn.Linear`` weights / biases.
+selections the forward computes ``x·W0^T + x·D^T`` rather than ``x·(W0 + D)^T`` (equal up to float rounding). Not
+supported (refused with a one-line error): 8-bit optimizer state, master weights, bitsandbytes, micro-batching,
+gradient checkpointing, and masked parameters other than plain ``nn.Linear`` weights / biases.
 
 Speed (``benchmarks/bench_batched_edit.py``, organism-sized Llama, AMD EPYC, 1 thread): no gain on this CPU. The
 time of K single ``edit`` calls divided by that of one ``edit_batched`` of K was 0.85-0.89 (same mask, K = 4, 8) and
-0.71-0.77 (mixed masks), i.e. the batched run was slower:
-the step is GEMM-bound, the K-fold activations fall out of cache, and with mixed masks every group back-propagates
-down to the lowest masked layer of any group. ``groups_per_pass=1`` (one forward/backward per group, one shared
+0.71-0.77 (mixed masks), i.e. the batched run was slower: the step is GEMM-bound, the K-fold activations fall out of
+cache, and with mixed masks every group back-propagates down to the lowest masked layer of any group. ``groups_per_pass=1`` (one forward/backward per group, one shared
 optimizer step) measured 0.96-1.11. The batched pass is meant for GPUs (one launch sequence for K groups); not
 measured there yet.
 
