@@ -54,7 +54,6 @@ persistent per configuration.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -89,7 +88,7 @@ class _Block:
 
 
 class BatchedDeltas:
-    """The K configurations' compact values over one frozen model, and the hooks that add them per batch group.
+    """The K configurations' compact values over one frozen model, and the forwards that add them per batch group.
 
     ``values`` is one flat buffer (configuration-major: every block of configuration 0, then 1, ...);
     ``base`` holds the model's values at the same elements. ``delta(k)`` / ``edited(k)`` / ``to_edit_delta(k)``
