@@ -40,8 +40,10 @@ def tokenizer():
 
 def _model(tokenizer, arch="llama", seed=None, layers=3):
     seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed  # fresh weights each run
-    return make_tiny_model(arch, seed=seed, vocab_size=len(tokenizer), num_hidden_layers=layers, dtype=torch.float64,
-                           initializer_range=0.2)
+    model = make_tiny_model(arch, seed=seed, vocab_size=len(tokenizer), num_hidden_layers=layers, dtype=torch.float64,
+                            initializer_range=0.2)
+    model.test_seed = seed  # named in _compare's failures, to reproduce them
+    return model
 
 
 def _bits(t):
@@ -84,6 +86,7 @@ CONFIGS = [dict(steps=4, lr=2e-2, seed=1, maintain_batch=5, lm_batch=3),
 
 def _compare(model, tokenizer, task, masks, configs, eval_fn=None, norm_tol=TOL, groups_per_pass=None):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seed = getattr(model, "test_seed", None)
     out = edit_batched(model, tokenizer, task, masks, configs, eval_fn=eval_fn, groups_per_pass=groups_per_pass)
     for name, p in model.named_parameters():  # the frozen base is never written
         assert torch.equal(_bits(p), _bits(before[name])), f"edit_batched changed the base weight {name}"
@@ -97,14 +100,14 @@ def _compare(model, tokenizer, task, masks, configs, eval_fn=None, norm_tol=TOL,
             assert a.keys() == b.keys()
             for key in a:
                 tol = norm_tol if key == "grad_norm" else TOL
-                assert abs(a[key] - b[key]) <= tol * max(1.0, abs(a[key])), (k, a["step"], key, a[key], b[key])
+                assert abs(a[key] - b[key]) <= tol * max(1.0, abs(a[key])), (seed, k, a["step"], key, a[key], b[key])
         edited = out.deltas.edited(k)
         assert set(edited) == set(mask)
         for name, p in ref_model.named_parameters():
             if name not in mask:
                 continue
             diff = (edited[name] - p.detach()).abs().max()
-            assert diff <= TOL, (k, name, float(diff))
+            assert diff <= TOL, (seed, k, name, float(diff))
             inactive = ~mask.dense(name)
             assert torch.equal(_bits(edited[name])[inactive], _bits(before[name])[inactive]), f"inactive {name} moved"
             assert not torch.equal(edited[name], before[name]), f"configuration {k} did not train {name}"
