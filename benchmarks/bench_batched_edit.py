@@ -17,6 +17,13 @@ batched, batched_pass1) triples in thread CPU time (time descheduled on a shared
 ``extra_info`` records their medians, the median per-triple ratios ``speedup`` (single / batched) and
 ``speedup_pass1`` (single / batched_pass1) and the CPU model.
 
+Measured (benchmarks/results/CPU/bench_batched_edit.json, AMD EPYC, 2 shared cores, 1 thread, 5 steps; medians of 2
+interleaved triples, single / batched, single / batched_pass1): same mask K=1 0.99x / 0.88x, K=4 0.89x / 1.11x, K=8
+0.85x / 1.04x; mixed masks K=4 0.71x / 0.96x, K=8 0.77x / 0.98x. On this CPU one pass over K groups is slower than K
+passes: the step is GEMM-bound at one thread, the K-fold activations fall out of cache (the same silu took 2.4x
+the time over 4x the rows), and with mixed masks every group back-propagates down to the lowest masked layer of any
+group.
+
 Run: ``pytest benchmarks/bench_batched_edit.py --benchmark-only --benchmark-json
 benchmarks/results/CPU/bench_batched_edit.json`` (``-k "K4"`` for one K).
 """
@@ -140,10 +147,11 @@ def test_batched_edit(benchmark, which, K, impl):
             pairs = [(seconds(single), seconds(batched), seconds(batched_pass1)) for _ in range(PAIRS)]
         fn = {"single": single, "batched": batched, "batched_pass1": batched_pass1}[impl]
         benchmark.pedantic(fn, rounds=1, warmup_rounds=0, iterations=1)
+        where = context()  # while at one thread (it records torch's thread count)
     finally:
         torch.set_num_threads(threads)
     benchmark.group = f"K={K} configurations, {which} masks, {STEPS} steps"
-    benchmark.extra_info.update(impl=impl, K=K, masks=which, steps=STEPS, threads=1, cpu_model=_cpu_model(), **context())
+    benchmark.extra_info.update(impl=impl, K=K, masks=which, steps=STEPS, threads=1, cpu_model=_cpu_model(), **where)
     if pairs:
         benchmark.extra_info.update(
             interleaved_triples=PAIRS, interleaved_clock="thread_time", single_s=statistics.median(p[0] for p in pairs),

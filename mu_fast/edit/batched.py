@@ -12,10 +12,12 @@ Per step (what ``edit`` does per configuration, done once for all of them):
   ``config.seed``: the same maintain / LM samples, in the same order); the K fact groups are concatenated (padded to
   a common length: right padding, so each row's logits are those of its own batch up to float summation order) and
   the K LM groups likewise;
-* one forward over all groups: frozen modules run once; a masked ``nn.Linear`` runs its frozen GEMM once over all
-  rows, then adds, per group k, ``x_k·D_k^T`` restricted to its selection (rows: ``y[..., rows] += x_k·D_k^T``;
-  columns: ``y += x_k[..., cols]·D_k^T``; whole: ``y += x_k·D_k^T``; element masks: a dense scattered ``D_k``; biases
-  likewise) in a per-group loop (the plain-torch reference path; no fused kernel yet);
+* one forward over all groups (or ``groups_per_pass`` groups at a time): frozen modules run once; a masked
+  ``nn.Linear`` runs its frozen GEMM once over all rows, then adds, per group k, ``x_k·D_k^T`` restricted to its
+  selection (rows: ``y[..., rows] += x_k·D_k^T``; columns: ``y += x_k[..., cols]·D_k^T``; element masks: a dense
+  scattered ``D_k``; biases likewise) in a per-group loop (the plain-torch reference path; no fused kernel yet); a
+  group whose mask holds the whole weight computes ``x_k·(W0 + D_k)^T`` instead (one GEMM rather than two), and
+  then that module's frozen GEMM runs per group;
 * per configuration the loss ``edit`` computes (forget / maintain sums over its own rows divided by its own row
   counts, its LM mean over its own targets, its own coefficients); one backward of their sum gives every ``D_k``
   its own gradient (groups never mix: each group's rows only see its own deltas);
@@ -30,10 +32,17 @@ Per step (what ``edit`` does per configuration, done once for all of them):
 A configuration whose ``steps`` are done leaves the batch (its values no longer change); the others continue.
 
 Numerics: the values and their update live in the parameter's dtype with fp32 moments (fp64 for fp64 models), i.e.
-``edit`` with ``optimizer="torch"`` (or MaskedAdamW without ``master_weights``) per configuration; the forward computes
-``x·W0^T + x·D^T`` rather than ``x·(W0 + D)^T`` (equal up to float rounding). Not supported (refused with a one-line
-error): 8-bit optimizer state, master weights, bitsandbytes, micro-batching, gradient checkpointing, and masked
-parameters other than ``nn.Linear`` weights / biases.
+``edit`` with ``optimizer="torch"`` (or MaskedAdamW without ``master_weights``) per configuration; for partial
+selections the forward computes ``x·W0^T + x·D^T`` rather than ``x·(W0 + D)^T`` (equal up to float rounding). Not
+supported (refused with a one-line error): 8-bit optimizer state, master weights, bitsandbytes, micro-batching,
+gradient checkpointing, and masked parameters other than plain ``nn.Linear`` weights / biases.
+
+Speed (``benchmarks/bench_batched_edit.py``, organism-sized Llama, AMD EPYC, 1 thread): no gain on this CPU. The
+time of K single ``edit`` calls divided by that of one ``edit_batched`` of K was 0.85-0.89 (same mask, K = 4, 8) and
+0.71-0.77 (mixed masks), i.e. the batched run was slower: the step is GEMM-bound, the K-fold activations fall out of
+cache, and with mixed masks every group back-propagates down to the lowest masked layer of any group. ``groups_per_pass=1`` (one forward/backward per group, one shared
+optimizer step) measured 0.96-1.11. The batched pass is meant for GPUs (one launch sequence for K groups); not
+measured there yet.
 
 Memory (measured by ``tests/edit/test_batched.py::test_memory_per_configuration``): per configuration with n
 selected elements, persistent 4 buffers of n elements (values, their base values, two moments: 16 B per element in
@@ -45,7 +54,6 @@ persistent per configuration.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -80,7 +88,7 @@ class _Block:
 
 
 class BatchedDeltas:
-    """The K configurations' compact values over one frozen model, and the hooks that add them per batch group.
+    """The K configurations' compact values over one frozen model, and the forwards that add them per batch group.
 
     ``values`` is one flat buffer (configuration-major: every block of configuration 0, then 1, ...);
     ``base`` holds the model's values at the same elements. ``delta(k)`` / ``edited(k)`` / ``to_edit_delta(k)``
@@ -104,9 +112,10 @@ class BatchedDeltas:
                     continue
                 module_name, _, attr = name.rpartition(".")
                 module = modules.get(module_name)
-                if not isinstance(module, torch.nn.Linear) or attr not in ("weight", "bias"):
-                    raise ValueError(f"edit_batched adds deltas to nn.Linear weights and biases only, but mask {k} selects "
-                                     f"{name!r} of a {type(module).__name__}; drop it from the mask or use edit()")
+                if type(module) is not torch.nn.Linear or attr not in ("weight", "bias"):  # noqa: E721 (subclasses: quantized)
+                    raise ValueError(f"edit_batched adds deltas to plain nn.Linear weights and biases only, but mask {k} "
+                                     f"selects {name!r} of a {type(module).__name__}; drop it from the mask, load the model "
+                                     "unquantized, or use edit()")
                 sel, param = mask[name], self.params[name]
                 n = sel.numel(tuple(param.shape))
                 if sel.kind == "whole":
@@ -288,9 +297,7 @@ def _add_block(y: torch.Tensor, x: torch.Tensor, b: _Block, d: torch.Tensor) -> 
     if b.is_bias:
         if b.kind == "whole":
             return y + d
-        if b.kind == "rows":
-            return y.index_add(-1, b.index, d.expand(*y.shape[:-1], -1))
-        return y + torch.zeros(y.shape[-1], dtype=d.dtype, device=d.device).masked_scatter(b.index, d)
+        return y.index_add(-1, b.index, d.expand(*y.shape[:-1], -1))  # rows (a Mask turns 1-D element masks into rows)
     if b.kind == "whole":
         return y + F.linear(x, d)
     if b.kind == "rows":
@@ -537,8 +544,8 @@ def _lm_backward(model: torch.nn.Module, lm: Batch, segments: list[tuple[int, in
         records[k]["lm_loss"] = sums[g] / counts[g]
 
 
-def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, hyper: dict[str, torch.Tensor], configs: Sequence[EditConfig], schedules: list[list[float]],
-                   step: int, live: list[int], records: dict[int, dict[str, Any]]) -> None:
+def _clip_and_step(deltas: BatchedDeltas, grad: torch.Tensor, hyper: dict[str, torch.Tensor],
+                   configs: Sequence[EditConfig], schedules: list[list[float]], step: int, live: list[int], records: dict[int, dict[str, Any]]) -> None:
     """Per-configuration gradient norm and clip factor, then one AdamW update of every live configuration."""
     K = len(configs)
     wide = torch.promote_types(grad.dtype, torch.float32)
