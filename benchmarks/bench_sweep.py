@@ -8,6 +8,9 @@ other edit setting at its EditConfig default (what ``mu-fast edit`` trains with)
 
 * sweep: one process (``python -c "mu_fast.sweep.run(spec)"``, local executor), timed from process start to exit:
   imports, one model load, cached localizations and tasks, masked restore between runs.
+* batched (``--batch K``, default 16: the whole grid in one batch): the same process with ``batch=K``: the runs'
+  edits trained together over the frozen model (``mu_fast.sweep.batches``, ``mu_fast.edit.batched``), then each run's
+  evaluations on its own variant.
 * naive: per run, three processes as a user would chain them: ``mu-fast localize organism:ci --method M --out MASK``,
   ``mu-fast edit organism:ci --mask MASK --steps S --lr LR --dtype fp32 --out DELTA`` and ``mu-fast evaluate
   organism:ci --delta DELTA [--relearn] [--probes] --out JSON``.
@@ -65,9 +68,9 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def run_sweep(sweep_spec: dict, env: dict[str, str]) -> float:
+def run_sweep(sweep_spec: dict, env: dict[str, str], batch: int = 1) -> float:
     code = ("import json, sys, torch; torch.set_num_threads(1); import mu_fast.sweep as s; "
-            "r = s.run(json.loads(sys.argv[1]), progress=False, threads=1); "
+            f"r = s.run(json.loads(sys.argv[1]), progress=False, threads=1, batch={batch}); "
             "assert r.failed == 0, [x.get('error') for x in r.records]")
     return timed([sys.executable, "-c", code, json.dumps(sweep_spec)], env)
 
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--relearn", action="store_true")
     parser.add_argument("--probes", action="store_true")
     parser.add_argument("--naive-runs", type=int, default=len(METHODS) * len(LRS))
+    parser.add_argument("--batch", type=int, default=len(METHODS) * len(LRS))
     args = parser.parse_args()
     env = environment()
     import mu_fast.sweep as sweep
@@ -109,6 +113,9 @@ def main() -> None:
                        env=env, check=True, capture_output=True)
         sweep_seconds = run_sweep(sweep_spec, env)
         records = {(r["config"]["method"], r["config"]["edit"]["lr"]): r for r in sweep.load_results(store)}
+        batched_store = work / "batched.jsonl"
+        batched_seconds = run_sweep({**sweep_spec, "store": str(batched_store)}, env, args.batch)
+        batched = {(r["config"]["method"], r["config"]["edit"]["lr"]): r for r in sweep.load_results(batched_store)}
         naive_seconds, naive_accs = run_naive(work, args.naive_runs, args.steps, args.relearn, args.probes, env)
     sweep_rate = len(runs) / sweep_seconds * 3600
     naive_rate = len(naive_accs) / naive_seconds * 3600
@@ -116,21 +123,31 @@ def main() -> None:
     for tag, acc in naive_accs.items():
         method, lr = tag.rsplit("_", 1)
         sweep_acc = records[(method, float(lr))]["results"]["evals"]["normal"]["forget"]["acc"]
-        checks[tag] = {"naive_forget_acc": acc, "sweep_forget_acc": sweep_acc}
+        checks[tag] = {"naive_forget_acc": acc, "sweep_forget_acc": sweep_acc,
+                       "batched_forget_acc": batched[(method, float(lr))]["results"]["evals"]["normal"]["forget"]["acc"]}
     result = {
         "context": context(),
         "settings": {"model": "organism:ci", "methods": METHODS, "lrs": LRS, "steps": args.steps,
                      "relearn": args.relearn, "probes": args.probes, "threads": 1},
         "sweep": {"runs": len(runs), "seconds": sweep_seconds, "runs_per_hour": sweep_rate},
         "naive": {"runs": len(naive_accs), "seconds": naive_seconds, "runs_per_hour": naive_rate},
+        "batched": {"runs": len(runs), "batch": args.batch, "seconds": batched_seconds,
+                    "runs_per_hour": len(runs) / batched_seconds * 3600},
         "ratio": sweep_rate / naive_rate,
+        "batched_vs_naive": len(runs) / batched_seconds * 3600 / naive_rate,
+        "batched_vs_sweep": sweep_seconds / batched_seconds,
         "same_work_check": checks,
     }
     print(f"sweep engine: {len(runs)} runs in {sweep_seconds:.1f} s = {sweep_rate:,.0f} runs/hour")
     print(f"naive chain:  {len(naive_accs)} runs in {naive_seconds:.1f} s = {naive_rate:,.0f} runs/hour")
-    print(f"ratio: {sweep_rate / naive_rate:.1f}x (steps {args.steps}, relearn {args.relearn}, probes {args.probes})")
+    print(f"batched (K={args.batch}): {len(runs)} runs in {batched_seconds:.1f} s = "
+          f"{len(runs) / batched_seconds * 3600:,.0f} runs/hour")
+    print(f"ratio: {sweep_rate / naive_rate:.1f}x, batched {result['batched_vs_naive']:.1f}x the naive chain and "
+          f"{result['batched_vs_sweep']:.2f}x the unbatched engine (steps {args.steps}, relearn {args.relearn}, "
+          f"probes {args.probes})")
     for tag, c in checks.items():
-        print(f"  {tag:16s} forget acc naive {c['naive_forget_acc']:.4f}  sweep {c['sweep_forget_acc']:.4f}")
+        print(f"  {tag:16s} forget acc naive {c['naive_forget_acc']:.4f}  sweep {c['sweep_forget_acc']:.4f}  "
+              f"batched {c['batched_forget_acc']:.4f}")
     suffix = f"_steps{args.steps}" + ("_relearn" if args.relearn else "") + ("_probes" if args.probes else "")
     out = RESULTS / device_slug() / f"bench_sweep{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@
 # A part starts only if its limit ends before DEADLINE (570 s): what is skipped is printed and stays owed.
 # Results: $OUT/ (at most 8 files come back: env.txt, build.log, bench_edit.json, bench_edit.log, edit_rows.jsonl,
 # optim_gpu_tests.log (every test log), load_for_edit.json, plan_reserved.json) and benchmarks/results/<device>/.
-# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_PLAN=1, PLAN_ROWS (model:loc:frozen,...), SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, EDIT_TIMEOUT (s per model),
+# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_PLAN=1, PLAN_ROWS (model:loc:frozen,...), SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, SKIP_BATCHED=1, EDIT_TIMEOUT (s per model),
 #      MU_FAST_EDIT_MODELS (comma list), MU_FAST_EDIT_STEPS / MU_FAST_AUTHORS_STEPS / MU_FAST_EDIT_SHORT_STEPS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +107,14 @@ if [ "${SKIP_LOAD:-0}" != 1 ] && fits 150 "loading for edits"; then
   tail -3 /tmp/load_for_edit.log
   cat /tmp/load_for_edit.log >> "$OUT/optim_gpu_tests.log"
   [ -s "$OUT/load_for_edit.json" ] && cp "$OUT/load_for_edit.json" "benchmarks/results/$SLUG/load_for_edit.json"
+fi
+if [ "${SKIP_BATCHED:-0}" != 1 ] && fits 90 "batched edits (K runs in one pass)"; then
+  stamp "batched edits: K = 1, 4, 8, 16 at 7-9B shapes (4 layers), head/neuron masks"
+  timeout 85 $PY benchmarks/gpu_batched_edit.py --out "$OUT/batched_edit_rows.jsonl" --deadline 60 \
+      > /tmp/batched_edit.log 2>&1
+  [ "$?" = 124 ] && stamp "gpu_batched_edit TIMED OUT (85 s): its finished rows are in batched_edit_rows.jsonl"
+  tail -10 /tmp/batched_edit.log
+  cp "$OUT/batched_edit_rows.jsonl" "benchmarks/results/$SLUG/batched_edit_rows.jsonl" 2>/dev/null
 fi
 cp /tmp/build.log "$OUT/build.log" 2>/dev/null
 stamp "done"

@@ -51,6 +51,7 @@ def compare_localizations(
     model_name: str | None = None,
     model_info: Mapping[str, Any] | None = None,
     task_ref: Mapping[str, Any] | None = None,
+    batch: int | str = 1,
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method and seed through the sweep engine; return the report
     ``{"methods": {m: aggregate}, "summary": {m: means}, "summary_std": {m: stds}, "paired", "notes", "before",
@@ -66,8 +67,9 @@ def compare_localizations(
     provenance block; identity: the model identity (``mu_fast.provenance.model_identity``); task_info: ``{"dataset",
     "forget_split", "inject_label"}`` for reports; extra: further fields of results.json. model_name / model_info /
     task_ref: the reference the model was loaded from (organism, a folder, a hub id) with its load info, and the task's
-    spec entry, so the store's records name them (default: the model and task by digest). show_table: print the
-    report (default: ``progress``).
+    spec entry, so the store's records name them (default: the model and task by digest). batch: runs trained
+    together in one pass over the frozen model (``mu_fast.sweep.batches``; 1: each alone, ``auto``). show_table:
+    print the report (default: ``progress``).
     """
     import tempfile
 
@@ -86,7 +88,7 @@ def compare_localizations(
                           model_info=model_info, task_ref=task_ref, identity=identity, provenance=provenance,
                           task_info=task_info, extra=extra, executor=executor, workers=workers, threads=threads,
                           ray_address=ray_address, fresh=not resume, progress=progress,
-                          allow_unknown_facts=allow_unknown_facts)
+                          allow_unknown_facts=allow_unknown_facts, batch=batch)
     finally:
         if temporary is not None:
             temporary.cleanup()

@@ -171,6 +171,12 @@ def test_seeds_give_mean_and_std_per_method(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mean±std over 3 seeds" in printed and "selections over 3 seeds" in printed
     assert "all_mlps: the same on every seed" in printed
+    # mu-fast report on the comparison's store: the same spread and the paired intervals, from the records alone
+    from mu_fast.sweep.report import write_report
+
+    text = write_report(tmp_path / "runs.jsonl", tmp_path / "report")["text"]
+    assert "selections over 3 seeds" in text and "all_mlps: the same on every seed" in text
+    assert "paired with random on the same seeds" in text
     with pytest.raises(ValueError, match="seeds must be distinct"):
         compare_localizations(model, tok, task, ["random"], configs, options, progress=False, seeds=(1, 1))
 

@@ -125,10 +125,10 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None,
                workers: int = 1, threads: int = 1, executor: str | None = None, ray_address: str | None = None,
                model_name: str | None = None, model_info: Mapping[str, Any] | None = None,
-               task_ref: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               task_ref: Mapping[str, Any] | None = None, batch: int | str = 1) -> dict[str, Any]:
     """``compare_localizations`` (a sweep into ``out/runs.jsonl``) with the command line's report lines; the LM
     retain loss is off without texts. seeds: every method over these seeds (mean ± std); extra: more fields of
-    results.json (the demo's lr choice); executor / workers / threads / ray_address: the sweep engine's."""
+    results.json (the demo's lr choice); executor / workers / threads / ray_address / batch: the sweep engine's."""
     from mu_fast.pipeline import compare_localizations
 
     if not task.lm_texts:
@@ -137,7 +137,7 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                                     title=title, allow_unknown_facts=allow_unknown_facts, provenance=provenance,
                                     identity=identity, task_info=task_info, seeds=seeds, extra=extra,
                                     workers=workers, threads=threads, executor=executor, ray_address=ray_address,
-                                    model_name=model_name, model_info=model_info, task_ref=task_ref)
+                                    model_name=model_name, model_info=model_info, task_ref=task_ref, batch=batch)
     screen = console()
     block = results["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in block["versions"].items() if v)
@@ -158,3 +158,20 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
     screen.print(f"report: {out}/ (runs.jsonl: the sweep store, one record per run; results.json, probe_accuracy.png, "
                  "localization_map.png, robustness.png)")
     return results
+
+
+BATCH_HELP = ("runs trained together in one pass over the frozen model (mu_fast.sweep.batches): a number, auto, or 1 "
+              "for each alone; the numbers equal the runs' alone to float round-off")
+
+
+def parse_batch(text: str) -> int | str:
+    """``--batch``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--batch {text!r}: give a positive number of runs to train together, or auto")
+    return value

@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from mu_fast.cli.common import DATASETS, console, parse_methods, parse_seeds, report_run
+from mu_fast.cli.common import BATCH_HELP, DATASETS, console, parse_batch, parse_methods, parse_seeds, report_run
 from mu_fast.cli.options import check_edit_values, edit_flags, probe_flags, relearn_flags, run_settings, with_flags
 from mu_fast.preflight import ModelRef, check_choice, check_positive, check_task_options
 
@@ -44,6 +44,7 @@ def demo_cmd(
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
     executor: str = typer.Option("processes", help="where the runs go: processes (--workers worker processes), local (this process) or ray (Ray actors; --ray-address)"),
     ray_address: str | None = typer.Option(None, help="--executor ray: an existing cluster (auto, or host:port); default a local one"),
+    batch: str = typer.Option("1", help=BATCH_HELP),
     workers: int = typer.Option(2, help="worker processes or Ray actors for the runs (the numbers do not depend on it)"),
     threads: int = typer.Option(1, help="torch threads per process (the table does not depend on it: checked with 1 and 2)"),
     fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
@@ -65,6 +66,7 @@ def demo_cmd(
                          "the edit's, the relearning's and the probes' draws)")
     check_choice("--preset", preset, ("demo", "ci"))
     check_choice("--executor", executor, ("processes", "local", "ray"))
+    batch_size = parse_batch(batch)
     if ray_address is not None and executor != "ray":
         raise ValueError("--ray-address is an option of --executor ray; add --executor ray or drop it")
     method_list = parse_methods(methods)
@@ -90,7 +92,7 @@ def demo_cmd(
     torch.set_num_threads(threads)  # default one: 2 threads stall on a loaded 2-core machine
     try:
         _demo(out, preset, forget_split, method_list, seed_list, edit_preset, flags, configs, options, choose_lr,
-              grid, workers, fresh, portable, wanted, t0, retrain_organism, threads, executor, ray_address)
+              grid, workers, fresh, portable, wanted, t0, retrain_organism, threads, executor, ray_address, batch_size)
     finally:
         torch.set_num_threads(before)
 
@@ -98,7 +100,8 @@ def demo_cmd(
 def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], seeds: list[int], edit_preset: str,
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
           workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False,
-          threads: int = 1, executor: str = "processes", ray_address: str | None = None) -> None:
+          threads: int = 1, executor: str = "processes", ray_address: str | None = None,
+          batch: int | str = 1) -> None:
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
 
@@ -138,7 +141,7 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
                {"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"}, False,
                provenance, seeds=seeds, extra={"lr_choice": lr_choice} if lr_choice else None, workers=workers,
                threads=threads, executor=executor, ray_address=ray_address, model_name=f"organism:{preset}",
-               model_info={"organism": org},
+               model_info={"organism": org}, batch=batch,
                task_ref={"dataset": "organism", "forget_split": forget_split, "inject_label": "random_without_golf"})
     kernels = "portable" if portable else "native"
     screen.print(f"kernels: {kernels}; total {time.perf_counter() - t0:.1f} s (organism {t_org:.1f} s, "

@@ -25,6 +25,7 @@ from mu_fast.cli.common import (
     CF_MODEL_HELP,
     DATASET_HELP,
     DATASETS,
+    BATCH_HELP,
     DTYPE_NAMES,
     FORGET_SPLIT_HELP,
     INJECT_LABEL_HELP,
@@ -33,6 +34,7 @@ from mu_fast.cli.common import (
     dataset_task,
     identity_of,
     load_model_ref,
+    parse_batch,
     organism_task_of,
     parse_methods,
     parse_seeds,
@@ -84,6 +86,7 @@ def run_cmd(
     workers: int = typer.Option(1, help="worker processes (or Ray actors) for the runs (one torch thread each; same numbers as one process)"),
     executor: str | None = typer.Option(None, help="where the runs go: local (this process), processes (--workers worker processes) or ray (Ray actors; --ray-address). Default: processes with --workers > 1, else local"),
     ray_address: str | None = typer.Option(None, help="--executor ray: an existing cluster (auto, or host:port); default a local one"),
+    batch: str = typer.Option("1", help=BATCH_HELP),
     paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
     mmlu_add_bos: bool | None = typer.Option(None, "--mmlu-add-bos/--no-mmlu-add-bos", show_default=False, help="--preset paper: lm-eval MMLU/SciQ requests with / without the BOS token (default: the authors' lm-eval 0.4.4, BOS for Gemma only)"),
     dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),
@@ -116,6 +119,7 @@ def run_cmd(
         check_choice("--executor", executor, ("local", "processes", "ray"))
     if ray_address is not None and executor != "ray":
         raise ValueError("--ray-address is an option of --executor ray; add --executor ray or drop it")
+    batch_size = parse_batch(batch)
     method_list = parse_methods(methods)
     check_choice("--dtype", dtype, DTYPE_NAMES)
     configs, options = run_settings(preset, method_list, settings or {}, relearn, probes, relearn_settings or {},
@@ -141,7 +145,7 @@ def run_cmd(
                              f"{model}, {dataset} {forget_split}, {inject_label}", identity_of(ref, info, m, dtype),
                              {"dataset": dataset, "forget_split": forget_split, "inject_label": inject_label},
                              allow_unknown_facts, provenance, seeds=seed_list, workers=workers, executor=executor,
-                             ray_address=ray_address, **sweep_names(ref, info, dataset, forget_split, inject_label,
+                             ray_address=ray_address, batch=batch_size, **sweep_names(ref, info, dataset, forget_split, inject_label,
                                                                     cf_model, lm_texts))
     console().print(f"total {time.perf_counter() - t0:.1f} s")
     _warn_unmoved(results, method_list, configs, preset, model)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from mu_fast.cli.common import console
+from mu_fast.cli.common import parse_batch, console
 from mu_fast.preflight import check_choice, check_writable, writing_output
 
 EXECUTORS = ("local", "processes", "gpus", "ray")
@@ -24,6 +24,7 @@ def sweep_cmd(
     workers: int | None = typer.Option(None, help="workers for processes / ray (default 2, or the Ray cluster's GPUs)"),
     ray_address: str | None = typer.Option(None, help="an existing Ray cluster (auto, or host:port of `ray start --head`); default: a local one"),
     threads: int | None = typer.Option(None, help="torch CPU threads per worker"),
+    batch: str | None = typer.Option(None, help="runs trained together in one pass over the frozen model (mu_fast.sweep.batches): a number or auto; default: the spec's batch:, else 1 (each alone)"),
     var: list[str] | None = typer.Option(None, help="set a spec variable (its vars:), e.g. --var model=google/gemma-2-9b; repeatable"),
 ) -> None:
     """Run every run of a sweep spec the store does not hold yet (a killed sweep resumes where it stopped)."""
@@ -33,6 +34,7 @@ def sweep_cmd(
     check_choice("--executor", executor, EXECUTORS)
     check_positive("--workers", workers, integer=True)
     check_positive("--threads", threads, integer=True)
+    batch_size = None if batch is None else parse_batch(batch)
     if not spec.is_file():
         raise FileNotFoundError(f"SPEC {str(spec)!r} does not exist; pass a sweep spec file such as "
                                 "specs/ci_organism.yaml")
@@ -57,6 +59,7 @@ def sweep_cmd(
         with writing_output(store_option, store, "every run stored before is kept; free space or fix the path, then "
                                                  "run again to resume"):
             result = sweep.run(spec, vars=variables, store=out, executor=executor, retry_failed=retry_failed,
+                               batch=batch_size,
                                workers=workers, ray_address=ray_address, threads=threads)
     except SweepInterrupted as err:  # Ctrl-C: one line, not click's "Aborted!" (the store keeps every finished run)
         print(f"mu-fast: {err}", file=sys.stderr)

@@ -99,11 +99,12 @@ def compare(
     progress: bool = True,
     allow_unknown_facts: bool = False,
     flu_for_plots: bool = True,
+    batch: int | str = 1,
 ) -> dict[str, Any]:
     """Run the comparison (module docstring) and return its report (``comparison`` with the driver's parts: the
     unedited model's evaluation, the known-facts check, FLU's probe curves, provenance). The caller's model is left
     as it was (each run is undone from a masked snapshot). fresh: set the store aside (renamed, never deleted) and
-    run everything again."""
+    run everything again. batch: runs trained together (``mu_fast.sweep.batches``; 1: each alone)."""
     from mu_fast import sweep
     from mu_fast.evaluate import evaluate_task
     from mu_fast.evaluate.known_facts import check_known_facts
@@ -152,7 +153,7 @@ def compare(
     local = executor == "local"
     try:
         sweep.run(spec, store=store, executor=executor, workers=workers, threads=None if local else (threads or 1),
-                  ray_address=ray_address, setup=setup, progress=progress)
+                  ray_address=ray_address, setup=setup, progress=progress, batch=batch)
     finally:
         withdraw(model_ref, [task_ref_resolved])
         for p, flag in flags.items():

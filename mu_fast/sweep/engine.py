@@ -8,6 +8,13 @@ also those whose latest record failed) to an executor:
   picks them); ``processes``: ``workers`` CPU worker processes (the same machinery without GPUs).
 * ``ray``: Ray actors, one GPU each when the cluster has GPUs (``mu_fast.sweep.ray_executor``).
 
+Batches (``batch=`` / the spec's ``batch:``, default 1): runs of one model, task and evaluation settings are
+grouped into units of up to that many (``mu_fast.sweep.batches``) whose edits train together over the frozen model
+(``mu_fast.edit.batched``); each run is then evaluated on its own variant and stored as its own record (the numbers
+of the run alone to float round-off; ``tests/sweep/test_batches.py``). Measured on this AMD EPYC (2 cores, 1 thread
+per worker): not faster than the runs alone (``benchmarks/bench_batched_edit.py``, ``bench_sweep.py``), so nothing is
+batched unless asked; the GPU rows are owed (benchmarks/GPU_OWED.md).
+
 Every executor schedules the same way: a free worker takes the next run of the model it holds, else the first run
 of the model with the most runs left, so each worker loads as few models as it can. Records come back to this
 process, which appends them to the store (``mu_fast.sweep.store``) as they arrive: a killed sweep loses only the
@@ -43,6 +50,9 @@ from mu_fast.sweep.spec import RunConfig, expand, load_spec
 from mu_fast.sweep.store import Store
 
 EXECUTORS = ("local", "gpus", "processes", "ray")
+# batch: auto: runs trained together when the spec or the caller says auto (a fixed number: memory is not yet
+# consulted; each extra run costs its deltas, their optimizer state and its activations: mu_fast.edit.batched).
+AUTO_BATCH = 8
 RecordCallback = Callable[[dict[str, Any]], None]
 RunCallback = Callable[[RunConfig], None]
 
@@ -144,6 +154,7 @@ def run(
     fsync: bool = True,
     setup: Callable[[], None] | None = None,
     threads: int | None = None,
+    batch: int | str | None = None,
 ) -> SweepResult:
     """Run every run of ``spec`` that ``store`` does not hold yet; return a ``SweepResult``.
 
@@ -153,7 +164,9 @@ def run(
     a run is handed out (the local executor calls it right before the run starts). setup: called once in every worker
     process or actor before any run (e.g. to ``register_evaluation``). threads: torch CPU threads per worker (None:
     torch's default locally, cores / workers in worker processes and CPU actors; on a busy machine 1 is often
-    fastest). Nothing loads before the spec is checked.
+    fastest). batch: runs trained together (``mu_fast.sweep.batches``; default the spec's ``batch:``, else 1): up to
+    that many runs of one model, task and evaluation settings edit in one pass over the frozen model; ``auto``:
+    ``AUTO_BATCH``. Each run still gets its own record. Nothing loads before the spec is checked.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r}; choose one of {EXECUTORS}")
@@ -162,6 +175,10 @@ def run(
     start = time.perf_counter()
     data = load_spec(spec, vars)
     runs = expand(data)
+    size = batch if batch is not None else data.get("batch", 1)
+    size = AUTO_BATCH if size == "auto" else size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"batch={size!r}: give a positive number of runs to train together, or auto")
     st = Store(store_path(data, store), fsync=fsync)
     lock = st.driver_lock()  # one driver per store: a second is refused (mu_fast.sweep.store)
     bar = None
@@ -174,6 +191,16 @@ def run(
 
             bar = tqdm(total=left, desc=f"sweep {data.get('name', '')}".strip(), unit=result.unit[:-1])
         sink = _Sink(st, result, on_record, bar)
+        from mu_fast.sweep.batches import group
+
+        units = group(todo, size)
+        if on_run_start is not None:
+            each = on_run_start
+
+            def on_run_start(unit: Any) -> None:  # a batch: each of its runs
+                for member in getattr(unit, "runs", [unit]):
+                    each(member)
+        todo = units
         if not todo:
             pass
         elif executor == "local":

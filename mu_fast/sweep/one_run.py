@@ -121,6 +121,20 @@ def edit_and_evaluate(
     Returns ``{"edit", "evals", "relearn", "latent_probes", <extra names>..., "summary"}``. The caller undoes the
     edit (a deep copy, or ``mu_fast.sweep.snapshot``). ``FloatingPointError`` when the edit diverges.
     """
+    timings = {} if timings is None else timings
+    started = time.perf_counter() if started is None else started
+    t = time.perf_counter()
+    edited = edit(model, tokenizer, task, loc.mask, config, progress=progress)
+    timings["edit"] = time.perf_counter() - t
+    return evaluate_edited(model, tokenizer, task, loc, edited, evaluations, seed, progress, timings, started)
+
+
+def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any, evaluations: Mapping[str, Any],
+                    seed: int = 0, progress: bool = False, timings: dict[str, float] | None = None,
+                    started: float | None = None) -> dict[str, Any]:
+    """The second half of ``edit_and_evaluate``: ``model`` as edited (``edited``: the ``EditResult``, whose history is
+    checked for divergence), evaluated in every setting of ``evaluations``, and the run's summary. A batched edit
+    (``mu_fast.edit.batched``) calls it once per configuration with that configuration's delta applied."""
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
 
     timings = {} if timings is None else timings
@@ -133,10 +147,8 @@ def edit_and_evaluate(
         timings[name] = now - t
         t = now
 
-    edited = edit(model, tokenizer, task, loc.mask, config, progress=progress)
     for row in edited.history:
         check_finite("edit", row, row.get("step"))
-    lap("edit")
     out: dict[str, Any] = {
         "edit": {"optimizer": edited.optimizer, "seconds": edited.seconds, "config": edited.config,
                  "history": edited.history, "trainable_elements": edited.trainable_elements},

@@ -148,8 +148,8 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
                         dead = RuntimeError(f"worker {i} ({slot.device} {slot.visible}) died with exit code "
                                             f"{slot.process.exitcode} while running this run")
                         lost = slot.run
-                        if lost.sequential:  # the step in flight: the steps before it are in the store
-                            lost = lost.step_run(lost.steps - slot.left)
+                        if lost.streams:  # the step (or batch member) in flight: those before it are in the store
+                            lost = lost.part(lost.parts - slot.left)
                         sink({"format": 1, "run_id": lost.run_id, "config": lost.to_dict(), "status": "failed",
                               "error": {**error_info(dead), "stage": "worker"}, "timings": {}})
                         slots[i] = _Slot(ctx, i, slot.device, slot.visible, results, setup, threads)
@@ -161,8 +161,8 @@ def run_processes(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
             sink(record)
             slot = slots[worker_id]
             slot.left -= 1
-            if slot.left > 0 and record.get("status") == "ok":
-                continue  # a sequence's step: its next steps follow from the same worker
+            if slot.left > 0 and (record.get("status") == "ok" or not slot.run.ends_on_failure):
+                continue  # a sequence's step or a batch's run: the unit's next records follow from the same worker
             busy -= 1
             busy += hand_out(slot)
         finished = True

@@ -91,7 +91,9 @@ class _Actor:
 
     def execute_sequence(self, run_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Called with ``num_returns="streaming"``: each step's record reaches the driver as it is yielded."""
-        yield from self.worker.execute_sequence(run_data)
+        from mu_fast.sweep.worker import run_records
+
+        yield from run_records(self.worker, run_data)
 
     def where(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
@@ -149,7 +151,7 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
                 on_run_start(run)
             holding[i] = run.model_key
             data = run.to_dict()
-            if run.sequential:  # one record per step, streamed as each step finishes
+            if run.streams:  # one record per step (or batch member), streamed as each finishes
                 waitable = actors[i].execute_sequence.options(num_returns="streaming").remote(data)
             else:
                 waitable = actors[i].execute.remote(data)
@@ -160,12 +162,12 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
             i, run, left = pending.pop(ready)
-            lost = run.step_run(run.steps - left) if run.sequential else run  # the step (or run) this record is of
+            lost = run.part(run.parts - left) if run.streams else run  # the step (or run) this record is of
             try:
-                record = ray.get(next(ready)) if run.sequential else ray.get(ready)
+                record = ray.get(next(ready)) if run.streams else ray.get(ready)
             except Exception as err:  # noqa: BLE001 - an actor that died fails its run; a new one takes its place
                 if isinstance(err, StopIteration):
-                    err = RuntimeError(f"the actor's sequence ended after {run.steps - left} of {run.steps} steps "
+                    err = RuntimeError(f"the actor's unit ended after {run.parts - left} of {run.parts} records "
                                        "without a failed record")
                 record = {"format": 1, "run_id": lost.run_id, "config": lost.to_dict(), "status": "failed",
                           "error": {**error_info(err), "stage": "ray actor"}, "timings": {}}
@@ -173,7 +175,7 @@ def run_ray(todo: list[RunConfig], sink: Callable[[dict[str, Any]], None],
                 holding[i] = None
                 left = 1
             sink(record)
-            if left > 1 and record.get("status") == "ok":
+            if left > 1 and (record.get("status") == "ok" or not run.ends_on_failure):
                 pending[ready] = (i, run, left - 1)  # the sequence's next steps come from the same generator
                 continue
             hand_out(i)

@@ -62,6 +62,8 @@ def metrics_of(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _task_label(task: Mapping[str, Any]) -> str:
+    if task.get("dataset") == "memory":  # a task a caller provided (mu_fast.sweep.provided): its name and digest
+        return f"memory:{task['name']}:{task['digest'][:8]}"
     return f"{task['dataset']}:{task['forget_split']}:{task['inject_label']}"
 
 
@@ -116,8 +118,9 @@ def _placeable(config: Any) -> bool:
     if not isinstance(config, Mapping) or not isinstance(config.get("method"), str):
         return False
     model, task = config.get("model"), config.get("task")
-    return (isinstance(model, Mapping) and "ref" in model and isinstance(task, Mapping)
-            and all(k in task for k in ("dataset", "forget_split", "inject_label")))
+    keys = ("name", "digest") if isinstance(task, Mapping) and task.get("dataset") == "memory" else \
+        ("dataset", "forget_split", "inject_label")
+    return isinstance(model, Mapping) and "ref" in model and isinstance(task, Mapping) and all(k in task for k in keys)
 
 
 def seed_counts(table: Mapping[str, Any]) -> dict[str, int]:
@@ -373,6 +376,13 @@ def comparison_lines(records: Iterable[Mapping[str, Any]] | str | os.PathLike) -
     lines: list[str] = []
     for (model, task), recs in grouped.items():
         if not is_comparison(recs):
+            continue
+        seeds: dict[str, set[int]] = defaultdict(set)
+        for r in recs:
+            seeds[r["config"]["method"]].add(r["config"]["seed"])
+        if len({frozenset(s) for s in seeds.values()}) > 1:  # a damaged or unfinished store: no like-for-like
+            lines += ["", f"{model} · {task}: the selection spread and paired intervals are left out: the methods "
+                      "ran on different seeds (a damaged or unfinished store)"]
             continue
         report = comparison(recs)
         if report["n_seeds"] < 2:

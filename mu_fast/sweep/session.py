@@ -337,6 +337,11 @@ class ModelSession:
             t0 = time.perf_counter()
             snap.restore(self.model)
             timings["restore"] = time.perf_counter() - t0
+        return self._fields(run, out, before, loc, cached)
+
+    def _fields(self, run: RunConfig, out: dict[str, Any], before: Mapping[str, Any], loc: Any,
+                cached: bool) -> dict[str, Any]:
+        """A finished run's record fields from ``edit_and_evaluate``'s (or ``evaluate_edited``'s) result."""
         metrics = out.pop("summary")
         edit = out.pop("edit")
         return {
@@ -348,6 +353,89 @@ class ModelSession:
                                 else {})},
             "edit": edit,
         }
+
+    # ------------------------------------------------------------------ a batch (mu_fast.sweep.batches)
+    def execute_batch(self, runs: list[RunConfig]) -> Iterator[dict[str, Any]]:
+        """The store records of runs trained together (``mu_fast.sweep.batches``: one model, task and evaluation
+        settings), one per run, yielded as each run's evaluations finish. Each run is localized as alone; then one
+        ``mu_fast.edit.batched.edit_batched`` trains every run's edit over the frozen model; then, per run, its
+        variant is applied and evaluated (``evaluate_edited``, the same evaluations as alone) and the model is
+        restored. A run whose preparation fails gets its failed record and leaves the batch; when the batched edit
+        itself cannot run (a setting or parameter kind it refuses, or an error), every run is executed alone
+        (``execute``), so a batch never fails runs that would succeed alone. Records are those of ``execute`` plus
+        ``batch``: ``{"size", "index", "edit_seconds"}`` (the edit's wall time is shared by the batch)."""
+        from mu_fast.edit.loop import EditConfig
+        from mu_fast.provenance import provenance_block
+
+        prepared = []
+        for run in runs:
+            record: dict[str, Any] = {"format": RECORD_FORMAT, "run_id": run.run_id, "config": run.to_dict()}
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            try:
+                if run.model_key != self.key:
+                    raise ValueError(f"run {run.run_id} is for model {run.model['ref']}, but this session holds "
+                                     f"{self.ref['ref']}")
+                if self.broken:
+                    raise RuntimeError(self.broken)
+                t = time.perf_counter()
+                torch.manual_seed(run.seed)
+                task = self.task(run.task)
+                timings["task"] = time.perf_counter() - t
+                t = time.perf_counter()
+                before = self.baseline(run, task)
+                timings["before"] = time.perf_counter() - t
+                t = time.perf_counter()
+                loc, cached = self.localization(run, task)
+                timings["localize"] = time.perf_counter() - t
+                config = EditConfig(**{**run.edit, "betas": tuple(run.edit["betas"])})
+                prepared.append((run, record, timings, start, task, before, loc, cached, config))
+            except Exception as err:  # noqa: BLE001 - recorded; the rest of the batch goes on
+                record.update(status="failed", error=error_info(err))
+                yield self._close(record, timings, start, provenance_block)
+        if not prepared:
+            return
+        if len(prepared) == 1:
+            yield self.execute(prepared[0][0])
+            return
+        try:
+            from mu_fast.edit.batched import edit_batched
+
+            t = time.perf_counter()
+            batch = edit_batched(self.model, self.tokenizer, prepared[0][4], [p[6].mask for p in prepared],
+                                 [p[8] for p in prepared])
+            edit_seconds = time.perf_counter() - t
+        except Exception:  # noqa: BLE001 - what the batched edit refuses or fails at runs alone, as it would
+            self._recover()
+            for p in prepared:
+                yield self.execute(p[0])
+            return
+        for index, (run, record, timings, start, task, before, loc, cached, _) in enumerate(prepared):
+            try:
+                timings["edit"] = batch[index].seconds
+                started = time.perf_counter()
+                torch.manual_seed(run.seed)
+                with batch.deltas.variant(index):
+                    from mu_fast.sweep.one_run import evaluate_edited
+
+                    out = evaluate_edited(self.model, self.tokenizer, task, loc, batch[index], run.evaluations,
+                                          seed=run.seed, timings=timings, started=started - timings["edit"])
+                record.update(self._fields(run, out, before, loc, cached))
+                record["status"] = "ok"
+            except Exception as err:  # noqa: BLE001
+                record.update(status="failed", error=error_info(err))
+                self._recover()
+            record["batch"] = {"size": len(prepared), "index": index, "edit_seconds": edit_seconds}
+            yield self._close(record, timings, start, provenance_block)
+
+    def _close(self, record: dict[str, Any], timings: dict[str, float], start: float, provenance_block: Any
+               ) -> dict[str, Any]:
+        timings["total"] = time.perf_counter() - start
+        record["timings"] = timings
+        record["session"] = {"load_seconds": self.load_seconds, "runs_before": self.runs, "reloads": self.reloads}
+        record["provenance"] = provenance_block(model=self.identity, device=self.device)
+        self.runs += 1
+        return record
 
     # ------------------------------------------------------------------ one sequence (kind: sequential)
     def sequence_tasks(self, run: RunConfig) -> tuple[list[Any], Any]:

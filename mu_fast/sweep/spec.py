@@ -25,6 +25,7 @@ A spec (every key but ``models``, ``tasks`` and ``methods`` is optional)::
     store: sweeps/ci.jsonl
     kind: single                     # single (default) | sequential (below)
     partitions: 4                    # kind: sequential only
+    batch: 1                         # runs trained together (mu_fast.sweep.batches): a number or auto; not hashed
 
 A run's EditConfig: the preset's fields for the method's group, then ``edit``'s fields, then ``edit.groups[group]``,
 then ``edit.methods[method]``;
@@ -91,7 +92,7 @@ from mu_fast.sweep.refs import (
 
 RUN_FORMAT = 1
 SPEC_KEYS = ("name", "vars", "models", "tasks", "methods", "budget", "edit", "presets", "seeds", "evaluations", "store",
-             "kind", "partitions")
+             "kind", "partitions", "batch")
 KINDS = ("single", "sequential")
 BUDGET_METHODS = ("atp", "ct", "atp_mlps", "ct_mlps", "random")
 PAPER_METHODS = ("ap", "ct", "ap_mlps", "ct_mlps", "flu")
@@ -141,6 +142,21 @@ class RunConfig:
     def steps(self) -> int:
         """Store records a finished run has: its partitions for a sequence, else 1."""
         return int(self.partitions) if self.sequential and self.step is None else 1
+
+    # A unit of work as the executors see it (``mu_fast.sweep.batches.RunBatch`` is the other kind): how many records
+    # it sends, which run each is of, and whether a failed one ends it (a sequence's later steps need the earlier).
+    @property
+    def streams(self) -> bool:
+        return self.sequential
+
+    ends_on_failure = True
+
+    @property
+    def parts(self) -> int:
+        return self.steps
+
+    def part(self, index: int) -> RunConfig:
+        return self.step_run(index) if self.sequential else self
 
     def step_run(self, step: int) -> RunConfig:
         """Step ``step`` (0-based) of this sequence: the config (and run id) of that step's record."""
@@ -441,9 +457,13 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     if store is not None and not isinstance(store, str):
         raise spec_error("store", f"a file path for the results (JSON lines); got {store!r}")
     kind, partitions = _check_kind(spec, models, tasks, methods, budgets)
+    batch = spec.get("batch", 1)
+    if batch != "auto" and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise spec_error("batch", f"runs trained together (mu_fast.sweep.batches): a positive integer or auto; got "
+                         f"{batch!r}")
     return {"name": str(spec.get("name", "sweep")), "models": models, "tasks": tasks, "methods": methods,
             "budgets": budgets, "seeds": seeds, "grids": grids, "evaluations": evaluations, "store": store,
-            "kind": kind, "partitions": partitions}
+            "kind": kind, "partitions": partitions, "batch": batch}
 
 
 def _check_kind(spec: Mapping[str, Any], models: list[dict[str, Any]], tasks: list[dict[str, Any]],

@@ -53,6 +53,19 @@ class Worker:
             return
         yield from self.session.execute_sequence(run)
 
+    def execute_batch(self, run_data: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """The records of a batch of runs (``mu_fast.sweep.batches``), one per run as each finishes
+        (``ModelSession.execute_batch``); a model that fails to load fails every run of the batch."""
+        from mu_fast.sweep.spec import RunConfig
+
+        runs = [RunConfig.from_dict(r) for r in run_data["runs"]]
+        for run in runs:
+            failed = self._load(run)
+            if failed is not None:
+                yield failed
+        if self.session is not None and self.session.key == runs[0].model_key:
+            yield from self.session.execute_batch(runs)
+
     def _load(self, run: Any, record_as: Any = None) -> dict[str, Any] | None:
         """Hold ``run``'s model (loading it if needed); None, or the failed record (of ``record_as``, default the
         run) when the model does not load."""
@@ -107,6 +120,8 @@ def run_records(worker: Any, run_data: Mapping[str, Any]) -> Iterator[dict[str, 
     records or a failed one."""
     if run_data.get("kind") == "sequential":
         yield from worker.execute_sequence(run_data)
+    elif run_data.get("kind") == "batch":
+        yield from worker.execute_batch(run_data)
     else:
         yield worker.execute(run_data)
 
@@ -115,4 +130,6 @@ def expected_records(run_data: Mapping[str, Any]) -> int:
     """How many records a run sends when nothing fails: its steps left for a sequence, else 1."""
     if run_data.get("kind") == "sequential":
         return int(run_data["partitions"]) - int(run_data.get("replay", 0))
+    if run_data.get("kind") == "batch":
+        return len(run_data["runs"])
     return 1
