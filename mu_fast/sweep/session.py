@@ -284,12 +284,7 @@ class ModelSession:
         except Exception as err:  # noqa: BLE001 - any failure is recorded and the sweep goes on
             record.update(status="failed", error=error_info(err))
             self._recover()
-        timings["total"] = time.perf_counter() - start
-        record["timings"] = timings
-        record["session"] = {"load_seconds": self.load_seconds, "runs_before": self.runs, "reloads": self.reloads}
-        record["provenance"] = provenance_block(model=self.identity, device=self.device)
-        self.runs += 1
-        return record
+        return self._close(record, timings, start, provenance_block)
 
     def _recover(self) -> None:
         if self.device.type == "cuda":
@@ -430,6 +425,7 @@ class ModelSession:
 
     def _close(self, record: dict[str, Any], timings: dict[str, float], start: float, provenance_block: Any
                ) -> dict[str, Any]:
+        """A record's closing fields (total time, session counters, provenance); counts the run."""
         timings["total"] = time.perf_counter() - start
         record["timings"] = timings
         record["session"] = {"load_seconds": self.load_seconds, "runs_before": self.runs, "reloads": self.reloads}

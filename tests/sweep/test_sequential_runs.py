@@ -164,9 +164,13 @@ def test_the_session_restores_the_model_after_a_sequence_a_failure_and_an_abando
     assert fingerprint(session.model) == start
 
 
-def test_processes_executor_streams_each_steps_record(small_cf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("executor", ["processes", "ray"])
+def test_executors_stream_each_steps_record(executor, small_cf, tmp_path, monkeypatch):
     """The last step's final evaluation (``gate``) waits until the driver has stored step 2's record: it finishes
-    only if the worker process sent steps 0-2 before its sequence ended."""
+    only if the worker process (or the Ray actor, whose sequence is one streaming-generator call) sent steps 0-2
+    before its sequence ended."""
+    if executor == "ray":
+        pytest.importorskip("ray")
     setup.install_with_gate()
     try:
         gate = tmp_path / "gate"
@@ -180,36 +184,11 @@ def test_processes_executor_streams_each_steps_record(small_cf, tmp_path, monkey
                 gate.touch()
 
         spec = setup.spec(small_cf(2), ["all_mlps"], evaluations={"formats": ["normal"], "gate": True})
-        result = sweep.run(spec, store=store, executor="processes", workers=1, threads=1, progress=False,
+        result = sweep.run(spec, store=store, executor=executor, workers=1, threads=1, progress=False,
                            setup=setup.install_with_gate, on_record=on_record)
         assert (result.ok, result.failed) == (4, 0), [r.get("error") for r in result.records]
         assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]  # each stored as it came
         assert lines(store)[-1]["results"]["gate"] == {"waited_for": "gate"}
-    finally:
-        evaluations.REGISTRY.pop("gate", None)
-
-
-def test_ray_executor_streams_each_steps_record(small_cf, tmp_path, monkeypatch):
-    """As the processes test, on a local Ray cluster (one actor): the sequence is one streaming-generator call, and
-    the last step's gate opens only if the driver stored steps 0-2 while the actor still ran the sequence."""
-    pytest.importorskip("ray")
-    setup.install_with_gate()
-    try:
-        gate = tmp_path / "gate"
-        monkeypatch.setenv("SEQ_TEST_GATE", str(gate))
-        store = tmp_path / "s.jsonl"
-        seen = []
-
-        def on_record(record):
-            seen.append((record["config"]["step"], len(lines(store))))
-            if record["config"]["step"] == 2:
-                gate.touch()
-
-        spec = setup.spec(small_cf(2), ["all_mlps"], evaluations={"formats": ["normal"], "gate": True})
-        result = sweep.run(spec, store=store, executor="ray", workers=1, threads=1, progress=False,
-                           setup=setup.install_with_gate, on_record=on_record)
-        assert (result.ok, result.failed) == (4, 0), [r.get("error") for r in result.records]
-        assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)]
     finally:
         evaluations.REGISTRY.pop("gate", None)
 
