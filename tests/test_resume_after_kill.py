@@ -154,3 +154,62 @@ def test_the_demo_runs_on_ray_with_the_same_table(ci_organism, cache_root, tmp_p
     records = [json.loads(line) for line in (tmp_path / "ray" / "runs.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
     assert driver[0] not in {r["provenance"]["host"]["pid"] for r in records}  # run by an actor, not the driver
+
+
+SEQUENCE_DRIVER = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+import tests.sweep._sequential_setup as setup
+from mu_fast import sweep
+
+if __name__ == "__main__":
+    setup.install()
+    sweep.run(json.loads(open(sys.argv[1]).read()), store=sys.argv[2], progress=False, threads=1)
+"""
+
+
+def test_a_sequential_counterfact_sweep_resumes_after_sigkill(data_dir, cache_root, tmp_path):
+    """``kind: sequential`` (run --preset paper's sequential CounterFact): killed after its first step records, the
+    rerun replays the recorded steps' edits (no evaluation, no record) and records only the missing steps, whose
+    numbers are an uninterrupted run's."""
+    import tests.sweep._sequential_setup as setup
+
+    ckpt = setup.checkpoint(tmp_path / "ckpt", layers=20)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(setup.spec(ckpt, ["all_mlps", "random"], steps=2)))
+    script = tmp_path / "driver.py"
+    script.write_text(SEQUENCE_DRIVER)
+    killed, clean = tmp_path / "killed.jsonl", tmp_path / "clean.jsonl"
+
+    def driver(store: Path, log: Path) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            return subprocess.Popen([sys.executable, str(script), str(spec), str(store)], env=_env(cache_root),
+                                    cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    proc = driver(killed, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 600
+        while not _lines(killed):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no record within 600 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = _lines(killed)
+    for store, log in ((killed, "resumed.log"), (clean, "clean.log")):
+        run = driver(store, tmp_path / log)
+        assert run.wait(timeout=900) == 0, (tmp_path / log).read_text()[-3000:]
+    ok = _check_resumed(kept, killed, 8)  # 2 sequences x 4 partition steps
+    reference = {r["run_id"]: r for r in (json.loads(line) for line in _lines(clean))}
+    for record in ok:
+        for key, value in record["metrics"].items():
+            if key != "seconds":
+                assert reference[record["run_id"]]["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    whole = {json.loads(line)["run_id"] for line in kept if line.endswith("}")}
+    resumed = [r for r in ok if r["run_id"] not in whole]
+    if len(whole) % 4:  # killed inside a sequence: its first resumed step replayed the recorded ones
+        assert resumed[0]["sequence"]["replayed"] == len(whole) % 4
