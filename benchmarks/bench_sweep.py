@@ -12,7 +12,8 @@ other edit setting at its EditConfig default (what ``mu-fast edit`` trains with)
   edits trained together over the frozen model (``mu_fast.sweep.batches``, ``mu_fast.edit.batched``), then each run's
   evaluations on its own variant.
 * naive: per run, three processes as a user would chain them: ``mu-fast localize organism:ci --method M --out MASK``,
-  ``mu-fast edit organism:ci --mask MASK --steps S --lr LR --dtype fp32 --out DELTA`` and ``mu-fast evaluate
+  ``mu-fast edit organism:ci --mask MASK --steps S --lr LR --preset default --dtype fp32 --out DELTA`` (the
+  sweep's preset: on the organism ``edit`` defaults to ``organism``, whose other settings differ) and ``mu-fast evaluate
   organism:ci --delta DELTA [--relearn] [--probes] --out JSON``.
 What differs, besides the process structure: ``mu-fast edit`` and ``evaluate`` also check that the model knows the
 facts (one evaluation pass each); ``evaluate`` applies a saved delta instead of keeping the edited weights in memory;
@@ -84,7 +85,7 @@ def run_naive(work: Path, n_runs: int, steps: int, relearn: bool, probes: bool, 
         tag = f"{method}_{lr:g}"
         total += timed([*cli, "localize", "organism:ci", "--method", method, "--out", str(work / tag / "mask")], env)
         total += timed([*cli, "edit", "organism:ci", "--mask", str(work / tag / "mask"), "--steps", str(steps),
-                        "--lr", str(lr), "--dtype", "fp32", "--out", str(work / tag / "delta")], env)
+                        "--lr", str(lr), "--preset", "default", "--dtype", "fp32", "--out", str(work / tag / "delta")], env)
         extra = (["--relearn"] if relearn else []) + (["--probes"] if probes else [])
         total += timed([*cli, "evaluate", "organism:ci", "--delta", str(work / tag / "delta"), *extra,
                         "--out", str(work / tag / "eval.json")], env)
