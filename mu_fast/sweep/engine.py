@@ -12,8 +12,9 @@ Batches (``batch=`` / the spec's ``batch:``, default 1): runs of one model, task
 grouped into units of up to that many (``mu_fast.sweep.batches``) whose edits train together over the frozen model
 (``mu_fast.edit.batched``); each run is then evaluated on its own variant and stored as its own record (the numbers
 of the run alone to float round-off; ``tests/sweep/test_batches.py``). Measured on this AMD EPYC (2 cores, 1 thread
-per worker): not faster than the runs alone (``benchmarks/bench_batched_edit.py``, ``bench_sweep.py``), so nothing is
-batched unless asked; the GPU rows are owed (benchmarks/GPU_OWED.md).
+per worker): not faster than the runs alone (``benchmarks/bench_batched_edit.py``; ``bench_sweep.py``: 0.95x the
+unbatched engine with one forward/backward per run on a CPU, 0.78x with all runs in one pass), so nothing is batched
+unless asked; the GPU rows are owed (benchmarks/GPU_OWED.md).
 
 Every executor schedules the same way: a free worker takes the next run of the model it holds, else the first run
 of the model with the most runs left, so each worker loads as few models as it can. Records come back to this
