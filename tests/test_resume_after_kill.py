@@ -33,22 +33,27 @@ def _lines(store: Path) -> list[str]:
     return store.read_text().splitlines() if store.is_file() else []
 
 
-def _command(args: list[str], cache_root: Path, log: Path) -> subprocess.Popen:
+CLI = [sys.executable, "-m", "mu_fast.cli"]
+
+
+def _command(args: list[str], cache_root: Path, log: Path, program: list[str] = CLI) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "mu_fast.cli", *args], env=_env(cache_root), cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([*program, *args], env=_env(cache_root), cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(args: list[str], cache_root: Path, log: Path, pids: list[int] | None = None) -> str:
-    proc = _command(args, cache_root, log)
+def _finish(args: list[str], cache_root: Path, log: Path, pids: list[int] | None = None,
+            program: list[str] = CLI) -> str:
+    proc = _command(args, cache_root, log, program)
     if pids is not None:
         pids.append(proc.pid)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     return log.read_text()
 
 
-def _kill_after_first_record(args: list[str], store: Path, cache_root: Path, log: Path) -> list[str]:
-    proc = _command(args, cache_root, log)
+def _kill_after_first_record(args: list[str], store: Path, cache_root: Path, log: Path,
+                             program: list[str] = CLI) -> list[str]:
+    proc = _command(args, cache_root, log, program)
     try:
         deadline = time.monotonic() + 600
         while not _lines(store):
@@ -181,28 +186,10 @@ def test_a_sequential_counterfact_sweep_resumes_after_sigkill(data_dir, cache_ro
     script = tmp_path / "driver.py"
     script.write_text(SEQUENCE_DRIVER)
     killed, clean = tmp_path / "killed.jsonl", tmp_path / "clean.jsonl"
-
-    def driver(store: Path, log: Path) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            return subprocess.Popen([sys.executable, str(script), str(spec), str(store)], env=_env(cache_root),
-                                    cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    proc = driver(killed, tmp_path / "first.log")
-    try:
-        deadline = time.monotonic() + 600
-        while not _lines(killed):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "no record within 600 s"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    kept = _lines(killed)
-    for store, log in ((killed, "resumed.log"), (clean, "clean.log")):
-        run = driver(store, tmp_path / log)
-        assert run.wait(timeout=900) == 0, (tmp_path / log).read_text()[-3000:]
+    program = [sys.executable, str(script), str(spec)]
+    kept = _kill_after_first_record([str(killed)], killed, cache_root, tmp_path / "first.log", program)
+    _finish([str(killed)], cache_root, tmp_path / "resumed.log", program=program)
+    _finish([str(clean)], cache_root, tmp_path / "clean.log", program=program)
     ok = _check_resumed(kept, killed, 8)  # 2 sequences x 4 partition steps
     reference = {r["run_id"]: r for r in (json.loads(line) for line in _lines(clean))}
     for record in ok:

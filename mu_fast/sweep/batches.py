@@ -13,7 +13,7 @@ failed one (``ends_on_failure`` is False: each run of it fails or succeeds on it
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from mu_fast.sweep.spec import RunConfig
@@ -97,7 +97,3 @@ def group(runs: Iterable[RunConfig], size: int) -> list[RunConfig | RunBatch]:
             chunk = members[i:i + size]
             units.append(chunk[0] if len(chunk) == 1 else RunBatch(chunk))
     return units
-
-
-def is_batch(data: Mapping[str, Any]) -> bool:
-    return data.get("kind") == "batch"

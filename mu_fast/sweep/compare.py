@@ -98,7 +98,6 @@ def compare(
     fresh: bool = False,
     progress: bool = True,
     allow_unknown_facts: bool = False,
-    flu_for_plots: bool = True,
     batch: int | str = 1,
 ) -> dict[str, Any]:
     """Run the comparison (module docstring) and return its report (``comparison`` with the driver's parts: the
@@ -136,11 +135,9 @@ def compare(
     baseline = evaluate_task(model, tokenizer, task, batch_size=options.eval_batch_size)
     known = check_known_facts(model, tokenizer, task, baseline=baseline)
     known.require(allow=allow_unknown_facts)
-    flu = None
-    if flu_for_plots:
-        from mu_fast.localize.flu import flu_localize
+    from mu_fast.localize.flu import flu_localize
 
-        flu = flu_localize(model, tokenizer, task, seed=seeds[0])
+    flu = flu_localize(model, tokenizer, task, seed=seeds[0])  # its probe curves: the report's first plot
 
     if fresh and store.exists():
         aside = store.with_name(f"{store.stem}.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
@@ -175,8 +172,7 @@ def compare(
     from mu_fast.report import legend
 
     results["legend"] = legend()
-    if flu is not None:
-        results["flu"] = {**flu.to_dict(), "enrichment": flu.enrichment_shares()}
+    results["flu"] = {**flu.to_dict(), "enrichment": flu.enrichment_shares()}
     results["seconds"] = time.perf_counter() - start
     write_report(results, out, flu, table.n_layers)
     return results

@@ -17,7 +17,6 @@ A spec may define its own under ``presets:`` (``{name: {group: {field: value}}}`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import Any
 
 GROUPS = ("lookup", "tracing", "broad")
