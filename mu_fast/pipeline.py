@@ -51,7 +51,7 @@ def compare_localizations(
     model_name: str | None = None,
     model_info: Mapping[str, Any] | None = None,
     task_ref: Mapping[str, Any] | None = None,
-    batch: int | str = 1,
+    batch: int | str = "auto",
 ) -> dict[str, Any]:
     """Localize, edit and evaluate ``task`` once per method and seed through the sweep engine; return the report
     ``{"methods": {m: aggregate}, "summary": {m: means}, "summary_std": {m: stds}, "paired", "notes", "before",

@@ -125,7 +125,7 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
                seeds: list[int] | None = None, extra: Mapping[str, Any] | None = None,
                workers: int = 1, threads: int = 1, executor: str | None = None, ray_address: str | None = None,
                model_name: str | None = None, model_info: Mapping[str, Any] | None = None,
-               task_ref: Mapping[str, Any] | None = None, batch: int | str = 1) -> dict[str, Any]:
+               task_ref: Mapping[str, Any] | None = None, batch: int | str = "auto") -> dict[str, Any]:
     """``compare_localizations`` (a sweep into ``out/runs.jsonl``) with the command line's report lines; the LM
     retain loss is off without texts. seeds: every method over these seeds (mean ± std); extra: more fields of
     results.json (the demo's lr choice); executor / workers / threads / ray_address / batch: the sweep engine's."""
@@ -160,8 +160,9 @@ def report_run(model: Any, tokenizer: Any, task: Any, methods: list[str], config
     return results
 
 
-BATCH_HELP = ("runs trained together in one pass over the frozen model (mu_fast.sweep.batches): a number, auto, or 1 "
-              "for each alone; the numbers equal the runs' alone to float round-off")
+BATCH_HELP = ("runs trained together in one pass over the frozen model (mu_fast.sweep.batches): auto (batches on a GPU, "
+              "sized by its memory; each alone on a CPU, where it measured no gain), a number, or 1 for each alone; "
+              "the numbers equal the runs' alone to float round-off")
 
 
 def parse_batch(text: str) -> int | str:

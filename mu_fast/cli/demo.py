@@ -44,7 +44,7 @@ def demo_cmd(
     probes: bool = typer.Option(True, help="run the latent-knowledge probes (settings: --probe-*)"),
     executor: str = typer.Option("processes", help="where the runs go: processes (--workers worker processes), local (this process) or ray (Ray actors; --ray-address)"),
     ray_address: str | None = typer.Option(None, help="--executor ray: an existing cluster (auto, or host:port); default a local one"),
-    batch: str = typer.Option("1", help=BATCH_HELP),
+    batch: str = typer.Option("auto", help=BATCH_HELP),
     workers: int = typer.Option(2, help="worker processes or Ray actors for the runs (the numbers do not depend on it)"),
     threads: int = typer.Option(1, help="torch threads per process (the table does not depend on it: checked with 1 and 2)"),
     fresh: bool = typer.Option(False, help="recompute every run even if its result exists"),
@@ -101,7 +101,7 @@ def _demo(out: Path, preset: str, forget_split: str, method_list: list[str], see
           flags: dict[str, Any], configs: dict[str, Any], options: Any, choose_lr: bool, grid: tuple[float, ...] | None,
           workers: int, fresh: bool, portable: bool, wanted: bool, t0: float, retrain: bool = False,
           threads: int = 1, executor: str = "processes", ray_address: str | None = None,
-          batch: int | str = 1) -> None:
+          batch: int | str = "auto") -> None:
     from mu_fast.organism import OrganismConfig, load_organism, organism_task
     from mu_fast.provenance import model_identity
 

@@ -86,7 +86,7 @@ def run_cmd(
     workers: int = typer.Option(1, help="worker processes (or Ray actors) for the runs (one torch thread each; same numbers as one process)"),
     executor: str | None = typer.Option(None, help="where the runs go: local (this process), processes (--workers worker processes) or ray (Ray actors; --ray-address). Default: processes with --workers > 1, else local"),
     ray_address: str | None = typer.Option(None, help="--executor ray: an existing cluster (auto, or host:port); default a local one"),
-    batch: str = typer.Option("1", help=BATCH_HELP),
+    batch: str = typer.Option("auto", help=BATCH_HELP),
     paper_evals: str = typer.Option("all", help="--preset paper: the authors' extra evaluations to run: all, none or softprompt,capability"),
     mmlu_add_bos: bool | None = typer.Option(None, "--mmlu-add-bos/--no-mmlu-add-bos", show_default=False, help="--preset paper: lm-eval MMLU/SciQ requests with / without the BOS token (default: the authors' lm-eval 0.4.4, BOS for Gemma only)"),
     dry_run: bool = typer.Option(False, help="--preset paper: print the runs with the authors' settings; load nothing"),

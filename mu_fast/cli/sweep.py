@@ -24,7 +24,7 @@ def sweep_cmd(
     workers: int | None = typer.Option(None, help="workers for processes / ray (default 2, or the Ray cluster's GPUs)"),
     ray_address: str | None = typer.Option(None, help="an existing Ray cluster (auto, or host:port of `ray start --head`); default: a local one"),
     threads: int | None = typer.Option(None, help="torch CPU threads per worker"),
-    batch: str | None = typer.Option(None, help="runs trained together in one pass over the frozen model (mu_fast.sweep.batches): a number or auto; default: the spec's batch:, else 1 (each alone)"),
+    batch: str | None = typer.Option(None, help="runs trained together in one pass over the frozen model (mu_fast.sweep.batches): a number or auto; default: the spec's batch:, else auto (batches on a GPU, each alone on a CPU)"),
     var: list[str] | None = typer.Option(None, help="set a spec variable (its vars:), e.g. --var model=google/gemma-2-9b; repeatable"),
 ) -> None:
     """Run every run of a sweep spec the store does not hold yet (a killed sweep resumes where it stopped)."""

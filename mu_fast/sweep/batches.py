@@ -97,3 +97,28 @@ def group(runs: Iterable[RunConfig], size: int) -> list[RunConfig | RunBatch]:
             chunk = members[i:i + size]
             units.append(chunk[0] if len(chunk) == 1 else RunBatch(chunk))
     return units
+
+
+def device_plan(model: Any, masks: list[Any], configs: list[Any], device: Any) -> tuple[int, int | None]:
+    """``(configurations per batched edit, groups per forward/backward)`` for a unit's runs on ``device``.
+
+    On a GPU: what ``mu_fast.memory.plan_batch`` fits in the memory torch can use there (free plus what its caching
+    allocator already holds, the loaded model included), as many groups per pass as the rest holds (None: all). On a
+    CPU (a batch asked for by number): all of them, one group per forward/backward with one shared optimizer step
+    (all groups in one pass measured 0.71-0.89x the runs alone there: benchmarks/bench_batched_edit.py). A model whose
+    shapes the planner cannot read gets the whole unit, one group per pass; where not even one configuration fits, 1
+    (each run alone)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return len(masks), 1
+    import torch
+
+    from mu_fast.memory.batch import plan_batch
+
+    budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    try:
+        p = plan_batch(model.config, masks, configs[0], device_bytes=budget, k_max=len(masks))
+    except ValueError:  # not even one configuration fits a batched edit: each run alone (its edit plans its memory)
+        return 1, 1
+    except (TypeError, KeyError, AttributeError):
+        return len(masks), 1
+    return p.k, (None if p.groups_per_pass >= p.k else p.groups_per_pass)

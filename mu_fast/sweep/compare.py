@@ -98,7 +98,7 @@ def compare(
     fresh: bool = False,
     progress: bool = True,
     allow_unknown_facts: bool = False,
-    batch: int | str = 1,
+    batch: int | str = "auto",
 ) -> dict[str, Any]:
     """Run the comparison (module docstring) and return its report (``comparison`` with the driver's parts: the
     unedited model's evaluation, the known-facts check, FLU's probe curves, provenance). The caller's model is left

@@ -8,13 +8,16 @@ also those whose latest record failed) to an executor:
   picks them); ``processes``: ``workers`` CPU worker processes (the same machinery without GPUs).
 * ``ray``: Ray actors, one GPU each when the cluster has GPUs (``mu_fast.sweep.ray_executor``).
 
-Batches (``batch=`` / the spec's ``batch:``, default 1): runs of one model, task and evaluation settings are
+Batches (``batch=`` / the spec's ``batch:``, default ``auto``): runs of one model, task and evaluation settings are
 grouped into units of up to that many (``mu_fast.sweep.batches``) whose edits train together over the frozen model
 (``mu_fast.edit.batched``); each run is then evaluated on its own variant and stored as its own record (the numbers
-of the run alone to float round-off; ``tests/sweep/test_batches.py``). Measured on this AMD EPYC (2 cores, 1 thread
-per worker): not faster than the runs alone (``benchmarks/bench_batched_edit.py``; ``bench_sweep.py``: 0.95x the
-unbatched engine with one forward/backward per run on a CPU, 0.78x with all runs in one pass), so nothing is batched
-unless asked; the GPU rows are owed (benchmarks/GPU_OWED.md).
+of the run alone to float round-off; ``tests/sweep/test_batches.py``). ``auto`` (``resolve_batch``): units of up to
+``AUTO_BATCH`` runs where the runs execute on a GPU, the session then fitting as many of a unit's configurations in
+one batched edit as the device's memory holds (``mu_fast.memory.plan_batch``); each run alone on a CPU, where
+batching measured no gain: on this AMD EPYC (2 cores, 1 thread per worker) the organism's edit step is arithmetic
+(4-5 GFLOP per step at 40-50 GFLOP/s, ``benchmarks/step_anatomy.py``), and ``bench_sweep.py`` measured 0.95x the
+unbatched engine with one forward/backward per run, 0.78x with all runs in one pass. A number asks for batches of
+that size on any device. The GPU rows are owed (benchmarks/GPU_OWED.md).
 
 Every executor schedules the same way: a free worker takes the next run of the model it holds, else the first run
 of the model with the most runs left, so each worker loads as few models as it can. Records come back to this
@@ -51,9 +54,9 @@ from mu_fast.sweep.spec import RunConfig, expand, load_spec
 from mu_fast.sweep.store import Store
 
 EXECUTORS = ("local", "gpus", "processes", "ray")
-# batch: auto: runs trained together when the spec or the caller says auto (a fixed number: memory is not yet
-# consulted; each extra run costs its deltas, their optimizer state and its activations: mu_fast.edit.batched).
-AUTO_BATCH = 8
+# batch: auto on a GPU: units of up to this many runs; the session trains as many of a unit's configurations
+# together as mu_fast.memory.plan_batch fits in the device's memory (the rest in further batched edits).
+AUTO_BATCH = 16
 RecordCallback = Callable[[dict[str, Any]], None]
 RunCallback = Callable[[RunConfig], None]
 
@@ -165,9 +168,9 @@ def run(
     a run is handed out (the local executor calls it right before the run starts). setup: called once in every worker
     process or actor before any run (e.g. to ``register_evaluation``). threads: torch CPU threads per worker (None:
     torch's default locally, cores / workers in worker processes and CPU actors; on a busy machine 1 is often
-    fastest). batch: runs trained together (``mu_fast.sweep.batches``; default the spec's ``batch:``, else 1): up to
-    that many runs of one model, task and evaluation settings edit in one pass over the frozen model; ``auto``:
-    ``AUTO_BATCH``. Each run still gets its own record. Nothing loads before the spec is checked.
+    fastest). batch: runs trained together (``mu_fast.sweep.batches``; default the spec's ``batch:``, else ``auto``):
+    up to that many runs of one model, task and evaluation settings edit in one pass over the frozen model; ``auto``:
+    ``resolve_batch`` (module docstring). Each run still gets its own record. Nothing loads before the spec is checked.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r}; choose one of {EXECUTORS}")
@@ -176,8 +179,7 @@ def run(
     start = time.perf_counter()
     data = load_spec(spec, vars)
     runs = expand(data)
-    size = batch if batch is not None else data.get("batch", 1)
-    size = AUTO_BATCH if size == "auto" else size
+    size = resolve_batch(batch if batch is not None else data.get("batch", "auto"), executor)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"batch={size!r}: give a positive number of runs to train together, or auto")
     st = Store(store_path(data, store), fsync=fsync)
@@ -227,6 +229,20 @@ def run(
         lock.release()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def resolve_batch(batch: int | str, executor: str) -> int:
+    """The unit size for ``batch``: a number as given; ``auto``: ``AUTO_BATCH`` where the runs execute on a GPU (the
+    ``gpus`` executor, or ``local`` / ``ray`` on a machine with CUDA), else 1 (module docstring: no gain on a CPU)."""
+    if batch != "auto":
+        return batch  # type: ignore[return-value]
+    if executor == "gpus":
+        return AUTO_BATCH
+    if executor == "processes":  # CPU worker processes
+        return 1
+    import torch
+
+    return AUTO_BATCH if torch.cuda.is_available() else 1
 
 
 def _run_local(todo: list[RunConfig], sink: _Sink, on_run_start: RunCallback | None,

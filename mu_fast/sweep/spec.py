@@ -25,7 +25,7 @@ A spec (every key but ``models``, ``tasks`` and ``methods`` is optional)::
     store: sweeps/ci.jsonl
     kind: single                     # single (default) | sequential (below)
     partitions: 4                    # kind: sequential only
-    batch: 1                         # runs trained together (mu_fast.sweep.batches): a number or auto; not hashed
+    batch: auto                      # runs trained together (mu_fast.sweep.batches): auto (default), a number, 1 = alone; not hashed
 
 A run's EditConfig: the preset's fields for the method's group, then ``edit``'s fields, then ``edit.groups[group]``,
 then ``edit.methods[method]``;
@@ -457,7 +457,7 @@ def validate(spec: Mapping[str, Any]) -> dict[str, Any]:
     if store is not None and not isinstance(store, str):
         raise spec_error("store", f"a file path for the results (JSON lines); got {store!r}")
     kind, partitions = _check_kind(spec, models, tasks, methods, budgets)
-    batch = spec.get("batch", 1)
+    batch = spec.get("batch", "auto")
     if batch != "auto" and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise spec_error("batch", f"runs trained together (mu_fast.sweep.batches): a positive integer or auto; got "
                          f"{batch!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mu_fast import sweep
 from mu_fast.sweep.batches import RunBatch, batchable, group
@@ -126,3 +127,24 @@ def test_a_run_the_batched_edit_refuses_runs_alone(tmp_path, ci_organism):
     records = _records(store)
     assert result.ok == 2 and all("batch" not in r and r["status"] == "ok" for r in records.values())
     assert set(records) == {r.run_id for r in sweep.expand(spec)}
+
+
+def test_auto_batches_on_gpus_and_runs_alone_on_a_cpu(monkeypatch):
+    """``batch: auto`` (the default): units of AUTO_BATCH where the runs execute on a GPU, each run alone on a CPU."""
+    import torch
+
+    from mu_fast.sweep.engine import AUTO_BATCH, resolve_batch
+
+    assert resolve_batch(4, "local") == 4 and resolve_batch(1, "gpus") == 1
+    assert resolve_batch("auto", "gpus") == AUTO_BATCH
+    assert resolve_batch("auto", "processes") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_batch("auto", "local") == 1 and resolve_batch("auto", "ray") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_batch("auto", "local") == AUTO_BATCH
+
+
+def test_device_plan_on_a_cpu_takes_the_unit_one_group_per_pass():
+    from mu_fast.sweep.batches import device_plan
+
+    assert device_plan(None, [object()] * 5, [object()] * 5, torch.device("cpu")) == (5, 1)
