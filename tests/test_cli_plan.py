@@ -53,6 +53,7 @@ def test_nothing_fits_is_one_line_naming_the_options(capsys, no_weights, data_di
     (["gemma-2-9b", "--mask", "paper:flu", "--budget", "24GB", "--batch", "forget=x"], "--batch 'forget=x'"),
     (["gemma-2-9b", "--mask", "no/such/mask", "--budget", "24GB"], "--mask 'no/such/mask'"),
     (["gemma-2-9b", "--mask", "paper:flu", "--budget", "24GB", "--frozen", "fp4"], "--frozen 'fp4'"),
+    (["llama-3-8b", "--components", "m1", "--budget", "24GB", "--configs", "0"], "--configs 0: give a positive number"),
 ])
 def test_plan_errors(args, expected, capsys, no_weights, data_dir):
     code, _, err = run_main(["plan", *args], capsys)
@@ -144,3 +145,21 @@ def test_edit_budget_needs_a_unit_before_anything_loads(no_loading):  # noqa: F8
 
     with pytest.raises(ValueError, match="^--budget 24: give a unit, e.g. 24GB"):
         planned_edit(ModelRef("organism", "ci"), Mask(), EditConfig(), "auto", "24")
+
+
+def test_configs_plans_a_batched_edit(capsys, no_weights, data_dir):
+    """``--configs K``: how many configurations of the mask train together within the budget, and per pass."""
+    from mu_fast.memory import plan_batch
+    from mu_fast.memory.shapes import BatchShape
+    from mu_fast.models.shipped import shipped_config
+
+    code, out, err = run_main(["plan", "llama-3-8b", "--components", "m1,m2", "--budget", "80GB", "--configs", "16"],
+                              capsys)
+    assert code == 0, err
+    from mu_fast.cli.plan import plan_mask
+
+    config = shipped_config("llama-3-8b")
+    expected = plan_batch(config, [plan_mask(None, config, "llama-3-8b", "m1,m2")] * 16, device_bytes="80GB",
+                          batch=BatchShape())
+    assert 1 <= expected.k < 16  # two whole MLP layers: 5.6 GB of state each
+    assert f"{expected.k} configuration(s), {expected.groups_per_pass} per pass" in " ".join(out.split())

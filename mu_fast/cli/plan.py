@@ -142,6 +142,7 @@ def plan_cmd(
     frozen: str = typer.Option("auto", help="frozen-weight precision: bf16, int8, nf4 or auto (bf16 if it fits, else int8, else nf4)"),
     batch: str | None = typer.Option(None, help="per-step batch, e.g. forget=64,maintain=64,lm=64,lm_tokens=100 (the paper's)"),
     optimizer: str = typer.Option("auto", help="auto, masked, torch or bnb8bit: the optimizer whose state is planned"),
+    configs: int | None = typer.Option(None, help="plan a batched edit of up to this many configurations of this mask instead (mu_fast.memory.plan_batch): how many fit and how many per forward/backward"),
 ) -> None:
     """Plan the GPU memory of an edit (no weights are loaded): the peak per term and the settings that fit."""
     from mu_fast.edit.loop import OPTIMIZERS
@@ -154,14 +155,23 @@ def plan_cmd(
     check_choice("--optimizer", optimizer, OPTIMIZERS)
     device_bytes = parse_budget(budget, option="--budget")
     shape = parse_batch(batch)
+    if configs is not None and configs < 1:
+        raise ValueError(f"--configs {configs}: give a positive number of configurations")
     if mask is not None and not mask.startswith("paper:"):
         check_mask_input(Path(mask))
     config, what = model_config(model)
     from mu_fast.edit import EditConfig
 
     edit_mask = plan_mask(mask, config, model, components)
-    result = _plan(plan, config, edit_mask, EditConfig(optimizer=optimizer), frozen, device_bytes, shape)
     screen = console()
+    if configs is not None:
+        from mu_fast.memory import plan_batch
+
+        planned = plan_batch(config, [edit_mask] * configs, EditConfig(), device_bytes=device_bytes, batch=shape,
+                             k_max=configs)
+        screen.print(planned.format(), highlight=False, soft_wrap=True)
+        return
+    result = _plan(plan, config, edit_mask, EditConfig(optimizer=optimizer), frozen, device_bytes, shape)
     screen.print(f"{what}, {f'mask {mask}' if mask is not None else f'components {components}'}", highlight=False)
     screen.print(plan_report(result))
     screen.print(f"estimated peak {result.total / 1e9:.2f} GB of {device_bytes / 1e9:.2f} GB: pass these settings to "
