@@ -6,7 +6,10 @@ neurons (256 neurons in each of layers 1-2), the task of ``bench_batched_edit`` 
 LM texts), ``--steps`` steps; K = 1, 4, 8, 16 configurations with different lrs and seeds. Timed with CUDA
 synchronization: K single ``edit`` calls (each on the base weights, restored in between, outside the timing) and one
 ``edit_batched``; s/step of each, their ratio, and ``max_memory_allocated`` of each (the batched run's growth with K
-is the per-configuration memory: deltas, their state and activations). Writes ``--out`` (JSON lines, one per row).
+is the per-configuration memory: deltas, their state and activations), ``max_memory_reserved`` beside
+``mu_fast.memory.plan_batch``'s peak for the same K in one pass (``plan_total_bytes``, at the task's batch shape:
+how well the plan that sizes ``batch: auto`` predicts it), and the batched step again with ``groups_per_pass=1``
+(what the plan picks when one group's activations fill the device). Writes ``--out`` (JSON lines, one per row).
 
 Smoke run on a CPU: ``python benchmarks/gpu_batched_edit.py --device cpu --layers 1 --ks 1,2 --steps 1 --shapes
 llama-3-8b`` (slow; shape checks only, the times mean nothing there).
@@ -37,6 +40,7 @@ def main() -> None:
     from mu_fast.edit.batched import edit_batched
     from mu_fast.edit.loop import EditConfig, edit
     from mu_fast.masks import Mask
+    from mu_fast.memory import BatchShape, plan_batch
     from mu_fast.models.random_model import build_random_model
     from mu_fast.models.sites import Component, SiteTable
 
@@ -93,6 +97,17 @@ def main() -> None:
                 batched = time.perf_counter() - t0
                 if args.device == "cuda":
                     row["batched_peak_bytes"] = torch.cuda.max_memory_allocated()
+                    row["batched_reserved_bytes"] = torch.cuda.max_memory_reserved()
+                lm_tokens = max(len(tok(t)["input_ids"]) for t in task.lm_texts)
+                planned = plan_batch(model.config, [mask] * K, configs[0], device_bytes=10**15, k_max=K,
+                                     batch=BatchShape(n_forget=len(task.forget_train), n_maintain=64, fact_tokens=16,
+                                                      n_lm=64, lm_tokens=lm_tokens))
+                row["plan_total_bytes"], row["plan_state_bytes"] = planned.total, planned.state[0]
+                _sync(args.device)
+                t0 = time.perf_counter()
+                edit_batched(model, tok, task, [mask] * K, configs, groups_per_pass=1)
+                _sync(args.device)
+                row["pass1_seconds_per_step"] = (time.perf_counter() - t0) / args.steps
                 row.update(single_seconds_per_step=single / args.steps, batched_seconds_per_step=batched / args.steps,
                            ratio=single / batched)
                 print(f"{shape} K={K}: K single steps {single / args.steps:.3f} s, one batched step "
