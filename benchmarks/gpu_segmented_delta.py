@@ -14,13 +14,16 @@ backward (grads of x and of every delta), the frozen GEMM over all rows for scal
 the two backends' forward outputs. Writes ``benchmarks/results/<device>/segmented_delta.json`` (``--out``).
 
 Run: ``python benchmarks/gpu_segmented_delta.py`` (about a minute on an H100). Without CUDA it prints why and
-exits 0.
+exits 0. Smoke run on a CPU (the Triton interpreter; shape and code checks only, the times mean nothing there):
+``python benchmarks/gpu_segmented_delta.py --device cpu --shrink 64 --ks 1,2 --iters 1 --tokens 8 --dtypes float32
+--out /tmp/segmented_delta.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,11 +42,16 @@ CASES = {
 }
 
 
-def _median_ms(fn, iters: int) -> float:
-    for _ in range(3):
+def _median_ms(fn, iters: int, device: torch.device) -> float:
+    for _ in range(1 if device.type == "cpu" else 3):
         fn()
     times = []
     for _ in range(iters):
+        if device.type == "cpu":
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -53,11 +61,12 @@ def _median_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def _row(case: str, sel: int, K: int, dtype: torch.dtype, tokens: int, iters: int) -> dict:
+def _row(case: str, sel: int, K: int, dtype: torch.dtype, tokens: int, iters: int, dev: torch.device,
+         shrink: int) -> dict:
     from mu_fast.edit.grouped_delta import segmented_delta_add
 
     d_in, d_out, kind, _ = CASES[case]
-    dev = torch.device("cuda")
+    d_in, d_out, sel = d_in // shrink, d_out // shrink, max(1, sel // shrink)
     g = torch.Generator(device="cpu").manual_seed(0)
     limit = d_out if kind == "rows" else d_in
     groups = [(k * tokens, (k + 1) * tokens) for k in range(K)]
@@ -79,9 +88,9 @@ def _row(case: str, sel: int, K: int, dtype: torch.dtype, tokens: int, iters: in
            "dtype": str(dtype).replace("torch.", "")}
     with torch.no_grad():
         diff = (forward("triton").float() - forward("torch").float()).abs().max().item()
-        row["frozen_gemm_ms"] = _median_ms(lambda: torch.nn.functional.linear(x, weight), iters)
-        row["forward_ms"] = {b: _median_ms(lambda b=b: forward(b), iters) for b in ("triton", "torch")}
-    row["forward_backward_ms"] = {b: _median_ms(lambda b=b: train(b), iters) for b in ("triton", "torch")}
+        row["frozen_gemm_ms"] = _median_ms(lambda: torch.nn.functional.linear(x, weight), iters, dev)
+        row["forward_ms"] = {b: _median_ms(lambda b=b: forward(b), iters, dev) for b in ("triton", "torch")}
+    row["forward_backward_ms"] = {b: _median_ms(lambda b=b: train(b), iters, dev) for b in ("triton", "torch")}
     row["max_abs_diff_triton_vs_torch"] = diff
     row["speedup_forward"] = row["forward_ms"]["torch"] / row["forward_ms"]["triton"]
     row["speedup_forward_backward"] = row["forward_backward_ms"]["torch"] / row["forward_backward_ms"]["triton"]
@@ -97,8 +106,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64 * 20, help="rows per group (prompts x tokens)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--deadline", type=float, default=150.0, help="seconds; rows not started by then are skipped")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run under the Triton interpreter")
+    parser.add_argument("--shrink", type=int, default=1, help="divide widths and selections by this (smoke runs)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    elif not torch.cuda.is_available():
         print("gpu_segmented_delta: no CUDA device here; nothing measured (run it on a GPU machine)")
         return 0
     from benchmarks.common import RESULTS, context, device_slug
@@ -119,7 +132,8 @@ def main() -> int:
                         print(f"{label}: skipped (deadline)", flush=True)
                         continue
                     try:
-                        row = _row(case, sel, K, dtype, args.tokens, args.iters)
+                        row = _row(case, sel, K, dtype, args.tokens, args.iters, torch.device(args.device),
+                                   args.shrink)
                         print(f"{label}: fwd triton {row['forward_ms']['triton']:.3f} ms, torch "
                               f"{row['forward_ms']['torch']:.3f} ms ({row['speedup_forward']:.2f}x); fwd+bwd "
                               f"{row['forward_backward_ms']['triton']:.3f} / {row['forward_backward_ms']['torch']:.3f} ms "
@@ -129,7 +143,8 @@ def main() -> int:
                         row = {"case": case, "selected": sel, "K": K, "error": f"{type(err).__name__}: {err}"[:500]}
                         print(f"{label}: {row['error']}", flush=True)
                     rows.append(row)
-                    torch.cuda.empty_cache()
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"context": context(), "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
