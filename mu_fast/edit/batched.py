@@ -15,9 +15,11 @@ Per step (what ``edit`` does per configuration, done once for all of them):
 * one forward over all groups (or ``groups_per_pass`` groups at a time): frozen modules run once; a masked
   ``nn.Linear`` runs its frozen GEMM once over all rows, then adds, per group k, ``x_k·D_k^T`` restricted to its
   selection (rows: ``y[..., rows] += x_k·D_k^T``; columns: ``y += x_k[..., cols]·D_k^T``; element masks: a dense
-  scattered ``D_k``; biases likewise) in a per-group loop (the plain-torch reference path; no fused kernel yet); a
-  group whose mask holds the whole weight computes ``x_k·(W0 + D_k)^T`` instead (one GEMM rather than two), and
-  then that module's frozen GEMM runs per group;
+  scattered ``D_k``; biases likewise). Rows and columns blocks of all groups go through one
+  ``segmented_delta_add`` call per kind (``mu_fast.edit.grouped_delta``: one Triton launch for all groups on CUDA,
+  the per-group torch loop on a CPU, ``delta_backend`` overrides); element, bias and whole-weight blocks keep a
+  per-group torch loop. A group whose mask holds the whole weight computes ``x_k·(W0 + D_k)^T`` instead (one GEMM
+  rather than two), and then that module's frozen GEMM runs per group;
 * per configuration the loss ``edit`` computes (forget / maintain sums over its own rows divided by its own row
   counts, its LM mean over its own targets, its own coefficients); one backward of their sum gives every ``D_k``
   its own gradient (groups never mix: each group's rows only see its own deltas);
@@ -64,6 +66,7 @@ import torch.nn.functional as F
 
 from mu_fast.data.base import Batch, FactTask, pad_batch, pad_id_of, tokenize_prompts
 from mu_fast.edit.delta import EditDelta, compact
+from mu_fast.edit.grouped_delta import segmented_delta_add
 from mu_fast.edit.loop import EditConfig, EditResult, _cycle_batches
 from mu_fast.edit.losses import inject_loss, maintain_loss, unlearn_loss
 from mu_fast.masks import Mask
@@ -151,6 +154,7 @@ class BatchedDeltas:
         self._delta: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self._applied: int | None = None
+        self.delta_backend = "auto"  # segmented_delta_add's backend for rows / columns blocks (auto: triton on CUDA)
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -273,17 +277,27 @@ class BatchedDeltas:
             if not any(blocks):
                 return plain(module, x)
             sizes = [hi - lo for _, lo, hi in segments]
-            xs = x.split(sizes)
             whole = [next((b for b in bl if b.kind == "whole" and not b.is_bias), None) for bl in blocks]
             if any(w is not None for w in whole):
-                ys = [F.linear(xk, module.weight if w is None else module.weight + self._view(w), module.bias)
-                      for xk, w in zip(xs, whole, strict=True)]
+                y = torch.cat([F.linear(xk, module.weight if w is None else module.weight + self._view(w), module.bias)
+                               for xk, w in zip(x.split(sizes), whole, strict=True)], 0)
             else:
-                ys = list(plain(module, x).split(sizes))
-            for i, bl in enumerate(blocks):
+                y = plain(module, x)
+            bounds = [(lo, hi) for _, lo, hi in segments]
+            for kind in ("rows", "cols"):  # every group's rows / columns weight block in one segmented call
+                picked = [next((b for b in bl if b.kind == kind and not b.is_bias), None) for bl in blocks]
+                if any(b is not None for b in picked):
+                    y = segmented_delta_add(y, x, bounds, kind, [None if b is None else b.index for b in picked],
+                                            [None if b is None else self._view(b) for b in picked],
+                                            backend=self.delta_backend, check_indices=False)
+            rest = [[b for b in bl if b is not whole[i] and (b.is_bias or b.kind not in ("rows", "cols"))]
+                    for i, bl in enumerate(blocks)]
+            if not any(rest):
+                return y
+            ys, xs = list(y.split(sizes)), x.split(sizes)
+            for i, bl in enumerate(rest):
                 for b in bl:
-                    if b is not whole[i]:
-                        ys[i] = _add_block(ys[i], xs[i], b, self._view(b))
+                    ys[i] = _add_block(ys[i], xs[i], b, self._view(b))
             return torch.cat(ys, 0)
 
         return forward
