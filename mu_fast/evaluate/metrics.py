@@ -191,6 +191,12 @@ def variant_prompts_per_batch(batch_size: int, variants: int) -> int:
     return max(1, batch_size // variants)
 
 
+def repeat_batch(batch: Batch, times: int) -> Batch:
+    """``batch`` stacked ``times`` times along rows (group-major: copy 0's rows first): ``[times·B, T]``."""
+    return Batch(*(t.repeat(times, *([1] * (t.dim() - 1))) for t in
+                   (batch.input_ids, batch.attention_mask, batch.position_ids, batch.last_pos)))
+
+
 @contextlib.contextmanager
 def attached(deltas: BatchedDeltas) -> Iterator[None]:
     """``deltas``' batched forwards routed through the model's masked modules inside (``deltas.attach()``), and
@@ -227,9 +233,8 @@ def prompt_scores_variants(model: Any, tokenized: TokenizedPrompts, deltas: Batc
     with eval_mode(model), attached(deltas):
         for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], per_batch):
             rows = torch.tensor(idx, dtype=torch.int64)
-            one = pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side="right")
-            batch = Batch(*(t.repeat(k_count, *([1] * (t.dim() - 1))) for t in
-                            (one.input_ids, one.attention_mask, one.position_ids, one.last_pos))).to(device)
+            batch = repeat_batch(pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side="right"), k_count)
+            batch = batch.to(device)
             b = len(idx)
             with deltas.groups([(k, k * b, (k + 1) * b) for k in range(k_count)], delta):
                 logits = gathered_logits(model, batch)  # [K*B, V]

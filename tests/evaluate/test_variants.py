@@ -1,5 +1,6 @@
-"""evaluate_task_variants: the K configurations of a BatchedDeltas scored in one forward per batch equal
-``evaluate_task`` under ``deltas.variant(k)`` for every k, format and split.
+"""evaluate_task_variants / probe_features_variants: the K configurations of a BatchedDeltas scored (or their probe
+features collected) in one forward per batch equal ``evaluate_task`` (``latent_probes``) under ``deltas.variant(k)``
+for every k, format and split (probe setting, position and padding).
 
 fp64 models: the batched forward adds x·D to x·W0 (or multiplies by W0 + D for a whole weight) where the variant
 multiplies by the written weight, so the numbers differ only by float summation order (~1e-16); 1e-9 catches any
@@ -14,7 +15,9 @@ import torch
 from mu_fast.edit.batched import BatchedDeltas
 from mu_fast.evaluate import evaluate_task, evaluate_task_variants, prompt_scores, prompt_scores_variants
 from mu_fast.evaluate.formats import tokenized_set
+from mu_fast.evaluate.linear_probes import collect_hidden, collect_hidden_variants
 from mu_fast.evaluate.metrics import variant_prompts_per_batch
+from mu_fast.evaluate.probes import latent_probes, probe_features, probe_features_variants
 from mu_fast.masks import Mask
 from mu_fast.models.sites import Component, SiteTable
 
@@ -123,3 +126,51 @@ def test_rows_per_forward_and_refusals(tokenizer, make_model, make_task):
         evaluate_task_variants(other, tokenizer, task, deltas)
     with deltas.variant(0), pytest.raises(ValueError, match="restore"):
         evaluate_task_variants(model, tokenizer, task, deltas, formats=["normal"])
+
+
+@pytest.mark.parametrize("structure", ["heads", "whole", "mixed"])
+@pytest.mark.parametrize("position", ["last", "subject_last"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_probe_features_of_every_variant(tokenizer, make_model, make_task, structure, position, padding):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = make_model("qwen2", seed=seed % 1000, dtype=torch.float64, num_hidden_layers=3)
+    task = make_task(n_athletes=24, n_forget=6, seed=seed % 89)
+    deltas = _deltas(model, structure, seed)
+    tok = tokenized_set(tokenizer, task, task.maintain_train)
+    got = collect_hidden_variants(model, tok, deltas, position, batch_size=5, padding=padding)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    plain = collect_hidden(model, tok, position, batch_size=5, padding=padding)
+    for k, features in enumerate(got):
+        with deltas.variant(k):
+            want = collect_hidden(model, tok, position, batch_size=5, padding=padding)
+        assert features.shape == want.shape and features.dtype == want.dtype
+        torch.testing.assert_close(features, want, rtol=0, atol=TOL, msg=f"seed {seed}, configuration {k}")
+        assert (want - plain).abs().max() > 1e-6  # every configuration moves the residual stream
+
+
+def _same_probes(got: dict, want: dict, where: str) -> None:
+    assert set(got) == set(want), where
+    for key, value in want.items():
+        if isinstance(value, list) and value and isinstance(value[0], float):
+            assert got[key] == pytest.approx(value, abs=TOL), (where, key)
+        else:
+            assert got[key] == value, (where, key)
+
+
+@pytest.mark.parametrize("setting", ["standardized", "paper"])
+def test_latent_probes_from_variant_features(tokenizer, make_model, make_task, setting):
+    model = make_model("llama", seed=8, dtype=torch.float64, num_hidden_layers=3)
+    task = make_task(n_athletes=30, n_forget=8, seed=4)
+    deltas = _deltas(model, "mixed", seed=9)
+    kwargs = {"steps": 20} if setting == "standardized" else {"probe_backend": "torch"}
+    features = probe_features_variants(model, tokenizer, task, deltas, batch_size=7, setting=setting)
+    for k, pair in enumerate(features):
+        with deltas.variant(k):
+            want = latent_probes(model, tokenizer, task, batch_size=7, setting=setting, **kwargs)
+            alone = probe_features(model, tokenizer, task, batch_size=7, setting=setting)
+        for a, b in zip(pair, alone, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+        _same_probes(latent_probes(model, tokenizer, task, batch_size=7, setting=setting, features=pair, **kwargs),
+                     want, f"{setting}, configuration {k}")
+    with pytest.raises(ValueError, match="features must be"):
+        latent_probes(model, tokenizer, task, setting=setting, features=(features[0][1], features[0][0]), **kwargs)
