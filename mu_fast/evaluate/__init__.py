@@ -7,8 +7,8 @@ Importing this package is cheap (torch only); peft is imported when the relearni
 
 from mu_fast.evaluate.capability import capability_eval
 from mu_fast.evaluate.known_facts import check_known_facts
-from mu_fast.evaluate.formats import evaluate_task, task_prompt_sets, tokenize_task, tokenized_set
-from mu_fast.evaluate.metrics import PromptScores, prompt_scores, set_accuracy
+from mu_fast.evaluate.formats import evaluate_task, evaluate_task_variants, task_prompt_sets, tokenize_task, tokenized_set
+from mu_fast.evaluate.metrics import PromptScores, prompt_scores, prompt_scores_variants, set_accuracy
 from mu_fast.evaluate.linear_probes import LinearProbes, collect_hidden, stratified_split, train_probes
 from mu_fast.evaluate.probes import latent_probes
 from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
@@ -21,8 +21,10 @@ __all__ = [
     "PromptScores",
     "collect_hidden",
     "evaluate_task",
+    "evaluate_task_variants",
     "latent_probes",
     "prompt_scores",
+    "prompt_scores_variants",
     "relearn_attack",
     "relearn_halves",
     "set_accuracy",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mu_fast.data.base import FactTask, PromptSet, TokenizedPrompts, tokenize_prompts
-from mu_fast.evaluate.metrics import prompt_scores, set_accuracy
+from mu_fast.evaluate.metrics import PromptScores, prompt_scores, prompt_scores_variants, set_accuracy
 
 NORMAL = "normal"
 _CACHE_ATTR = "_mu_fast_tokenized"
@@ -91,8 +91,37 @@ def evaluate_task(
     results: dict[str, dict[str, dict[str, float | int | None]]] = {}
     for (fmt, split), prompt_set in items:
         tok = (tokenized or {}).get((fmt, split)) or tokenized_set(tokenizer, task, prompt_set)
-        metrics = set_accuracy(prompt_scores(model, tok, batch_size=batch_size))
-        if fmt.startswith("neighborhood"):
-            metrics["edit_error"] = metrics["edit_acc"]
-        results.setdefault(fmt, {})[split] = metrics
+        results.setdefault(fmt, {})[split] = _set_metrics(fmt, prompt_scores(model, tok, batch_size=batch_size))
+    return results
+
+
+def _set_metrics(fmt: str, scores: PromptScores) -> dict[str, float | int | None]:
+    """One leaf of ``evaluate_task``: ``set_accuracy``, plus ``edit_error`` for neighborhood formats."""
+    metrics = set_accuracy(scores)
+    if fmt.startswith("neighborhood"):
+        metrics["edit_error"] = metrics["edit_acc"]
+    return metrics
+
+
+def evaluate_task_variants(
+    model: Any,
+    tokenizer: Any,
+    task: FactTask,
+    deltas: Any,
+    formats: list[str] | tuple[str, ...] | None = None,
+    batch_size: int = 64,
+    tokenized: dict[tuple[str, str], TokenizedPrompts] | None = None,
+) -> list[dict[str, dict[str, dict[str, float | int | None]]]]:
+    """``evaluate_task`` of each of the K configurations of ``deltas`` (a ``mu_fast.edit.batched.BatchedDeltas``
+    over ``model``, none applied), without writing any of them into the model: every prompt set is scored for all K
+    in one forward per batch (``prompt_scores_variants``; ``variant_prompts_per_batch`` prompts x K rows each).
+
+    Returns K results; element k is ``evaluate_task`` under ``deltas.variant(k)`` (same keys and meaning; the
+    numbers equal up to float summation order, ~1e-16 in fp64).
+    """
+    results: list[dict[str, dict[str, dict[str, float | int | None]]]] = [{} for _ in range(len(deltas))]
+    for (fmt, split), prompt_set in task_prompt_sets(task, formats).items():
+        tok = (tokenized or {}).get((fmt, split)) or tokenized_set(tokenizer, task, prompt_set)
+        for out, scores in zip(results, prompt_scores_variants(model, tok, deltas, batch_size), strict=True):
+            out.setdefault(fmt, {})[split] = _set_metrics(fmt, scores)
     return results

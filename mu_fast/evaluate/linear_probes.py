@@ -18,14 +18,23 @@ in ``mu_fast.evaluate.probes_paper``); both import this module, which imports ne
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mu_fast.data.base import TokenizedPrompts, pad_batch
-from mu_fast.evaluate.metrics import check_token_ids, eval_mode, length_sorted_batches, model_device
+from mu_fast.data.base import Batch, TokenizedPrompts, pad_batch
+from mu_fast.evaluate.metrics import (
+    attached,
+    check_token_ids,
+    eval_mode,
+    length_sorted_batches,
+    model_device,
+    repeat_batch,
+    variant_prompts_per_batch,
+)
 from mu_fast.models.forward import decoder_of
 
 POSITIONS = ("last", "subject_last")
@@ -54,6 +63,26 @@ def collect_hidden(
     or "subject_last" (the subject's last token; needs subjects in the PromptSet). ``padding``: "right" (position
     ids count real tokens) or "left" with the model's default position ids, as the authors' probe called HF
     (RoPE scores depend on relative positions only, so both agree up to rounding)."""
+    return _collect_hidden(model, tokenized, position, batch_size, padding)[0]
+
+
+def collect_hidden_variants(
+    model: Any, tokenized: TokenizedPrompts, deltas: Any, position: str = "last", batch_size: int = 64,
+    padding: str = "right",
+) -> list[torch.Tensor]:
+    """``collect_hidden`` of the model edited by each of the K configurations of ``deltas`` (a
+    ``mu_fast.edit.batched.BatchedDeltas`` over ``model``, none applied), in one forward per batch: each batch of
+    ``variant_prompts_per_batch(batch_size, K)`` prompts is repeated K times (group-major) inside ``deltas.groups``.
+    Returns K ``[L+1, N, d]`` tensors on the model's device; element k equals ``collect_hidden`` under
+    ``deltas.variant(k)`` up to float summation order (~1e-16 in fp64)."""
+    if deltas.model is not model:
+        raise ValueError("deltas were built over another model; pass the model the BatchedDeltas edit")
+    return _collect_hidden(model, tokenized, position, batch_size, padding, deltas)
+
+
+def _collect_hidden(model: Any, tokenized: TokenizedPrompts, position: str, batch_size: int, padding: str,
+                    deltas: Any = None) -> list[torch.Tensor]:
+    """``collect_hidden`` (``deltas`` None: one ``[L+1, N, d]`` tensor) or ``collect_hidden_variants`` (K of them)."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}; got {position!r}")
     if padding not in PADDING_SIDES:
@@ -71,30 +100,33 @@ def collect_hidden(
     device = model_device(model)
     d = int(model.config.hidden_size)
     wide = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    out = torch.empty(len(layers) + 1, n, d, dtype=wide, device=device)
+    groups = 1 if deltas is None else len(deltas)
+    out = torch.empty(groups, len(layers) + 1, n, d, dtype=wide, device=device)
     pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {}
 
-    def gather(hidden: torch.Tensor) -> torch.Tensor:
+    def store(index: int, hidden: torch.Tensor) -> None:
+        """Every group's rows of ``hidden`` ``[groups·B, T, d]`` at their positions into ``out[:, index]``."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, current["pos"]].to(wide)  # [B, d]
+        picked = hidden[rows, current["pos"]].to(wide)  # [groups·B, d]
+        out[:, index, current["rows"]] = picked.view(groups, -1, picked.shape[-1])
 
     def read_input(module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        out[0, current["rows"]] = gather(hidden)
+        store(0, args[0] if args else kwargs["hidden_states"])
 
     def read_output(index: int):
         def hook(module: Any, args: tuple, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            out[index + 1, current["rows"]] = gather(hidden)
+            store(index + 1, output[0] if isinstance(output, tuple) else output)
 
         return hook
 
+    per_batch = batch_size if deltas is None else variant_prompts_per_batch(batch_size, groups)
+    delta = None if deltas is None else deltas.values - deltas.base
     handles = [layers[0].register_forward_pre_hook(read_input, with_kwargs=True)]
     handles += [layer.register_forward_hook(read_output(i)) for i, layer in enumerate(layers)]
     try:
-        with eval_mode(model):
-            for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], batch_size):
+        with eval_mode(model), (contextlib.nullcontext() if deltas is None else attached(deltas)):
+            for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], per_batch):
                 rows = torch.tensor(idx, dtype=torch.int64)
                 batch = pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side=padding).to(device)
                 if position == "last":
@@ -102,17 +134,26 @@ def collect_hidden(
                 else:  # subject indices count real tokens; left padding shifts them by the row's pad count
                     shift = batch.input_ids.shape[1] - batch.attention_mask.sum(1) if padding == "left" else 0
                     pos = tokenized.subject_last[rows].to(device) + shift
-                current.update(rows=rows.to(device), pos=pos)
-                decoder_of(model)(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids if padding == "right" else None,
-                    use_cache=False,
-                )
+                current.update(rows=rows.to(device), pos=pos.repeat(groups) if groups > 1 else pos)
+                if deltas is None:
+                    _decoder_forward(model, batch, padding)
+                    continue
+                b = len(idx)
+                with deltas.groups([(k, k * b, (k + 1) * b) for k in range(groups)], delta):
+                    _decoder_forward(model, repeat_batch(batch, groups), padding)
     finally:
         for handle in handles:
             handle.remove()
-    return out
+    return list(out.unbind(0))
+
+
+def _decoder_forward(model: Any, batch: Batch, padding: str) -> None:
+    decoder_of(model)(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids if padding == "right" else None,
+        use_cache=False,
+    )
 
 
 # ------------------------------------------------------------------ probes

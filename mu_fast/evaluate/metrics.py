@@ -9,13 +9,18 @@ each prompt's last real token are computed (``gathered_logits``): one ``[B, V]``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mu_fast.data.base import TokenizedPrompts, pad_batch
+from mu_fast.data.base import Batch, TokenizedPrompts, pad_batch
 from mu_fast.models.forward import gathered_logits
+
+if TYPE_CHECKING:
+    from mu_fast.edit.batched import BatchedDeltas
 
 
 @dataclass
@@ -98,63 +103,144 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+class _ScoreBuffers:
+    """The ``[N]`` CPU tensors one PromptScores is filled into, batch by batch (``_score_batch``)."""
+
+    def __init__(self, tokenized: TokenizedPrompts, wide: torch.dtype):
+        n = len(tokenized)
+        has_edit = tokenized.edit_ids is not None
+        self.p_true = torch.empty(n, dtype=wide)
+        self.logprob_true = torch.empty(n, dtype=wide)
+        self.argmax_true = torch.empty(n, dtype=torch.bool)
+        self.p_edit = torch.empty(n, dtype=wide) if has_edit else None
+        self.argmax_edit = torch.empty(n, dtype=torch.bool) if has_edit else None
+
+    def scores(self, tokenized: TokenizedPrompts) -> PromptScores:
+        fact_ids = tokenized.source.fact_ids
+        return PromptScores(
+            p_true=self.p_true,
+            p_edit=self.p_edit,
+            argmax_true=self.argmax_true,
+            argmax_edit=self.argmax_edit,
+            logprob_true=self.logprob_true,
+            fact_ids=None if fact_ids is None else torch.as_tensor(list(fact_ids), dtype=torch.int64),
+            edit_over_choices=tokenized.choice_ids is not None and tokenized.edit_choice is not None,
+        )
+
+
+def _score_batch(out: _ScoreBuffers, tokenized: TokenizedPrompts, rows: torch.Tensor, logits: torch.Tensor) -> None:
+    """Score the prompts ``rows`` (``[B]`` int64, CPU) from their last-token ``logits`` (``[B, V]``) into ``out``."""
+    device = logits.device
+    choices = tokenized.choice_ids
+    logp = torch.log_softmax(logits, dim=-1)
+    true_ids = tokenized.answer_ids[rows].to(device)
+    out.logprob_true[rows] = logp.gather(1, true_ids[:, None])[:, 0].cpu()
+    if choices is not None:
+        probs = torch.softmax(logits[:, choices.to(device)], dim=-1)  # [B, C]
+        picked = probs.argmax(dim=-1)
+        true_c = tokenized.answer_choice[rows].to(device)
+        out.p_true[rows] = probs.gather(1, true_c[:, None])[:, 0].cpu()
+        out.argmax_true[rows] = (picked == true_c).cpu()
+    else:
+        out.p_true[rows] = logp.gather(1, true_ids[:, None])[:, 0].exp().cpu()
+        out.argmax_true[rows] = (logits.argmax(dim=-1) == true_ids).cpu()
+    if out.p_edit is not None:
+        if choices is not None and tokenized.edit_choice is not None:
+            edit_c = tokenized.edit_choice[rows].to(device)
+            out.p_edit[rows] = probs.gather(1, edit_c[:, None])[:, 0].cpu()
+            out.argmax_edit[rows] = (picked == edit_c).cpu()
+        else:
+            edit_ids = tokenized.edit_ids[rows].to(device)
+            out.p_edit[rows] = logp.gather(1, edit_ids[:, None])[:, 0].exp().cpu()
+            out.argmax_edit[rows] = (logits.argmax(dim=-1) == edit_ids).cpu()
+
+
+def _check_scorable(model: Any, tokenized: TokenizedPrompts) -> None:
+    if len(tokenized) == 0:
+        raise ValueError(f"the prompt set {tokenized.source.name!r} is empty; there is nothing to score")
+    check_token_ids(model, tokenized)
+
+
+def _wide_dtype(model: Any) -> torch.dtype:
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)  # float64 scores for float64 models
+
+
 def prompt_scores(model: Any, tokenized: TokenizedPrompts, batch_size: int = 64) -> PromptScores:
     """Score every prompt of ``tokenized`` at its last token (no gradients, eval mode, the model's own
     device and dtype; right padding with position ids, so scores do not depend on the batching).
 
     Returns PromptScores with ``[N]`` tensors in prompt order (see its docstring for the definitions).
     """
-    n = len(tokenized)
-    if n == 0:
-        raise ValueError(f"the prompt set {tokenized.source.name!r} is empty; there is nothing to score")
-    check_token_ids(model, tokenized)
+    _check_scorable(model, tokenized)
     device = model_device(model)
     pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
-    choices = tokenized.choice_ids
-    edit_over_choices = choices is not None and tokenized.edit_choice is not None
-    wide = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # float64 scores for float64 models
-    p_true = torch.empty(n, dtype=wide)
-    logprob_true = torch.empty(n, dtype=wide)
-    argmax_true = torch.empty(n, dtype=torch.bool)
-    has_edit = tokenized.edit_ids is not None
-    p_edit = torch.empty(n, dtype=wide) if has_edit else None
-    argmax_edit = torch.empty(n, dtype=torch.bool) if has_edit else None
+    out = _ScoreBuffers(tokenized, _wide_dtype(model))
     with eval_mode(model):
         for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], batch_size):
             rows = torch.tensor(idx, dtype=torch.int64)
             batch = pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side="right").to(device)
-            logits = gathered_logits(model, batch)  # [B, V] at each row's last real token, float32 or float64
-            logp = torch.log_softmax(logits, dim=-1)
-            true_ids = tokenized.answer_ids[rows].to(device)
-            logprob_true[rows] = logp.gather(1, true_ids[:, None])[:, 0].cpu()
-            if choices is not None:
-                probs = torch.softmax(logits[:, choices.to(device)], dim=-1)  # [B, C]
-                picked = probs.argmax(dim=-1)
-                true_c = tokenized.answer_choice[rows].to(device)
-                p_true[rows] = probs.gather(1, true_c[:, None])[:, 0].cpu()
-                argmax_true[rows] = (picked == true_c).cpu()
-            else:
-                p_true[rows] = logp.gather(1, true_ids[:, None])[:, 0].exp().cpu()
-                argmax_true[rows] = (logits.argmax(dim=-1) == true_ids).cpu()
-            if has_edit:
-                if edit_over_choices:
-                    edit_c = tokenized.edit_choice[rows].to(device)
-                    p_edit[rows] = probs.gather(1, edit_c[:, None])[:, 0].cpu()
-                    argmax_edit[rows] = (picked == edit_c).cpu()
-                else:
-                    edit_ids = tokenized.edit_ids[rows].to(device)
-                    p_edit[rows] = logp.gather(1, edit_ids[:, None])[:, 0].exp().cpu()
-                    argmax_edit[rows] = (logits.argmax(dim=-1) == edit_ids).cpu()
-    fact_ids = tokenized.source.fact_ids
-    return PromptScores(
-        p_true=p_true,
-        p_edit=p_edit,
-        argmax_true=argmax_true,
-        argmax_edit=argmax_edit,
-        logprob_true=logprob_true,
-        fact_ids=None if fact_ids is None else torch.as_tensor(list(fact_ids), dtype=torch.int64),
-        edit_over_choices=edit_over_choices,
-    )
+            _score_batch(out, tokenized, rows, gathered_logits(model, batch))  # [B, V] float32 or float64
+    return out.scores(tokenized)
+
+
+def variant_prompts_per_batch(batch_size: int, variants: int) -> int:
+    """Prompts per forward when ``variants`` configurations are scored together: ``max(1, batch_size // variants)``,
+    so one forward holds at most ``max(batch_size, variants)`` rows (the single-model batch's memory)."""
+    if batch_size < 1 or variants < 1:
+        raise ValueError(f"batch_size and variants must be >= 1; got {batch_size} and {variants}")
+    return max(1, batch_size // variants)
+
+
+def repeat_batch(batch: Batch, times: int) -> Batch:
+    """``batch`` stacked ``times`` times along rows (group-major: copy 0's rows first): ``[times·B, T]``."""
+    return Batch(*(t.repeat(times, *([1] * (t.dim() - 1))) for t in
+                   (batch.input_ids, batch.attention_mask, batch.position_ids, batch.last_pos)))
+
+
+@contextlib.contextmanager
+def attached(deltas: BatchedDeltas) -> Iterator[None]:
+    """``deltas``' batched forwards routed through the model's masked modules inside (``deltas.attach()``), and
+    taken off after unless they were attached before (``edit_batched`` detaches them when it returns)."""
+    was_attached = bool(deltas._hooks)
+    deltas.attach()
+    try:
+        yield
+    finally:
+        if not was_attached:
+            deltas.detach()
+
+
+def prompt_scores_variants(model: Any, tokenized: TokenizedPrompts, deltas: BatchedDeltas,
+                           batch_size: int = 64) -> list[PromptScores]:
+    """``prompt_scores`` of the model edited by each of ``deltas``' K configurations, in one forward per batch.
+
+    deltas: a ``mu_fast.edit.batched.BatchedDeltas`` over ``model`` (none of its configurations applied). Each
+    length-sorted batch of ``variant_prompts_per_batch(batch_size, K)`` prompts is repeated K times (group-major
+    rows: configuration 0's copy first) and run once inside ``deltas.groups``, every masked linear adding
+    configuration k's delta to its copy; the logits are split back and scored as ``prompt_scores`` scores them.
+    Returns K PromptScores; element k equals ``prompt_scores`` under ``deltas.variant(k)`` up to float summation
+    order (x·W0 + x·D instead of x·(W0 + D); ~1e-16 in fp64), argmax fields aside from exact ties.
+    """
+    _check_scorable(model, tokenized)
+    if deltas.model is not model:
+        raise ValueError("deltas were built over another model; pass the model the BatchedDeltas edit")
+    k_count = len(deltas)
+    device = model_device(model)
+    pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+    outs = [_ScoreBuffers(tokenized, _wide_dtype(model)) for _ in range(k_count)]
+    delta = deltas.values - deltas.base
+    per_batch = variant_prompts_per_batch(batch_size, k_count)
+    with eval_mode(model), attached(deltas):
+        for idx in length_sorted_batches([len(s) for s in tokenized.input_ids], per_batch):
+            rows = torch.tensor(idx, dtype=torch.int64)
+            batch = repeat_batch(pad_batch([tokenized.input_ids[i] for i in idx], pad_id, side="right"), k_count)
+            batch = batch.to(device)
+            b = len(idx)
+            with deltas.groups([(k, k * b, (k + 1) * b) for k in range(k_count)], delta):
+                logits = gathered_logits(model, batch)  # [K*B, V]
+            for out, part in zip(outs, logits.split(b), strict=True):
+                _score_batch(out, tokenized, rows, part)
+    return [out.scores(tokenized) for out in outs]
 
 
 def set_accuracy(scores: PromptScores) -> dict[str, float | int | None]:

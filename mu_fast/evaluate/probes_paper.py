@@ -32,11 +32,20 @@ def _sklearn() -> Any | None:
     return sklearn
 
 
+def paper_maintain_order(task: FactTask) -> list[int]:
+    """The authors' order of the maintain-train facts: grouped by answer in order of first appearance."""
+    answers = list(task.maintain_train.answers)
+    first_seen = {a: k for k, a in reversed(list(enumerate(answers)))}
+    return sorted(range(len(answers)), key=lambda i: (first_seen[answers[i]], i))
+
+
 def paper_latent_probes(model: Any, tokenizer: Any, task: FactTask, position: str = "last", batch_size: int = 64,
-                        probe_backend: str = "auto") -> dict[str, Any]:
+                        probe_backend: str = "auto", features: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> dict[str, Any]:
     """``latent_probes(..., setting="paper")``: see the module docstring. Returns the keys of the standardised
     setting (``layers`` = 0..L-1) plus ``probe_train_acc`` (the authors' ``maintain_train_accs``) and
-    ``train_rows`` (the maintain-train rows the probes were fit on, ascending)."""
+    ``train_rows`` (the maintain-train rows the probes were fit on, ascending). ``features``: as
+    ``latent_probes``' (``probe_features(..., setting="paper")``: the maintain facts in ``paper_maintain_order``)."""
     from mu_fast.evaluate.formats import tokenized_set
     from mu_fast.evaluate.linear_probes import PROBE_BACKENDS, collect_hidden, stratified_split, train_probes
 
@@ -46,17 +55,18 @@ def paper_latent_probes(model: Any, tokenizer: Any, task: FactTask, position: st
     if probe_backend == "sklearn" and sklearn is None:
         raise ValueError("probe_backend='sklearn' needs scikit-learn (pip install scikit-learn); or use 'torch'")
     answers = list(task.maintain_train.answers)
-    first_seen = {a: k for k, a in reversed(list(enumerate(answers)))}
-    order = sorted(range(len(answers)), key=lambda i: (first_seen[answers[i]], i))
+    order = paper_maintain_order(task)
     classes = sorted(set(answers), key=lambda a: a.strip())
     if len(classes) < 2:
         raise ValueError(f"task {task.name!r}: maintain-train facts have {len(classes)} answer class(es); probes need >= 2")
     index = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([index[answers[i]] for i in order], dtype=torch.int64)
-    maintain = tokenized_set(tokenizer, task, task.maintain_train).subset(order)
-    forget = tokenized_set(tokenizer, task, task.forget_test)
-    h = collect_hidden(model, maintain, position, batch_size, padding="left")[:-1].cpu()  # [L, N, d]
-    h_forget = collect_hidden(model, forget, position, batch_size, padding="left")[:-1].cpu()
+    if features is None:
+        maintain = tokenized_set(tokenizer, task, task.maintain_train).subset(order)
+        forget = tokenized_set(tokenizer, task, task.forget_test)
+        features = (collect_hidden(model, maintain, position, batch_size, padding="left"),
+                    collect_hidden(model, forget, position, batch_size, padding="left"))
+    h, h_forget = features[0][:-1].cpu(), features[1][:-1].cpu()  # [L, N, d]: the last boundary skipped, as the authors
     L, N = h.shape[0], h.shape[1]
 
     def class_ids(values: Any) -> torch.Tensor:

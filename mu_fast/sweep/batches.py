@@ -4,8 +4,8 @@
 settings, whose edits ``edit_batched`` supports (``batchable``), are packed in order into ``RunBatch`` es of up to
 ``size``; every other run (a sequence, a run whose edit uses 8-bit state, master weights, micro-batches, gradient
 checkpointing or bitsandbytes' optimizer) and a lone leftover stays a single run. A batch is executed by
-``ModelSession.execute_batch``: one batched edit over the frozen model, then each run's evaluations on its own
-variant, one store record per run, sent as each finishes, with the same run id and fields as the run alone, plus
+``ModelSession.execute_batch``: one batched edit over the frozen model, the formats of every run scored in one
+batched pass, then each run's other evaluations on its own variant, one store record per run, sent as each finishes, with the same run id and fields as the run alone, plus
 ``batch`` (its size and index). Executors treat a batch as a unit that sends ``parts`` records and goes on after a
 failed one (``ends_on_failure`` is False: each run of it fails or succeeds on its own).
 """

@@ -131,10 +131,16 @@ def edit_and_evaluate(
 
 def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any, evaluations: Mapping[str, Any],
                     seed: int = 0, progress: bool = False, timings: dict[str, float] | None = None,
-                    started: float | None = None) -> dict[str, Any]:
+                    started: float | None = None, evals: Mapping[str, Any] | None = None,
+                    probe_features: Any = None) -> dict[str, Any]:
     """The second half of ``edit_and_evaluate``: ``model`` as edited (``edited``: the ``EditResult``, whose history is
     checked for divergence), evaluated in every setting of ``evaluations``, and the run's summary. A batched edit
-    (``mu_fast.edit.batched``) calls it once per configuration with that configuration's delta applied."""
+    (``mu_fast.edit.batched``) calls it once per configuration with that configuration's delta applied.
+
+    evals: this model's ``evaluate_task`` result in ``evaluations``' formats and batch size when the caller has it
+    already (``ModelSession.execute_batch`` scores every run of a batch in one pass, ``evaluate_task_variants``); it
+    is used as given, and ``timings["evaluate"]`` is left to the caller. probe_features: likewise the latent probes'
+    features of this model (``mu_fast.evaluate.probes.probe_features_variants``), passed to ``latent_probes``."""
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
 
     timings = {} if timings is None else timings
@@ -152,10 +158,14 @@ def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any
     out: dict[str, Any] = {
         "edit": {"optimizer": edited.optimizer, "seconds": edited.seconds, "config": edited.config,
                  "history": edited.history, "trainable_elements": edited.trainable_elements},
-        "evals": evaluate_task(model, tokenizer, task, formats=evaluations["formats"],
-                               batch_size=evaluations["batch_size"]),
     }
-    lap("evaluate")
+    if evals is None:
+        out["evals"] = evaluate_task(model, tokenizer, task, formats=evaluations["formats"],
+                                     batch_size=evaluations["batch_size"])
+        lap("evaluate")
+    else:
+        out["evals"] = dict(evals)
+        t = time.perf_counter()
     relearn = None
     if evaluations.get("relearn") is not None:
         settings = dict(evaluations["relearn"])
@@ -165,7 +175,8 @@ def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any
         lap("relearn")
     probes = None
     if evaluations.get("probes") is not None and task.classes:
-        probes = latent_probes(model, tokenizer, task, batch_size=evaluations["batch_size"], **evaluations["probes"])
+        probes = latent_probes(model, tokenizer, task, batch_size=evaluations["batch_size"], features=probe_features,
+                               **evaluations["probes"])
         lap("probes")
     out["relearn"], out["latent_probes"] = relearn, probes
     if evaluations.get("extra"):

@@ -350,15 +350,29 @@ class ModelSession:
         }
 
     # ------------------------------------------------------------------ a batch (mu_fast.sweep.batches)
-    def execute_batch(self, runs: list[RunConfig]) -> Iterator[dict[str, Any]]:
+    def execute_batch(self, runs: list[RunConfig], batched_evaluation: bool = True,
+                      batched_probe_features: bool | None = None) -> Iterator[dict[str, Any]]:
         """The store records of runs trained together (``mu_fast.sweep.batches``: one model, task and evaluation
         settings), one per run, yielded as each run's evaluations finish. Each run is localized as alone; then one
-        ``mu_fast.edit.batched.edit_batched`` trains every run's edit over the frozen model; then, per run, its
-        variant is applied and evaluated (``evaluate_edited``, the same evaluations as alone) and the model is
-        restored. A run whose preparation fails gets its failed record and leaves the batch; when the batched edit
-        itself cannot run (a setting or parameter kind it refuses, or an error), every run is executed alone
-        (``execute``), so a batch never fails runs that would succeed alone. Records are those of ``execute`` plus
-        ``batch``: ``{"size", "index", "edit_seconds"}`` (the edit's wall time is shared by the batch)."""
+        ``mu_fast.edit.batched.edit_batched`` trains every run's edit over the frozen model; then the formats (MCQ
+        included) of every run are scored in one batched pass without writing any run into the model
+        (``mu_fast.evaluate.evaluate_task_variants``; ``batched_evaluation=False``, or an error there: per run as
+        alone), and on a CUDA device so are their latent probes' features (``probe_features_variants``;
+        ``batched_probe_features`` True / False forces it on / off on any device); then, per run, its variant is
+        applied, the rest of its evaluations run (``evaluate_edited``: relearning, the probe fits, extras and the
+        summary, as alone) and the model is restored. Relearning and the soft-prompt attack train on the edited model
+        and run per variant. Measured on a CPU (benchmarks/bench_eval_variants.py: the CI organism, K=8, AMD EPYC,
+        1 thread, CPU time): the formats' batched pass 0.64 s against 0.72 s for the runs one by one (1.12x), so it
+        runs on every device; the probe features' 0.27 s against 0.26 s (0.93x; probably because their sets fill
+        the per-run forwards already, and a whole-weight mask costs one GEMM per group), so on a CPU they are
+        collected per run. No GPU number yet.
+        A run whose preparation fails gets its failed record and leaves the batch; when the batched edit itself cannot
+        run (a setting or parameter kind it refuses, or an error), every run is executed alone (``execute``), so a
+        batch never fails runs that would succeed alone. Records are those of ``execute`` plus ``batch``:
+        ``{"size", "index", "edit_seconds", "evaluate_seconds", "probe_features_seconds"}``: the wall times of the
+        batched edit, of the batched format evaluation and of the batched probe features (None when evaluated per
+        run), shared by the batch; each run's ``timings["evaluate"]`` is then ``evaluate_seconds`` split evenly over
+        the batch's runs, and its ``timings["probes"]`` its probe fit plus an even share of ``probe_features_seconds``."""
         from mu_fast.edit.loop import EditConfig
         from mu_fast.provenance import provenance_block
 
@@ -407,23 +421,65 @@ class ModelSession:
             for p in prepared:
                 yield self.execute(p[0])
             return
+        if batched_probe_features is None:
+            batched_probe_features = self.device.type == "cuda"
+        evals, evaluate_seconds, features, features_seconds = (
+            self._evaluate_variants(batch.deltas, prepared, batched_probe_features) if batched_evaluation
+            else (None,) * 4)
         for index, (run, record, timings, start, task, before, loc, cached, _) in enumerate(prepared):
             try:
                 timings["edit"] = batch[index].seconds
-                started = time.perf_counter()
+                if evals is not None:
+                    timings["evaluate"] = evaluate_seconds / len(prepared)
+                features_share = 0.0 if features is None else features_seconds / len(prepared)
+                started = time.perf_counter() - timings["edit"] - timings.get("evaluate", 0.0) - features_share
                 torch.manual_seed(run.seed)
                 with batch.deltas.variant(index):
                     from mu_fast.sweep.one_run import evaluate_edited
 
                     out = evaluate_edited(self.model, self.tokenizer, task, loc, batch[index], run.evaluations,
-                                          seed=run.seed, timings=timings, started=started - timings["edit"])
+                                          seed=run.seed, timings=timings, started=started,
+                                          evals=None if evals is None else evals[index],
+                                          probe_features=None if features is None else features[index])
+                if features is not None and "probes" in timings:
+                    timings["probes"] += features_share
                 record.update(self._fields(run, out, before, loc, cached))
                 record["status"] = "ok"
             except Exception as err:  # noqa: BLE001
                 record.update(status="failed", error=error_info(err))
                 self._recover()
-            record["batch"] = {"size": len(prepared), "index": index, "edit_seconds": edit_seconds}
+            if features is not None:
+                features[index] = None  # K runs' features on the device: each freed once used
+            record["batch"] = {"size": len(prepared), "index": index, "edit_seconds": edit_seconds,
+                               "evaluate_seconds": evaluate_seconds, "probe_features_seconds": features_seconds}
             yield self._close(record, timings, start, provenance_block)
+
+    def _evaluate_variants(self, deltas: Any, prepared: list[tuple], probe_features: bool
+                           ) -> tuple[list[Any] | None, float | None, list[Any] | None, float | None]:
+        """``(evaluate_task result per run, wall seconds, probe features per run, wall seconds)`` of a batch's runs,
+        each in one pass over their variants (``evaluate_task_variants``, ``probe_features_variants``). A pass that
+        fails, probes the runs do not evaluate, or ``probe_features`` False give ``None, None``: those evaluations
+        then run per variant, as alone, so the batched form never fails a run."""
+        from mu_fast.evaluate import evaluate_task_variants
+        from mu_fast.evaluate.probes import probe_features_variants
+
+        settings, task = prepared[0][0].evaluations, prepared[0][4]
+
+        def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float | None]:
+            try:
+                t = time.perf_counter()
+                return fn(self.model, self.tokenizer, task, deltas, *args, **kwargs), time.perf_counter() - t
+            except Exception:  # noqa: BLE001 - e.g. out of memory at K x the batch: per run instead
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return None, None
+
+        evals = timed(evaluate_task_variants, formats=settings["formats"], batch_size=settings["batch_size"])
+        probes = settings.get("probes")
+        if not probe_features or probes is None or not task.classes:
+            return (*evals, None, None)
+        chosen = {k: v for k, v in probes.items() if k in ("position", "setting")}
+        return (*evals, *timed(probe_features_variants, batch_size=settings["batch_size"], **chosen))
 
     def _close(self, record: dict[str, Any], timings: dict[str, float], start: float, provenance_block: Any
                ) -> dict[str, Any]:
