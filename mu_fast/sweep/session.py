@@ -366,6 +366,9 @@ class ModelSession:
         runs on every device; the probe features' 0.27 s against 0.26 s (0.93x; probably because their sets fill
         the per-run forwards already, and a whole-weight mask costs one GEMM per group), so on a CPU they are
         collected per run. No GPU number yet.
+        On a GPU the runs are split into as many batched edits as ``mu_fast.memory.plan_batch`` says the device's
+        memory holds, each with the groups per forward/backward it fits (``mu_fast.sweep.batches.device_plan``); a
+        part of one run runs alone.
         A run whose preparation fails gets its failed record and leaves the batch; when the batched edit itself cannot
         run (a setting or parameter kind it refuses, or an error), every run is executed alone (``execute``), so a
         batch never fails runs that would succeed alone. Records are those of ``execute`` plus ``batch``:
@@ -404,6 +407,19 @@ class ModelSession:
                 yield self._close(record, timings, start, provenance_block)
         if not prepared:
             return
+        from mu_fast.sweep.batches import device_plan
+
+        # how many of them one batched edit holds on this device, and groups per forward/backward: on a GPU by
+        # mu_fast.memory.plan_batch; on a CPU all, one per pass (all in one pass measured 0.71-0.89x the runs alone
+        # there, one per pass 0.96-1.11x: benchmarks/bench_batched_edit.py)
+        size, groups = device_plan(self.model, [p[6].mask for p in prepared], [p[8] for p in prepared], self.device)
+        for lo in range(0, len(prepared), size):
+            yield from self._train_together(prepared[lo:lo + size], groups, batched_evaluation, batched_probe_features,
+                                            provenance_block)
+
+    def _train_together(self, prepared: list[tuple], groups: int | None, batched_evaluation: bool,
+                        batched_probe_features: bool | None, provenance_block: Any) -> Iterator[dict[str, Any]]:
+        """``execute_batch`` after preparation, for the runs of one batched edit (``groups``: its groups_per_pass)."""
         if len(prepared) == 1:
             yield self.execute(prepared[0][0])
             return
@@ -411,10 +427,8 @@ class ModelSession:
             from mu_fast.edit.batched import edit_batched
 
             t = time.perf_counter()
-            # On a CPU one forward/backward per run (the shared optimizer step kept): all runs in one pass measured
-            # 0.71-0.89x the runs alone there, one per pass 0.96-1.11x (benchmarks/bench_batched_edit.py)
             batch = edit_batched(self.model, self.tokenizer, prepared[0][4], [p[6].mask for p in prepared],
-                                 [p[8] for p in prepared], groups_per_pass=1 if self.device.type == "cpu" else None)
+                                 [p[8] for p in prepared], groups_per_pass=groups)
             edit_seconds = time.perf_counter() - t
         except Exception:  # noqa: BLE001 - what the batched edit refuses or fails at runs alone, as it would
             self._recover()

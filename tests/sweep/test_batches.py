@@ -77,6 +77,27 @@ def test_a_batched_sweep_writes_the_records_of_its_runs_alone(alone, tmp_path):
     assert "batch" not in next(iter(alone.values()))
 
 
+def test_a_unit_larger_than_the_device_holds_trains_in_parts(alone, tmp_path, monkeypatch):
+    """Where the memory plan fits 3 configurations (as on a GPU: ``device_plan``), a unit of 8 trains as batched
+    edits of 3, 3 and 2 with the plan's groups per pass, and every record is still the run alone."""
+    import mu_fast.sweep.batches as batches
+
+    seen = []
+
+    def plan(model, masks, configs, device):
+        seen.append(len(masks))
+        return 3, 2
+
+    monkeypatch.setattr(batches, "device_plan", plan)
+    store = tmp_path / "s.jsonl"
+    result = sweep.run(_spec(seeds=(0,)), store=store, batch=8, progress=False, threads=1)
+    assert result.ok == 8 and seen == [8]
+    records = list(_records(store).values())
+    assert sorted(r["batch"]["size"] for r in records) == [2, 2, 3, 3, 3, 3, 3, 3]
+    for record in records:
+        _same(alone[record["run_id"]], record)
+
+
 def test_a_killed_batched_sweep_resumes(alone, tmp_path):
     """The store cut after 5 of 16 records (a kill in the middle of the first batch): the rerun runs the 11 others
     only (in new batches), keeps the 5 lines as they were, and every record is as the run alone."""
