@@ -15,8 +15,8 @@ of the run alone to float round-off; ``tests/sweep/test_batches.py``). ``auto`` 
 ``AUTO_BATCH`` runs where the runs execute on a GPU, the session then fitting as many of a unit's configurations in
 one batched edit as the device's memory holds (``mu_fast.memory.plan_batch``); each run alone on a CPU, where
 batching measured no gain: on this AMD EPYC (2 cores, 1 thread per worker) the organism's edit step is arithmetic
-(4-5 GFLOP per step at 40-50 GFLOP/s, ``benchmarks/step_anatomy.py``), and ``bench_sweep.py`` measured 0.95x the
-unbatched engine with one forward/backward per run, 0.78x with all runs in one pass. A number asks for batches of
+(4.1-5.2 GFLOP per step in 115-126 ms, matmuls half of it, ``benchmarks/step_anatomy.py``), and ``bench_sweep.py``
+measured 0.96x the unbatched engine with one forward/backward per run, 0.78x with all runs in one pass. A number asks for batches of
 that size on any device. The GPU rows are owed (benchmarks/GPU_OWED.md).
 
 Every executor schedules the same way: a free worker takes the next run of the model it holds, else the first run
