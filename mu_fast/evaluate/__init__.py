@@ -12,6 +12,7 @@ from mu_fast.evaluate.metrics import PromptScores, prompt_scores, prompt_scores_
 from mu_fast.evaluate.linear_probes import LinearProbes, collect_hidden, stratified_split, train_probes
 from mu_fast.evaluate.probes import latent_probes
 from mu_fast.evaluate.relearn import relearn_attack, relearn_halves
+from mu_fast.evaluate.relearn_variants import relearn_attack_variants
 from mu_fast.evaluate.softprompt import SoftPromptAdversaries, softprompt_attack
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "prompt_scores",
     "prompt_scores_variants",
     "relearn_attack",
+    "relearn_attack_variants",
     "relearn_halves",
     "set_accuracy",
     "SoftPromptAdversaries",

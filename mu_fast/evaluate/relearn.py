@@ -37,7 +37,7 @@ Differences from the paper's code, on purpose:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -278,32 +278,10 @@ def relearn_attack(
     bad = [s for s in eval_at if not 0 <= s <= steps]
     if bad:
         raise ValueError(f"eval_at steps {bad} are outside 0..steps={steps}")
-    cf = is_counterfact(task)
-    if cf_target_false_bug and not cf:
-        raise ValueError(
-            f"cf_target_false_bug reproduces a bug of the paper's CounterFact relearning; task {task.name!r} is not "
-            "CounterFact (set task.meta['dataset'] = 'counterfact' if it is)"
-        )
-    held, relearn_set, held_set = relearn_halves(task)
-    eval_sets = {"normal": held_set, "maintain": task.maintain_test}
-    mcq, mcq_format = relearn_mcq_set(task, held, mcq_system_prompt)
-    if mcq is not None:
-        eval_sets["mcq"] = mcq
-    eval_tok = {k: _tokenized(tokenizer, task, v) for k, v in eval_sets.items()}
-    relearn_tok = _tokenized(tokenizer, task, relearn_set)
-    maintain_tok = _tokenized(tokenizer, task, task.maintain_train.require_nonempty("maintain"))
-    for what, tokenized in {"relearn prompts": relearn_tok, "maintain prompts": maintain_tok, **eval_tok}.items():
-        check_token_ids(model, tokenized, what)
-    relearn_labels = training_labels(relearn_set, relearn_tok, cf_target_false_bug, "relearn")
-    maintain_labels = training_labels(task.maintain_train, maintain_tok, cf_target_false_bug, "maintain")
-    pad_id = pad_id_of(tokenizer)
-    lm_ids = (
-        [ids[:lm_max_tokens] for ids in tokenizer(list(task.lm_texts), add_special_tokens=True)["input_ids"]]
-        if task.lm_texts
-        else []
-    )
-    lm_ids = [ids for ids in lm_ids if len(ids) >= 2]
-    lm_status = lm_text_status(lm_ids, task, lm_max_tokens)
+    inputs = relearn_inputs(model, tokenizer, task, cf_target_false_bug, mcq_system_prompt, lm_max_tokens)
+    eval_tok, relearn_tok, maintain_tok = inputs.eval_tok, inputs.relearn_tok, inputs.maintain_tok
+    relearn_labels, maintain_labels, pad_id, lm_ids = (inputs.relearn_labels, inputs.maintain_labels, inputs.pad_id,
+                                                       inputs.lm_ids)
     device = model_device(model)
 
     def evaluate(dropout_on: bool) -> dict[str, Any]:
@@ -364,22 +342,85 @@ def relearn_attack(
             for name, p in model.named_parameters():
                 p.requires_grad_(requires_grad[name])
             model.train(was_training)
+    settings = {"steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                "cf_target_false_bug": cf_target_false_bug, "score_in_train_mode": score_in_train_mode,
+                "lm_batch_size": lm_batch_size}
+    return relearn_result(inputs, settings, rank, evals, losses)
+
+
+@dataclass
+class RelearnInputs:
+    """What a relearning attack trains and scores on, tokenized and checked (``relearn_inputs``)."""
+
+    cf: bool
+    held: list[int] | None
+    relearn_set: PromptSet
+    held_set: PromptSet
+    mcq_format: str
+    eval_tok: dict[str, Any]  # normal / maintain / mcq (when present), in that order
+    relearn_tok: Any
+    maintain_tok: Any
+    relearn_labels: torch.Tensor
+    maintain_labels: torch.Tensor
+    pad_id: int
+    lm_ids: list[list[int]]
+    lm_status: dict[str, Any]
+
+
+def relearn_inputs(model: Any, tokenizer: Any, task: FactTask, cf_target_false_bug: bool = False,
+                   mcq_system_prompt: bool = False, lm_max_tokens: int = 128) -> RelearnInputs:
+    """The halves, evaluation sets, training labels and LM texts of ``relearn_attack`` (which see), checked against
+    ``model``'s vocabulary; ``ValueError`` for ``cf_target_false_bug`` on a task that is not CounterFact."""
+    cf = is_counterfact(task)
+    if cf_target_false_bug and not cf:
+        raise ValueError(
+            f"cf_target_false_bug reproduces a bug of the paper's CounterFact relearning; task {task.name!r} is not "
+            "CounterFact (set task.meta['dataset'] = 'counterfact' if it is)"
+        )
+    held, relearn_set, held_set = relearn_halves(task)
+    eval_sets = {"normal": held_set, "maintain": task.maintain_test}
+    mcq, mcq_format = relearn_mcq_set(task, held, mcq_system_prompt)
+    if mcq is not None:
+        eval_sets["mcq"] = mcq
+    eval_tok = {k: _tokenized(tokenizer, task, v) for k, v in eval_sets.items()}
+    relearn_tok = _tokenized(tokenizer, task, relearn_set)
+    maintain_tok = _tokenized(tokenizer, task, task.maintain_train.require_nonempty("maintain"))
+    for what, tokenized in {"relearn prompts": relearn_tok, "maintain prompts": maintain_tok, **eval_tok}.items():
+        check_token_ids(model, tokenized, what)
+    lm_ids = (
+        [ids[:lm_max_tokens] for ids in tokenizer(list(task.lm_texts), add_special_tokens=True)["input_ids"]]
+        if task.lm_texts
+        else []
+    )
+    lm_ids = [ids for ids in lm_ids if len(ids) >= 2]
+    return RelearnInputs(
+        cf, held, relearn_set, held_set, mcq_format, eval_tok, relearn_tok, maintain_tok,
+        training_labels(relearn_set, relearn_tok, cf_target_false_bug, "relearn"),
+        training_labels(task.maintain_train, maintain_tok, cf_target_false_bug, "maintain"),
+        pad_id_of(tokenizer), lm_ids, lm_text_status(lm_ids, task, lm_max_tokens))
+
+
+def relearn_result(inputs: RelearnInputs, settings: dict[str, Any], rank: int, evals: dict[int, dict[str, Any]],
+                   losses: list[dict[str, float]]) -> dict[str, Any]:
+    """``relearn_attack``'s return value from its inputs, settings (steps, lr, lora_rank, lora_alpha,
+    cf_target_false_bug, score_in_train_mode, lm_batch_size), effective rank, evaluations and losses."""
     last = max(evals) if evals else None
+    lm_status = inputs.lm_status
     return {
-        "mode": MODE_FALSE_BUG if cf_target_false_bug else MODE_TRUE,
-        "dataset_is_counterfact": cf,
-        "steps": steps,
-        "lr": lr,
+        "mode": MODE_FALSE_BUG if settings["cf_target_false_bug"] else MODE_TRUE,
+        "dataset_is_counterfact": inputs.cf,
+        "steps": settings["steps"],
+        "lr": settings["lr"],
         "lora_rank": rank,
-        "requested_lora_rank": lora_rank,
-        "lora_alpha": lora_alpha,
-        "n_relearn": len(relearn_set),
-        "n_held_out": len(held_set),
-        "halves": "unsplit: first/second half" if held is not None else "split: forget_train/forget_test",
+        "requested_lora_rank": settings["lora_rank"],
+        "lora_alpha": settings["lora_alpha"],
+        "n_relearn": len(inputs.relearn_set),
+        "n_held_out": len(inputs.held_set),
+        "halves": "unsplit: first/second half" if inputs.held is not None else "split: forget_train/forget_test",
         "evals": evals,
         "final": None if last is None else evals[last],
         "losses": losses,
-        "mcq_format": mcq_format,
-        "scored_in_train_mode": bool(score_in_train_mode),
-        "lm_text": {**lm_status, "batch_size": lm_batch_size if lm_status["used"] else 0},
+        "mcq_format": inputs.mcq_format,
+        "scored_in_train_mode": bool(settings["score_in_train_mode"]),
+        "lm_text": {**lm_status, "batch_size": settings["lm_batch_size"] if lm_status["used"] else 0},
     }

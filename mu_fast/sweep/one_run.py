@@ -132,7 +132,7 @@ def edit_and_evaluate(
 def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any, evaluations: Mapping[str, Any],
                     seed: int = 0, progress: bool = False, timings: dict[str, float] | None = None,
                     started: float | None = None, evals: Mapping[str, Any] | None = None,
-                    probe_features: Any = None) -> dict[str, Any]:
+                    probe_features: Any = None, relearn: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The second half of ``edit_and_evaluate``: ``model`` as edited (``edited``: the ``EditResult``, whose history is
     checked for divergence), evaluated in every setting of ``evaluations``, and the run's summary. A batched edit
     (``mu_fast.edit.batched``) calls it once per configuration with that configuration's delta applied.
@@ -140,7 +140,9 @@ def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any
     evals: this model's ``evaluate_task`` result in ``evaluations``' formats and batch size when the caller has it
     already (``ModelSession.execute_batch`` scores every run of a batch in one pass, ``evaluate_task_variants``); it
     is used as given, and ``timings["evaluate"]`` is left to the caller. probe_features: likewise the latent probes'
-    features of this model (``mu_fast.evaluate.probes.probe_features_variants``), passed to ``latent_probes``."""
+    features of this model (``mu_fast.evaluate.probes.probe_features_variants``), passed to ``latent_probes``.
+    relearn: likewise this model's ``relearn_attack`` result in ``evaluations["relearn"]``'s settings and this seed
+    (``mu_fast.evaluate.relearn_attack_variants``), used as given; ``timings["relearn"]`` is left to the caller."""
     from mu_fast.evaluate import evaluate_task, latent_probes, relearn_attack
 
     timings = {} if timings is None else timings
@@ -166,8 +168,11 @@ def evaluate_edited(model: Any, tokenizer: Any, task: Any, loc: Any, edited: Any
     else:
         out["evals"] = dict(evals)
         t = time.perf_counter()
-    relearn = None
-    if evaluations.get("relearn") is not None:
+    given, relearn = relearn, None
+    if evaluations.get("relearn") is not None and given is not None:
+        relearn = dict(given)
+        t = time.perf_counter()
+    elif evaluations.get("relearn") is not None:
         settings = dict(evaluations["relearn"])
         steps = settings["steps"]
         relearn = relearn_attack(model, tokenizer, task, seed=seed, eval_batch_size=evaluations["batch_size"],

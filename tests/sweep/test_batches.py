@@ -77,6 +77,24 @@ def test_a_batched_sweep_writes_the_records_of_its_runs_alone(alone, tmp_path):
     assert "batch" not in next(iter(alone.values()))
 
 
+def test_a_batched_sweep_with_batched_relearning_writes_the_records_of_its_runs_alone(alone, tmp_path, monkeypatch):
+    """The same with the batch's relearning attacks trained together (``relearn_attack_variants``, on a CPU only when
+    asked): every record as the run alone, every relearning loss and evaluation included."""
+    from mu_fast.sweep.session import ModelSession
+    from tests.sweep.test_batched_relearn import _same_relearn
+
+    execute_batch = ModelSession.execute_batch
+    monkeypatch.setattr(ModelSession, "execute_batch",
+                        lambda self, runs, **kw: execute_batch(self, runs, **{**kw, "batched_relearn": True}))
+    store = tmp_path / "s.jsonl"
+    result = sweep.run(_spec(seeds=(0,)), store=store, batch=8, progress=False, threads=1)
+    assert result.ok == 8 and result.failed == 0
+    for run_id, record in _records(store).items():
+        _same(alone[run_id], record)
+        _same_relearn(record["results"]["relearn"], alone[run_id]["results"]["relearn"])
+        assert record["batch"]["relearn_seconds"] > 0
+
+
 def test_a_unit_larger_than_the_device_holds_trains_in_parts(alone, tmp_path, monkeypatch):
     """Where the memory plan fits 3 configurations (as on a GPU: ``device_plan``), a unit of 8 trains as batched
     edits of 3, 3 and 2 with the plan's groups per pass, and every record is still the run alone."""
