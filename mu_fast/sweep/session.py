@@ -522,6 +522,8 @@ class ModelSession:
         if relearn is None:
             return None, None
         steps = relearn["steps"]
+        if self.device.type == "cuda" and not self._adapters_fit(len(prepared), relearn.get("lora_rank", 512)):
+            return None, None
         try:
             t = time.perf_counter()
             out = relearn_attack_variants(self.model, self.tokenizer, task, deltas, [p[0].seed for p in prepared],
@@ -532,6 +534,19 @@ class ModelSession:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None, None
+
+    def _adapters_fit(self, k: int, lora_rank: int) -> bool:
+        """Whether K relearning adapters (peft's all-linear LoRA at the effective rank; fp32 weights, gradients and
+        two AdamW moments: 16 B per element) take at most half of the device's free memory, leaving the rest for
+        the K groups' activations. At 7-9B with the paper's rank 512 one adapter is ~1.4B elements (~23 GB), so
+        there the attacks run one by one rather than fail out of memory first."""
+        from mu_fast.evaluate.relearn import effective_lora_rank
+
+        rank = effective_lora_rank(self.model, lora_rank)
+        head = self.model.get_output_embeddings()
+        elements = sum(rank * (m.in_features + m.out_features) for m in self.model.modules()
+                       if isinstance(m, torch.nn.Linear) and m is not head)
+        return k * elements * 16 <= torch.cuda.mem_get_info(self.device)[0] // 2
 
     def _close(self, record: dict[str, Any], timings: dict[str, float], start: float, provenance_block: Any
                ) -> dict[str, Any]:

@@ -76,3 +76,21 @@ def test_a_failing_batched_relearning_falls_back_to_per_run(organism_cache, monk
     assert [r["status"] for r in records] == ["ok", "ok"], [r.get("error") for r in records]
     assert all(r["batch"]["relearn_seconds"] is None and r["timings"]["relearn"] > 0
                and r["results"]["relearn"]["losses"] for r in records)
+
+
+def test_on_a_gpu_k_adapters_must_fit_half_the_free_memory(monkeypatch):
+    """Llama-3-8B at the paper's rank 512: one adapter is 1.34B elements (21.5 GB with its gradient and moments), so
+    with 70 GB free one batched attack fits and two go one by one (no out-of-memory attempt first)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mu_fast.models.shipped import shipped_config
+    from mu_fast.sweep.session import ModelSession
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shipped_config("llama-3-8b"))
+    session = ModelSession.__new__(ModelSession)
+    session.model, session.device = model, torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70e9, 80e9))
+    assert session._adapters_fit(1, 512) and not session._adapters_fit(2, 512)
+    assert session._adapters_fit(16, 16)
