@@ -48,6 +48,38 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def organism_batch(steps: int, device: str, evaluations: dict) -> tuple:
+    """``(runs, model, tokenizer, task, deltas)``: the K = 8 sweep runs (METHODS x LRS, seed 0) on the CI organism,
+    localized as the sweep does and edited together (``edit_batched``) for ``steps`` steps."""
+    from mu_fast import sweep
+    from mu_fast.edit.batched import edit_batched
+    from mu_fast.edit.loop import EditConfig
+    from mu_fast.sweep.session import ModelSession
+
+    spec = {"name": "bench_variants", "models": ["organism:ci"],
+            "tasks": [{"dataset": "organism", "forget_splits": ["first_16_unsplit"],
+                       "inject_labels": ["random_without_golf"]}],
+            "methods": list(METHODS), "edit": {"preset": "default", "steps": steps, "lr": list(LRS)}, "seeds": [0],
+            "evaluations": evaluations}
+    runs = sweep.expand(spec)
+    session = ModelSession(runs[0].model, device)
+    model, tokenizer = session.model, session.tokenizer
+    task = session.task(runs[0].task)
+    masks = [session.localization(run, task)[0].mask for run in runs]
+    configs = [EditConfig(**{**run.edit, "betas": tuple(run.edit["betas"])}) for run in runs]
+    return runs, model, tokenizer, task, edit_batched(model, tokenizer, task, masks, configs).deltas
+
+
+def timed(fn) -> tuple:
+    """``(fn(), thread CPU seconds, wall seconds)``, synchronizing CUDA around it."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    cpu, wall = time.thread_time(), time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.thread_time() - cpu, time.perf_counter() - wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=5)
@@ -57,27 +89,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from mu_fast import sweep
-    from mu_fast.edit.batched import edit_batched
-    from mu_fast.edit.loop import EditConfig
     from mu_fast.evaluate import evaluate_task, evaluate_task_variants, task_prompt_sets
     from mu_fast.evaluate.probes import probe_features, probe_features_variants
-    from mu_fast.sweep.session import ModelSession
 
-    spec = {"name": "bench_eval_variants", "models": ["organism:ci"],
-            "tasks": [{"dataset": "organism", "forget_splits": ["first_16_unsplit"],
-                       "inject_labels": ["random_without_golf"]}],
-            "methods": list(METHODS), "edit": {"preset": "default", "steps": args.steps, "lr": list(LRS)}, "seeds": [0],
-            "evaluations": {"formats": "all", "batch_size": args.batch_size, "relearn": False, "probes": False}}
-    runs = sweep.expand(spec)
-    session = ModelSession(runs[0].model, args.device)
-    model, tokenizer = session.model, session.tokenizer
-    task = session.task(runs[0].task)
-    masks = [session.localization(run, task)[0].mask for run in runs]
-    configs = [EditConfig(**{**run.edit, "betas": tuple(run.edit["betas"])}) for run in runs]
-    deltas = edit_batched(model, tokenizer, task, masks, configs).deltas
+    runs, model, tokenizer, task, deltas = organism_batch(
+        args.steps, args.device, {"formats": "all", "batch_size": args.batch_size, "relearn": False, "probes": False})
     formats, batch_size = runs[0].evaluations["formats"], runs[0].evaluations["batch_size"]
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
     def single() -> list:
         out = []
@@ -98,13 +115,6 @@ def main() -> None:
 
     def probes_batched() -> list:
         return probe_features_variants(model, tokenizer, task, deltas, batch_size=batch_size)
-
-    def timed(fn):
-        sync()
-        cpu, wall = time.thread_time(), time.perf_counter()
-        result = fn()
-        sync()
-        return result, time.thread_time() - cpu, time.perf_counter() - wall
 
     worst = 0.0  # the two forms agree (fp32: float summation order only)
     a, b = single(), batched()  # warm-up, and the check

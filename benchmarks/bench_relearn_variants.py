@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_eval_variants import LRS, METHODS, cpu_model  # noqa: E402
+from benchmarks.bench_eval_variants import LRS, METHODS, cpu_model, organism_batch, timed  # noqa: E402
 from benchmarks.common import RESULTS, context, device_slug  # noqa: E402
 
 
@@ -54,30 +53,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from mu_fast import sweep
-    from mu_fast.edit.batched import edit_batched
-    from mu_fast.edit.loop import EditConfig
     from mu_fast.evaluate import relearn_attack, relearn_attack_variants
     from mu_fast.sweep.one_run import ORGANISM_RUN_OPTIONS
-    from mu_fast.sweep.session import ModelSession
 
-    spec = {"name": "bench_relearn_variants", "models": ["organism:ci"],
-            "tasks": [{"dataset": "organism", "forget_splits": ["first_16_unsplit"],
-                       "inject_labels": ["random_without_golf"]}],
-            "methods": list(METHODS), "edit": {"preset": "default", "steps": args.steps, "lr": list(LRS)}, "seeds": [0],
-            "evaluations": {"formats": ["normal"], "batch_size": 64, "relearn": False, "probes": False}}
-    runs = sweep.expand(spec)
-    session = ModelSession(runs[0].model, args.device)
-    model, tokenizer = session.model, session.tokenizer
-    task = session.task(runs[0].task)
-    masks = [session.localization(run, task)[0].mask for run in runs]
-    configs = [EditConfig(**{**run.edit, "betas": tuple(run.edit["betas"])}) for run in runs]
-    deltas = edit_batched(model, tokenizer, task, masks, configs).deltas
+    _, model, tokenizer, task, deltas = organism_batch(
+        args.steps, args.device, {"formats": ["normal"], "batch_size": 64, "relearn": False, "probes": False})
     relearn = dict(ORGANISM_RUN_OPTIONS.evaluations()["relearn"])
     steps = relearn["steps"]
     settings = {**relearn, "eval_at": tuple(sorted({0, steps // 2, steps})), "eval_batch_size": 64}
     seeds = list(range(len(deltas)))
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
     def single() -> list:
         out = []
@@ -88,13 +72,6 @@ def main() -> None:
 
     def batched() -> list:
         return relearn_attack_variants(model, tokenizer, task, deltas, seeds, **settings)
-
-    def timed(fn):
-        sync()
-        cpu, wall = time.thread_time(), time.perf_counter()
-        result = fn()
-        sync()
-        return result, time.thread_time() - cpu, time.perf_counter() - wall
 
     worst = largest_difference(single(), batched())  # warm-up, and the check (fp32: summation order only)
     rows: dict[str, list[float]] = {f"{name}_{clock}": [] for name in ("single", "batched")

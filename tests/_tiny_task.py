@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from mu_fast.data.base import FactTask, PromptSet
+from mu_fast.masks import Mask
+from mu_fast.models.sites import Component, SiteTable
 
 SPORTS = [" football", " baseball", " basketball", " golf"]
 NAMES = [f"{a} {b}" for a in ("Ka", "Lo", "Mi", "Ne", "Po", "Ru") for b in ("Zan", "Vel", "Tor", "Quin")]
@@ -66,3 +70,32 @@ def word_checkpoint(folder, tasks, layers: int):
     make_tiny_model("llama", vocab_size=len(vocab), num_hidden_layers=layers).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+STRUCTURE_NAMES = ["rows", "cols", "heads", "whole", "elements", "mixed"]
+
+
+def structured_masks(model: torch.nn.Module, structure: str, gen: torch.Generator) -> list[Mask]:
+    """Three configurations' masks of one structure (``mixed``: different methods' masks in one batch, overlapping on
+    the same parameters), for the batched edit and evaluation tests."""
+    t = SiteTable(model)
+
+    def pick(n: int, k: int) -> list[int]:
+        return torch.randperm(n, generator=gen)[:k].tolist()
+
+    up, down, q = t.param_name(1, "up"), t.param_name(2, "down"), t.param_name(0, "q")
+    if structure == "rows":
+        return [Mask().add(up, t.matrix_shape("up"), "rows", pick(t.d_mlp, 5)) for _ in range(3)]
+    if structure == "cols":
+        return [Mask().add(down, t.matrix_shape("down"), "cols", pick(t.d_mlp, 4)) for _ in range(3)]
+    if structure == "heads":
+        return [Mask.from_components(t, [Component("attn", L, h)]) for L, h in ((0, 1), (1, 3), (2, 0))]
+    if structure == "whole":
+        return [Mask.from_components(t, [Component(kind, L)]) for kind, L in (("mlp", 0), ("attn.q", 1), ("mlp.down", 2))]
+    if structure == "elements":
+        return [Mask().add(q, t.matrix_shape("q"), "elements", torch.rand(t.matrix_shape("q"), generator=gen) < 0.2)
+                for _ in range(3)]
+    return [Mask.from_components(t, [Component("mlp", 1, 3), Component("mlp", 1, 7), Component("attn", 0, 2)]),
+            Mask.from_components(t, [Component("mlp", 1), Component("attn.o", 0)]),
+            Mask().add(down, t.matrix_shape("down"), "cols", pick(t.d_mlp, 6)).add(
+                q, t.matrix_shape("q"), "elements", torch.rand(t.matrix_shape("q"), generator=gen) < 0.1)]

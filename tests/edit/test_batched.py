@@ -19,7 +19,7 @@ from mu_fast.edit.loop import EditConfig, edit
 from mu_fast.masks import Mask
 from mu_fast.models.sites import Component, SiteTable
 from mu_fast.models.tiny import make_tiny_model
-from tests._tiny_task import tiny_task, word_tokenizer
+from tests._tiny_task import structured_masks, tiny_task, word_tokenizer
 
 TOL = 1e-9
 
@@ -51,32 +51,7 @@ def _bits(t):
 
 
 def _masks(model, structure):
-    t = SiteTable(model)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-
-    def pick(n, k):
-        return torch.randperm(n, generator=g)[:k].tolist()
-
-    up, down, q = t.param_name(1, "up"), t.param_name(2, "down"), t.param_name(0, "q")
-    if structure == "rows":
-        return [Mask().add(up, t.matrix_shape("up"), "rows", pick(t.d_mlp, 5)) for _ in range(3)]
-    if structure == "cols":
-        return [Mask().add(down, t.matrix_shape("down"), "cols", pick(t.d_mlp, 4)) for _ in range(3)]
-    if structure == "heads":
-        return [Mask.from_components(t, [Component("attn", L, h)]) for L, h in ((0, 1), (1, 3), (2, 0))]
-    if structure == "whole":
-        return [Mask.from_components(t, [Component(kind, L)]) for kind, L in (("mlp", 0), ("attn.q", 1), ("mlp.down", 2))]
-    if structure == "elements":
-        out = []
-        for _ in range(3):
-            dense = torch.rand(t.matrix_shape("q"), generator=g) < 0.2
-            out.append(Mask().add(q, t.matrix_shape("q"), "elements", dense))
-        return out
-    # mixed: different methods' masks in one batch, overlapping on the same parameters
-    return [Mask.from_components(t, [Component("mlp", 1, 3), Component("mlp", 1, 7), Component("attn", 0, 2)]),
-            Mask.from_components(t, [Component("mlp", 1), Component("attn.o", 0)]),
-            Mask().add(down, t.matrix_shape("down"), "cols", pick(t.d_mlp, 6)).add(
-                q, t.matrix_shape("q"), "elements", torch.rand(t.matrix_shape("q"), generator=g) < 0.1)]
+    return structured_masks(model, structure, torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()))))
 
 
 CONFIGS = [dict(steps=4, lr=2e-2, seed=1, maintain_batch=5, lm_batch=3),

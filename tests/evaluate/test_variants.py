@@ -18,36 +18,11 @@ from mu_fast.evaluate.formats import tokenized_set
 from mu_fast.evaluate.linear_probes import collect_hidden, collect_hidden_variants
 from mu_fast.evaluate.metrics import variant_prompts_per_batch
 from mu_fast.evaluate.probes import latent_probes, probe_features, probe_features_variants
-from mu_fast.masks import Mask
-from mu_fast.models.sites import Component, SiteTable
+from tests._tiny_task import STRUCTURE_NAMES, structured_masks
 
 TOL = 1e-9
-STRUCTURES = ["rows", "cols", "heads", "whole", "elements", "mixed"]
-
-
-def _masks(model: torch.nn.Module, structure: str, gen: torch.Generator) -> list[Mask]:
-    """Three configurations' masks of one structure (``mixed``: different structures, overlapping)."""
-    t = SiteTable(model)
-
-    def pick(n: int, k: int) -> list[int]:
-        return torch.randperm(n, generator=gen)[:k].tolist()
-
-    up, down, q = t.param_name(1, "up"), t.param_name(2, "down"), t.param_name(0, "q")
-    if structure == "rows":
-        return [Mask().add(up, t.matrix_shape("up"), "rows", pick(t.d_mlp, 5)) for _ in range(3)]
-    if structure == "cols":
-        return [Mask().add(down, t.matrix_shape("down"), "cols", pick(t.d_mlp, 4)) for _ in range(3)]
-    if structure == "heads":
-        return [Mask.from_components(t, [Component("attn", L, h)]) for L, h in ((0, 1), (1, 3), (2, 0))]
-    if structure == "whole":
-        return [Mask.from_components(t, [Component(kind, L)]) for kind, L in (("mlp", 0), ("attn.q", 1), ("mlp.down", 2))]
-    if structure == "elements":
-        return [Mask().add(q, t.matrix_shape("q"), "elements", torch.rand(t.matrix_shape("q"), generator=gen) < 0.2)
-                for _ in range(3)]
-    return [Mask.from_components(t, [Component("mlp", 1, 3), Component("mlp", 1, 7), Component("attn", 0, 2)]),
-            Mask.from_components(t, [Component("mlp", 1), Component("attn.o", 0)]),
-            Mask().add(down, t.matrix_shape("down"), "cols", pick(t.d_mlp, 6)).add(
-                q, t.matrix_shape("q"), "elements", torch.rand(t.matrix_shape("q"), generator=gen) < 0.1)]
+STRUCTURES = STRUCTURE_NAMES
+_masks = structured_masks  # three configurations' masks of one structure
 
 
 def _deltas(model: torch.nn.Module, structure: str, seed: int) -> BatchedDeltas:
