@@ -13,3 +13,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def organism_cache(ci_organism, cache_root, monkeypatch):
+    """The session's CI organism, found by ``load_model("organism:ci")`` through ``$MU_FAST_CACHE_DIR``."""
+    monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))
+    return cache_root

@@ -14,13 +14,6 @@ from mu_fast.sweep.session import ModelSession
 TOL = 1e-9
 
 
-@pytest.fixture
-def organism_cache(ci_organism, cache_root, monkeypatch):
-    """The session's CI organism, found by ``load_model("organism:ci")`` through ``$MU_FAST_CACHE_DIR``."""
-    monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))
-    return cache_root
-
-
 def _runs():
     return sweep.expand({
         "name": "v", "models": [{"name": "organism:ci", "dtype": "fp64"}],

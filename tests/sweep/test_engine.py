@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 CI_SPEC = REPO / "specs" / "ci_organism.yaml"
 
 
-@pytest.fixture
-def organism_cache(ci_organism, cache_root, monkeypatch):
-    """The session's CI organism, found by ``load_model("organism:ci")`` through ``$MU_FAST_CACHE_DIR``."""
-    monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))
-    return cache_root
-
-
 def tiny_spec(**overrides):
     spec = {
         "name": "tiny",

@@ -12,12 +12,6 @@ import mu_fast.sweep as sweep
 from mu_fast.sweep.evaluations import resolve_evaluations
 
 
-@pytest.fixture
-def organism_cache(ci_organism, cache_root, monkeypatch):
-    monkeypatch.setenv("MU_FAST_CACHE_DIR", str(cache_root))
-    return cache_root
-
-
 def local_mc_task(folder, task, name="organism_mc"):
     """An lm-eval multiple-choice task (local JSONL) from the organism's maintain-test facts."""
     classes = [c.strip() for c in task.classes]
