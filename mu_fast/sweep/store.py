@@ -40,14 +40,28 @@ import json
 import math
 import os
 import socket
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 RECORD_FORMAT = 1
+TRACEBACK_CHARS = 4000  # of a failed run's traceback, kept in its record (error_info)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 SHOWN_LINES = 5
+
+
+def error_info(err: BaseException) -> dict[str, Any]:
+    """A failed record's ``error``: ``{"type", "message", "traceback"}`` of an exception (the traceback's last
+    ``TRACEBACK_CHARS`` characters)."""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return {"type": type(err).__name__, "message": str(err), "traceback": text[-TRACEBACK_CHARS:]}
+
+
+def cache_key(value: Any) -> str:
+    """A JSON value as a dictionary key (sorted keys; what JSON cannot write, as ``str``)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 class StoreWriteError(OSError, ValueError):
