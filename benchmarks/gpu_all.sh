@@ -14,11 +14,13 @@
 # 4. loading for edits on the GPU: benchmarks/gpu_load_for_edit.py, then tests/models/test_edit_loading.py and
 #    tests/edit/test_delta.py on the GPU machine (bitsandbytes on CUDA)                                      <= 150 s
 # 5. batched edits (gpu_batched_edit.py), then the segmented delta-add kernel against the torch per-group loop
-#    (gpu_segmented_delta.py, K = 1-16 groups at 7-9B widths, $OUT/segmented_delta.json)                   <= 90 s, <= 75 s
+#    (gpu_segmented_delta.py, K = 1-16 groups at 7-9B widths; both JSONs appended to optim_gpu_tests.log)                   <= 90 s, <= 75 s
+# 6. batched evaluations and K-LoRA relearning of K = 8 organism variants (bench_eval_variants.py,
+#    bench_relearn_variants.py --device cuda; their JSON printed into optim_gpu_tests.log)                  <= 100 s
 # A part starts only if its limit ends before DEADLINE (570 s): what is skipped is printed and stays owed.
 # Results: $OUT/ (at most 8 files come back: env.txt, build.log, bench_edit.json, bench_edit.log, edit_rows.jsonl,
 # optim_gpu_tests.log (every test log), load_for_edit.json, plan_reserved.json) and benchmarks/results/<device>/.
-# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_PLAN=1, PLAN_ROWS (model:loc:frozen,...), SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, SKIP_BATCHED=1, SKIP_SEGMENTED=1, EDIT_TIMEOUT (s per model),
+# Env: OUT (default /tmp/mu_fast_gpu), PY (python3), SKIP_BUILD=1, SKIP_PLAN=1, PLAN_ROWS (model:loc:frozen,...), SKIP_EDIT=1, SKIP_OPTIM=1, SKIP_LOAD=1, SKIP_BATCHED=1, SKIP_SEGMENTED=1, SKIP_VARIANTS=1, EDIT_TIMEOUT (s per model),
 #      MU_FAST_EDIT_MODELS (comma list), MU_FAST_EDIT_STEPS / MU_FAST_AUTHORS_STEPS / MU_FAST_EDIT_SHORT_STEPS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,23 +114,34 @@ if [ "${SKIP_LOAD:-0}" != 1 ] && fits 150 "loading for edits"; then
 fi
 if [ "${SKIP_BATCHED:-0}" != 1 ] && fits 90 "batched edits (K runs in one pass)"; then
   stamp "batched edits: K = 1, 4, 8, 16 at 7-9B shapes (4 layers), head/neuron masks"
-  timeout 85 $PY benchmarks/gpu_batched_edit.py --out "$OUT/batched_edit_rows.jsonl" --deadline 60 \
+  timeout 85 $PY benchmarks/gpu_batched_edit.py --out /tmp/batched_edit_rows.jsonl --deadline 60 \
       > /tmp/batched_edit.log 2>&1
   [ "$?" = 124 ] && stamp "gpu_batched_edit TIMED OUT (85 s): its finished rows are in batched_edit_rows.jsonl"
   tail -10 /tmp/batched_edit.log
-  cp "$OUT/batched_edit_rows.jsonl" "benchmarks/results/$SLUG/batched_edit_rows.jsonl" 2>/dev/null
+  cp /tmp/batched_edit_rows.jsonl "benchmarks/results/$SLUG/batched_edit_rows.jsonl" 2>/dev/null
+  { echo "== batched_edit_rows.jsonl"; cat /tmp/batched_edit_rows.jsonl; } >> "$OUT/optim_gpu_tests.log" 2>/dev/null
 fi
 if [ "${SKIP_SEGMENTED:-0}" != 1 ] && fits 75 "segmented delta-add kernel"; then
   stamp "segmented delta-add: one Triton launch for K groups vs the torch per-group loop (fwd, fwd+bwd)"
   timeout 70 $PY -m pytest -q tests/kernels/test_segmented_delta.py -k gpu -p no:cacheprovider --tb=short -rfs \
       > /tmp/segmented_delta.log 2>&1
   tail -2 /tmp/segmented_delta.log
-  timeout 60 $PY benchmarks/gpu_segmented_delta.py --out "$OUT/segmented_delta.json" --deadline 40 \
+  timeout 60 $PY benchmarks/gpu_segmented_delta.py --out /tmp/segmented_delta.json --deadline 40 \
       >> /tmp/segmented_delta.log 2>&1
   [ "$?" = 124 ] && stamp "gpu_segmented_delta TIMED OUT (60 s): no JSON written"
   tail -18 /tmp/segmented_delta.log | cut -c1-300
   cat /tmp/segmented_delta.log >> "$OUT/optim_gpu_tests.log"
-  cp "$OUT/segmented_delta.json" "benchmarks/results/$SLUG/segmented_delta.json" 2>/dev/null
+  cp /tmp/segmented_delta.json "benchmarks/results/$SLUG/segmented_delta.json" 2>/dev/null
+  { echo "== segmented_delta.json"; cat /tmp/segmented_delta.json; } >> "$OUT/optim_gpu_tests.log" 2>/dev/null
+fi
+if [ "${SKIP_VARIANTS:-0}" != 1 ] && fits 100 "batched evaluations and relearning"; then
+  stamp "K = 8 organism variants on the GPU: formats + probe features in one pass, K-LoRA relearning (rows 13-14)"
+  timeout 45 $PY benchmarks/bench_eval_variants.py --device cuda --pairs 5 > /tmp/variants.log 2>&1
+  [ "$?" = 124 ] && stamp "bench_eval_variants TIMED OUT (45 s)"
+  timeout 50 $PY benchmarks/bench_relearn_variants.py --device cuda --pairs 3 >> /tmp/variants.log 2>&1
+  [ "$?" = 124 ] && stamp "bench_relearn_variants TIMED OUT (50 s)"
+  grep -E '"(speedup|probe_features_speedup)[a-z_]*"' /tmp/variants.log
+  cat /tmp/variants.log >> "$OUT/optim_gpu_tests.log"   # the JSONs too (benchmarks/results/$SLUG/bench_*_variants.json)
 fi
 cp /tmp/build.log "$OUT/build.log" 2>/dev/null
 stamp "done"
