@@ -68,7 +68,8 @@ def compare_localizations(
     "forget_split", "inject_label"}`` for reports; extra: further fields of results.json. model_name / model_info /
     task_ref: the reference the model was loaded from (organism, a folder, a hub id) with its load info, and the task's
     spec entry, so the store's records name them (default: the model and task by digest). batch: runs trained
-    together in one pass over the frozen model (``mu_fast.sweep.batches``; 1: each alone, ``auto``). show_table:
+    together in one pass over the frozen model (``mu_fast.sweep.batches``; 1: each alone; ``auto``, the default:
+    batches on a GPU, each alone on a CPU). show_table:
     print the report (default: ``progress``).
     """
     import tempfile

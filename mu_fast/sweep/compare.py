@@ -103,7 +103,8 @@ def compare(
     """Run the comparison (module docstring) and return its report (``comparison`` with the driver's parts: the
     unedited model's evaluation, the known-facts check, FLU's probe curves, provenance). The caller's model is left
     as it was (each run is undone from a masked snapshot). fresh: set the store aside (renamed, never deleted) and
-    run everything again. batch: runs trained together (``mu_fast.sweep.batches``; 1: each alone)."""
+    run everything again. batch: runs trained together (``mu_fast.sweep.batches``; ``auto``, the default: batches on
+    a GPU, each alone on a CPU; 1: each alone)."""
     from mu_fast import sweep
     from mu_fast.evaluate import evaluate_task
     from mu_fast.evaluate.known_facts import check_known_facts
