@@ -6,6 +6,10 @@ import importlib
 import os
 from functools import lru_cache
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REBUILD_HINT = "rebuild with `MU_FAST_BUILD_EXT=1 pip install --no-build-isolation -e .`"
 
@@ -42,6 +46,23 @@ def triton_status() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, f"CUDA ({torch.cuda.get_device_name()})"
     return False, "no CUDA device; set TRITON_INTERPRET=1 to run Triton kernels on the CPU (slow, for tests)"
+
+
+TRITON_OR_TORCH = ("auto", "triton", "torch")
+
+
+def resolve_triton_backend(backend: str, device: torch.device) -> str:
+    """A kernel's backend among ``TRITON_OR_TORCH``: ``auto`` -> ``triton`` on CUDA tensors when Triton can run,
+    else ``torch``; ``triton`` where it cannot run is an error naming why."""
+    if backend not in TRITON_OR_TORCH:
+        raise ValueError(f"backend must be one of {TRITON_OR_TORCH}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_status()[0] else "torch"
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"backend='triton' is unavailable: {why}")
+    return backend
 
 
 def backends() -> dict[str, str]:

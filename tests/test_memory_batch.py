@@ -64,8 +64,10 @@ def test_activations_are_those_of_the_union_of_the_masks():
     alone = plan_batch(config, [high], device_bytes=10**12, batch=SMALL).activations
     mixed = plan_batch(config, [high, low], device_bytes=10**12, batch=SMALL).activations
     assert mixed > alone
+    assert mixed == plan_batch(config, [high.union(low)], device_bytes=10**12, batch=SMALL).activations
+    # and they are what one edit of the union adds over its weights and optimizer state, not the whole edit's peak
     e = estimate(ModelShape.from_config(config), high.union(low), Settings(frozen="bf16", compact_grads=True), SMALL)
-    assert mixed == max(e.phases["facts"], e.phases["lm"]) - e.phases["step"] + e.breakdown["allocator"]
+    assert mixed < e.total - e.breakdown["frozen_weights"] - e.breakdown["masked_weights"]
 
 
 def test_llama3_8b_at_the_papers_batch_trains_one_group_per_pass_on_80gb():

@@ -23,23 +23,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "torch")
+from mu_fast._ext import TRITON_OR_TORCH, resolve_triton_backend
+
+BACKENDS = TRITON_OR_TORCH
+resolve_backend = resolve_triton_backend  # auto: triton on CUDA tensors when Triton runs, else torch
 KINDS = ("rows", "cols")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA tensors when Triton is importable, else ``torch``."""
-    from mu_fast._ext import triton_status
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_status()[0] else "torch"
-    if backend == "triton":
-        ok, why = triton_status()
-        if not ok:
-            raise RuntimeError(f"backend='triton' is unavailable: {why}")
-    return backend
 
 
 def segmented_delta_add_reference(y: torch.Tensor, x: torch.Tensor, groups: Sequence[tuple[int, int]], kind: str,

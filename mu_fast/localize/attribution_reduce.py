@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from mu_fast._ext import triton_status
+from mu_fast._ext import TRITON_OR_TORCH, resolve_triton_backend
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = TRITON_OR_TORCH
+resolve_backend = resolve_triton_backend  # auto: triton on CUDA tensors when Triton runs, else torch
 
 
 def attribution_reduce_reference(
@@ -25,19 +26,6 @@ def attribution_reduce_reference(
         prod = torch.where(valid.bool()[:, :, None], prod, torch.zeros((), dtype=out.dtype, device=out.device))
     out += prod.sum(1).view(B, F // group_size, group_size).sum(-1)
     return out
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA tensors when Triton is importable, else ``torch``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_status()[0] else "torch"
-    if backend == "triton":
-        ok, why = triton_status()
-        if not ok:
-            raise RuntimeError(f"backend='triton' is unavailable: {why}")
-    return backend
 
 
 def attribution_reduce(
